@@ -1,0 +1,60 @@
+# kvmpy: `make run` boots the default guest; `make test` runs the whole suite.
+# Every target installs what it needs, idempotently; build outputs are cached
+# in $(CACHE) (outside the repo) and never rebuilt when present.
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+CACHE ?= $(HOME)/.cache/kvmpy
+export KVMPY_CACHE := $(CACHE)
+
+.PHONY: all venv build deps test test-unit test-kvm bench run guests lint clean
+all: build
+
+# Debian packages the build and the tests need (installed once, as root).
+DEB_PACKAGES := gcc binutils qemu-system-x86 busybox-static cpio acpica-tools \
+	flex bison bc libelf-dev libssl-dev e2fsprogs xz-utils iproute2 gdb
+deps: $(CACHE)/.deps-ok
+$(CACHE)/.deps-ok:
+	@mkdir -p $(CACHE)
+	@missing=$$(for p in $(DEB_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages: $$missing"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
+	@touch $@
+
+venv: $(VENV)/.ok
+$(VENV)/.ok: pyproject.toml setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel cffi
+	$(PY) -m pip install -q -e '.[dev]'
+	@touch $@
+
+# The cffi shim; rebuilt when its sources change.
+build: venv kvmpy/_kvm.stamp
+kvmpy/_kvm.stamp: csrc/kvm_shim.h csrc/kvm_shim.cdef csrc/build_shim.py
+	$(PY) setup.py -q build_ext --inplace --force
+	@touch $@
+
+include mk/*.mk
+
+test: deps build guests
+	$(PY) -m pytest tests
+
+test-unit: build
+	$(PY) -m pytest tests -m "not kvm and not lab"
+
+test-kvm: build guests
+	$(PY) -m pytest tests -m kvm
+
+bench: deps build guests
+	$(PY) benchmarks/run.py
+
+lint: build
+	$(VENV)/bin/ruff check kvmpy tests benchmarks
+	$(VENV)/bin/mypy kvmpy
+
+clean:
+	rm -rf build kvmpy/_kvm*.so kvmpy/_kvm.c kvmpy/_kvm.stamp

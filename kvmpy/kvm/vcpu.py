@@ -1,0 +1,173 @@
+"""A vCPU file descriptor, its shared kvm_run page, and one method per ioctl.
+
+Register sets come back as cffi structs (`regs.rip`, `sregs.cs.base`): read
+them, change fields, hand them back. `run()` enters the guest and returns the
+exit reason; the exit's details are in `self.run_page` at the offsets in
+`kvmpy.kvm.exits`, which the exit loop unpacks without copying.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+from typing import TYPE_CHECKING, Any
+
+from kvmpy.errors import KvmIoctlError
+from kvmpy.kvm.exits import RUN_EXIT_REASON, RUN_IMMEDIATE_EXIT
+from kvmpy.kvm.ioctl import ffi, ioctl, lib
+
+if TYPE_CHECKING:
+    from kvmpy.kvm.vm import Vm
+
+_U32 = struct.Struct("<I")
+_run = lib.kvmpy_run
+
+# KVM_MP_STATE_* (Documentation/virt/kvm/api.rst, KVM_GET_MP_STATE)
+MP_STATE_RUNNABLE = 0
+MP_STATE_UNINITIALIZED = 1
+MP_STATE_INIT_RECEIVED = 2
+MP_STATE_HALTED = 3
+MP_STATE_SIPI_RECEIVED = 4
+
+
+class Vcpu:
+    def __init__(self, vm: Vm, index: int, fd: int) -> None:
+        self.vm = vm
+        self.index = index
+        self.fd = fd
+        self._mmap = mmap.mmap(fd, vm.run_size, mmap.MAP_SHARED,
+                               mmap.PROT_READ | mmap.PROT_WRITE)
+        self.run_page = memoryview(self._mmap)
+
+    def close(self) -> None:
+        self.run_page.release()
+        self._mmap.close()
+        os.close(self.fd)
+
+    # -- running ----------------------------------------------------------
+    def run(self) -> int:
+        """KVM_RUN: enter the guest (GIL released) until the next exit; returns its reason.
+
+        EINTR (a signal, or `immediate_exit`) returns ExitReason.INTR (10).
+        """
+        r = _run(self.fd)
+        if r < 0:
+            if r == -4:  # EINTR
+                return 10
+            raise KvmIoctlError("KVM_RUN", -r)
+        return _U32.unpack_from(self.run_page, RUN_EXIT_REASON)[0]
+
+    def set_immediate_exit(self, value: bool) -> None:
+        """Ask the next (or current, after a signal) KVM_RUN to return at once."""
+        self.run_page[RUN_IMMEDIATE_EXIT] = int(value)
+
+    # -- registers --------------------------------------------------------
+    def get_regs(self) -> Any:
+        regs = ffi.new("struct kvm_regs *")
+        ioctl(self.fd, "KVM_GET_REGS", regs)
+        return regs
+
+    def set_regs(self, regs: Any) -> None:
+        ioctl(self.fd, "KVM_SET_REGS", regs)
+
+    def get_sregs(self) -> Any:
+        sregs = ffi.new("struct kvm_sregs *")
+        ioctl(self.fd, "KVM_GET_SREGS", sregs)
+        return sregs
+
+    def set_sregs(self, sregs: Any) -> None:
+        ioctl(self.fd, "KVM_SET_SREGS", sregs)
+
+    def get_fpu(self) -> Any:
+        fpu = ffi.new("struct kvm_fpu *")
+        ioctl(self.fd, "KVM_GET_FPU", fpu)
+        return fpu
+
+    def set_fpu(self, fpu: Any) -> None:
+        ioctl(self.fd, "KVM_SET_FPU", fpu)
+
+    def get_msrs(self, indices: list[int]) -> dict[int, int]:
+        msrs, _keep = _msrs([(i, 0) for i in indices])
+        n = ioctl(self.fd, "KVM_GET_MSRS", msrs)
+        return {msrs.entries[i].index: msrs.entries[i].data for i in range(n)}
+
+    def set_msrs(self, values: list[tuple[int, int]]) -> None:
+        msrs, _keep = _msrs(values)
+        n = ioctl(self.fd, "KVM_SET_MSRS", msrs)
+        if n != len(values):
+            bad = values[n][0]
+            raise KvmIoctlError(f"KVM_SET_MSRS (MSR {bad:#x} refused)", 22)
+
+    def set_cpuid2(self, entries: list[tuple[int, int, int, int, int, int, int]]) -> None:
+        """Entries are (function, index, flags, eax, ebx, ecx, edx)."""
+        size = ffi.sizeof("struct kvm_cpuid2") + len(entries) * ffi.sizeof("struct kvm_cpuid_entry2")
+        buf = ffi.new("char[]", size)
+        cpuid = ffi.cast("struct kvm_cpuid2 *", buf)
+        cpuid.nent = len(entries)
+        for i, (function, index, flags, eax, ebx, ecx, edx) in enumerate(entries):
+            e = cpuid.entries[i]
+            e.function, e.index, e.flags = function, index, flags
+            e.eax, e.ebx, e.ecx, e.edx = eax, ebx, ecx, edx
+        ioctl(self.fd, "KVM_SET_CPUID2", cpuid)
+
+    def get_lapic(self) -> bytes:
+        lapic = ffi.new("struct kvm_lapic_state *")
+        ioctl(self.fd, "KVM_GET_LAPIC", lapic)
+        return bytes(ffi.buffer(lapic))
+
+    def set_lapic(self, state: bytes) -> None:
+        lapic = ffi.new("struct kvm_lapic_state *")
+        ffi.buffer(lapic)[:] = state
+        ioctl(self.fd, "KVM_SET_LAPIC", lapic)
+
+    def get_xcrs(self) -> Any:
+        xcrs = ffi.new("struct kvm_xcrs *")
+        ioctl(self.fd, "KVM_GET_XCRS", xcrs)
+        return xcrs
+
+    def set_xcrs(self, xcrs: Any) -> None:
+        ioctl(self.fd, "KVM_SET_XCRS", xcrs)
+
+    def get_mp_state(self) -> int:
+        state = ffi.new("struct kvm_mp_state *")
+        ioctl(self.fd, "KVM_GET_MP_STATE", state)
+        return int(state.mp_state)
+
+    def set_mp_state(self, value: int) -> None:
+        ioctl(self.fd, "KVM_SET_MP_STATE", ffi.new("struct kvm_mp_state *", {"mp_state": value}))
+
+    def get_vcpu_events(self) -> bytes:
+        events = ffi.new("struct kvm_vcpu_events *")
+        ioctl(self.fd, "KVM_GET_VCPU_EVENTS", events)
+        return bytes(ffi.buffer(events))
+
+    def set_vcpu_events(self, state: bytes) -> None:
+        events = ffi.new("struct kvm_vcpu_events *")
+        ffi.buffer(events)[:] = state
+        ioctl(self.fd, "KVM_SET_VCPU_EVENTS", events)
+
+    def set_guest_debug(self, control: int, debugreg: list[int] | None = None) -> None:
+        """KVM_SET_GUEST_DEBUG; control is a mask of KVM_GUESTDBG_* from `lib`."""
+        dbg = ffi.new("struct kvm_guest_debug *", {"control": control})
+        for i, value in enumerate(debugreg or []):
+            dbg.arch.debugreg[i] = value
+        ioctl(self.fd, "KVM_SET_GUEST_DEBUG", dbg)
+
+    def translate(self, gva: int) -> int | None:
+        """KVM_TRANSLATE: guest-virtual to guest-physical with the vCPU's page tables."""
+        tr = ffi.new("struct kvm_translation *", {"linear_address": gva})
+        ioctl(self.fd, "KVM_TRANSLATE", tr)
+        return int(tr.physical_address) if tr.valid else None
+
+
+def _msrs(values: list[tuple[int, int]]) -> tuple[Any, Any]:
+    """A struct kvm_msrs and the buffer behind it (keep both alive for the call)."""
+    size = ffi.sizeof("struct kvm_msrs") + len(values) * ffi.sizeof("struct kvm_msr_entry")
+    buf = ffi.new("char[]", size)
+    msrs = ffi.cast("struct kvm_msrs *", buf)
+    msrs.nmsrs = len(values)
+    for i, (index, data) in enumerate(values):
+        msrs.entries[i].index = index
+        msrs.entries[i].data = data
+    return msrs, buf

@@ -1,0 +1,116 @@
+"""A VM file descriptor: memory slots, vCPUs, the in-kernel irqchip and eventfds."""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING
+
+from kvmpy.kvm.ioctl import ffi, ioctl, ioctl_val, lib
+
+if TYPE_CHECKING:
+    from kvmpy.kvm.system import Kvm
+    from kvmpy.kvm.vcpu import Vcpu
+    from kvmpy.memory import GuestMemory
+
+
+class Vm:
+    def __init__(self, kvm: Kvm, fd: int) -> None:
+        self.kvm = kvm
+        self.fd = fd
+        self.run_size = kvm.vcpu_mmap_size()
+        self._slots = 0
+        self.irqchip = False
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    # -- memory -----------------------------------------------------------
+    def set_user_memory_region(
+        self, slot: int, gpa: int, size: int, host_address: int, flags: int = 0
+    ) -> None:
+        region = ffi.new(
+            "struct kvm_userspace_memory_region *",
+            {
+                "slot": slot,
+                "flags": flags,
+                "guest_phys_addr": gpa,
+                "memory_size": size,
+                "userspace_addr": host_address,
+            },
+        )
+        ioctl(self.fd, "KVM_SET_USER_MEMORY_REGION", region)
+
+    def map_memory(self, memory: GuestMemory, log_dirty: bool = False) -> None:
+        """Register every region of `memory` as a KVM memory slot."""
+        flags = lib.KVM_MEM_LOG_DIRTY_PAGES if log_dirty else 0
+        for region in memory:
+            self.set_user_memory_region(self._slots, region.gpa, region.size,
+                                        region.host_address, flags)
+            self._slots += 1
+
+    def dirty_log(self, slot: int, pages: int) -> bytes:
+        """KVM_GET_DIRTY_LOG: one bit per page of the slot, cleared by the read."""
+        bitmap = ffi.new("uint64_t[]", (pages + 63) // 64)
+        log = ffi.new("struct kvm_dirty_log *", {"slot": slot, "dirty_bitmap": bitmap})
+        ioctl(self.fd, "KVM_GET_DIRTY_LOG", log)
+        return bytes(ffi.buffer(bitmap))
+
+    # -- x86 platform -----------------------------------------------------
+    def set_tss_addr(self, gpa: int) -> None:
+        ioctl_val(self.fd, "KVM_SET_TSS_ADDR", gpa)
+
+    def set_identity_map_addr(self, gpa: int) -> None:
+        addr = ffi.new("uint64_t *", gpa)
+        ioctl(self.fd, "KVM_SET_IDENTITY_MAP_ADDR", addr)
+
+    def create_irqchip(self) -> None:
+        """In-kernel PIC, IO-APIC and per-vCPU LAPICs (before creating vCPUs)."""
+        ioctl(self.fd, "KVM_CREATE_IRQCHIP")
+        self.irqchip = True
+
+    def create_pit2(self) -> None:
+        config = ffi.new("struct kvm_pit_config *", {"flags": lib.KVM_PIT_SPEAKER_DUMMY})
+        ioctl(self.fd, "KVM_CREATE_PIT2", config)
+
+    def irq_line(self, gsi: int, level: bool) -> None:
+        irq = ffi.new("struct kvm_irq_level *", {"irq": gsi, "level": int(level)})
+        ioctl(self.fd, "KVM_IRQ_LINE", irq)
+
+    def get_clock(self) -> int:
+        data = ffi.new("struct kvm_clock_data *")
+        ioctl(self.fd, "KVM_GET_CLOCK", data)
+        return int(data.clock)
+
+    def set_clock(self, clock_ns: int) -> None:
+        data = ffi.new("struct kvm_clock_data *", {"clock": clock_ns})
+        ioctl(self.fd, "KVM_SET_CLOCK", data)
+
+    # -- eventfds ---------------------------------------------------------
+    def ioeventfd(self, addr: int, length: int, fd: int, *, pio: bool = False,
+                  datamatch: int | None = None, deassign: bool = False) -> None:
+        """Make a guest write to `addr` signal eventfd `fd` inside KVM, with no exit."""
+        flags = 0
+        if pio:
+            flags |= lib.KVM_IOEVENTFD_FLAG_PIO
+        if datamatch is not None:
+            flags |= lib.KVM_IOEVENTFD_FLAG_DATAMATCH
+        if deassign:
+            flags |= lib.KVM_IOEVENTFD_FLAG_DEASSIGN
+        arg = ffi.new("struct kvm_ioeventfd *", {
+            "datamatch": datamatch or 0, "addr": addr, "len": length, "fd": fd, "flags": flags,
+        })
+        ioctl(self.fd, "KVM_IOEVENTFD", arg)
+
+    def irqfd(self, fd: int, gsi: int, *, deassign: bool = False) -> None:
+        """Make a write to eventfd `fd` inject interrupt `gsi` (edge) without a syscall to us."""
+        flags = lib.KVM_IRQFD_FLAG_DEASSIGN if deassign else 0
+        arg = ffi.new("struct kvm_irqfd *", {"fd": fd, "gsi": gsi, "flags": flags})
+        ioctl(self.fd, "KVM_IRQFD", arg)
+
+    # -- vCPUs ------------------------------------------------------------
+    def create_vcpu(self, index: int) -> Vcpu:
+        from kvmpy.kvm.vcpu import Vcpu
+
+        return Vcpu(self, index, ioctl_val(self.fd, "KVM_CREATE_VCPU", index))

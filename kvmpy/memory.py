@@ -1,0 +1,170 @@
+"""Guest physical memory: one object, every access a checked (gpa, length).
+
+What it is: the host mappings that back guest RAM, and the only way kvmpy
+code reads or writes guest memory. Each region is an anonymous `mmap` (or, for
+fuzzing and unit tests, any writable buffer) placed at a guest-physical
+address. An access that leaves a region, crosses from one region into a gap or
+into another region, or has a negative address or length raises
+`GuestMemoryError`; no guest-chosen number can reach host memory outside a
+region, because every access goes through a bounds-checked memoryview slice.
+
+What it is not: it knows nothing about KVM. The VM registers the regions with
+KVM_SET_USER_MEMORY_REGION using `Region.host_address`.
+
+Learned from rust-vmm vm-memory (guest_memory.rs, bytes.rs).
+"""
+
+from __future__ import annotations
+
+import mmap
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from kvmpy.errors import ConfigError, GuestMemoryError
+
+_U16 = struct.Struct("<H")
+_U32 = struct.Struct("<I")
+_U64 = struct.Struct("<Q")
+
+
+@dataclass
+class Region:
+    """A contiguous run of guest RAM backed by one host buffer."""
+
+    gpa: int
+    size: int
+    buffer: mmap.mmap | bytearray
+    view: memoryview
+
+    @property
+    def end(self) -> int:
+        return self.gpa + self.size
+
+    @property
+    def host_address(self) -> int:
+        """Host virtual address of the first byte (for KVM_SET_USER_MEMORY_REGION)."""
+        import ctypes
+
+        anchor = ctypes.c_char.from_buffer(self.buffer)
+        address = ctypes.addressof(anchor)
+        del anchor  # drop the buffer export so the mapping can be closed later
+        return address
+
+
+class GuestMemory:
+    """Guest RAM as a sorted list of non-overlapping regions."""
+
+    def __init__(self, regions: list[tuple[int, mmap.mmap | bytearray]]) -> None:
+        self.regions: list[Region] = []
+        for gpa, buf in sorted(regions, key=lambda r: r[0]):
+            size = len(buf)
+            if gpa < 0 or size <= 0:
+                raise ConfigError(f"bad memory region at {gpa:#x} size {size:#x}")
+            if self.regions and gpa < self.regions[-1].end:
+                raise ConfigError(f"memory region at {gpa:#x} overlaps the one before")
+            self.regions.append(Region(gpa, size, buf, memoryview(buf)))
+        if not self.regions:
+            raise ConfigError("guest memory needs at least one region")
+
+    # -- construction -----------------------------------------------------
+    @classmethod
+    def anonymous(cls, size: int, hole: tuple[int, int] | None = None) -> GuestMemory:
+        """RAM of `size` bytes from gpa 0, skipping the MMIO `hole` [start, end).
+
+        RAM that would fall in the hole is placed above it, as on a PC: the
+        guest sees `size` bytes in total.
+        """
+        if size <= 0 or size % mmap.PAGESIZE:
+            raise ConfigError(f"memory size {size:#x} must be a positive multiple of 4 KiB")
+        spans: list[tuple[int, int]] = []
+        if hole is None or size <= hole[0]:
+            spans.append((0, size))
+        else:
+            spans.append((0, hole[0]))
+            spans.append((hole[1], size - hole[0]))
+        regions = []
+        for gpa, length in spans:
+            buf = mmap.mmap(-1, length, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _NORESERVE)
+            regions.append((gpa, buf))
+        return cls(regions)
+
+    @classmethod
+    def from_buffer(cls, buf: bytearray, gpa: int = 0) -> GuestMemory:
+        """One region over a caller's buffer: device tests and fuzzers use this."""
+        return cls([(gpa, buf)])
+
+    # -- lookup -----------------------------------------------------------
+    @property
+    def size(self) -> int:
+        return sum(r.size for r in self.regions)
+
+    @property
+    def end(self) -> int:
+        """One past the highest RAM address."""
+        return self.regions[-1].end
+
+    def __iter__(self) -> Iterator[Region]:
+        return iter(self.regions)
+
+    def contains(self, gpa: int, length: int = 1) -> bool:
+        """True if [gpa, gpa+length) lies wholly inside one region."""
+        if gpa < 0 or length < 0:
+            return False
+        for r in self.regions:
+            if r.gpa <= gpa and gpa + length <= r.end:
+                return True
+        return False
+
+    def view(self, gpa: int, length: int) -> memoryview:
+        """A zero-copy window on [gpa, gpa+length); it must lie in one region."""
+        if gpa >= 0 and length >= 0:
+            for r in self.regions:
+                if r.gpa <= gpa and gpa + length <= r.end:
+                    off = gpa - r.gpa
+                    return r.view[off : off + length]
+        raise GuestMemoryError(f"guest access [{gpa:#x}, +{length:#x}) is outside guest RAM")
+
+    # -- bytes ------------------------------------------------------------
+    def read(self, gpa: int, length: int) -> bytes:
+        return bytes(self.view(gpa, length))
+
+    def write(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
+        self.view(gpa, len(data))[:] = data
+
+    def fill(self, gpa: int, length: int, value: int = 0) -> None:
+        v = self.view(gpa, length)
+        v[:] = bytes([value]) * length
+
+    def read_u8(self, gpa: int) -> int:
+        return self.view(gpa, 1)[0]
+
+    def read_u16(self, gpa: int) -> int:
+        return _U16.unpack(self.view(gpa, 2))[0]
+
+    def read_u32(self, gpa: int) -> int:
+        return _U32.unpack(self.view(gpa, 4))[0]
+
+    def read_u64(self, gpa: int) -> int:
+        return _U64.unpack(self.view(gpa, 8))[0]
+
+    def write_u8(self, gpa: int, value: int) -> None:
+        self.view(gpa, 1)[0] = value & 0xFF
+
+    def write_u16(self, gpa: int, value: int) -> None:
+        _U16.pack_into(self.view(gpa, 2), 0, value & 0xFFFF)
+
+    def write_u32(self, gpa: int, value: int) -> None:
+        _U32.pack_into(self.view(gpa, 4), 0, value & 0xFFFFFFFF)
+
+    def write_u64(self, gpa: int, value: int) -> None:
+        _U64.pack_into(self.view(gpa, 8), 0, value & 0xFFFFFFFFFFFFFFFF)
+
+    def close(self) -> None:
+        for r in self.regions:
+            r.view.release()
+            if isinstance(r.buffer, mmap.mmap):
+                r.buffer.close()
+
+
+_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)

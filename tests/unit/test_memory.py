@@ -1,0 +1,92 @@
+"""GuestMemory: every access inside one region works, every other one raises."""
+
+import mmap
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from kvmpy import layout
+from kvmpy.errors import ConfigError, GuestMemoryError
+from kvmpy.memory import GuestMemory
+
+REGIONS = [(0x0, 0x4000), (0x10000, 0x2000)]
+
+
+def make() -> GuestMemory:
+    return GuestMemory([(gpa, bytearray(size)) for gpa, size in REGIONS])
+
+
+def inside_one_region(gpa: int, length: int) -> bool:
+    return any(base <= gpa and gpa + length <= base + size for base, size in REGIONS)
+
+
+@given(st.integers(-0x100, 0x14000), st.integers(-4, 0x5000))
+def test_access_allowed_iff_inside_one_region(gpa, length):
+    mem = make()
+    if gpa >= 0 and length >= 0 and inside_one_region(gpa, length):
+        mem.write(gpa, b"\xab" * length)
+        assert mem.read(gpa, length) == b"\xab" * length
+        assert mem.contains(gpa, length)
+    else:
+        assert not mem.contains(gpa, length)
+        with pytest.raises(GuestMemoryError):
+            mem.read(gpa, length)
+        if length >= 0:
+            with pytest.raises(GuestMemoryError):
+                mem.write(gpa, b"\0" * length)
+
+
+@given(st.integers(0, 0x3ff8), st.integers(0, 2**64 - 1))
+def test_integer_accessors_round_trip(gpa, value):
+    mem = make()
+    mem.write_u64(gpa, value)
+    assert mem.read_u64(gpa) == value
+    assert mem.read_u32(gpa) == value & 0xFFFFFFFF
+    assert mem.read_u16(gpa) == value & 0xFFFF
+    assert mem.read_u8(gpa) == value & 0xFF
+
+
+def test_crossing_a_gap_between_regions_is_refused():
+    mem = make()
+    with pytest.raises(GuestMemoryError):
+        mem.read(0x3FFF, 2)
+    with pytest.raises(GuestMemoryError):
+        mem.read_u64(0x11FFC)
+
+
+def test_view_is_zero_copy():
+    buf = bytearray(0x1000)
+    mem = GuestMemory.from_buffer(buf)
+    mem.view(0x10, 4)[:] = b"abcd"
+    assert buf[0x10:0x14] == b"abcd"
+
+
+def test_anonymous_memory_skips_the_mmio_hole():
+    hole = (0x20000, 0x40000)
+    mem = GuestMemory.anonymous(0x30000, hole=hole)
+    assert [(r.gpa, r.size) for r in mem] == [(0, 0x20000), (0x40000, 0x10000)]
+    assert mem.size == 0x30000
+    assert not mem.contains(0x20000)
+    mem.write_u32(0x40000, 7)
+    assert mem.read_u32(0x40000) == 7
+    assert mem.regions[0].host_address != 0
+    mem.close()
+
+
+def test_small_memory_is_one_region_below_the_hole():
+    mem = GuestMemory.anonymous(16 * layout.MiB, hole=(layout.MMIO_HOLE, layout.MMIO_HOLE_END))
+    assert len(mem.regions) == 1
+    assert isinstance(mem.regions[0].buffer, mmap.mmap)
+    mem.close()
+
+
+@pytest.mark.parametrize("size", [0, -4096, 4095, 123])
+def test_bad_sizes_are_config_errors(size):
+    with pytest.raises(ConfigError):
+        GuestMemory.anonymous(size)
+
+
+def test_overlapping_regions_are_refused():
+    with pytest.raises(ConfigError):
+        GuestMemory([(0, bytearray(0x2000)), (0x1000, bytearray(0x1000))])
