@@ -104,5 +104,6 @@ class Bus:
 
     def _unhandled(self, addr: int, what: str) -> None:
         if addr not in self.unhandled:
-            log.info("%s %s at %#x: no device (reads all-ones, writes dropped)", self.name, what, addr)
+            log.info("%s %s at %#x: no device (reads all-ones, writes dropped)",
+                     self.name, what, addr)
         self.unhandled[addr] += 1

@@ -29,11 +29,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--flat", type=Path, metavar="FILE", help="a raw binary guest")
     run.add_argument("--mode", choices=[m.value for m in Mode], default="real",
                      help="CPU mode a flat guest starts in (default: real)")
-    run.add_argument("--entry", type=parse_address, default=layout.FLAT_LOAD,
+    run.add_argument("--entry", default=hex(layout.FLAT_LOAD),
                      help=f"entry address of a flat guest (default {layout.FLAT_LOAD:#x})")
     run.add_argument("--cpl", type=int, choices=[0, 3], default=0,
                      help="privilege level a long-mode flat guest starts at")
-    run.add_argument("--mem", type=parse_size, default=128 * layout.MiB,
+    run.add_argument("--mem", default="128M",
                      help="guest RAM (default 128M)")
     run.add_argument("--stats", action="store_true",
                      help="print exit statistics as one JSON line on stderr at the end")
@@ -54,8 +54,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.flat is None:
         raise KvmpyError("kvmpy run: give --flat FILE")
     started = time.perf_counter()
-    flat = FlatConfig(path=args.flat, mode=Mode(args.mode), entry=args.entry, cpl=args.cpl)
-    machine = Machine(MachineConfig(mem_size=args.mem, flat=flat, stats=args.stats))
+    flat = FlatConfig(path=args.flat, mode=Mode(args.mode), entry=parse_address(args.entry),
+                      cpl=args.cpl)
+    machine = Machine(MachineConfig(mem_size=parse_size(args.mem), flat=flat, stats=args.stats))
     stop = machine.run()
     if stop.details or stop.kind.value not in (0, -1):
         print(f"kvmpy: {stop.reason}", file=sys.stderr)

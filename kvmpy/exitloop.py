@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 from kvmpy.kvm.exits import IO_OUT, RUN_IF_FLAG, RUN_UNION, ExitReason, InternalError, SystemEvent
 from kvmpy.stop import Stop, StopKind
+from kvmpy.trace.stats import ExitStats
 
 if TYPE_CHECKING:
     from kvmpy.bus import Bus
@@ -50,6 +51,8 @@ class VcpuLoop:
         self.io_exits: Counter[tuple[str, int]] = Counter()
         self.count_exits = stats
         self.started = self.ended = 0.0
+        # called on the vCPU's own thread after a kick (KVM_RUN returned EINTR)
+        self.on_kick: Callable[[], None] | None = None
         # port -> (device, offset): the bus's bisect done once per port
         self._ports: dict[int, tuple[object, int]] = {}
         self.handlers: dict[int, Callable[[], Stop | None]] = {
@@ -63,19 +66,18 @@ class VcpuLoop:
             ExitReason.INTERNAL_ERROR: self.on_internal_error,
             ExitReason.SYSTEM_EVENT: self.on_system_event,
         }
+        # Statistics wrap the handlers now, at construction (kvmpy.trace.stats); so do
+        # a tracer and a gdb stub when asked. The plain loop below never checks for them.
+        self.exit_stats = ExitStats.install(self) if stats else None
 
     # -- the loop ---------------------------------------------------------
     def run(self) -> Stop:
         run = self.vcpu.run
         handlers = self.handlers
-        exits = self.exits
-        count = self.count_exits
         self.started = time.perf_counter()
         try:
             while self.stop is None:
                 reason = run()
-                if count:
-                    exits[reason] += 1
                 handler = handlers.get(reason)
                 if handler is None:
                     self.stop = self.fatal(f"unexpected KVM exit {_reason_name(reason)}")
@@ -96,8 +98,6 @@ class VcpuLoop:
     def on_io(self) -> None:
         page = self.vcpu.run_page
         direction, size, port, count, offset = _IO.unpack_from(page, RUN_UNION)
-        if self.count_exits:
-            self.io_exits["pio", port] += 1
         hit = self._ports.get(port)
         if hit is None:
             found = self.pio.lookup(port)
@@ -128,8 +128,6 @@ class VcpuLoop:
     def on_mmio(self) -> None:
         page = self.vcpu.run_page
         gpa, data, length, is_write = _MMIO.unpack_from(page, RUN_UNION)
-        if self.count_exits:
-            self.io_exits["mmio", gpa & ~0xFFF] += 1
         if is_write:
             self.mmio.write(gpa, data[:length])
         else:
@@ -149,6 +147,8 @@ class VcpuLoop:
         # KVM_RUN was interrupted by a signal (Ctrl-C, a kick from another thread);
         # `self.stop` may now be set. Clear immediate_exit so the next entry runs.
         self.vcpu.set_immediate_exit(False)
+        if self.on_kick is not None and self.stop is None:
+            self.on_kick()
         return None
 
     def on_shutdown(self) -> Stop:
@@ -184,15 +184,17 @@ class VcpuLoop:
     # -- statistics -------------------------------------------------------
     def stats(self) -> dict[str, object]:
         wall = (self.ended or time.perf_counter()) - self.started
-        total = sum(self.exits.values())
+        exits, io_exits = Counter(dict(self.exits)), Counter(dict(self.io_exits))  # copies
+        total = sum(exits.values())
         return {
             "vcpu": self.vcpu.index,
             "exits": total,
-            "by_reason": {_reason_name(r): n for r, n in self.exits.most_common()},
+            "by_reason": {_reason_name(r): n for r, n in exits.most_common()},
             "by_address": {f"{bus}:{addr:#x}": n for (bus, addr), n in
-                           self.io_exits.most_common()},
+                           io_exits.most_common()},
             "wall_s": round(wall, 6),
             "mean_exit_us": round(wall / total * 1e6, 3) if total else None,
+            **(self.exit_stats.snapshot() if self.exit_stats else {}),
         }
 
 

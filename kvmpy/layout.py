@@ -57,6 +57,7 @@ IDENTITY_MAP = 0xFFFB_C000  # KVM_SET_IDENTITY_MAP_ADDR: one page (Intel only)
 TSS_ADDR = 0xFFFB_D000  # KVM_SET_TSS_ADDR: three pages (Intel real-mode emulation)
 
 # --- port I/O --------------------------------------------------------------
+POST_CODE_PORT = 0x80  # last byte written (Linux uses it as an I/O delay)
 COM1_PORT = 0x3F8
 COM1_IRQ = 4
 I8042_PORT = 0x60  # data 0x60, command/status 0x64
@@ -67,3 +68,8 @@ PM_PORT_BASE = 0x600  # ACPI PM1 / sleep registers
 # --- interrupts ------------------------------------------------------------
 VIRTIO_IRQ_BASE = 5  # GSI of virtio-mmio slot 0; slot n uses VIRTIO_IRQ_BASE + n
 IOAPIC_PINS = 24
+
+# --- boot structures written by kvmpy.boot (appended with the Linux loaders) ---
+# The hvm_start_info at PVH_START_INFO is 56 bytes; its hvm_modlist_entry array
+# follows it, 8-byte aligned, and must end before PVH_MEMMAP (room for 30 modules).
+PVH_MODLIST = 0x6040

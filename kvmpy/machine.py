@@ -9,15 +9,21 @@ Running it hands each vCPU to a `VcpuLoop` and waits for a `Stop`.
 
 from __future__ import annotations
 
+import contextlib
+import signal
 import sys
-from dataclasses import dataclass, field
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import astuple, dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
 from kvmpy import layout
+from kvmpy.boot.cpuid import normalize_cpuid
 from kvmpy.bus import Bus, IrqLine, NullIrq
 from kvmpy.cpu.modes import Mode
 from kvmpy.devices.debug_exit import DebugExit
+from kvmpy.devices.postcode import PostCode
 from kvmpy.devices.serial import Serial
 from kvmpy.devices.testdev import TestDevice
 from kvmpy.exitloop import VcpuLoop
@@ -25,6 +31,24 @@ from kvmpy.flat import load_flat, start_flat
 from kvmpy.kvm import Kvm
 from kvmpy.memory import GuestMemory
 from kvmpy.stop import Stop, StopKind
+from kvmpy.vcpu_threads import VcpuThreads
+
+
+@contextlib.contextmanager
+def _host_signals(stop: Callable[[Stop], None]) -> Iterator[None]:
+    """SIGINT and SIGTERM stop the VM cleanly (terminal restored by the caller)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    kinds = {signal.SIGINT: StopKind.SIGINT, signal.SIGTERM: StopKind.SIGTERM}
+    saved = {sig: signal.getsignal(sig) for sig in kinds}
+    for sig, kind in kinds.items():
+        signal.signal(sig, lambda n, _f, k=kind: stop(Stop(k, f"stopped by signal {n}")))
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
 
 
 @dataclass
@@ -77,6 +101,10 @@ class Machine:
         self.vm.set_identity_map_addr(layout.IDENTITY_MAP)
         # 4. vCPUs
         self.vcpus = [self.vm.create_vcpu(i) for i in range(config.cpus)]
+        supported = self.kvm.supported_cpuid()
+        for vcpu in self.vcpus:
+            vcpu.set_cpuid2([astuple(e) for e in
+                             normalize_cpuid(supported, vcpu.index, config.cpus)])
         # 5. devices
         self.pio = Bus("pio")
         self.mmio = Bus("mmio")
@@ -84,10 +112,13 @@ class Machine:
                                stats=config.stats) for v in self.vcpus]
         self.serial = Serial(self.irq(layout.COM1_IRQ), config.console)
         self.pio.insert(layout.COM1_PORT, 8, self.serial, "serial0")
+        self.postcode = PostCode()
+        self.pio.insert(layout.POST_CODE_PORT, 1, self.postcode, "post-code")
         self.pio.insert(layout.DEBUG_EXIT_PORT, 4, DebugExit(self._debug_exit), "debug-exit")
-        self.testdev = TestDevice()
+        self.testdev = TestDevice(console=self._console_write, on_exit=self._debug_exit)
         self.mmio.insert(layout.TEST_DEVICE_BASE, layout.TEST_DEVICE_SIZE, self.testdev,
                          "testdev")
+        self.threads: VcpuThreads | None = None
         # 6. boot
         if config.flat is not None:
             flat = config.flat
@@ -99,20 +130,53 @@ class Machine:
         """The interrupt line for `gsi`: the in-kernel irqchip's, or nowhere without one."""
         return KvmIrq(self.vm, gsi) if self.vm.irqchip else NullIrq()
 
+    def _console_write(self, data: bytes) -> None:
+        """Console bytes from a device other than the UART, kept in order with it."""
+        self.serial.flush()
+        self.config.console.write(data)
+        self.config.console.flush()
+
     def _debug_exit(self, status: int) -> None:
         self.request_stop(Stop(StopKind.DEBUG_EXIT, f"guest wrote {status} to the debug-exit "
                                "port", status=status))
 
+    # -- running ----------------------------------------------------------
+    @property
+    def stopped(self) -> Stop | None:
+        return self.threads.stop if self.threads else None
+
+    def start(self) -> None:
+        """Start one thread per vCPU; returns at once."""
+        self.threads = VcpuThreads(self.loops, on_stop=lambda _: self.serial.flush())
+        self.threads.start()
+
+    def wait(self, timeout: float | None = None) -> Stop | None:
+        """Supervise the running VM until it stops (or `timeout` passes)."""
+        assert self.threads is not None, "start() first"
+        return self.threads.wait(timeout, halt_detection=self.vm.irqchip)
+
     def request_stop(self, stop: Stop) -> None:
-        for loop in self.loops:
-            loop.request_stop(stop)
+        if self.threads is not None:
+            self.threads.finish(stop)
+        else:
+            for loop in self.loops:
+                loop.request_stop(stop)
+
+    def console_input(self, data: bytes) -> None:
+        self.serial.enqueue_input(data)
 
     def run(self) -> Stop:
-        """Run vCPU 0 on this thread until the VM stops."""
-        try:
-            return self.loops[0].run()
-        finally:
-            self.serial.flush()
+        """Run until the VM stops. A single vCPU without irqchip runs on this thread."""
+        if len(self.loops) == 1 and not self.vm.irqchip:
+            try:
+                return self.loops[0].run()
+            finally:
+                self.serial.flush()
+        with _host_signals(self.request_stop):
+            self.start()
+            stop = self.wait()
+        assert stop is not None
+        return stop
 
     def stats(self) -> dict[str, object]:
         return {"vcpus": [loop.stats() for loop in self.loops],

@@ -10,5 +10,5 @@ guests: $(GUEST_BIN)
 $(CACHE)/guests/%.bin: guests/tests/%.S guests/tests/uart.inc guests/tests/flat.ld
 	@mkdir -p $(@D)
 	gcc -c -nostdlib -I guests/tests -o $(@D)/$*.o $<
-	ld -m elf_x86_64 -T guests/tests/flat.ld -o $(@D)/$*.elf $(@D)/$*.o
+	ld -m elf_x86_64 --no-warn-rwx-segments -T guests/tests/flat.ld -o $(@D)/$*.elf $(@D)/$*.o
 	objcopy -O binary $(@D)/$*.elf $@

@@ -15,7 +15,7 @@ import enum
 from typing import Any
 
 from kvmpy import layout
-from kvmpy.cpu.gdt import TYPE_CODE_RX, TYPE_DATA_RW, TYPE_TSS_BUSY, Segment, build_gdt
+from kvmpy.cpu.gdt import TYPE_CODE_RX, TYPE_TSS_BUSY, Segment, build_gdt
 from kvmpy.cpu.pagetables import build_identity_map
 from kvmpy.memory import GuestMemory
 
@@ -101,7 +101,8 @@ def setup_long(vcpu: Any, memory: GuestMemory, entry: int, stack: int, *, cpl: i
     """64-bit long mode with kvmpy's identity map of the first 4 GiB.
 
     With `cpl=3` the guest starts in user mode: user code/data selectors,
-    user-accessible pages, and IOPL 3 so it may still use port I/O (its UART).
+    user-accessible pages, and IOPL 3 so it may use port I/O. (PVM runs CPL3
+    code natively and cannot grant IOPL: there, user guests use MMIO.)
     """
     _enter(vcpu, memory, Mode.LONG, entry, stack, cpl=cpl, gprs=gprs)
 

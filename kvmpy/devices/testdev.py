@@ -1,22 +1,40 @@
-"""An MMIO echo device for test guests: what the guest writes, it reads back.
+"""The MMIO test device: an echo area, a debug console and a debug exit.
 
-The first 8 bytes hold a fixed identity value so a guest can check it found
-the device; the rest of the window is scratch storage. It exists to exercise
-the MMIO exit path end to end (guest store -> KVM_EXIT_MMIO -> bus -> device
-and back), not to model hardware.
+Test guests use it to exercise the MMIO exit path end to end (guest store ->
+KVM_EXIT_MMIO -> bus -> device and back). It also gives user-mode (CPL3)
+guests a way to print and to end the run: on PVM, IOPL cannot be granted to
+CPL3 code, so port I/O is closed to it, but an MMIO store always exits.
+
+Register map (offsets from layout.TEST_DEVICE_BASE):
+    0x00  8 bytes  identity "KVMPYTST" (read-only)
+    0x08  1 byte   console: each byte written goes to the console writer
+    0x0c  4 bytes  exit: writing N ends the run with status N
+    0x10-         scratch: reads return what was written
+It models no real hardware.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from kvmpy import layout
 
 IDENT = b"KVMPYTST"
+CONSOLE = 0x08
+EXIT = 0x0C
+SCRATCH = 0x10
 
 
 class TestDevice:
-    def __init__(self, size: int = layout.TEST_DEVICE_SIZE) -> None:
+    __test__ = False  # not a pytest test class, despite the name
+
+    def __init__(self, console: Callable[[bytes], object] = lambda _: None,
+                 on_exit: Callable[[int], None] = lambda _: None,
+                 size: int = layout.TEST_DEVICE_SIZE) -> None:
         self.store = bytearray(size)
         self.store[: len(IDENT)] = IDENT
+        self.console = console
+        self.on_exit = on_exit
         self.writes = 0
 
     def read(self, offset: int, size: int) -> bytes:
@@ -25,6 +43,10 @@ class TestDevice:
 
     def write(self, offset: int, data: bytes) -> None:
         self.writes += 1
-        if offset >= len(IDENT):  # the identity is read-only
+        if offset == CONSOLE:
+            self.console(data[:1])
+        elif offset == EXIT:
+            self.on_exit(int.from_bytes(data, "little"))
+        elif offset >= SCRATCH:
             end = min(offset + len(data), len(self.store))
             self.store[offset:end] = data[: end - offset]

@@ -35,7 +35,7 @@ def describe(kind: KvmKind, path: str = KVM_PATH) -> str:
     """One line for the user: what this /dev/kvm is and what it means."""
     return {
         KvmKind.MISSING: f"{path} does not exist: load kvm_intel/kvm_amd, or use `kvmpy lab`",
-        KvmKind.NO_ACCESS: f"{path} is not accessible: add yourself to the kvm group or run as root",
+        KvmKind.NO_ACCESS: f"{path} is not accessible: join the kvm group or run as root",
         KvmKind.PVM: f"{path} is PVM (no hardware virtualization): small test guests run, "
         "Linux cannot boot here; `kvmpy lab` gives a nested VM where it can",
         KvmKind.HARDWARE: f"{path} has hardware virtualization: Linux guests boot here",

@@ -25,7 +25,8 @@ class Kvm:
         self.kind = kvm_kind(path)
         version = self.api_version()
         if version != KVM_API_VERSION:
-            raise KvmUnavailable(f"{path}: KVM API version {version}, kvmpy needs {KVM_API_VERSION}")
+            raise KvmUnavailable(
+                f"{path}: KVM API version {version}, kvmpy needs {KVM_API_VERSION}")
 
     def close(self) -> None:
         if self.fd >= 0:

@@ -101,7 +101,8 @@ class Vcpu:
 
     def set_cpuid2(self, entries: list[tuple[int, int, int, int, int, int, int]]) -> None:
         """Entries are (function, index, flags, eax, ebx, ecx, edx)."""
-        size = ffi.sizeof("struct kvm_cpuid2") + len(entries) * ffi.sizeof("struct kvm_cpuid_entry2")
+        entry_size = ffi.sizeof("struct kvm_cpuid_entry2")
+        size = ffi.sizeof("struct kvm_cpuid2") + len(entries) * entry_size
         buf = ffi.new("char[]", size)
         cpuid = ffi.cast("struct kvm_cpuid2 *", buf)
         cpuid.nent = len(entries)

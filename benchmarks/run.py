@@ -1,0 +1,37 @@
+"""`make bench`: every kvmpy benchmark, one JSON object on stdout.
+
+Each benchmark measures kvmpy against a reference in the same run (a C loop,
+QEMU) and reports the ratio; targets are stated beside the figures, never
+asserted in tests.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import exit_latency  # noqa: E402
+import flat_startup  # noqa: E402
+
+BENCHMARKS = {
+    "pio_exit_round_trip": exit_latency.main,
+    "flat_hello_process": flat_startup.main,
+}
+
+
+def main(names: list[str]) -> int:
+    results = {}
+    for name, bench in BENCHMARKS.items():
+        if names and name not in names:
+            continue
+        results[name] = bench()
+        print(json.dumps({name: results[name]}), file=sys.stderr, flush=True)
+    print(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

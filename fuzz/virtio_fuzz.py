@@ -1,0 +1,474 @@
+"""Fuzz harness for kvmpy's virtio devices: raw bytes in, one hostile guest out.
+
+What it is: `TestOneInput(data)`, the entry point atheris (libFuzzer) calls,
+and `run_one(kind, data)`, which decodes the bytes into one guest's life with
+one device (blk, net, console or rng) behind the virtio-mmio transport, with
+guest memory in a bytearray (`GuestMemory.from_buffer`):
+
+    byte 0 (TestOneInput only)  device: blk, net, console, rng (unless KVMPY_FUZZ_DEVICE)
+    byte 1                      bit 0 clear: run the driver init sequence first
+    byte 2, 3                   features the driver drops (half the time none);
+                                queue size 2^(n % 9)
+    then, until the bytes run out, operations:
+      hostile chain   descriptors with guest-chosen addr/len/flags/next (in RAM, near
+                      its edge, far outside it, 2^64-1...), optional indirect table,
+                      published in the available ring (sometimes with a wild idx) + notify
+      valid request   a well-formed request for the device (blk I/O on a real file,
+                      net rx/tx, console in/out, rng) via the test driver
+      register write  any offset/size/value in the 4 KiB window (mostly real registers)
+      register read, ioeventfd-style notify, interrupt ack, reset and re-init,
+      raw memory write over the rings or buffers, backend input (net frame, console
+      bytes)
+
+What is checked, after every operation: no exception leaves the transport or
+a device entry point; no error is logged by the transport's safety net (an
+internal bug that it caught counts as a failure); the interrupt line equals
+InterruptStatus != 0; a live device has DRIVER_OK and not DEVICE_NEEDS_RESET;
+FEATURES_OK implies VIRTIO_F_VERSION_1 was accepted; the disk image keeps
+its size. Out-of-bounds access is excluded by construction: every guest
+access goes through GuestMemory's checked views, so an access outside the
+bytearray is an exception the device must handle, which the first check
+catches if it does not.
+
+Run it (see mk/fuzz.mk):
+
+    .venv/bin/python fuzz/virtio_fuzz.py --engine hypothesis --device blk --runs 100000
+    KVMPY_FUZZ_DEVICE=net .venv/bin/python fuzz/virtio_fuzz.py -runs=100000   # atheris
+    make fuzz FUZZ_RUNS=100000 [FUZZ_ENGINE=atheris]
+
+What it is not: a fuzzer of the KVM layer, or of the tap (net uses an
+in-memory backend).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import struct
+import sys
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from kvmpy.bus import NullIrq  # noqa: E402
+from kvmpy.memory import GuestMemory  # noqa: E402
+from kvmpy.virtio import mmio  # noqa: E402
+from kvmpy.virtio.blk import Block  # noqa: E402
+from kvmpy.virtio.console import Console  # noqa: E402
+from kvmpy.virtio.device import (  # noqa: E402
+    VIRTIO_F_VERSION_1,
+    VIRTIO_STATUS_DEVICE_NEEDS_RESET,
+    VIRTIO_STATUS_DRIVER_OK,
+    VIRTIO_STATUS_FEATURES_OK,
+    VirtioDevice,
+)
+from kvmpy.virtio.driver import GuestDriver, MemoryBackend  # noqa: E402
+from kvmpy.virtio.net import Net  # noqa: E402
+from kvmpy.virtio.queue import VIRTQ_DESC_F_INDIRECT  # noqa: E402
+from kvmpy.virtio.rng import Rng  # noqa: E402
+
+DEVICES = ("blk", "net", "console", "rng")
+MEM_SIZE = 0x20000
+DISK_SECTORS = 64
+MAX_OPS = 64
+_DESC = struct.Struct("<QIHH")
+REGISTERS = (0x000, 0x004, 0x008, 0x010, 0x014, 0x020, 0x024, 0x030, 0x034, 0x038, 0x044,
+             0x050, 0x060, 0x064, 0x070, 0x080, 0x084, 0x090, 0x094, 0x0A0, 0x0A4, 0x0AC,
+             0x0C0, 0x0FC, 0x100, 0x104, 0x108, 0x10C)
+WILD_ADDRESSES = (MEM_SIZE - 1, MEM_SIZE, MEM_SIZE - 8, MEM_SIZE - 16, 2**64 - 1, 2**63,
+                  2**32, 0xFFFFFFF0, 0xD0000000, 0)
+WILD_LENGTHS = (0, 1, 15, 16, 17, 512, 513, 2**31, 2**32 - 1, MEM_SIZE, MEM_SIZE + 1)
+
+
+class Failure(AssertionError):
+    """An invariant broke: this input found a bug."""
+
+
+class _ErrorTrap(logging.Handler):
+    """Turns an ERROR log from the virtio code (the transport's safety net) into a failure."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+_trap = _ErrorTrap()
+_virtio_log = logging.getLogger("kvmpy.virtio")
+
+
+def install_trap() -> None:
+    """Catch ERROR logs from kvmpy.virtio; silence its (expected) guest-misbehaviour warnings."""
+    if _trap not in _virtio_log.handlers:
+        _virtio_log.addHandler(_trap)
+        _virtio_log.setLevel(logging.ERROR)
+        _virtio_log.propagate = False
+
+
+def uninstall_trap() -> None:
+    """Give kvmpy.virtio logging back (for test suites that import this harness)."""
+    _virtio_log.removeHandler(_trap)
+    _virtio_log.setLevel(logging.NOTSET)
+    _virtio_log.propagate = True
+    _trap.records.clear()
+
+stats: Counter[str] = Counter()
+
+
+class Input:
+    """The fuzz bytes as a stream of integers; reads past the end give zeros."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.pos = 0
+
+    @property
+    def exhausted(self) -> bool:
+        return self.pos >= len(self.data)
+
+    def take(self, n: int) -> bytes:
+        chunk = self.data[self.pos : self.pos + n]
+        self.pos += n
+        return chunk + bytes(n - len(chunk))
+
+    def u8(self) -> int:
+        return self.take(1)[0]
+
+    def u16(self) -> int:
+        return int.from_bytes(self.take(2), "little")
+
+    def u32(self) -> int:
+        return int.from_bytes(self.take(4), "little")
+
+    def u64(self) -> int:
+        return int.from_bytes(self.take(8), "little")
+
+    def choice(self, options: tuple[int, ...]) -> int:
+        return options[self.u8() % len(options)]
+
+
+_disk_path: str | None = None
+
+
+def _disk() -> str:
+    """One small image for the whole run, on tmpfs when there is one; inputs scribble on it.
+
+    The file is unlinked at once and reopened through /proc/self/fd, so nothing
+    is left behind however the fuzzer exits (libFuzzer ends with exit()).
+    """
+    global _disk_path
+    if _disk_path is None:
+        folder = "/dev/shm" if os.path.isdir("/dev/shm") else None
+        fd, path = tempfile.mkstemp(prefix="kvmpy-fuzz-", suffix=".img", dir=folder)
+        os.unlink(path)
+        os.write(fd, bytes(range(256)) * (DISK_SECTORS * 2))
+        _disk_path = f"/proc/self/fd/{fd}"
+    return _disk_path
+
+
+@dataclass
+class Env:
+    kind: str
+    device: VirtioDevice
+    transport: mmio.VirtioMmioTransport
+    driver: GuestDriver
+    mem: GuestMemory
+    irq: NullIrq
+    backend: MemoryBackend | None = None
+    tainted: bool = False  # hostile ops ran: the driver's bookkeeping no longer describes memory
+
+
+def make_env(kind: str, read_only: bool) -> Env:
+    backend = None
+    device: VirtioDevice
+    if kind == "blk":
+        device = Block(_disk(), read_only=read_only)
+    elif kind == "net":
+        backend = MemoryBackend()
+        device = Net(backend, "52:54:00:00:00:01", mrg_rxbuf=not read_only)
+    elif kind == "console":
+        device = Console(lambda data: None)
+    else:
+        device = Rng()
+    mem = GuestMemory.from_buffer(bytearray(MEM_SIZE))
+    irq = NullIrq()
+    t = mmio.VirtioMmioTransport(device, mem, irq)
+    return Env(kind, device, t, GuestDriver(t, mem), mem, irq, backend)
+
+
+def _driver_init(env: Env, inp: Input) -> None:
+    """The init sequence, usually accepting every feature; sometimes dropping some."""
+    drop = inp.u8()
+    size = 1 << (inp.u8() % 9)
+    offered = env.driver.device_features()
+    dropped = 0
+    if drop < 128:  # EVENT_IDX, INDIRECT_DESC, MRG_RXBUF, GUEST_CSUM, CSUM, GUEST_TSO4
+        for i, feature in enumerate((29, 28, 15, 1, 0, 7)):
+            if drop & (1 << i):
+                dropped |= 1 << feature
+        if drop == 127:  # rarely: a legacy driver, which FEATURES_OK must refuse
+            dropped |= 1 << VIRTIO_F_VERSION_1
+    if env.driver.init(offered & ~dropped, [size] * 4):
+        stats["init-ok"] += 1
+
+
+def _addr(inp: Input) -> int:
+    b = inp.u8()
+    if b < 170:
+        return inp.u16() % MEM_SIZE + (MEM_SIZE // 2 if b & 1 else 0)
+    if b < 200:
+        return inp.u8()
+    return inp.choice(WILD_ADDRESSES)
+
+
+def _length(inp: Input) -> int:
+    b = inp.u8()
+    if b < 128:
+        return inp.u8()
+    if b < 200:
+        return inp.u16() % 4096
+    if b < 230:
+        return inp.u16()
+    return inp.choice(WILD_LENGTHS)
+
+
+def _flags(inp: Input) -> int:
+    b = inp.u8()
+    return b & 7 if b < 240 else inp.u16()
+
+
+def _next(inp: Input, size: int) -> int:
+    b = inp.u8()
+    return b % size if b < 240 else inp.u16()
+
+
+def _descriptor(inp: Input, size: int) -> bytes:
+    return _DESC.pack(_addr(inp) % 2**64, _length(inp) % 2**32, _flags(inp), _next(inp, size))
+
+
+def op_hostile_chain(env: Env, inp: Input) -> None:
+    d = env.driver
+    if not d.queues:
+        return
+    env.tainted = True
+    q = d.queues[inp.u8() % len(d.queues)]
+    head = inp.u8() % q.size
+    for i in range(1 + inp.u8() % 6):
+        index = (head + i) % q.size if inp.u8() < 200 else inp.u8() % q.size
+        raw = _descriptor(inp, q.size)
+        env.mem.write(q.desc + 16 * index, raw)
+        flags = _DESC.unpack(raw)[2]
+        if flags & VIRTQ_DESC_F_INDIRECT and inp.u8() & 1:
+            # Put a (hostile) indirect table where the descriptor points, if in RAM.
+            addr, length = _DESC.unpack(raw)[:2]
+            entries = 1 + inp.u8() % 4
+            table = b"".join(_descriptor(inp, entries) for _ in range(entries))
+            if env.mem.contains(addr, len(table)):
+                env.mem.write(addr, table)
+    env.mem.write_u16(q.avail + 4 + 2 * (q.avail_idx % q.size), head)
+    step = 1 if inp.u8() < 230 else inp.u16()
+    q.avail_idx = (q.avail_idx + step) & 0xFFFF
+    env.mem.write_u16(q.avail + 2, q.avail_idx)
+    d.kick(q.index)
+
+
+def op_valid_request(env: Env, inp: Input) -> None:
+    d = env.driver
+    if not d.queues:
+        return
+    indirect = bool(inp.u8() & 1)
+    out: list[bytes]
+    ins: list[int]
+    if env.kind == "blk":
+        rtype = inp.choice((0, 0, 1, 1, 4, 8, 11, 13, 2, 99))
+        sector = inp.u8() % (DISK_SECTORS + 4)
+        n = inp.u8() % 5
+        out = [struct.pack("<IIQ", rtype, 0, sector)]
+        if rtype == 1:
+            out.append(inp.take(512 * n))
+        elif rtype in (11, 13):
+            out.append(struct.pack("<QII", inp.u8(), inp.u8() % 16, inp.u8() % 3))
+        ins = [512 * n + 1] if rtype == 0 else ([21] if rtype == 8 else [1])
+        qi = 0
+    elif env.kind == "net":
+        qi = inp.u8() % 2
+        if qi == 0:
+            out, ins = [], [12 + inp.u16() % 3000]
+        else:
+            out, ins = [bytes(12), inp.take(inp.u8() + 1)], []
+    elif env.kind == "console":
+        qi = inp.u8() % 2
+        out, ins = ([], [1 + inp.u8()]) if qi == 0 else ([inp.take(1 + inp.u8() % 64)], [])
+    else:
+        qi, out, ins = 0, [], [1 + inp.u8()]
+    if qi >= len(d.queues) or len(d.queues[qi].free) < len(out) + len(ins):
+        return
+    try:
+        d.add_chain(qi, out, ins, indirect=indirect)
+    except MemoryError:
+        d.reset_heap()
+        return
+    for _, length, bufs in d.used(qi):
+        stats["used"] += 1
+        if not env.tainted and length > sum(len(b) for b in bufs):
+            raise Failure(f"used length {length} larger than the writable buffers")
+
+
+def op_register_write(env: Env, inp: Input) -> None:
+    env.tainted = True
+    offset = inp.choice(REGISTERS) if inp.u8() < 220 else inp.u16() % 0x1000
+    size = inp.choice((4, 4, 4, 4, 4, 1, 2, 8, 3))
+    value = inp.u8() if inp.u8() < 128 else inp.u64()
+    env.transport.write(offset, (value % (1 << (8 * size))).to_bytes(size, "little"))
+
+
+def op_register_read(env: Env, inp: Input) -> None:
+    offset = inp.choice(REGISTERS) if inp.u8() < 220 else inp.u16() % 0x1000
+    size = inp.choice((4, 4, 4, 1, 2, 8))
+    if len(env.transport.read(offset, size)) != size:
+        raise Failure("read returned the wrong number of bytes")
+
+
+def op_notify(env: Env, inp: Input) -> None:
+    index = inp.u8() % 4 if inp.u8() < 240 else inp.u32()
+    env.transport.handle_notify(index)
+
+
+def op_ack(env: Env, inp: Input) -> None:
+    env.driver.ack_interrupt()
+
+
+def op_reset(env: Env, inp: Input) -> None:
+    env.driver.w32(mmio.STATUS, 0)
+    env.tainted = False  # a reset and a fresh init leave the driver's view exact again
+    if inp.u8() & 1:
+        _driver_init(env, inp)
+
+
+def op_memory_write(env: Env, inp: Input) -> None:
+    env.tainted = True
+    d = env.driver
+    bases = [0]
+    for q in d.queues:
+        bases += [q.desc, q.avail, q.used]
+    start = (bases[inp.u8() % len(bases)] + inp.u16() % 512) % MEM_SIZE
+    data = inp.take(inp.u8() % 64)
+    env.mem.write(start, data[: MEM_SIZE - start])
+
+
+def op_backend(env: Env, inp: Input) -> None:
+    if env.kind == "net" and env.backend is not None:
+        env.backend.inbox.append(inp.take(inp.u16() % 3000))
+        env.device.on_backend_readable()  # type: ignore[attr-defined]
+    elif env.kind == "console":
+        env.device.enqueue_input(inp.take(inp.u8()))  # type: ignore[attr-defined]
+    else:
+        op_notify(env, inp)
+
+
+OPS = (op_hostile_chain, op_hostile_chain, op_valid_request, op_valid_request,
+       op_register_write, op_register_read, op_notify, op_ack, op_reset, op_memory_write,
+       op_backend)
+
+
+def check(env: Env) -> None:
+    t = env.transport
+    if _trap.records:
+        record = _trap.records[0]
+        _trap.records.clear()
+        trace = logging.Formatter().formatException(record.exc_info) if record.exc_info else ""
+        raise Failure(f"the transport caught an internal error: {record.getMessage()}\n{trace}")
+    if env.irq.level != (t.interrupt_status != 0):
+        raise Failure("interrupt line does not match InterruptStatus")
+    live_ok = t.status & VIRTIO_STATUS_DRIVER_OK and not t.status & VIRTIO_STATUS_DEVICE_NEEDS_RESET
+    if env.device.active and not live_ok:
+        raise Failure(f"device live with status {t.status:#x}")
+    version_1 = env.device.acked_features >> VIRTIO_F_VERSION_1 & 1
+    if t.status & VIRTIO_STATUS_FEATURES_OK and not version_1:
+        raise Failure("FEATURES_OK without VIRTIO_F_VERSION_1")
+    if isinstance(env.device, Block) and os.fstat(env.device.fd).st_size != DISK_SECTORS * 512:
+        raise Failure("the disk image changed size")
+
+
+def run_one(kind: str, data: bytes) -> None:
+    """One input against one fresh device; raises on a bug, returns otherwise."""
+    install_trap()
+    inp = Input(data)
+    mode = inp.u8()
+    env = make_env(kind, read_only=bool(mode & 2))
+    try:
+        if not mode & 1:
+            _driver_init(env, inp)
+        check(env)
+        for _ in range(MAX_OPS):
+            if inp.exhausted:
+                break
+            OPS[inp.u8() % len(OPS)](env, inp)
+            check(env)
+        stats["inputs"] += 1
+        if env.transport.broken:
+            stats["needs-reset"] += 1
+    finally:
+        env.device.close()
+        if env.backend is not None:
+            env.backend.close()
+
+
+def TestOneInput(data: bytes) -> None:  # noqa: N802 (the name atheris looks for)
+    kind = os.environ.get("KVMPY_FUZZ_DEVICE")
+    if kind is None:
+        if not data:
+            return
+        kind, data = DEVICES[data[0] % len(DEVICES)], data[1:]
+    run_one(kind, data)
+
+
+def run_hypothesis(kind: str, runs: int) -> None:
+    from hypothesis import HealthCheck, Phase, given, settings
+    from hypothesis import strategies as st
+
+    @settings(max_examples=runs, database=None, deadline=None, phases=[Phase.generate],
+              suppress_health_check=list(HealthCheck))
+    @given(st.binary(min_size=8, max_size=2048))
+    def prop(data: bytes) -> None:
+        run_one(kind, data)
+
+    prop()
+
+
+def run_atheris(argv: list[str]) -> None:
+    import atheris  # type: ignore[import-not-found]
+
+    atheris.instrument_all()
+    atheris.Setup(argv, TestOneInput)
+    atheris.Fuzz()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--engine", choices=("atheris", "hypothesis"), default="atheris")
+    parser.add_argument("--device", choices=DEVICES)
+    parser.add_argument("--runs", type=int, default=100_000)
+    args, rest = parser.parse_known_args()
+    if args.device:
+        os.environ["KVMPY_FUZZ_DEVICE"] = args.device
+    start = time.monotonic()
+    if args.engine == "atheris":
+        run_atheris([sys.argv[0], f"-runs={args.runs}", *rest])  # libFuzzer prints its summary
+        return
+    for kind in [args.device] if args.device else list(DEVICES):
+        run_hypothesis(kind, args.runs)
+    print(f"virtio fuzz (hypothesis, {args.device or 'all devices'}): "
+          f"{stats['inputs']} inputs in {time.monotonic() - start:.0f} s without a failure; "
+          f"{stats['init-ok']} driver inits, {stats['used']} requests completed, "
+          f"{stats['needs-reset']} ended in DEVICE_NEEDS_RESET", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,130 @@
+"""Load a Linux kernel of whichever kind the file is: bzImage or ELF vmlinux.
+
+What it is: the one entry point the machine calls. `load_kernel` reads the
+file, sniffs it ("\\x7fELF" at 0: an ELF vmlinux; "HdrS" at 0x202: a bzImage),
+hands it to the matching loader and returns a `LoadedKernel` that says how to
+enter it:
+
+- "bzimage": long mode at `entry_gpa`, RSI = zero page (`params.py`).
+- "elf64":   long mode at `entry_gpa` (startup_64), RSI = zero page built
+             without a setup header.
+- "pvh":     32-bit protected mode, paging off, at `entry_gpa`, EBX =
+             hvm_start_info (`pvh.py`). Chosen for a vmlinux with the PVH note
+             unless `prefer_pvh=False`.
+
+Anything else, and any file that cannot be read, raises a one-line `LoaderError`
+that names what was seen.
+
+What it is not: it writes no boot parameters and touches no vCPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from kvmpy.boot import bootparam as bp
+from kvmpy.boot.bzimage import SetupHeader, load_bzimage
+from kvmpy.boot.cmdline import DEFAULT_MAX_LEN
+from kvmpy.boot.elf import ELF_MAGIC, load_elf
+from kvmpy.errors import LoaderError
+from kvmpy.memory import GuestMemory
+
+Protocol = Literal["bzimage", "elf64", "pvh"]
+
+# What a file that is not a kernel usually is, so the error can say so.
+_NOT_KERNELS: tuple[tuple[int, bytes, str], ...] = (
+    (0, b"\x1f\x8b", "gzip data (a compressed vmlinux? decompress it first)"),
+    (0, b"\x28\xb5\x2f\xfd", "zstd data (decompress it first)"),
+    (0, b"\xfd7zXZ\x00", "xz data (decompress it first)"),
+    (0, b"070701", "a cpio archive (an initramfs, not a kernel)"),
+    (0, b"070702", "a cpio archive (an initramfs, not a kernel)"),
+    (0, b"MZ", "a PE/EFI binary without a Linux setup header"),
+    (0, b"#!", "a script"),
+    (0x438, b"\x53\xef", "an ext2/3/4 file system image"),
+)
+
+
+@dataclass(frozen=True)
+class LoadedKernel:
+    """A kernel in guest RAM and how to enter it (see the module docstring)."""
+
+    protocol: Protocol
+    entry_gpa: int
+    load_gpa: int
+    end_gpa: int  # one past the last byte the kernel needs; the initrd goes above it
+    setup_header: SetupHeader | None = None  # bzImage only
+    entry64_gpa: int | None = None  # an ELF's 64-bit entry, also when booting it by PVH
+
+    @property
+    def cmdline_max(self) -> int:
+        """Longest command line the kernel accepts, NUL excluded."""
+        if self.setup_header is not None and self.setup_header.cmdline_size:
+            return self.setup_header.cmdline_size
+        return DEFAULT_MAX_LEN
+
+    @property
+    def initrd_addr_max(self) -> int | None:
+        """Highest address the initrd may occupy, if the kernel states one."""
+        if self.setup_header is None:
+            return None
+        return self.setup_header.initrd_addr_max or None
+
+
+def describe(data: bytes) -> str:
+    """A short phrase for what a non-kernel file looks like."""
+    if not data:
+        return "an empty file"
+    for offset, magic, what in _NOT_KERNELS:
+        if data[offset : offset + len(magic)] == magic:
+            return what
+    head = data[:16]
+    if all(0x20 <= b < 0x7F or b in b"\t\n\r" for b in head):
+        return f"text starting {head.decode('ascii')!r}"
+    return f"unknown data starting {head[:8].hex(' ')}"
+
+
+def load_kernel(memory: GuestMemory, path: str | Path, *, prefer_pvh: bool = True) -> LoadedKernel:
+    """Load the kernel at `path` into `memory`; LoaderError if it is not one kvmpy can boot."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise LoaderError(f"cannot read kernel {path}: {e.strerror or e}") from None
+    try:
+        return load_kernel_bytes(memory, data, prefer_pvh=prefer_pvh)
+    except LoaderError as e:
+        raise LoaderError(f"kernel {path}: {e}") from None
+
+
+def load_kernel_bytes(
+    memory: GuestMemory, data: bytes | bytearray | memoryview, *, prefer_pvh: bool = True
+) -> LoadedKernel:
+    """`load_kernel` for an image already in memory (tests, fuzzers)."""
+    if bytes(data[:4]) == ELF_MAGIC:
+        elf = load_elf(memory, data)
+        if prefer_pvh and elf.pvh_entry_gpa is not None:
+            protocol: Protocol = "pvh"
+            entry = elf.pvh_entry_gpa
+        else:
+            protocol, entry = "elf64", elf.entry_gpa
+        return LoadedKernel(
+            protocol=protocol,
+            entry_gpa=entry,
+            load_gpa=elf.load_gpa,
+            end_gpa=elf.end_gpa,
+            entry64_gpa=elf.entry_gpa,
+        )
+    if bytes(data[0x202:0x206]) == bp.SETUP_HEADER_MAGIC:
+        bz = load_bzimage(memory, data)
+        return LoadedKernel(
+            protocol="bzimage",
+            entry_gpa=bz.entry_gpa,
+            load_gpa=bz.load_gpa,
+            end_gpa=bz.end_gpa,
+            setup_header=bz.header,
+        )
+    raise LoaderError(
+        f"not a kernel: {describe(bytes(data[:0x440]))}; "
+        "expected an ELF vmlinux or a bzImage ('HdrS' at 0x202)"
+    )

@@ -1,0 +1,292 @@
+"""Where kvmpy's Linux guest assets are, and the recipes that build them once.
+
+Three assets, all in `$KVMPY_CACHE` (default ~/.cache/kvmpy), never in the repo:
+
+- kvmpy's minimal kernel, built from Debian's `linux-source-6.1` with `make tinyconfig`
+  plus `guests/linux/kvmpy.config`, in `kernel/<source version>-<config hash>/`
+  (`bzImage`, `vmlinux` with its symbol table, `config`). A new source version or an
+  edited fragment is a new directory; an existing one is never rebuilt.
+- the default initramfs (`initramfs/default-<hash>.cpio.gz`): busybox, proc/sys/devtmpfs
+  mounted, a shell on the console, `poweroff -f` when the shell exits.
+- Debian's cloud kernel (`linux-image-cloud-amd64`) with its modules, unpacked, for the
+  stock-kernel tests.
+
+The `*_path()` functions only look (cheap, no network) and raise `LabError` naming the
+make target when an asset is missing; the `build_*()` functions make it. `python -m
+kvmpy.guest_assets {guest-kernel,guest,lab,stock-kernel,paths}` is what `make` runs.
+This module does not boot anything.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from kvmpy.lab.debian import (
+    LabError,
+    _version_key,
+    cache_dir,
+    cached_debs,
+    deb_version,
+    download,
+    fetch_kernel_image,
+    require_tool,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+CONFIG_FRAGMENT = REPO / "guests" / "linux" / "kvmpy.config"
+SOURCE_PACKAGE = "linux-source-6.1"
+STOCK_META = "linux-image-cloud-amd64"
+BUILD_DEPS = {"flex": "flex", "bison": "bison", "bc": "bc", "gcc": "gcc", "make": "make"}
+
+
+@dataclass(frozen=True)
+class KernelAssets:
+    """A built kernel: `bzImage` for the boot protocol, `vmlinux` (ELF, PVH note, symbols)."""
+
+    directory: Path
+    bzimage: Path
+    vmlinux: Path
+    config: Path
+
+
+@dataclass(frozen=True)
+class StockKernel:
+    """Debian's cloud kernel as shipped: LZ4 bzImage and its uncompressed modules."""
+
+    vmlinuz: Path
+    modules: Path
+    release: str
+
+
+@contextlib.contextmanager
+def build_lock(name: str, cache: Path | None = None) -> Iterator[None]:
+    """Serialize builds of one asset across processes (make and a test may race)."""
+    locks = (cache or cache_dir()) / "locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    with open(locks / f"{name}.lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+# --- kvmpy's minimal kernel ------------------------------------------------------------------
+
+def config_hash(fragment: Path = CONFIG_FRAGMENT) -> str:
+    return hashlib.sha256(fragment.read_bytes()).hexdigest()[:12]
+
+
+def _kernel_dirs(cache: Path, fragment: Path) -> list[Path]:
+    """Built kernels for this fragment, oldest source version first."""
+    suffix = f"-{config_hash(fragment)}"
+    dirs = [d for d in (cache / "kernel").glob(f"*{suffix}") if (d / "bzImage").exists()]
+    return sorted(dirs, key=lambda d: _version_key(d.name.removesuffix(suffix)))
+
+
+def kernel_path(cache: Path | None = None, fragment: Path = CONFIG_FRAGMENT) -> KernelAssets:
+    """The built minimal kernel for the current fragment (newest source version)."""
+    cache = cache or cache_dir()
+    dirs = _kernel_dirs(cache, fragment)
+    if not dirs:
+        raise LabError(f"kvmpy's guest kernel is not built for {fragment.name} "
+                       f"(hash {config_hash(fragment)}): run `make guest-kernel`")
+    return _kernel_assets(dirs[-1])
+
+
+def _kernel_assets(d: Path) -> KernelAssets:
+    return KernelAssets(d, d / "bzImage", d / "vmlinux", d / "config")
+
+
+def build_kernel(cache: Path | None = None, fragment: Path = CONFIG_FRAGMENT,
+                 jobs: int | None = None, log=sys.stderr) -> KernelAssets:
+    """Build (or find) the minimal kernel; takes ~5 minutes on 2 cores the first time."""
+    cache = cache or cache_dir()
+    with build_lock("guest-kernel", cache):
+        dirs = _kernel_dirs(cache, fragment)
+        if dirs:
+            return _kernel_assets(dirs[-1])
+        for tool, package in BUILD_DEPS.items():
+            require_tool(tool, package)
+        deb = download(SOURCE_PACKAGE, cache)
+        out = cache / "kernel" / f"{deb_version(deb)}-{config_hash(fragment)}"
+        work = cache / "kernel-build" / out.name
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+        started = time.monotonic()
+        try:
+            src = _unpack_source(deb, work, log)
+            _configure(src, fragment, log)
+            jobs = jobs or os.cpu_count() or 1
+            print(f"kvmpy: building the guest kernel in {src} (-j{jobs})", file=log, flush=True)
+            _make(src, [f"-j{jobs}", "bzImage", "vmlinux"], log)
+            tmp = out.with_name(out.name + ".partial")
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            shutil.copy2(src / "arch" / "x86" / "boot" / "bzImage", tmp / "bzImage")
+            shutil.copy2(src / "vmlinux", tmp / "vmlinux")
+            shutil.copy2(src / ".config", tmp / "config")
+            elapsed = time.monotonic() - started
+            (tmp / "build-info").write_text(
+                f"source={deb.name}\nfragment={fragment}\nseconds={elapsed:.0f}\n")
+            tmp.rename(out)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        print(f"kvmpy: guest kernel built in {elapsed:.0f} s: {out}", file=log, flush=True)
+        return _kernel_assets(out)
+
+
+def _unpack_source(deb: Path, work: Path, log) -> Path:
+    """Extract /usr/src/linux-source-6.1.tar.xz from the .deb straight into `work`."""
+    require_tool("dpkg-deb", "dpkg")
+    print(f"kvmpy: unpacking {deb.name}", file=log, flush=True)
+    pkg = work / "deb"
+    subprocess.run(["dpkg-deb", "-x", str(deb), str(pkg)], check=True)
+    tarballs = list((pkg / "usr" / "src").glob("linux-source-*.tar.xz"))
+    if len(tarballs) != 1:
+        raise LabError(f"{deb.name} has no single /usr/src/linux-source-*.tar.xz")
+    with tarfile.open(tarballs[0]) as tar:
+        tar.extractall(work, filter="tar")
+    shutil.rmtree(pkg)
+    (src,) = [d for d in work.iterdir() if d.is_dir() and d.name.startswith("linux-source")]
+    return src
+
+
+def _make(src: Path, args: list[str], log) -> None:
+    done = subprocess.run(["make", "-C", str(src), *args], stdout=log, stderr=subprocess.STDOUT)
+    if done.returncode != 0:
+        raise LabError(f"kernel `make {' '.join(args)}` failed (status {done.returncode})")
+
+
+def _configure(src: Path, fragment: Path, log) -> None:
+    """tinyconfig + fragment, then check every requested option survived olddefconfig."""
+    _make(src, ["-s", "tinyconfig"], log)
+    done = subprocess.run(
+        ["scripts/kconfig/merge_config.sh", "-m", ".config", str(fragment)],
+        cwd=src, stdout=log, stderr=subprocess.STDOUT)
+    if done.returncode != 0:
+        raise LabError("merge_config.sh failed on the kernel config fragment")
+    _make(src, ["-s", "olddefconfig"], log)
+    final = parse_kconfig((src / ".config").read_text())
+    missing = [f"{k}={v}" for k, v in parse_kconfig(fragment.read_text()).items()
+               if final.get(k, "n") != v]
+    if missing:
+        raise LabError(f"kernel config options not satisfiable: {' '.join(missing)}")
+
+
+def parse_kconfig(text: str) -> dict[str, str]:
+    """CONFIG_X=v lines and `# CONFIG_X is not set` (as "n") of a .config or fragment."""
+    out: dict[str, str] = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if line.startswith("CONFIG_") and "=" in line:
+            key, value = line.split("=", 1)
+            out[key] = value
+        elif line.startswith("# CONFIG_") and line.endswith(" is not set"):
+            out[line[2:].split()[0]] = "n"
+    return out
+
+
+# --- the default initramfs ------------------------------------------------------------------
+
+def initramfs_path(cache: Path | None = None) -> Path:
+    """The default guest initramfs (busybox + shell + poweroff), built by `make guest`."""
+    from kvmpy import initramfs
+
+    name = f"default-{initramfs.default_recipe_hash()}.cpio.gz"
+    path = (cache or cache_dir()) / "initramfs" / name
+    if not path.exists():
+        raise LabError(f"the default initramfs is not built ({path}): run `make guest`")
+    return path
+
+
+def build_initramfs(cache: Path | None = None) -> Path:
+    """Build (or find) the default initramfs; it takes well under a second."""
+    from kvmpy import initramfs
+
+    cache = cache or cache_dir()
+    path = cache / "initramfs" / f"default-{initramfs.default_recipe_hash()}.cpio.gz"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + f".{os.getpid()}")
+        tmp.write_bytes(initramfs.default_guest_initramfs())
+        tmp.rename(path)
+    return path
+
+
+# --- Debian's stock cloud kernel ------------------------------------------------------------
+
+def stock_kernel_path(cache: Path | None = None) -> StockKernel:
+    """The unpacked cloud kernel, if `make stock-kernel` fetched it (no network)."""
+    cache = cache or cache_dir()
+    roots = sorted((cache / "pkgs").glob("linux-image-*-cloud-amd64_*"),
+                   key=lambda d: _version_key(d.name.split("_")[1]))
+    for root in reversed(roots):
+        vmlinuz = sorted((root / "boot").glob("vmlinuz-*"))
+        if (root / ".unpacked").exists() and vmlinuz:
+            release = vmlinuz[-1].name.removeprefix("vmlinuz-")
+            return StockKernel(vmlinuz[-1], root / "lib" / "modules" / release, release)
+    raise LabError("Debian's cloud kernel is not fetched: run `make stock-kernel`")
+
+
+def fetch_stock_kernel(cache: Path | None = None) -> StockKernel:
+    cache = cache or cache_dir()
+    with contextlib.suppress(LabError):
+        return stock_kernel_path(cache)
+    with build_lock("stock-kernel", cache):
+        vmlinuz, modules, release = fetch_kernel_image(STOCK_META, cache)
+    return StockKernel(vmlinuz, modules, release)
+
+
+def main(argv: list[str]) -> int:
+    what = argv[0] if argv else "paths"
+    try:
+        if what == "guest-kernel":
+            k = build_kernel()
+            print(f"{k.bzimage} ({k.bzimage.stat().st_size} bytes)\n{k.vmlinux}")
+        elif what == "guest":
+            print(build_initramfs())
+        elif what == "lab":
+            from kvmpy.lab.image import build_lab_image
+
+            image = build_lab_image()
+            print(f"{image.kernel}\n{image.initramfs}")
+        elif what == "stock-kernel":
+            s = fetch_stock_kernel()
+            print(f"{s.vmlinuz}\n{s.modules}")
+        elif what == "paths":
+            for name, fn in (("kernel", lambda: kernel_path().bzimage),
+                             ("vmlinux", lambda: kernel_path().vmlinux),
+                             ("initramfs", initramfs_path),
+                             ("stock", lambda: stock_kernel_path().vmlinuz)):
+                try:
+                    print(f"{name}: {fn()}")
+                except LabError as e:
+                    print(f"{name}: missing ({e})")
+        else:
+            print("usage: python -m kvmpy.guest_assets {guest-kernel,guest,lab,stock-kernel,paths}",
+                  file=sys.stderr)
+            return 2
+    except LabError as e:
+        print(f"kvmpy: {e}", file=sys.stderr)
+        return e.exit_status
+    return 0
+
+
+# Referenced so the helper stays importable from one place for the tests.
+__all__ = ["KernelAssets", "StockKernel", "build_initramfs", "build_kernel", "cached_debs",
+           "fetch_stock_kernel", "initramfs_path", "kernel_path", "stock_kernel_path"]
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,263 @@
+"""Running one command in the lab: QEMU TCG with `-cpu max`, the host tree over 9p, kvm_amd.
+
+`run_in_lab(argv)` boots the lab image (`kvmpy.lab.image`), runs `argv` chrooted into
+the host's file tree (same paths, same working directory and environment, everything
+writable through a throw-away tmpfs overlay, `--rw` directories shared back), streams
+its stdout and stderr as they come, and returns its exit status. The command's stdin is
+/dev/null. A lab that cannot boot or cannot run the command raises `LabError` with one
+line saying why.
+
+How the pieces talk: a host temp directory is the `kvmpyjob` 9p share (see
+`kvmpy.lab.image` for its files); the command's output comes back on two virtio-serial
+ports whose QEMU chardevs write into pipes that threads here copy to the caller's
+stdout/stderr; the kernel console (ttyS0) goes to a third pipe that is kept in memory
+for the error message (and shown live with `verbose`).
+
+This is not a sandbox: the command runs as root over the host's files, and the `--rw`
+directories are written for real.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import deque
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import BinaryIO
+
+from kvmpy.lab.debian import LabError
+from kvmpy.lab.host import QEMU, lab_status
+from kvmpy.lab.image import (
+    ERROR_PREFIX,
+    JOB_TAG,
+    PORT_STDERR,
+    PORT_STDOUT,
+    ROOT_TAG,
+    LabImage,
+    build_lab_image,
+)
+
+MiB = 1 << 20
+DEFAULT_MEM = 2048 * MiB
+DEFAULT_CPUS = 2
+# TCG on 2 loaded cores: the chroot is normally ready in ~4 s; allow for a busy machine.
+DEFAULT_BOOT_TIMEOUT = float(os.environ.get("KVMPY_LAB_BOOT_TIMEOUT", "180"))
+INSIDE_ENV = "KVMPY_IN_LAB"  # set to 1 in every command the lab runs
+KERNEL_CMDLINE = "console=ttyS0 panic=-1 quiet mitigations=off"
+
+Output = int | BinaryIO
+
+
+def command_script(argv: Sequence[str], cwd: str, env: Mapping[str, str]) -> str:
+    """The sh script that enters `cwd` and execs `argv` with exactly `env`.
+
+    `env -i -- NAME=VALUE... argv` rather than `export`, so that names which are not shell
+    identifiers (even ones starting with "-") reach the command too. env would read an
+    argv[0] containing "=" as one more variable, so such a command is refused up front.
+    """
+    if not argv:
+        raise LabError("no command given to run in the lab")
+    if "=" in argv[0]:
+        raise LabError(f"cannot run a command whose name contains '=': {argv[0]!r}")
+    assigns = " ".join(shlex.quote(f"{k}={v}") for k, v in env.items() if "=" not in k and k)
+    failed = shlex.quote(f"kvmpy lab: cannot enter {cwd}")
+    return (f"cd {shlex.quote(cwd)} || {{ echo {failed} >&2; exit 125; }}\n"
+            f"exec env -i -- {assigns} {' '.join(shlex.quote(a) for a in argv)}\n")
+
+
+def qemu_argv(image: LabImage, job: Path, rw: Sequence[Path], mem: int, cpus: int,
+              fds: Mapping[str, int]) -> list[str]:
+    """The QEMU command line of one lab run (`fds`: chardev id -> fd QEMU inherits)."""
+    argv = [
+        QEMU, "-accel", "tcg,thread=multi", "-cpu", "max", "-smp", str(cpus),
+        "-m", f"{mem // MiB}M", "-kernel", str(image.kernel), "-initrd", str(image.initramfs),
+        "-append", KERNEL_CMDLINE,
+        "-display", "none", "-monitor", "none", "-nodefaults", "-no-user-config", "-no-reboot",
+        "-virtfs", f"local,path=/,mount_tag={ROOT_TAG},security_model=none,readonly=on,"
+                   "multidevs=remap",
+        "-virtfs", f"local,path={job},mount_tag={JOB_TAG},security_model=none,multidevs=remap",
+    ]
+    for i, path in enumerate(rw):
+        argv += ["-virtfs", f"local,path={path},mount_tag=kvmpyrw{i},security_model=none,"
+                            "multidevs=remap"]
+    for cid, fd in fds.items():
+        argv += ["-chardev", f"file,id={cid},path=/proc/self/fd/{fd},append=on"]
+    argv += ["-serial", "chardev:console",
+             "-device", "virtio-serial-pci,id=vser",
+             "-device", f"virtserialport,bus=vser.0,chardev=out,name={PORT_STDOUT}",
+             "-device", f"virtserialport,bus=vser.0,chardev=err,name={PORT_STDERR}"]
+    return argv
+
+
+class _Relay(threading.Thread):
+    """Copies a pipe to an output as data arrives; keeps the tail for error messages."""
+
+    def __init__(self, fd: int, sink: Output | None, keep_lines: int = 0) -> None:
+        super().__init__(daemon=True)
+        self.fd, self.sink = fd, sink
+        self.tail: deque[bytes] = deque(maxlen=keep_lines or None)
+        self.keep = keep_lines > 0
+        self._partial = b""
+
+    def run(self) -> None:
+        while chunk := os.read(self.fd, 65536):
+            if self.sink is not None:
+                _write(self.sink, chunk)
+            if self.keep:
+                *lines, self._partial = (self._partial + chunk).split(b"\n")
+                self.tail.extend(lines)
+        if self._partial:
+            self.tail.append(self._partial)
+        os.close(self.fd)
+
+    def lines(self) -> list[str]:
+        return [b.decode(errors="replace").strip("\r\x00 ") for b in self.tail]
+
+
+def _write(sink: Output, data: bytes) -> None:
+    try:
+        if isinstance(sink, int):
+            view = memoryview(data)
+            while view:
+                view = view[os.write(sink, view):]
+        else:
+            sink.write(data)
+            sink.flush()
+    except (BrokenPipeError, ValueError):
+        pass  # the reader went away; the command goes on, like with a closed pipe
+
+
+def _check_dirs(rw: Sequence[str | os.PathLike[str]]) -> list[Path]:
+    out = []
+    for d in rw:
+        path = Path(d).resolve()
+        if not path.is_dir():
+            raise LabError(f"--rw {d}: not a directory")
+        if "\n" in str(path):
+            raise LabError(f"--rw {d}: a newline in the path is not supported")
+        out.append(path)
+    # Parents before children, so a nested --rw is mounted over its parent share.
+    return sorted(set(out), key=lambda p: len(p.parts))
+
+
+def run_in_lab(argv: Sequence[str], *, rw: Sequence[str | os.PathLike[str]] = (),
+               mem: int = DEFAULT_MEM, cpus: int = DEFAULT_CPUS,
+               cwd: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None,
+               stdout: Output = 1, stderr: Output = 2, timeout: float | None = None,
+               boot_timeout: float = DEFAULT_BOOT_TIMEOUT, verbose: bool = False) -> int:
+    """Run `argv` in the lab and return its exit status; raise LabError if the lab fails.
+
+    `stdout`/`stderr` are fds or binary files, written as output arrives. `cwd` and
+    `env` default to this process's. `timeout` bounds the whole run (boot included).
+    """
+    ok, why = lab_status()
+    if not ok:
+        raise LabError(why)
+    if mem < 256 * MiB:
+        raise LabError(f"--mem {mem // MiB}M is too small for the lab: give at least 256M")
+    if cpus < 1:
+        raise LabError("--cpus must be at least 1")
+    rw_dirs = _check_dirs(rw)
+    workdir = str(Path(cwd if cwd is not None else os.getcwd()).resolve())
+    environ = dict(os.environ if env is None else env)
+    environ[INSIDE_ENV] = "1"
+    script = command_script(list(argv), workdir, environ)
+    image = build_lab_image()
+
+    job = Path(tempfile.mkdtemp(prefix="kvmpy-lab-"))
+    readers: dict[str, int] = {}
+    relays: list[_Relay] = []
+    proc: subprocess.Popen[bytes] | None = None
+    try:
+        (job / "cmd.sh").write_text(script)
+        (job / "rw").write_text("".join(f"kvmpyrw{i} {p}\n" for i, p in enumerate(rw_dirs)))
+        writers: dict[str, int] = {}
+        try:
+            for cid in ("console", "out", "err"):
+                readers[cid], writers[cid] = os.pipe()
+            with open(job / "qemu.log", "wb") as qemu_log:
+                proc = subprocess.Popen(
+                    qemu_argv(image, job, rw_dirs, mem, cpus, writers),
+                    stdin=subprocess.DEVNULL, stdout=qemu_log, stderr=qemu_log,
+                    pass_fds=list(writers.values()))
+        finally:
+            for w in writers.values():
+                os.close(w)  # QEMU holds the only write ends: EOF when it exits
+        sinks: dict[str, Output | None] = {"console": stderr if verbose else None,
+                                           "out": stdout, "err": stderr}
+        for cid in list(readers):
+            relays.append(_Relay(readers.pop(cid), sinks[cid],
+                                 keep_lines=60 if cid == "console" else 0))
+            relays[-1].start()
+        _wait(proc, job, timeout, boot_timeout)
+        for relay in relays:
+            relay.join(timeout=5)
+        status = job / "status"
+        if status.exists():
+            return int(status.read_text().strip() or "125")
+        raise LabError(_failure_reason(job, proc.returncode, relays[0].lines()))
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for r in readers.values():
+            os.close(r)
+        shutil.rmtree(job, ignore_errors=True)
+
+
+def _wait(proc: subprocess.Popen[bytes], job: Path, timeout: float | None,
+          boot_timeout: float) -> None:
+    """Wait for QEMU to exit; kill it if it does not boot or the run times out."""
+    started = time.monotonic()
+    ready = False
+    try:
+        while proc.poll() is None:
+            elapsed = time.monotonic() - started
+            ready = ready or (job / "ready").exists()
+            if not ready and elapsed > boot_timeout:
+                proc.kill()
+                raise LabError(f"the lab did not boot within {boot_timeout:.0f} s "
+                               f"(set KVMPY_LAB_BOOT_TIMEOUT to wait longer)")
+            if timeout is not None and elapsed > timeout:
+                proc.kill()
+                raise LabError(f"the command did not finish in the lab within {timeout:.0f} s")
+            try:
+                proc.wait(timeout=0.05 if not ready else 0.5)
+            except subprocess.TimeoutExpired:
+                pass
+    except KeyboardInterrupt:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait()
+        raise
+
+
+def _failure_reason(job: Path, qemu_status: int | None, console: list[str]) -> str:
+    """One line: why the lab ended without the command's exit status."""
+    err = job / "error"
+    if err.exists() and err.read_text().strip():
+        return "the lab could not run the command: " + err.read_text().strip().splitlines()[0]
+    for line in reversed(console):
+        if ERROR_PREFIX in line:
+            return "the lab could not run the command: " + line.split(ERROR_PREFIX, 1)[1].strip()
+    qemu_log = job / "qemu.log"
+    qlines = [ln for ln in (qemu_log.read_text(errors="replace").splitlines()
+                            if qemu_log.exists() else []) if ln.strip()]
+    if qlines:
+        return f"QEMU failed (status {qemu_status}): {qlines[-1].strip()}"
+    for line in reversed(console):
+        if "Kernel panic" in line or "panic" in line.lower():
+            return f"the lab kernel panicked: {line}"
+    last = next((ln for ln in reversed(console) if ln), "no console output")
+    return f"the lab stopped (QEMU status {qemu_status}) before the command finished: {last}"
+
+
+if __name__ == "__main__":  # pragma: no cover - manual use: python -m kvmpy.lab.runner CMD...
+    sys.exit(run_in_lab(sys.argv[1:]))

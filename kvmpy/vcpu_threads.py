@@ -1,0 +1,107 @@
+"""One host thread per vCPU, and how the VMM gets them back out of KVM_RUN.
+
+KVM_RUN releases the GIL (cffi drops it around every C call), so vCPU
+threads run guest code in parallel. To stop or inspect a vCPU, another
+thread must "kick" it: set `immediate_exit` in its kvm_run page (so an entry
+that has not started yet returns at once) and send its thread a signal (so an
+entry in progress returns EINTR). The vCPU thread then runs `on_kick` itself,
+because only the thread in KVM_RUN may read its vCPU's registers.
+
+With the in-kernel irqchip, `hlt` never leaves KVM_RUN. A guest whose every
+vCPU halted with interrupts off (Linux after "System halted") would hang the
+VMM forever, as it does QEMU's and kvmtool's. The supervisor here kicks the
+vCPUs twice a second and ends the run when all of them are in that state.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from collections.abc import Callable
+
+from kvmpy.exitloop import VcpuLoop
+from kvmpy.kvm.vcpu import MP_STATE_HALTED, MP_STATE_RUNNABLE, MP_STATE_SIPI_RECEIVED
+from kvmpy.stop import Stop, StopKind
+
+KICK_SIGNAL = signal.SIGUSR1
+HALT_CHECK_INTERVAL_S = 0.5
+
+
+class VcpuThreads:
+    def __init__(self, loops: list[VcpuLoop], on_stop: Callable[[Stop], None]) -> None:
+        self.loops = loops
+        self.on_stop = on_stop
+        self.done = threading.Event()
+        self.stop: Stop | None = None
+        self._lock = threading.Lock()
+        self._threads: list[threading.Thread] = []
+        # per vCPU: True when it was last seen halted with interrupts off (or never started)
+        self._parked = [False] * len(loops)
+        for i, loop in enumerate(loops):
+            loop.on_kick = lambda i=i: self._check_parked(i)  # type: ignore[misc]
+
+    def start(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(KICK_SIGNAL, lambda *_: None)  # only to interrupt KVM_RUN
+        for loop in self.loops:
+            t = threading.Thread(target=self._run, args=(loop,), name=f"vcpu{loop.vcpu.index}",
+                                 daemon=True)
+            self._threads.append(t)
+            t.start()
+
+    def _run(self, loop: VcpuLoop) -> None:
+        try:
+            stop = loop.run()
+        except Exception as e:  # a host bug must still stop the VM, not hang it
+            stop = Stop(StopKind.ERROR, f"vCPU {loop.vcpu.index} thread failed: {e!r}")
+        self.finish(stop)
+
+    def finish(self, stop: Stop) -> None:
+        """End the run (first caller wins) and get every vCPU out of the guest."""
+        with self._lock:
+            if self.stop is not None:
+                return
+            self.stop = stop
+        self.on_stop(stop)
+        for loop in self.loops:
+            loop.request_stop(stop)
+        self.kick_all()
+        self.done.set()
+
+    def kick_all(self) -> None:
+        for loop, thread in zip(self.loops, self._threads, strict=False):
+            loop.vcpu.set_immediate_exit(True)
+            if thread.is_alive() and thread.ident is not None:
+                try:
+                    signal.pthread_kill(thread.ident, KICK_SIGNAL)
+                except ProcessLookupError:
+                    pass
+
+    def _check_parked(self, index: int) -> None:
+        vcpu = self.loops[index].vcpu
+        state = vcpu.get_mp_state()
+        if state == MP_STATE_HALTED:
+            self._parked[index] = not (vcpu.get_regs().rflags >> 9) & 1
+        else:
+            self._parked[index] = state not in (MP_STATE_RUNNABLE, MP_STATE_SIPI_RECEIVED)
+
+    def wait(self, timeout: float | None = None, halt_detection: bool = True) -> Stop | None:
+        """Supervise until the run ends (or `timeout`); returns the Stop, if any."""
+        import time
+
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self.done.wait(HALT_CHECK_INTERVAL_S):
+            if halt_detection:
+                self._parked = [False] * len(self.loops)
+                self.kick_all()
+                if self.done.wait(0.05):
+                    break
+                if all(self._parked):
+                    self.finish(Stop(StopKind.HALTED, "every vCPU halted with interrupts "
+                                     "disabled: the guest can never continue"))
+                    break
+            if deadline is not None and time.monotonic() > deadline:
+                return None
+        for t in self._threads:
+            t.join(timeout=2)
+        return self.stop

@@ -1,0 +1,181 @@
+"""What every virtio device model shares, whatever its transport.
+
+What it is: the `VirtioDevice` base class (device ID, offered features,
+configuration space, queues, activate/reset, queue processing) plus the
+constants of virtio 1.2 §2 and §6 that devices and transports both name.
+A device sees guest memory, its queues and a `DeviceHost` (the transport)
+through which it signals used buffers or reports a broken driver. It never
+sees registers, KVM or threads other than through its own `lock`.
+
+What it is not: a transport. MMIO registers and interrupt status live in
+`kvmpy.virtio.mmio`.
+
+Threading: a device is driven from the vCPU thread (MMIO exits), the I/O
+thread (ioeventfd notifications, backend fds) and, for the console, an input
+thread. `lock` serialises all of them; the transport takes it for every
+register access and notification, and device entry points called from
+elsewhere (`enqueue_input`, `on_backend_readable`) take it themselves.
+
+Learned from rust-vmm's VirtioDevice trait and kvmtool's virtio/core.c.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from typing import Protocol
+
+from kvmpy.memory import GuestMemory
+from kvmpy.virtio.queue import DEFAULT_QUEUE_SIZE, DescriptorChain, Virtqueue
+
+log = logging.getLogger(__name__)
+
+# §5 device IDs
+VIRTIO_ID_NET = 1
+VIRTIO_ID_BLOCK = 2
+VIRTIO_ID_CONSOLE = 3
+VIRTIO_ID_ENTROPY = 4
+
+# §2.1 device status field
+VIRTIO_STATUS_ACKNOWLEDGE = 1
+VIRTIO_STATUS_DRIVER = 2
+VIRTIO_STATUS_DRIVER_OK = 4
+VIRTIO_STATUS_FEATURES_OK = 8
+VIRTIO_STATUS_DEVICE_NEEDS_RESET = 64
+VIRTIO_STATUS_FAILED = 128
+
+# §6 reserved feature bits (transport and ring features)
+VIRTIO_F_INDIRECT_DESC = 28
+VIRTIO_F_EVENT_IDX = 29
+VIRTIO_F_VERSION_1 = 32
+
+# The ring features every kvmpy device offers; the transport adds them.
+TRANSPORT_FEATURES = (
+    (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_F_INDIRECT_DESC) | (1 << VIRTIO_F_EVENT_IDX)
+)
+
+
+def bit(n: int) -> int:
+    return 1 << n
+
+
+class DeviceHost(Protocol):
+    """What a device may ask of its transport."""
+
+    def signal_used(self, queue: Virtqueue) -> None: ...
+
+    def needs_reset(self, reason: str) -> None: ...
+
+    def config_changed(self) -> None: ...
+
+    def run_guarded(self, fn: Callable[[], None]) -> None: ...
+
+
+class LogOnce:
+    """Log each distinct guest complaint once per device: guests can repeat them forever."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.seen: set[str] = set()
+
+    def __call__(self, key: str, msg: str, *args: object, level: int = logging.WARNING) -> None:
+        if key in self.seen:
+            return
+        self.seen.add(key)
+        log.log(level, f"{self.name}: {msg}", *args)
+
+
+class VirtioDevice:
+    """Base class: override `device_id`, `device_features`, `config_space`, `process_queue`."""
+
+    device_id = 0
+    name = "virtio"
+
+    def __init__(self, queue_sizes: tuple[int, ...] = (DEFAULT_QUEUE_SIZE,)) -> None:
+        self.lock = threading.RLock()
+        self.queues = [Virtqueue(size) for size in queue_sizes]
+        self.mem: GuestMemory | None = None
+        self.acked_features = 0
+        self.active = False
+        self.host: DeviceHost | None = None
+        self.warn = LogOnce(self.name)
+        # Set by IoThread.add_device(): stop/restart watching a backend fd.
+        self.pause_reader: Callable[[int], None] = lambda fd: None
+        self.resume_reader: Callable[[int], None] = lambda fd: None
+
+    # -- what the transport asks ----------------------------------------------------
+    def device_features(self) -> int:
+        """Device-type feature bits offered (the transport adds TRANSPORT_FEATURES)."""
+        return 0
+
+    def accept_features(self, acked: int) -> bool:
+        """May the driver use this feature set? False refuses FEATURES_OK (§2.2.2)."""
+        return True
+
+    def config_space(self) -> bytes:
+        """The device-specific configuration structure, little-endian (§2.5)."""
+        return b""
+
+    def read_config(self, offset: int, size: int) -> bytes:
+        data = self.config_space()[offset : offset + size]
+        return data + bytes(size - len(data))
+
+    def write_config(self, offset: int, data: bytes) -> None:
+        self.warn("config-write", "driver wrote read-only config at %#x; ignored", offset)
+
+    def activate(self) -> None:
+        """The driver set DRIVER_OK; `mem`, `acked_features` and the queues are valid."""
+
+    def reset(self) -> None:
+        """The driver wrote 0 to Status: drop in-flight state (the transport resets queues)."""
+
+    def process_queue(self, index: int) -> None:
+        """The driver notified queue `index` (or the device was just activated)."""
+
+    def io_sources(self) -> list[tuple[int, Callable[[], None]]]:
+        """Backend fds the I/O thread should watch, with the callback for each."""
+        return []
+
+    def close(self) -> None:
+        """Release host resources (files, tap fds)."""
+
+    # -- helpers for subclasses -------------------------------------------------------
+    def has_feature(self, n: int) -> bool:
+        return bool(self.acked_features & (1 << n))
+
+    def signal_used(self, queue: Virtqueue) -> None:
+        if self.host is not None:
+            self.host.signal_used(queue)
+
+    def needs_reset(self, reason: str) -> None:
+        if self.host is not None:
+            self.host.needs_reset(reason)
+
+    def run_guarded(self, fn: Callable[[], None]) -> None:
+        """Run device work that did not come from a notification (backend input).
+
+        Takes the lock, does nothing unless the device is active, and turns any
+        failure into DEVICE_NEEDS_RESET rather than an exception.
+        """
+        with self.lock:
+            if self.host is not None and self.active:
+                self.host.run_guarded(fn)
+
+    def drain(self, index: int, handle: Callable[[DescriptorChain], int]) -> None:
+        """Pop every available chain of queue `index`, complete each, signal once.
+
+        `handle(chain)` returns the used length for the chain. After the ring
+        runs dry, `enable_notification` re-arms EVENT_IDX and catches buffers
+        that raced with it.
+        """
+        q = self.queues[index]
+        used = False
+        while True:
+            while (chain := q.pop()) is not None:
+                q.add_used(chain.head, handle(chain))
+                used = True
+            if not q.enable_notification():
+                break
+        if used:
+            self.signal_used(q)

@@ -1,0 +1,224 @@
+"""The I/O thread: an epoll loop over eventfds and backend fds, and irqfd interrupt lines.
+
+What it is: `IoThread`, one thread that waits on many fds and calls a
+callback for each readable one; `EventFdIrq`, an `IrqLine` that injects an
+interrupt by writing to an eventfd registered with KVM_IRQFD; and
+`wire_eventfds()`, which connects one virtio-mmio device to both:
+
+    guest writes QueueNotify ──KVM_IOEVENTFD──▶ eventfd ──IoThread──▶ handle_notify(i)
+    device raises an interrupt ──EventFdIrq──▶ eventfd ──KVM_IRQFD──▶ guest GSI
+
+so a queue notification never leaves KVM_RUN for the vCPU thread and an
+interrupt needs no ioctl. Backend fds (a tap) are watched by the same loop.
+
+An irqfd injects an edge: KVM raises and lowers the GSI. The transport pulses
+on every new InterruptStatus bit, which is what Linux's virtio_mmio handler
+needs (it reads the status register; see kvmpy.virtio.mmio).
+
+What it is not: KVM. The VM object is anything with `ioeventfd()` and
+`irqfd()` methods of the signatures in `EventFdVm` (kvmpy.kvm.vm.Vm has them).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from kvmpy.virtio.device import VirtioDevice
+from kvmpy.virtio.mmio import QUEUE_NOTIFY, VirtioMmioTransport
+
+log = logging.getLogger(__name__)
+
+_EFD_FLAGS = os.EFD_NONBLOCK | os.EFD_CLOEXEC
+
+
+def new_eventfd() -> int:
+    return os.eventfd(0, _EFD_FLAGS)
+
+
+def drain_eventfd(fd: int) -> None:
+    """Reset an eventfd's counter so level-triggered epoll stops reporting it."""
+    try:
+        os.eventfd_read(fd)
+    except BlockingIOError:
+        pass
+
+
+class EventFdIrq:
+    """An `IrqLine` backed by an eventfd for KVM_IRQFD: asserting it pulses the GSI."""
+
+    def __init__(self) -> None:
+        self.fd = new_eventfd()
+        self.pulses = 0
+
+    def set_level(self, level: bool) -> None:
+        # An irqfd has no level: lowering is a no-op, raising is an edge.
+        if level:
+            self.pulse()
+
+    def pulse(self) -> None:
+        self.pulses += 1
+        os.eventfd_write(self.fd, 1)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class IoThread:
+    """One epoll loop. Callbacks run on the I/O thread and must not block for long."""
+
+    def __init__(self, name: str = "kvmpy-io") -> None:
+        self.name = name
+        self._epoll = select.epoll()
+        self._callbacks: dict[int, Callable[[], None]] = {}
+        self._wake = new_eventfd()
+        self._epoll.register(self._wake, select.EPOLLIN)
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._failed: set[int] = set()
+
+    # -- fds --------------------------------------------------------------------------------
+    def add_reader(self, fd: int, callback: Callable[[], None]) -> None:
+        self._callbacks[fd] = callback
+        self._epoll.register(fd, select.EPOLLIN)
+
+    def remove_reader(self, fd: int) -> None:
+        if self._callbacks.pop(fd, None) is not None:
+            try:
+                self._epoll.unregister(fd)
+            except (OSError, ValueError):
+                pass
+
+    def pause(self, fd: int) -> None:
+        """Stop reporting `fd` (kept registered); for a backend whose guest has no buffers."""
+        if fd in self._callbacks:
+            self._epoll.modify(fd, 0)
+
+    def resume(self, fd: int) -> None:
+        if fd in self._callbacks:
+            self._epoll.modify(fd, select.EPOLLIN)
+
+    def add_device(self, device: VirtioDevice) -> None:
+        """Watch the device's backend fds and let it pause/resume them."""
+        device.pause_reader = self.pause
+        device.resume_reader = self.resume
+        for fd, callback in device.io_sources():
+            self.add_reader(fd, callback)
+
+    # -- running ------------------------------------------------------------------------------
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name=self.name, daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        if self._thread is None:
+            return
+        self._stopping = True
+        os.eventfd_write(self._wake, 1)
+        self._thread.join(timeout)
+        self._thread = None
+
+    def close(self) -> None:
+        self.stop()
+        self._epoll.close()
+        os.close(self._wake)
+
+    def __enter__(self) -> IoThread:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def run_once(self, timeout: float = 0.0) -> int:
+        """Wait up to `timeout` seconds and dispatch what is ready; returns callbacks run.
+
+        The loop body, callable directly so tests can drive it without a thread.
+        """
+        ran = 0
+        for fd, _events in self._epoll.poll(timeout):
+            if fd == self._wake:
+                drain_eventfd(fd)
+                continue
+            callback = self._callbacks.get(fd)
+            if callback is None:
+                continue
+            try:
+                callback()
+            except Exception:  # one bad callback must not stop every device
+                if fd not in self._failed:
+                    self._failed.add(fd)
+                    log.exception("%s: callback for fd %d failed", self.name, fd)
+            ran += 1
+        return ran
+
+    def _loop(self) -> None:
+        while not self._stopping:
+            try:
+                self.run_once(timeout=-1)
+            except InterruptedError:
+                continue
+
+
+class EventFdVm(Protocol):
+    """The two VM ioctls the wiring needs (kvmpy.kvm.vm.Vm provides them)."""
+
+    def ioeventfd(self, addr: int, length: int, fd: int, *, pio: bool = False,
+                  datamatch: int | None = None, deassign: bool = False) -> None: ...
+
+    def irqfd(self, fd: int, gsi: int, *, deassign: bool = False) -> None: ...
+
+
+@dataclass
+class EventFdWiring:
+    """What `wire_eventfds` set up, so it can be taken down again."""
+
+    base: int
+    gsi: int
+    irq: EventFdIrq
+    notify_fds: list[int] = field(default_factory=list)
+
+    def unwire(self, vm: EventFdVm, iothread: IoThread) -> None:
+        for index, fd in enumerate(self.notify_fds):
+            iothread.remove_reader(fd)
+            vm.ioeventfd(self.base + QUEUE_NOTIFY, 4, fd, datamatch=index, deassign=True)
+            os.close(fd)
+        self.notify_fds.clear()
+        vm.irqfd(self.irq.fd, self.gsi, deassign=True)
+        self.irq.close()
+
+
+def wire_eventfds(vm: EventFdVm, iothread: IoThread, transport: VirtioMmioTransport,
+                  base: int, gsi: int) -> EventFdWiring:
+    """Route `transport`'s notifications and interrupt through KVM eventfds.
+
+    One ioeventfd per queue on `base + QueueNotify` with datamatch = queue
+    index (a write with another value still exits to the bus, which handles
+    it), one irqfd for `gsi`, and the device's backend fds on the I/O thread.
+    """
+    irq = EventFdIrq()
+    vm.irqfd(irq.fd, gsi)
+    transport.irq = irq
+    wiring = EventFdWiring(base, gsi, irq)
+    for index in range(len(transport.queues)):
+        fd = new_eventfd()
+        vm.ioeventfd(base + QUEUE_NOTIFY, 4, fd, datamatch=index)
+        wiring.notify_fds.append(fd)
+
+        def on_notify(fd: int = fd, index: int = index) -> None:
+            drain_eventfd(fd)
+            transport.handle_notify(index)
+
+        iothread.add_reader(fd, on_notify)
+    iothread.add_device(transport.device)
+    return wiring

@@ -1,0 +1,497 @@
+"""The virtio-mmio transport, version 2 (virtio 1.2 §4.2): registers in a 4 KiB window.
+
+What it is: a bus `Device` (`read(offset, size)`, `write(offset, data)`)
+that presents one `VirtioDevice` to the guest: the §4.2.2 register layout,
+feature negotiation (VIRTIO_F_VERSION_1 required; FEATURES_OK refused
+otherwise), the device-status state machine (§2.1, §3.1), queue setup, queue
+notifications, InterruptStatus/InterruptACK driving an `IrqLine`, the
+configuration space at 0x100 with ConfigGeneration, and reset.
+
+Guest misbehaviour never raises: control registers accept only aligned 32-bit
+accesses (anything else reads zeros and is dropped, logged once), a broken
+virtqueue or a failure inside a device sets DEVICE_NEEDS_RESET and raises a
+configuration-change interrupt (§2.1.2), and the device then uses no more
+buffers until the driver resets it.
+
+Interrupts. `InterruptStatus != 0` is the level of the line. With a level
+`IrqLine` the transport follows it; with an irqfd (`EventFdIrq`, an edge) it
+pulses when a bit goes from 0 to 1. Linux's vm_interrupt() reads the status,
+acknowledges it, and only then walks the used rings, so an event that arrives
+while its bit is still set is seen by the handler that clears it: a pulse per
+new bit is enough.
+
+Notifications. Without ioeventfd a QueueNotify write arrives through the bus.
+With KVM_IOEVENTFD on `base + QUEUE_NOTIFY` (datamatch = queue index) KVM
+signals an eventfd instead and the I/O thread calls `handle_notify(index)`.
+
+Linux finds the device through `cmdline_fragment()` (virtio_mmio.device=).
+
+What it is not: virtio-pci, the legacy (version 1) interface, shared memory
+regions, VIRTIO_F_NOTIFICATION_DATA or VIRTIO_F_RING_RESET.
+
+Learned from Firecracker's devices/virtio/mmio.rs and Linux's
+drivers/virtio/virtio_mmio.c (what a real driver does, in which order).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import struct
+import threading
+from collections.abc import Callable
+
+from kvmpy import layout
+from kvmpy.bus import IrqLine, NullIrq
+from kvmpy.errors import GuestMemoryError
+from kvmpy.memory import GuestMemory
+from kvmpy.virtio.device import (
+    TRANSPORT_FEATURES,
+    VIRTIO_F_EVENT_IDX,
+    VIRTIO_F_INDIRECT_DESC,
+    VIRTIO_F_VERSION_1,
+    VIRTIO_STATUS_ACKNOWLEDGE,
+    VIRTIO_STATUS_DEVICE_NEEDS_RESET,
+    VIRTIO_STATUS_DRIVER,
+    VIRTIO_STATUS_DRIVER_OK,
+    VIRTIO_STATUS_FAILED,
+    VIRTIO_STATUS_FEATURES_OK,
+    LogOnce,
+    VirtioDevice,
+)
+from kvmpy.virtio.queue import Virtqueue, VirtqueueError
+
+log = logging.getLogger(__name__)
+
+# §4.2.2 register offsets
+MAGIC_VALUE = 0x000
+VERSION = 0x004
+DEVICE_ID = 0x008
+VENDOR_ID = 0x00C
+DEVICE_FEATURES = 0x010
+DEVICE_FEATURES_SEL = 0x014
+DRIVER_FEATURES = 0x020
+DRIVER_FEATURES_SEL = 0x024
+QUEUE_SEL = 0x030
+QUEUE_NUM_MAX = 0x034
+QUEUE_NUM = 0x038
+QUEUE_READY = 0x044
+QUEUE_NOTIFY = 0x050
+INTERRUPT_STATUS = 0x060
+INTERRUPT_ACK = 0x064
+STATUS = 0x070
+QUEUE_DESC_LOW = 0x080
+QUEUE_DESC_HIGH = 0x084
+QUEUE_DRIVER_LOW = 0x090
+QUEUE_DRIVER_HIGH = 0x094
+QUEUE_DEVICE_LOW = 0x0A0
+QUEUE_DEVICE_HIGH = 0x0A4
+SHM_SEL = 0x0AC
+SHM_LEN_LOW = 0x0B0
+SHM_LEN_HIGH = 0x0B4
+SHM_BASE_LOW = 0x0B8
+SHM_BASE_HIGH = 0x0BC
+QUEUE_RESET = 0x0C0
+CONFIG_GENERATION = 0x0FC
+CONFIG = 0x100
+
+MAGIC = 0x74726976  # "virt"
+MMIO_VERSION = 2
+VENDOR = 0x4B564D50  # "PMVK": any value; Linux only prints it
+
+# InterruptStatus bits (§4.2.2)
+VIRTIO_MMIO_INT_VRING = 1
+VIRTIO_MMIO_INT_CONFIG = 2
+
+_U32 = struct.Struct("<I")
+
+# queue address registers: offset -> (attribute, high half?)
+_QUEUE_ADDRESS = {
+    QUEUE_DESC_LOW: ("desc_table", False),
+    QUEUE_DESC_HIGH: ("desc_table", True),
+    QUEUE_DRIVER_LOW: ("avail_ring", False),
+    QUEUE_DRIVER_HIGH: ("avail_ring", True),
+    QUEUE_DEVICE_LOW: ("used_ring", False),
+    QUEUE_DEVICE_HIGH: ("used_ring", True),
+}
+
+
+def slot_base(slot: int) -> int:
+    """Guest-physical base of virtio-mmio window `slot`."""
+    if not 0 <= slot < layout.VIRTIO_MMIO_SLOTS:
+        raise ValueError(f"virtio-mmio slot {slot} outside 0..{layout.VIRTIO_MMIO_SLOTS - 1}")
+    return layout.VIRTIO_MMIO_BASE + slot * layout.VIRTIO_MMIO_SIZE
+
+
+def slot_irq(slot: int) -> int:
+    """GSI of virtio-mmio window `slot` (it must be an IO-APIC pin)."""
+    gsi = layout.VIRTIO_IRQ_BASE + slot
+    if slot < 0 or gsi >= layout.IOAPIC_PINS:
+        raise ValueError(f"virtio-mmio slot {slot} would need GSI {gsi}: no such IO-APIC pin")
+    return gsi
+
+
+def cmdline_fragment(base: int, irq: int, size: int = layout.VIRTIO_MMIO_SIZE) -> str:
+    """`virtio_mmio.device=<size>@<base>:<irq>` for Linux's VIRTIO_MMIO_CMDLINE_DEVICES."""
+    if size % 1024 == 0:
+        size_text = f"{size // 1024}K"
+    else:
+        size_text = str(size)
+    return f"virtio_mmio.device={size_text}@{base:#x}:{irq}"
+
+
+class VirtioMmioTransport:
+    """One virtio-mmio window presenting `device`; put it on the MMIO bus at its base."""
+
+    def __init__(self, device: VirtioDevice, mem: GuestMemory, irq: IrqLine | None = None,
+                 *, label: str | None = None) -> None:
+        self.device = device
+        self.mem = mem
+        self.irq: IrqLine = irq if irq is not None else NullIrq()
+        self.label = label or device.name
+        self.warn = LogOnce(f"virtio-mmio {self.label}")
+        self.interrupt_status = 0
+        self.config_generation = 0
+        # InterruptStatus has its own lock (taken after device.lock, never before it) so
+        # that reading and acknowledging it never waits for a request being served.
+        self._irq_lock = threading.Lock()
+        device.host = self
+        device.mem = mem
+        self._clear()
+
+    def _clear(self) -> None:
+        self.status = 0
+        self.device_features_sel = 0
+        self.driver_features_sel = 0
+        self.driver_features = 0
+        self.queue_sel = 0
+
+    @property
+    def device_features(self) -> int:
+        return self.device.device_features() | TRANSPORT_FEATURES
+
+    @property
+    def queues(self) -> list[Virtqueue]:
+        return self.device.queues
+
+    def _selected_queue(self) -> Virtqueue | None:
+        if 0 <= self.queue_sel < len(self.queues):
+            return self.queues[self.queue_sel]
+        return None
+
+    # -- the bus Device protocol --------------------------------------------------------
+    def read(self, offset: int, size: int) -> bytes:
+        if offset == INTERRUPT_STATUS and size == 4:
+            # The guest's interrupt handler must not wait for device I/O in progress.
+            with self._irq_lock:
+                return _U32.pack(self.interrupt_status)
+        with self.device.lock:
+            try:
+                return self._read(offset, size)
+            except Exception:  # a device bug must not kill the vCPU thread
+                log.exception("%s: read at %#x", self.label, offset)
+                self.needs_reset("internal error in a register read")
+                return bytes(max(0, min(size, 8)))
+
+    def write(self, offset: int, data: bytes) -> None:
+        if offset == INTERRUPT_ACK and len(data) == 4:
+            self._ack_interrupt(_U32.unpack(data)[0])
+            return
+        with self.device.lock:
+            try:
+                self._write(offset, bytes(data))
+            except Exception:
+                log.exception("%s: write at %#x", self.label, offset)
+                self.needs_reset("internal error in a register write")
+
+    def handle_notify(self, index: int) -> None:
+        """A QueueNotify that came through an ioeventfd (called by the I/O thread)."""
+        with self.device.lock:
+            self._notify(index)
+
+    # -- reads --------------------------------------------------------------------------
+    def _read(self, offset: int, size: int) -> bytes:
+        if offset >= CONFIG:
+            if size not in (1, 2, 4, 8):
+                self.warn(f"cfg-size-{size}", "config read of %d bytes; reads zeros", size)
+                return bytes(max(0, min(size, 8)))
+            return self.device.read_config(offset - CONFIG, size)
+        if size != 4 or offset % 4:
+            # §4.2.2.2: control registers take aligned 32-bit accesses only.
+            self.warn(f"rd-{offset:#x}-{size}", "%d-byte read at %#x; reads zeros", size, offset)
+            return bytes(max(0, min(size, 8)))
+        return _U32.pack(self._read_register(offset) & 0xFFFFFFFF)
+
+    def _read_register(self, offset: int) -> int:
+        q = self._selected_queue()
+        match offset:
+            case 0x000:  # MagicValue
+                return MAGIC
+            case 0x004:  # Version
+                return MMIO_VERSION
+            case 0x008:  # DeviceID
+                return self.device.device_id
+            case 0x00C:  # VendorID
+                return VENDOR
+            case 0x010:  # DeviceFeatures
+                if self.device_features_sel > 1:
+                    return 0
+                return self.device_features >> (32 * self.device_features_sel)
+            case 0x034:  # QueueNumMax: 0 means "no such queue"
+                return q.max_size if q is not None else 0
+            case 0x044:  # QueueReady
+                return int(q is not None and q.ready)
+            case 0x060:  # InterruptStatus
+                return self.interrupt_status
+            case 0x070:  # Status
+                return self.status
+            case 0x0B0 | 0x0B4 | 0x0B8 | 0x0BC:  # SHMLen/SHMBase: no regions, all ones
+                return 0xFFFFFFFF
+            case 0x0C0:  # QueueReset: VIRTIO_F_RING_RESET is not offered
+                return 0
+            case 0x0FC:  # ConfigGeneration
+                return self.config_generation
+        self.warn(f"rd-{offset:#x}", "read of write-only or unknown register %#x", offset)
+        return 0
+
+    # -- writes -------------------------------------------------------------------------
+    def _write(self, offset: int, data: bytes) -> None:
+        size = len(data)
+        if offset >= CONFIG:
+            if size not in (1, 2, 4, 8):
+                self.warn(f"cfg-size-{size}", "config write of %d bytes; dropped", size)
+                return
+            self.device.write_config(offset - CONFIG, data)
+            self.config_generation = (self.config_generation + 1) & 0xFFFFFFFF
+            return
+        if size != 4 or offset % 4:
+            self.warn(f"wr-{offset:#x}-{size}", "%d-byte write at %#x; dropped", size, offset)
+            return
+        self._write_register(offset, _U32.unpack(data)[0])
+
+    def _write_register(self, offset: int, value: int) -> None:
+        q = self._selected_queue()
+        if offset in _QUEUE_ADDRESS or offset == QUEUE_NUM:
+            self._write_queue_config(q, offset, value)
+            return
+        match offset:
+            case 0x014:  # DeviceFeaturesSel
+                self.device_features_sel = value
+            case 0x020:  # DriverFeatures
+                self._write_driver_features(value)
+            case 0x024:  # DriverFeaturesSel
+                self.driver_features_sel = value
+            case 0x030:  # QueueSel
+                self.queue_sel = value
+            case 0x044:  # QueueReady
+                self._write_queue_ready(q, value)
+            case 0x050:  # QueueNotify (no VIRTIO_F_NOTIFICATION_DATA: the value is the index)
+                self._notify(value)
+            case 0x064:  # InterruptACK
+                self._ack_interrupt(value)
+            case 0x070:  # Status
+                self._write_status(value)
+            case 0x0AC | 0x0C0:  # SHMSel, QueueReset: nothing to select or reset
+                pass
+            case _:
+                self.warn(f"wr-{offset:#x}", "write to read-only or unknown register %#x",
+                          offset)
+
+    def _write_driver_features(self, value: int) -> None:
+        # §3.1.1: features are written after DRIVER and before FEATURES_OK.
+        if not self.status & VIRTIO_STATUS_DRIVER or self.status & VIRTIO_STATUS_FEATURES_OK:
+            self.warn("feat-late", "DriverFeatures written outside negotiation; ignored")
+            return
+        if self.driver_features_sel > 1:
+            return
+        shift = 32 * self.driver_features_sel
+        self.driver_features = (self.driver_features & ~(0xFFFFFFFF << shift)) | (value << shift)
+
+    def _write_queue_config(self, q: Virtqueue | None, offset: int, value: int) -> None:
+        if q is None:
+            self.warn("qsel", "queue register %#x for missing queue %d", offset, self.queue_sel)
+            return
+        if q.ready:
+            # §4.2.2.3: not while QueueReady is set.
+            self.warn("q-live", "queue %d reconfigured while ready; ignored", self.queue_sel)
+            return
+        if offset == QUEUE_NUM:
+            q.size = value
+            return
+        attr, high = _QUEUE_ADDRESS[offset]
+        old = getattr(q, attr)
+        if high:
+            setattr(q, attr, (old & 0xFFFFFFFF) | (value << 32))
+        else:
+            setattr(q, attr, (old & ~0xFFFFFFFF) | value)
+
+    def _write_queue_ready(self, q: Virtqueue | None, value: int) -> None:
+        if q is None:
+            self.warn("qsel", "QueueReady for missing queue %d", self.queue_sel)
+            return
+        if not value & 1:
+            q.ready = False  # the driver stops using the queue; so do we
+            return
+        if q.ready:
+            return
+        problem = q.check(self.mem)
+        if problem is not None:
+            self.needs_reset(f"queue {self.queue_sel}: {problem}")
+            return
+        q.ready = True
+        if self.device.active:
+            self._activate_queue(q)
+
+    def _activate_queue(self, q: Virtqueue) -> None:
+        q.activate(
+            self.mem,
+            event_idx=bool(self.device.acked_features & (1 << VIRTIO_F_EVENT_IDX)),
+            indirect=bool(self.device.acked_features & (1 << VIRTIO_F_INDIRECT_DESC)),
+        )
+
+    # -- status (§2.1, §3.1.1) -------------------------------------------------------------
+    def _write_status(self, value: int) -> None:
+        value &= 0xFF
+        if value == 0:
+            self._reset()
+            return
+        current = self.status & ~VIRTIO_STATUS_DEVICE_NEEDS_RESET
+        wanted = value & ~VIRTIO_STATUS_DEVICE_NEEDS_RESET
+        if wanted & current != current:
+            self.warn("status-clear", "driver cleared status bits (%#x -> %#x) without reset",
+                      current, wanted)
+            return
+        new = wanted & ~current
+        if new & VIRTIO_STATUS_FAILED:
+            self.status |= VIRTIO_STATUS_FAILED
+            self.device.active = False
+            return
+        if new & VIRTIO_STATUS_ACKNOWLEDGE:
+            self.status |= VIRTIO_STATUS_ACKNOWLEDGE
+        if new & VIRTIO_STATUS_DRIVER:
+            if not self.status & VIRTIO_STATUS_ACKNOWLEDGE:
+                self.warn("status-order", "DRIVER before ACKNOWLEDGE; ignored")
+                return
+            self.status |= VIRTIO_STATUS_DRIVER
+        if new & VIRTIO_STATUS_FEATURES_OK:
+            if not self.status & VIRTIO_STATUS_DRIVER:
+                self.warn("status-order", "FEATURES_OK before DRIVER; ignored")
+                return
+            if not self._negotiate():
+                return  # FEATURES_OK stays clear: the driver reads it back (§3.1.1 step 6)
+            self.status |= VIRTIO_STATUS_FEATURES_OK
+        if new & VIRTIO_STATUS_DRIVER_OK:
+            if not self.status & VIRTIO_STATUS_FEATURES_OK:
+                self.warn("status-order", "DRIVER_OK before FEATURES_OK; ignored")
+                return
+            self.status |= VIRTIO_STATUS_DRIVER_OK
+            self._activate()
+
+    def _negotiate(self) -> bool:
+        acked = self.driver_features
+        offered = self.device_features
+        if acked & ~offered:
+            self.warn("feat-extra", "driver acked features %#x that were not offered",
+                      acked & ~offered)
+            return False
+        if not acked & (1 << VIRTIO_F_VERSION_1):
+            # §6.1: a version-2 device has no legacy interface to fall back to.
+            self.warn("feat-legacy", "driver did not accept VIRTIO_F_VERSION_1; refused")
+            return False
+        if not self.device.accept_features(acked):
+            self.warn("feat-device", "device refused feature set %#x", acked)
+            return False
+        self.device.acked_features = acked
+        return True
+
+    def _activate(self) -> None:
+        if self.status & VIRTIO_STATUS_DEVICE_NEEDS_RESET:
+            # Broken before the driver went live (a bad queue address): tell it now.
+            self.raise_interrupt(VIRTIO_MMIO_INT_CONFIG)
+            return
+        for index, q in enumerate(self.queues):
+            if q.ready:
+                self._activate_queue(q)
+            else:
+                self.warn(f"q{index}-unused", "queue %d not set up by the driver", index,
+                          level=logging.INFO)
+        self.device.active = True
+        self.run_guarded(self.device.activate)
+        # Buffers added before DRIVER_OK got no notification (§3.1.1): look once.
+        for index, q in enumerate(self.queues):
+            if q.ready and self.device.active:
+                self.run_guarded(functools.partial(self.device.process_queue, index))
+
+    def _reset(self) -> None:
+        """§2.4 / §4.2.3.1: Status=0 resets the device; InterruptStatus and QueueReady clear."""
+        self.device.active = False
+        try:
+            self.device.reset()
+        except Exception:
+            log.exception("%s: reset", self.label)
+        for q in self.queues:
+            q.reset()
+        self.device.acked_features = 0
+        self._clear()
+        self._ack_interrupt(0xFFFFFFFF)
+
+    # -- notifications and interrupts -------------------------------------------------------
+    def _notify(self, index: int) -> None:
+        if not self.device.active:
+            self.warn("notify-inactive", "queue notify while the device is not live; ignored",
+                      level=logging.INFO)
+            return
+        if not 0 <= index < len(self.queues) or not self.queues[index].ready:
+            self.warn(f"notify-{index}", "notify for queue %d, which is not ready", index)
+            return
+        self.run_guarded(lambda: self.device.process_queue(index))
+
+    def run_guarded(self, fn: Callable[[], None]) -> None:
+        """Run device work; a broken ring or a device failure becomes NEEDS_RESET."""
+        try:
+            fn()
+        except VirtqueueError as e:
+            self.needs_reset(str(e))
+        except GuestMemoryError as e:
+            self.needs_reset(f"guest memory: {e}")
+        except Exception as e:
+            log.exception("%s: device failure", self.label)
+            self.needs_reset(f"device failure: {e!r}")
+
+    def signal_used(self, queue: Virtqueue) -> None:
+        if queue.needs_notification():
+            self.raise_interrupt(VIRTIO_MMIO_INT_VRING)
+
+    def raise_interrupt(self, bits: int) -> None:
+        with self._irq_lock:
+            old = self.interrupt_status
+            self.interrupt_status = old | bits
+            if self.interrupt_status & ~old:
+                self.irq.set_level(True)
+
+    def _ack_interrupt(self, value: int) -> None:
+        with self._irq_lock:
+            old = self.interrupt_status
+            self.interrupt_status &= ~value
+            if old and not self.interrupt_status:
+                self.irq.set_level(False)
+
+    def config_changed(self) -> None:
+        """The device changed its configuration space (§2.5.1, §4.2.3.3)."""
+        self.config_generation = (self.config_generation + 1) & 0xFFFFFFFF
+        if self.status & VIRTIO_STATUS_DRIVER_OK:
+            self.raise_interrupt(VIRTIO_MMIO_INT_CONFIG)
+
+    def needs_reset(self, reason: str) -> None:
+        """§2.1.2: stop using buffers, set DEVICE_NEEDS_RESET, tell a live driver."""
+        self.device.active = False
+        if self.status & VIRTIO_STATUS_DEVICE_NEEDS_RESET:
+            return
+        log.warning("%s: device needs reset: %s", self.label, reason)
+        self.status |= VIRTIO_STATUS_DEVICE_NEEDS_RESET
+        if self.status & VIRTIO_STATUS_DRIVER_OK:
+            self.raise_interrupt(VIRTIO_MMIO_INT_CONFIG)
+
+    @property
+    def broken(self) -> bool:
+        return bool(self.status & VIRTIO_STATUS_DEVICE_NEEDS_RESET)

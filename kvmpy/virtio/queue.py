@@ -1,0 +1,322 @@
+"""Split virtqueues (virtio 1.2 §2.7): the device's side of the three rings.
+
+What it is: the descriptor table, available ring and used ring of one queue,
+read and written through `GuestMemory` only. `Virtqueue.pop()` hands out a
+`DescriptorChain`; iterating the chain validates every descriptor as it is
+yielded (index inside its table, buffer inside guest RAM, chain no longer than
+its table, no loop, indirect tables well formed, device-readable descriptors
+before device-writable ones). Buffers come out as memoryviews on guest RAM, so
+a device can `preadv` straight into them (zero copy). `add_used()` publishes
+completions and `needs_notification()` applies EVENT_IDX / NO_INTERRUPT
+suppression (§2.7.7, §2.7.10).
+
+A broken rule raises `VirtqueueError`: the driver broke the ring, and the
+transport then marks the device DEVICE_NEEDS_RESET (§2.1.2). No guest number is
+ever used to index host memory: every access is a checked (gpa, length).
+
+What it is not: the packed ring (§2.8), VIRTIO_F_IN_ORDER, or a transport; it
+does not know about MMIO registers or interrupts.
+
+Memory ordering. Guest vCPUs run concurrently with the device thread. On
+x86-64 (TSO) stores become visible in program order and loads are not
+reordered with other loads, so writing a used element and then `used.idx`
+(§2.7.8: "set len prior to updating the used idx") needs no fence, and nor does
+reading `avail.idx` before the ring entries and descriptors it covers. The one
+reordering x86 does, a later load passing an earlier store, matters where the
+spec asks for a full barrier: after publishing `used.idx` and before reading
+`used_event`/`avail.flags`, and after writing `avail_event` and before
+re-reading `avail.idx`. Python has no fence instruction, so `full_barrier()`
+takes and releases an uncontended lock, which is a locked read-modify-write
+(a full fence on x86). Other architectures would need a real fence here.
+
+Learned from rust-vmm virtio-queue (queue.rs, chain.rs) and Linux's
+include/uapi/linux/virtio_ring.h.
+"""
+
+from __future__ import annotations
+
+import struct
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from kvmpy.errors import GuestMemoryError
+from kvmpy.memory import GuestMemory
+
+# §2.7.5 descriptor flags
+VIRTQ_DESC_F_NEXT = 1
+VIRTQ_DESC_F_WRITE = 2
+VIRTQ_DESC_F_INDIRECT = 4
+# §2.7.6 / §2.7.8 ring flags
+VIRTQ_AVAIL_F_NO_INTERRUPT = 1
+VIRTQ_USED_F_NO_NOTIFY = 1
+
+DESC_SIZE = 16  # struct virtq_desc
+USED_ELEM_SIZE = 8  # struct virtq_used_elem
+QUEUE_SIZE_MAX = 32768  # §2.7: "The maximum Queue Size value is 32768"
+DEFAULT_QUEUE_SIZE = 256
+CHAIN_BYTES_MAX = 1 << 32  # §2.7.5.2: chains shorter than 2^32 bytes in total
+
+_DESC = struct.Struct("<QIHH")  # addr, len, flags, next
+_USED_ELEM = struct.Struct("<II")  # id, len
+
+_barrier_lock = threading.Lock()
+
+
+def full_barrier() -> None:
+    """A store-load fence for the device thread (see the module docstring)."""
+    _barrier_lock.acquire()
+    _barrier_lock.release()
+
+
+def vring_need_event(event_idx: int, new_idx: int, old_idx: int) -> bool:
+    """True if `event_idx` lies in [old_idx, new_idx) modulo 2^16 (virtio_ring.h)."""
+    return ((new_idx - event_idx - 1) & 0xFFFF) < ((new_idx - old_idx) & 0xFFFF)
+
+
+class VirtqueueError(Exception):
+    """The driver broke a split-virtqueue rule; the device must stop trusting the queue.
+
+    Not a `KvmpyError`: it never leaves the virtio package. The transport turns
+    it into DEVICE_NEEDS_RESET.
+    """
+
+
+@dataclass(frozen=True, slots=True)
+class Descriptor:
+    """One validated descriptor: its buffer is `view`, a window on guest RAM."""
+
+    addr: int
+    length: int
+    flags: int
+    view: memoryview
+
+    @property
+    def writable(self) -> bool:
+        return bool(self.flags & VIRTQ_DESC_F_WRITE)
+
+
+class DescriptorChain:
+    """The descriptors reachable from one available-ring head.
+
+    Nothing is read until the chain is iterated. Iteration validates each
+    descriptor before yielding it; a device that wants all-or-nothing (every
+    device here) calls `buffers()`, which walks the whole chain first, so a bad
+    descriptor at the end is found before any I/O is done for the request.
+    """
+
+    def __init__(
+        self,
+        mem: GuestMemory,
+        desc_table: int,
+        queue_size: int,
+        head: int,
+        indirect_ok: bool,
+    ) -> None:
+        self.mem = mem
+        self.desc_table = desc_table
+        self.queue_size = queue_size
+        self.head = head
+        self.indirect_ok = indirect_ok
+
+    def _read_desc(self, table: int, index: int) -> tuple[int, int, int, int]:
+        try:
+            return _DESC.unpack(self.mem.view(table + index * DESC_SIZE, DESC_SIZE))
+        except GuestMemoryError as e:
+            raise VirtqueueError(f"descriptor {index} not in guest RAM: {e}") from None
+
+    def __iter__(self) -> Iterator[Descriptor]:
+        table, table_size, index = self.desc_table, self.queue_size, self.head
+        in_indirect = False
+        visited = 0  # descriptors read from the current table
+        seen_writable = False
+        total = 0
+        while True:
+            if index >= table_size:
+                raise VirtqueueError(f"descriptor index {index} outside a table of {table_size}")
+            visited += 1
+            if visited > table_size:
+                # §2.7.5.3.1 / §2.7.5.2: no chain longer than its table; a loop is one.
+                raise VirtqueueError(f"chain longer than its table of {table_size} (a loop?)")
+            addr, length, flags, nxt = self._read_desc(table, index)
+            if flags & VIRTQ_DESC_F_INDIRECT:
+                # §2.7.5.3: zero or more direct descriptors, then one indirect table.
+                if in_indirect:
+                    raise VirtqueueError("indirect descriptor inside an indirect table")
+                if not self.indirect_ok:
+                    raise VirtqueueError("indirect descriptor without VIRTIO_F_INDIRECT_DESC")
+                if flags & VIRTQ_DESC_F_NEXT:
+                    raise VirtqueueError("descriptor has both INDIRECT and NEXT")
+                if length == 0 or length % DESC_SIZE:
+                    raise VirtqueueError(f"indirect table length {length} not a multiple of 16")
+                entries = length // DESC_SIZE
+                if entries > QUEUE_SIZE_MAX:
+                    raise VirtqueueError(f"indirect table of {entries} entries")
+                if not self.mem.contains(addr, length):
+                    raise VirtqueueError(f"indirect table [{addr:#x}, +{length:#x}) not in RAM")
+                # The WRITE flag of the descriptor naming the table is ignored (§2.7.5.3.2).
+                table, table_size, index = addr, entries, 0
+                in_indirect, visited = True, 0
+                continue
+            total += length
+            if total >= CHAIN_BYTES_MAX:
+                raise VirtqueueError("chain of 4 GiB or more")
+            writable = bool(flags & VIRTQ_DESC_F_WRITE)
+            if writable:
+                seen_writable = True
+            elif seen_writable:
+                raise VirtqueueError("device-readable descriptor after a device-writable one")
+            try:
+                view = self.mem.view(addr, length)
+            except GuestMemoryError:
+                raise VirtqueueError(
+                    f"buffer [{addr:#x}, +{length:#x}) is not in guest RAM"
+                ) from None
+            yield Descriptor(addr, length, flags, view)
+            if not flags & VIRTQ_DESC_F_NEXT:
+                return
+            index = nxt
+
+    def buffers(self) -> tuple[list[memoryview], list[memoryview]]:
+        """The whole chain, validated: (device-readable views, device-writable views)."""
+        readable: list[memoryview] = []
+        writable: list[memoryview] = []
+        for d in self:
+            (writable if d.writable else readable).append(d.view)
+        return readable, writable
+
+
+class Virtqueue:
+    """One split virtqueue: driver-set configuration plus the device's cursors.
+
+    The transport writes `size`, `desc_table`, `avail_ring`, `used_ring` and
+    `ready` from the driver's register writes; `activate()` binds guest memory
+    and the negotiated ring features once the driver sets DRIVER_OK.
+    """
+
+    def __init__(self, max_size: int = DEFAULT_QUEUE_SIZE) -> None:
+        if not 0 < max_size <= QUEUE_SIZE_MAX or max_size & (max_size - 1):
+            raise ValueError(f"queue size {max_size} is not a power of two <= 32768")
+        self.max_size = max_size
+        self.reset()
+
+    def reset(self) -> None:
+        """Back to the state after a device reset (§2.4)."""
+        self.size = self.max_size
+        self.ready = False
+        self.desc_table = 0
+        self.avail_ring = 0
+        self.used_ring = 0
+        self.next_avail = 0
+        self.next_used = 0
+        self.signalled_used: int | None = None
+        self.event_idx = False
+        self.indirect = False
+        self.mem: GuestMemory | None = None
+
+    # -- configuration ----------------------------------------------------------
+    def check(self, mem: GuestMemory) -> str | None:
+        """Why this queue's configuration is unusable, or None (§2.7 size/alignment table)."""
+        size = self.size
+        if not 0 < size <= self.max_size or size & (size - 1):
+            return f"queue size {size} is not a power of two <= {self.max_size}"
+        parts = (
+            ("descriptor table", self.desc_table, 16, DESC_SIZE * size),
+            ("available ring", self.avail_ring, 2, 6 + 2 * size),
+            ("used ring", self.used_ring, 4, 6 + USED_ELEM_SIZE * size),
+        )
+        for name, gpa, align, length in parts:
+            if gpa % align:
+                return f"{name} at {gpa:#x} is not {align}-byte aligned"
+            if not mem.contains(gpa, length):
+                return f"{name} [{gpa:#x}, +{length:#x}) is not in guest RAM"
+        return None
+
+    def activate(self, mem: GuestMemory, *, event_idx: bool, indirect: bool) -> None:
+        self.mem = mem
+        self.event_idx = event_idx
+        self.indirect = indirect
+
+    def _memory(self) -> GuestMemory:
+        if self.mem is None:
+            raise VirtqueueError("queue used before the device was activated")
+        return self.mem
+
+    # -- available ring ---------------------------------------------------------
+    def avail_idx(self) -> int:
+        return self._memory().read_u16(self.avail_ring + 2)
+
+    def has_available(self) -> bool:
+        return self.avail_idx() != self.next_avail
+
+    def pop(self) -> DescriptorChain | None:
+        """The next available chain, or None when the driver has offered nothing new."""
+        mem = self._memory()
+        pending = (self.avail_idx() - self.next_avail) & 0xFFFF
+        if pending == 0:
+            return None
+        if pending > self.size:
+            # §2.7.6: idx only moves forward, by at most the ring size.
+            raise VirtqueueError(f"avail idx {pending} entries ahead of a ring of {self.size}")
+        slot = self.next_avail % self.size
+        head = mem.read_u16(self.avail_ring + 4 + 2 * slot)
+        if head >= self.size:
+            raise VirtqueueError(f"available ring names head {head} in a table of {self.size}")
+        self.next_avail = (self.next_avail + 1) & 0xFFFF
+        return DescriptorChain(mem, self.desc_table, self.size, head, self.indirect)
+
+    def undo_pop(self, count: int = 1) -> None:
+        """Give back chains that were popped but not used (e.g. net rx ran short)."""
+        self.next_avail = (self.next_avail - count) & 0xFFFF
+
+    # -- used ring --------------------------------------------------------------
+    def add_used(self, head: int, length: int) -> None:
+        self.add_used_batch([(head, length)])
+
+    def add_used_batch(self, entries: list[tuple[int, int]]) -> None:
+        """Write used elements, then publish them with one `used.idx` store (§2.7.8).
+
+        One store matters for net's mergeable buffers: the driver must never
+        see the first buffer of a packet before the rest.
+        """
+        mem = self._memory()
+        for head, length in entries:
+            slot = self.next_used % self.size
+            elem = mem.view(self.used_ring + 4 + USED_ELEM_SIZE * slot, USED_ELEM_SIZE)
+            _USED_ELEM.pack_into(elem, 0, head, length & 0xFFFFFFFF)
+            self.next_used = (self.next_used + 1) & 0xFFFF
+        # TSO keeps the element stores before this one; see the module docstring.
+        mem.write_u16(self.used_ring + 2, self.next_used)
+
+    # -- notification suppression -------------------------------------------------
+    def needs_notification(self) -> bool:
+        """Should the device interrupt the driver for what it has used so far?
+
+        §2.7.7: with EVENT_IDX, only when used.idx passes `used_event`;
+        without it, unless the driver set VIRTQ_AVAIL_F_NO_INTERRUPT.
+        """
+        mem = self._memory()
+        full_barrier()  # used.idx store before the used_event / flags load
+        if not self.event_idx:
+            flags = mem.read_u16(self.avail_ring)
+            return not flags & VIRTQ_AVAIL_F_NO_INTERRUPT
+        new, old = self.next_used, self.signalled_used
+        self.signalled_used = new
+        if old is None:
+            return True
+        used_event = mem.read_u16(self.avail_ring + 4 + 2 * self.size)
+        return vring_need_event(used_event, new, old)
+
+    def enable_notification(self) -> bool:
+        """Ask for a notification on the next buffer; True if one arrived meanwhile.
+
+        With EVENT_IDX the device writes `avail_event` (§2.7.10); without it
+        the device never suppresses (used.flags stays 0). The re-check after
+        the barrier closes the race with a driver that published a buffer
+        just before reading `avail_event`.
+        """
+        mem = self._memory()
+        if self.event_idx:
+            mem.write_u16(self.used_ring + 4 + USED_ELEM_SIZE * self.size, self.next_avail)
+        full_barrier()
+        return self.has_available()

@@ -1,0 +1,55 @@
+"""`kvmpy lab` itself, driven from the host: exit status, /dev/kvm, cwd, env and --rw.
+
+Marked `labhost`: each test boots the lab (seconds each), so there are only two, and they
+check several things per boot. Not run inside the lab (no lab within the lab).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.labhost
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def kvmpy_lab(*args: str, cwd: Path = ROOT, env: dict[str, str] | None = None,
+              ) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "kvmpy.lab.command", *args], cwd=cwd,
+                          env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_failing_command_fails_kvmpy_lab_with_its_status() -> None:
+    done = kvmpy_lab("--", "sh", "-c", "echo to-stdout; echo to-stderr >&2; exit 3")
+    assert done.returncode == 3, done.stderr
+    assert done.stdout == "to-stdout\n"
+    assert done.stderr == "to-stderr\n"
+
+
+def test_dev_kvm_cwd_env_and_rw_share(tmp_path: Path) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    env = dict(os.environ, KVMPY_TEST_VALUE="it's a \"value\"\nwith a newline")
+    script = (
+        "import os, pathlib\n"
+        "print(os.path.exists('/dev/kvm'))\n"
+        "print(os.getcwd())\n"
+        "print(repr(os.environ['KVMPY_TEST_VALUE']))\n"
+        f"pathlib.Path({str(shared / 'result')!r}).write_text('from the lab')\n"
+        # outside --rw: writable, but thrown away
+        f"pathlib.Path({str(tmp_path / 'scratch')!r}).write_text('lost')\n"
+        "pathlib.Path(os.environ['HOME'], '.kvmpy-lab-test').write_text('x')\n"
+    )
+    done = kvmpy_lab("--rw", str(shared), "--", sys.executable, "-c", script, cwd=tmp_path,
+                     env=env)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [
+        "True", str(tmp_path), repr(env["KVMPY_TEST_VALUE"])]
+    assert (shared / "result").read_text() == "from the lab"
+    assert not (tmp_path / "scratch").exists()
+    assert not Path(os.environ["HOME"], ".kvmpy-lab-test").exists()

@@ -1,0 +1,181 @@
+"""pytest plugin for the `lab` marker: Linux-booting tests run here or in ONE lab session.
+
+- /dev/kvm can boot Linux here (real VT-x/AMD-V), or we are inside the lab already
+  (`KVMPY_IN_LAB=1`): `lab` tests run in this process like any other test.
+- Otherwise, if the lab can start: every selected `lab` test is replaced by a proxy item
+  with the same node id. The first proxy to run starts one `kvmpy lab` session running
+  `pytest <all lab node ids>` inside, with a results file in a `--rw` share; each proxy
+  then reports its own test's outcome from that file (pass, the inner failure text, skip,
+  xfail), so lab tests appear in this pytest's output like the others.
+- Neither: `lab` tests are skipped, with the reason.
+
+Also registers `labhost`: tests that boot the lab themselves from the host (a few seconds
+each), skipped inside the lab and where the lab cannot start.
+
+Results travel as JSON lines written by this same plugin inside the lab (exact node ids;
+junit XML names cannot be mapped back to node ids reliably).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kvmpy.lab import INSIDE_ENV, LabError, lab_status, linux_kvm_status, run_in_lab
+
+RESULTS_ENV = "KVMPY_LAB_RESULTS"  # inside the lab: where to write the JSON lines
+SESSION_TIMEOUT = float(os.environ.get("KVMPY_LAB_SESSION_TIMEOUT", "3600"))
+_SESSION_KEY = pytest.StashKey["LabSession"]()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "labhost: boots the lab itself from the host (seconds per test)")
+
+
+def _inside_lab() -> bool:
+    return os.environ.get(INSIDE_ENV) == "1"
+
+
+# --- inside the lab: record every report for the outer pytest -------------------------------
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    path = os.environ.get(RESULTS_ENV)
+    if not path or not _inside_lab():
+        return
+    record: dict[str, Any] = {"nodeid": report.nodeid, "when": report.when,
+                              "outcome": report.outcome, "text": report.longreprtext,
+                              "duration": report.duration}
+    if report.skipped and isinstance(report.longrepr, tuple):
+        record["text"] = str(report.longrepr[2])
+    if hasattr(report, "wasxfail"):
+        record["xfail"] = report.wasxfail or "xfail"
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+# --- outside: decide, and replace lab items by proxies --------------------------------------
+
+@pytest.hookimpl(trylast=True)  # after -m/-k deselection: only what will really run
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    inside = _inside_lab()
+    lab_ok, lab_why = lab_status()
+    for item in items:
+        if item.get_closest_marker("labhost"):
+            if inside:
+                item.add_marker(pytest.mark.skip(reason="boots the lab: not run inside the lab"))
+            elif not lab_ok:
+                item.add_marker(pytest.mark.skip(reason=f"the lab cannot start: {lab_why}"))
+    if inside:
+        return
+    linux_ok, linux_why = linux_kvm_status()
+    lab_items = [i for i in items if i.get_closest_marker("lab") and isinstance(i, pytest.Function)]
+    if linux_ok or not lab_items:
+        return
+    if not lab_ok:
+        reason = f"Linux cannot boot here ({linux_why}) and the lab cannot start: {lab_why}"
+        for item in lab_items:
+            item.add_marker(pytest.mark.skip(reason=reason))
+        return
+    session = LabSession(config, [i.nodeid for i in lab_items])
+    config.stash[_SESSION_KEY] = session
+    for index, item in enumerate(items):
+        if item in lab_items:
+            items[index] = LabProxy.from_original(item, session)
+
+
+class LabTestFailed(Exception):
+    """The inner test failed; the message is the inner pytest's failure text."""
+
+
+class LabSession:
+    """One `kvmpy lab` run of all the selected lab tests; started by the first proxy."""
+
+    def __init__(self, config: pytest.Config, nodeids: list[str]) -> None:
+        self.config = config
+        self.nodeids = nodeids
+        self.results: dict[str, list[dict[str, Any]]] | None = None
+        self.error = ""
+        self.output = ""
+
+    def run(self) -> dict[str, list[dict[str, Any]]]:
+        if self.results is not None:
+            return self.results
+        self.results = {}
+        share = Path(tempfile.mkdtemp(prefix="kvmpy-labtests-"))
+        results = share / "results.jsonl"
+        out = share / "output.txt"
+        env = dict(os.environ, **{RESULTS_ENV: str(results)})
+        argv = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-rfEsxX",
+                "--color=no", *self.nodeids]
+        reporter = self.config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None:
+            reporter.write_line(f"\nlab: running {len(self.nodeids)} lab test(s) in one lab "
+                                f"session (output: {out})")
+        try:
+            with open(out, "wb") as sink:
+                status = run_in_lab(argv, rw=[share], cwd=self.config.rootpath, env=env,
+                                    stdout=sink, stderr=sink, timeout=SESSION_TIMEOUT)
+            self.error = "" if status in (0, 1) else f"inner pytest exited with status {status}"
+        except LabError as e:
+            self.error = f"the lab failed: {e}"
+        self.output = out.read_text(errors="replace") if out.exists() else ""
+        if results.exists():
+            for line in results.read_text().splitlines():
+                record = json.loads(line)
+                self.results.setdefault(record["nodeid"], []).append(record)
+        if reporter is not None:
+            tail = self.output.strip().splitlines()[-1:] or ["(no output)"]
+            reporter.write_line(f"lab: session done: {tail[0]}")
+        return self.results
+
+
+class LabProxy(pytest.Item):
+    """Stands for one lab test in the outer run; reports what it did inside the lab."""
+
+    lab_session: LabSession
+    original_location: tuple[str, int | None, str]
+
+    @classmethod
+    def from_original(cls, item: pytest.Item, session: LabSession) -> LabProxy:
+        assert item.parent is not None
+        proxy: LabProxy = cls.from_parent(item.parent, name=item.name)
+        proxy.lab_session = session
+        proxy.original_location = item.location
+        # The module's and class's marks come with the shared parent; add the function's own.
+        proxy.own_markers.extend(item.own_markers)
+        proxy.keywords.update({mark.name: mark for mark in item.own_markers})
+        return proxy
+
+    def reportinfo(self) -> tuple[Any, int | None, str]:
+        path, lineno, name = self.original_location
+        return self.config.rootpath / path, lineno, name
+
+    def runtest(self) -> None:
+        records = self.lab_session.run().get(self.nodeid, [])
+        if not records:
+            why = self.lab_session.error or "the inner pytest did not report it"
+            tail = "\n".join(self.lab_session.output.splitlines()[-30:])
+            raise LabTestFailed(f"{why}\n--- end of the lab session's output ---\n{tail}")
+        for record in records:
+            if "xfail" in record and record["outcome"] in ("skipped", "passed"):
+                if record["outcome"] == "skipped":
+                    pytest.xfail(record["xfail"])
+                continue
+            if record["outcome"] == "failed":
+                where = "" if record["when"] == "call" else f" (in {record['when']})"
+                raise LabTestFailed(f"inside the lab{where}:\n{record['text']}")
+            if record["outcome"] == "skipped":
+                pytest.skip(f"inside the lab: {record['text']}")
+
+    def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException],
+                     style: Any = None) -> Any:
+        if isinstance(excinfo.value, LabTestFailed):
+            return str(excinfo.value)
+        return super().repr_failure(excinfo)

@@ -1,0 +1,131 @@
+"""kvmpy.lab without booting it: the Linux-capable-KVM check, the command script, QEMU argv."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kvmpy.lab import command
+from kvmpy.lab.debian import LabError, _version_key, deb_version
+from kvmpy.lab.host import linux_kvm_status
+from kvmpy.lab.image import LabImage
+from kvmpy.lab.runner import _failure_reason, command_script, qemu_argv
+
+
+def machine(tmp_path: Path, modules: list[str], flags: str) -> tuple[Path, Path, Path]:
+    dev = tmp_path / "kvm"
+    dev.write_text("")
+    sys_module = tmp_path / "module"
+    for m in modules:
+        (sys_module / m).mkdir(parents=True)
+    sys_module.mkdir(exist_ok=True)
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nflags\t\t: fpu {flags} lm\n\n")
+    return dev, cpuinfo, sys_module
+
+
+@pytest.mark.parametrize(("modules", "flags", "ok", "says"), [
+    (["kvm", "kvm_pvm"], "", False, "PVM"),
+    (["kvm", "kvm_amd"], "svm", True, "kvm_amd"),
+    (["kvm", "kvm_intel"], "vmx", True, "kvm_intel"),
+    (["kvm", "kvm_intel"], "", False, "no vmx"),
+    (["kvm"], "vmx", False, "neither"),
+])
+def test_linux_kvm_status(tmp_path: Path, modules: list[str], flags: str, ok: bool,
+                          says: str) -> None:
+    dev, cpuinfo, sys_module = machine(tmp_path, modules, flags)
+    got, why = linux_kvm_status(dev, cpuinfo, sys_module)
+    assert got is ok and says in why
+
+
+def test_linux_kvm_status_without_dev_kvm(tmp_path: Path) -> None:
+    got, why = linux_kvm_status(tmp_path / "missing", tmp_path / "c", tmp_path / "m")
+    assert not got and "does not exist" in why
+
+
+_text = st.text(st.characters(blacklist_categories=["Cs"], blacklist_characters="\0"),
+                max_size=20)
+
+
+@settings(max_examples=40, deadline=None)
+@given(argv=st.lists(_text, min_size=1, max_size=4).filter(lambda a: "=" not in a[0]),
+       env=st.dictionaries(st.text("ABCxyz_.-1", min_size=1, max_size=6), _text, max_size=4))
+def test_command_script_carries_argv_env_and_cwd_exactly(
+        tmp_path_factory: pytest.TempPathFactory, argv: list[str], env: dict[str, str]) -> None:
+    # Run the script with the host's sh, printf standing in for the command.
+    cwd = tmp_path_factory.mktemp("it's a dir")
+    script = command_script(["printf", "%s\\0", *argv], str(cwd), env)
+    done = subprocess.run(["/bin/sh", "-c", script], capture_output=True, check=True)
+    assert done.stdout.split(b"\0")[:-1] == [a.encode() for a in argv]
+    probe = command_script(
+        [sys.executable, "-c", "import json, os; print(json.dumps([os.getcwd(), {**os.environ}]))"],
+        str(cwd), env)
+    out = subprocess.run(["/bin/sh", "-c", probe], capture_output=True, check=True).stdout
+    got_cwd, got_env = json.loads(out)
+    assert got_cwd == str(cwd)
+    assert {k: v for k, v in got_env.items() if k != "LC_CTYPE"} == env
+
+
+def test_command_script_refuses_empty_and_assignment_like_commands() -> None:
+    with pytest.raises(LabError):
+        command_script([], "/", {})
+    with pytest.raises(LabError):
+        command_script(["A=B"], "/", {})
+
+
+def test_qemu_argv_shares_root_read_only_and_rw_dirs_read_write(tmp_path: Path) -> None:
+    image = LabImage(tmp_path, tmp_path / "vmlinux", tmp_path / "initrd", "6.1")
+    argv = qemu_argv(image, tmp_path / "job", [Path("/a"), Path("/a/b")], 1 << 30, 2,
+                     {"console": 7, "out": 8, "err": 9})
+    joined = " ".join(argv)
+    assert "-cpu max" in joined and "-m 1024M" in joined and "-smp 2" in joined
+    assert "local,path=/,mount_tag=hostroot,security_model=none,readonly=on" in joined
+    assert "path=/a,mount_tag=kvmpyrw0" in joined and "path=/a/b,mount_tag=kvmpyrw1" in joined
+    assert "file,id=out,path=/proc/self/fd/8,append=on" in joined
+    assert "virtserialport,bus=vser.0,chardev=err,name=kvmpy.stderr" in joined
+
+
+def test_failure_reason_prefers_the_labs_own_words(tmp_path: Path) -> None:
+    console = ["[    1.0] something", "kvmpy-lab-error: cannot mount the host root", ""]
+    assert _failure_reason(tmp_path, 0, console) == (
+        "the lab could not run the command: cannot mount the host root")
+    (tmp_path / "qemu.log").write_text("qemu-system-x86_64: cannot set up guest memory\n")
+    assert "cannot set up guest memory" in _failure_reason(tmp_path, 1, ["boot"])
+    (tmp_path / "error").write_text("no /dev/kvm in the lab\n")
+    assert _failure_reason(tmp_path, 0, []).endswith("no /dev/kvm in the lab")
+
+
+def test_debian_version_order() -> None:
+    versions = ["6.1.99-1", "6.1.192-2", "6.1.176-1", "6.1.192-10"]
+    assert sorted(versions, key=_version_key) == ["6.1.99-1", "6.1.176-1", "6.1.192-2",
+                                                  "6.1.192-10"]
+    assert deb_version(Path("linux-source-6.1_6.1.192-2_all.deb")) == "6.1.192-2"
+
+
+def test_cli_without_a_command_says_how(capsys: pytest.CaptureFixture[str]) -> None:
+    assert command.main(["--"]) == 2
+    assert "give a command after --" in capsys.readouterr().err
+
+
+def test_cli_reports_a_lab_that_cannot_start_in_one_line(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("PATH", "/nonexistent")
+    assert command.main(["--", "true"]) == 125
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "qemu-system-x86" in err
+
+
+def test_rw_must_be_a_directory(tmp_path: Path) -> None:
+    from kvmpy.lab.runner import run_in_lab
+
+    if "qemu-system-x86_64" not in " ".join(os.listdir("/usr/bin")):
+        pytest.skip("qemu not installed")
+    with pytest.raises(LabError, match="not a directory"):
+        run_in_lab(["true"], rw=[tmp_path / "nope"])
