@@ -216,6 +216,7 @@ def _driver_init(env: Env, inp: Input) -> None:
             dropped |= 1 << VIRTIO_F_VERSION_1
     if env.driver.init(offered & ~dropped, [size] * 4):
         stats["init-ok"] += 1
+        env.tainted = False  # fresh, zeroed rings: the driver's view is exact again
 
 
 def _addr(inp: Input) -> int:
@@ -310,14 +311,20 @@ def op_valid_request(env: Env, inp: Input) -> None:
     if qi >= len(d.queues) or len(d.queues[qi].free) < len(out) + len(ins):
         return
     try:
-        d.add_chain(qi, out, ins, indirect=indirect)
+        head = d.add_chain(qi, out, ins, indirect=indirect)
     except MemoryError:
         d.reset_heap()
         return
-    for _, length, bufs in d.used(qi):
+    used = d.used(qi)
+    for _, length, bufs in used:
         stats["used"] += 1
         if not env.tainted and length > sum(len(b) for b in bufs):
             raise Failure(f"used length {length} larger than the writable buffers")
+    # A well-formed request to a live device that consumes it at once must come back.
+    consumes_now = env.kind in ("blk", "rng") or qi == 1
+    if (consumes_now and not env.tainted and env.device.active
+            and head not in [h for h, _, _ in used]):
+        raise Failure(f"request {head} on queue {qi} was not completed")
 
 
 def op_register_write(env: Env, inp: Input) -> None:
@@ -346,7 +353,6 @@ def op_ack(env: Env, inp: Input) -> None:
 
 def op_reset(env: Env, inp: Input) -> None:
     env.driver.w32(mmio.STATUS, 0)
-    env.tainted = False  # a reset and a fresh init leave the driver's view exact again
     if inp.u8() & 1:
         _driver_init(env, inp)
 

@@ -13,11 +13,16 @@ import logging
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from kvmpy import layout
 from kvmpy.cpu.modes import Mode
-from kvmpy.errors import KvmpyError
+from kvmpy.errors import ConfigError, KvmpyError, KvmUnavailable
+from kvmpy.stop import Stop, StopKind
 from kvmpy.units import parse_address, parse_size
+
+if TYPE_CHECKING:
+    from kvmpy.machine import LinuxConfig
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,10 +38,30 @@ def build_parser() -> argparse.ArgumentParser:
                      help=f"entry address of a flat guest (default {layout.FLAT_LOAD:#x})")
     run.add_argument("--cpl", type=int, choices=[0, 3], default=0,
                      help="privilege level a long-mode flat guest starts at")
-    run.add_argument("--mem", default="128M",
-                     help="guest RAM (default 128M)")
+    run.add_argument("--kernel", type=Path, metavar="PATH",
+                     help="Linux bzImage or vmlinux (default: kvmpy's minimal kernel)")
+    run.add_argument("--initrd", type=Path, metavar="PATH",
+                     help="initramfs (default: kvmpy's busybox initramfs with the default kernel)")
+    run.add_argument("--append", default="", metavar="STR", help="extra kernel command line")
+    run.add_argument("--cpus", type=int, default=1, help="vCPUs (default 1)")
+    run.add_argument("--acpi", choices=["on", "off"], default="off",
+                     help="describe the machine with ACPI tables instead of an MP table and "
+                          "command-line devices (default off)")
+    run.add_argument("--entry64", action="store_true",
+                     help="enter a vmlinux at its 64-bit entry even if it has a PVH note")
+    run.add_argument("--mem", default=None,
+                     help="guest RAM (default 128M for flat guests, 256M for Linux)")
     run.add_argument("--stats", action="store_true",
-                     help="print exit statistics as one JSON line on stderr at the end")
+                     help="print exit statistics on stderr at the end: a table, then one "
+                          "JSON line")
+    run.add_argument("--trace", nargs="?", const="", default=None, metavar="FILTER",
+                     help="print a line per VM exit with the guest instruction; FILTER is "
+                          "comma-separated reasons (io,mmio,hlt...), port:LO-HI, addr:LO-HI, "
+                          "dev:LABEL (use --trace=FILTER)")
+    run.add_argument("--trace-file", metavar="PATH", help="write --trace lines here, not stderr")
+    run.add_argument("--gdb", metavar="[HOST:]PORT",
+                     help="serve gdb on 127.0.0.1:PORT; the guest waits at its first "
+                          "instruction until gdb continues")
     run.set_defaults(func=cmd_run)
 
     try:
@@ -48,27 +73,85 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def linux_config(args: argparse.Namespace) -> LinuxConfig:
+    """The kernel and initrd to boot: the user's, or kvmpy's default guest."""
+    from kvmpy.kvm.detect import KvmKind, describe, kvm_kind
+    from kvmpy.machine import LinuxConfig
+
+    kind = kvm_kind()
+    if kind is not KvmKind.HARDWARE:
+        raise KvmUnavailable(f"cannot boot Linux: {describe(kind)} "
+                             "(`make run` boots it in the lab)")
+    kernel, initrd = args.kernel, args.initrd
+    if kernel is None:
+        from kvmpy import guest_assets
+
+        kernel = guest_assets.kernel_path().bzimage
+        if initrd is None:
+            initrd = guest_assets.initramfs_path()
+    for what, path in (("kernel", kernel), ("initrd", initrd)):
+        if path is not None and not path.is_file():
+            raise ConfigError(f"{what} {path}: no such file")
+    return LinuxConfig(kernel=kernel, initrd=initrd, append=args.append,
+                       acpi=args.acpi == "on", prefer_pvh=not args.entry64)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
+    from kvmpy.console import StdinPump
     from kvmpy.machine import FlatConfig, Machine, MachineConfig
 
-    if args.flat is None:
-        raise KvmpyError("kvmpy run: give --flat FILE")
     started = time.perf_counter()
-    flat = FlatConfig(path=args.flat, mode=Mode(args.mode), entry=parse_address(args.entry),
-                      cpl=args.cpl)
-    machine = Machine(MachineConfig(mem_size=parse_size(args.mem), flat=flat, stats=args.stats))
-    stop = machine.run()
+    if args.flat is not None:
+        flat = FlatConfig(path=args.flat, mode=Mode(args.mode),
+                          entry=parse_address(args.entry), cpl=args.cpl)
+        config = MachineConfig(mem_size=parse_size(args.mem or "128M"), flat=flat,
+                               stats=args.stats, cpus=args.cpus)
+    else:
+        config = MachineConfig(mem_size=parse_size(args.mem or "256M"),
+                               linux=linux_config(args), stats=args.stats, cpus=args.cpus)
+    config.trace, config.gdb = _seeing_inside(args)
+    machine = Machine(config)
+    pump = None
+    if config.linux is not None:
+        pump = StdinPump(machine.console_input, on_quit=lambda: machine.request_stop(
+            Stop(StopKind.SIGINT, "quit from the console (Ctrl-A x)")))
+        pump.start()
+    try:
+        stop = machine.run()
+    finally:
+        if pump is not None:
+            pump.stop()
     if stop.details or stop.kind.value not in (0, -1):
         print(f"kvmpy: {stop.reason}", file=sys.stderr)
         if stop.details:
             print(stop.details, file=sys.stderr)
     if args.stats:
+        from kvmpy.trace.stats import format_table
+
         stats = machine.stats()
         stats["process_s"] = round(time.perf_counter() - started, 6)
         stats["stop"] = stop.reason
+        print(format_table(stats), file=sys.stderr)
         print(json.dumps(stats), file=sys.stderr)
     machine.close()
+    if config.trace is not None and config.trace.out is not sys.stderr:
+        config.trace.out.close()
     return stop.exit_status
+
+
+def _seeing_inside(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    """The tracer and gdb stub settings `--trace`, `--trace-file` and `--gdb` ask for."""
+    tracer = gdb = None
+    if args.trace is not None or args.trace_file:
+        from kvmpy.trace.filter import TraceFilter
+        from kvmpy.trace.tracer import Tracer, open_output
+
+        tracer = Tracer(TraceFilter.parse(args.trace), open_output(args.trace_file))
+    if args.gdb is not None:
+        from kvmpy.gdb.stub import GdbConfig
+
+        gdb = GdbConfig.parse(args.gdb)
+    return tracer, gdb
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,25 +13,38 @@ import contextlib
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import astuple, dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 from kvmpy import layout
-from kvmpy.boot.cpuid import normalize_cpuid
+from kvmpy.acpi import build_acpi
+from kvmpy.boot.cpuid import boot_msrs, normalize_cpuid
+from kvmpy.boot.linux import BASE_CMDLINE, LinuxBoot, boot_linux
 from kvmpy.bus import Bus, IrqLine, NullIrq
 from kvmpy.cpu.modes import Mode
+from kvmpy.devices.acpi_pm import PM_PORT_LEN, AcpiPm
 from kvmpy.devices.debug_exit import DebugExit
+from kvmpy.devices.i8042 import I8042
+from kvmpy.devices.i8042 import PORT_SPAN as I8042_SPAN
 from kvmpy.devices.postcode import PostCode
+from kvmpy.devices.rtc import PORT_SPAN as RTC_SPAN
+from kvmpy.devices.rtc import Rtc
 from kvmpy.devices.serial import Serial
 from kvmpy.devices.testdev import TestDevice
+from kvmpy.errors import ConfigError
 from kvmpy.exitloop import VcpuLoop
 from kvmpy.flat import load_flat, start_flat
-from kvmpy.kvm import Kvm
+from kvmpy.kvm import Kvm, Vcpu
 from kvmpy.memory import GuestMemory
 from kvmpy.stop import Stop, StopKind
 from kvmpy.vcpu_threads import VcpuThreads
+
+if TYPE_CHECKING:
+    from kvmpy.gdb.stub import GdbConfig, GdbStub
+    from kvmpy.trace.tracer import Tracer
 
 
 @contextlib.contextmanager
@@ -63,11 +76,25 @@ class FlatConfig:
 
 
 @dataclass
+class LinuxConfig:
+    """A Linux kernel booted directly (bzImage, or vmlinux by PVH or its 64-bit entry)."""
+
+    kernel: Path
+    initrd: Path | None = None
+    append: str = ""
+    acpi: bool = False  # ACPI tables instead of MP table + command-line devices
+    prefer_pvh: bool = True
+
+
+@dataclass
 class MachineConfig:
-    mem_size: int = 128 * layout.MiB
+    mem_size: int = 256 * layout.MiB
     cpus: int = 1
     flat: FlatConfig | None = None
+    linux: LinuxConfig | None = None
     stats: bool = False
+    trace: Tracer | None = None  # a line per VM exit (kvmpy.trace.tracer)
+    gdb: GdbConfig | None = None  # vCPUs start stopped, waiting for gdb (kvmpy.gdb.stub)
     console: BinaryIO = field(default_factory=lambda: sys.stdout.buffer)
 
 
@@ -86,6 +113,31 @@ class KvmIrq:
         self.vm.irq_line(self.gsi, False)
 
 
+MAX_CPUS = 32
+KVM_CAP_TSC_DEADLINE_TIMER = 72  # <linux/kvm.h>
+# Local APIC LVT registers (Intel SDM Vol. 3A §11.5.1): LINT0 delivers the
+# 8259's ExtINT, LINT1 delivers NMI, as a PC's firmware leaves them.
+APIC_LVT_LINT0 = 0x350
+APIC_LVT_LINT1 = 0x360
+APIC_DM_EXTINT = 0x700
+APIC_DM_NMI = 0x400
+
+
+def _prepare_for_linux(vcpu: Vcpu) -> None:
+    """MSRs, FPU and LAPIC as firmware would leave them before a kernel starts."""
+    vcpu.set_msrs(boot_msrs())
+    fpu = vcpu.get_fpu()
+    fpu.fcw = 0x37F  # x87 default control word (FNINIT)
+    fpu.mxcsr = 0x1F80  # SSE default: all exceptions masked
+    vcpu.set_fpu(fpu)
+    lapic = bytearray(vcpu.get_lapic())
+    for reg, mode in ((APIC_LVT_LINT0, APIC_DM_EXTINT), (APIC_LVT_LINT1, APIC_DM_NMI)):
+        value = int.from_bytes(lapic[reg : reg + 4], "little")
+        value = (value & ~0x700) | mode
+        lapic[reg : reg + 4] = value.to_bytes(4, "little")
+    vcpu.set_lapic(bytes(lapic))
+
+
 class Machine:
     def __init__(self, config: MachineConfig, kvm: Kvm | None = None) -> None:
         self.config = config
@@ -96,15 +148,24 @@ class Machine:
         # 2. the VM and its memory slots
         self.vm = self.kvm.create_vm()
         self.vm.map_memory(self.memory)
-        # 3. platform: flat guests get none, so that `hlt` comes back to us
+        # 3. platform: Linux gets the in-kernel PIC/IO-APIC/LAPICs and PIT; flat
+        #    guests get none, so that their `hlt` comes back to us
         self.vm.set_tss_addr(layout.TSS_ADDR)
         self.vm.set_identity_map_addr(layout.IDENTITY_MAP)
-        # 4. vCPUs
+        if config.linux is not None:
+            self.vm.create_irqchip()
+            self.vm.create_pit2()
+        # 4. vCPUs, each with its CPUID (APIC id, topology, hypervisor leaves)
+        if not 1 <= config.cpus <= MAX_CPUS:
+            raise ConfigError(f"--cpus {config.cpus}: kvmpy supports 1 to {MAX_CPUS} vCPUs")
         self.vcpus = [self.vm.create_vcpu(i) for i in range(config.cpus)]
         supported = self.kvm.supported_cpuid()
+        tsc_deadline = bool(self.kvm.check_extension(KVM_CAP_TSC_DEADLINE_TIMER))
         for vcpu in self.vcpus:
-            vcpu.set_cpuid2([astuple(e) for e in
-                             normalize_cpuid(supported, vcpu.index, config.cpus)])
+            vcpu.set_cpuid2([astuple(e) for e in normalize_cpuid(
+                supported, vcpu.index, config.cpus, tsc_deadline=tsc_deadline)])
+            if config.linux is not None:
+                _prepare_for_linux(vcpu)
         # 5. devices
         self.pio = Bus("pio")
         self.mmio = Bus("mmio")
@@ -118,13 +179,46 @@ class Machine:
         self.testdev = TestDevice(console=self._console_write, on_exit=self._debug_exit)
         self.mmio.insert(layout.TEST_DEVICE_BASE, layout.TEST_DEVICE_SIZE, self.testdev,
                          "testdev")
+        if config.linux is not None:
+            self.i8042 = I8042(on_reset=self._guest_reset, kbd_irq=self.irq(1))
+            self.pio.insert(layout.I8042_PORT, I8042_SPAN, self.i8042, "i8042")
+            self.rtc = Rtc(ram_below_4g=self.memory.regions[0].size,
+                           ram_above_4g=self.memory.size - self.memory.regions[0].size)
+            self.pio.insert(layout.RTC_PORT, RTC_SPAN, self.rtc, "rtc")
+            if config.linux.acpi:
+                self.pm = AcpiPm(on_poweroff=self._guest_poweroff, on_reboot=self._guest_reset)
+                self.pio.insert(layout.PM_PORT_BASE, PM_PORT_LEN, self.pm, "acpi-pm")
         self.threads: VcpuThreads | None = None
         # 6. boot
+        self.linux_boot: LinuxBoot | None = None
         if config.flat is not None:
             flat = config.flat
             load_flat(self.memory, flat.path)
             start_flat(self.vcpus[0], self.memory, flat.mode, flat.entry, flat.cpl,
                        **flat.gprs)
+        elif config.linux is not None:
+            self.linux_boot = self._boot_linux(config.linux)
+        # 7. seeing inside: a gdb stub takes over the debug exits, then a tracer wraps
+        #    every exit handler (both only when asked: the plain loop never checks)
+        self.gdb: GdbStub | None = None
+        if config.gdb is not None:
+            from kvmpy.gdb.stub import GdbStub
+
+            self.gdb = GdbStub(self.loops, self.memory, config.gdb, irqchip=self.vm.irqchip,
+                               request_stop=self.request_stop)
+        if config.trace is not None:
+            for loop in self.loops:
+                config.trace.install(loop)
+
+    def _boot_linux(self, linux: LinuxConfig) -> LinuxBoot:
+        cmdline = " ".join(filter(None, [BASE_CMDLINE, linux.append]))
+        acpi = None
+        if linux.acpi:
+            tables = build_acpi(self.memory, len(self.vcpus), [], uart=True)
+            acpi = (tables.rsdp_gpa, tables.start, tables.end)
+        return boot_linux(self.memory, self.vcpus[0], kernel=linux.kernel, initrd=linux.initrd,
+                          cmdline=cmdline, n_cpus=len(self.vcpus), prefer_pvh=linux.prefer_pvh,
+                          acpi=acpi)
 
     def irq(self, gsi: int) -> IrqLine:
         """The interrupt line for `gsi`: the in-kernel irqchip's, or nowhere without one."""
@@ -135,6 +229,12 @@ class Machine:
         self.serial.flush()
         self.config.console.write(data)
         self.config.console.flush()
+
+    def _guest_reset(self) -> None:
+        self.request_stop(Stop(StopKind.REBOOT, "guest rebooted"))
+
+    def _guest_poweroff(self) -> None:
+        self.request_stop(Stop(StopKind.POWEROFF, "guest powered off"))
 
     def _debug_exit(self, status: int) -> None:
         self.request_stop(Stop(StopKind.DEBUG_EXIT, f"guest wrote {status} to the debug-exit "
@@ -163,7 +263,12 @@ class Machine:
                 loop.request_stop(stop)
 
     def console_input(self, data: bytes) -> None:
-        self.serial.enqueue_input(data)
+        """Give the guest console input, waiting while its receive buffer is full."""
+        while data and self.stopped is None:
+            taken = self.serial.enqueue_input(data) if self.serial.ready_for_input else 0
+            data = data[taken:]
+            if data:
+                time.sleep(0.01)
 
     def run(self) -> Stop:
         """Run until the VM stops. A single vCPU without irqchip runs on this thread."""
@@ -184,6 +289,8 @@ class Machine:
                 "unhandled_mmio": {f"{a:#x}": n for a, n in self.mmio.unhandled.items()}}
 
     def close(self) -> None:
+        if self.gdb is not None:
+            self.gdb.close()  # tells a waiting gdb how the VM ended
         for v in self.vcpus:
             v.close()
         self.vm.close()

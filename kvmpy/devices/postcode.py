@@ -7,6 +7,7 @@ counts, and lets a test guest use it as a cheap, side-effect-free exit.
 
 from __future__ import annotations
 
+
 class PostCode:
     def __init__(self) -> None:
         self.last = 0

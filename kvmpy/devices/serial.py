@@ -181,6 +181,15 @@ class Serial:
             self.flush()
 
     # -- what the VMM calls -------------------------------------------------
+    @property
+    def ready_for_input(self) -> bool:
+        """The guest's driver has enabled receive interrupts (and is not in loopback).
+
+        Input offered earlier may be thrown away by the driver's probe (FIFO
+        resets, loopback tests), so the VMM holds it until this is true.
+        """
+        return bool(self._ier & IER_ERBFI) and not self._mcr & MCR_LOOP
+
     def enqueue_input(self, data: bytes) -> int:
         """Queue host input for the guest; returns how many bytes were taken.
 

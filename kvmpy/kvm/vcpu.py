@@ -52,6 +52,8 @@ class Vcpu:
         EINTR (a signal, or `immediate_exit`) returns ExitReason.INTR (10).
         """
         r = _run(self.fd)
+        while r == -11:  # EAGAIN: an AP just left wait-for-SIPI; KVM asks us to enter again
+            r = _run(self.fd)
         if r < 0:
             if r == -4:  # EINTR
                 return 10

@@ -1,0 +1,346 @@
+"""Stopping vCPUs for a debugger, and working on them while they are stopped.
+
+The rule that shapes this module: a vCPU's registers can only be read or
+written by the thread that runs it, and only while it is outside KVM_RUN.
+So a stopped vCPU's thread does not return to the guest: it *parks* in
+`DebugControl.park`, waiting on a queue, and runs the small requests the gdb
+server thread hands it (read the registers, set guest debug) until it is told
+to resume. The server thread never touches a vCPU fd itself.
+
+A vCPU parks when:
+- KVM_EXIT_DEBUG reports a breakpoint, watchpoint or finished single step
+  (`on_debug`, installed as the loop's DEBUG handler);
+- it was kicked out of KVM_RUN (signal + immediate_exit, as
+  kvmpy.vcpu_threads does) while a stop is requested: Ctrl-C, the start of
+  the run, or another vCPU stopping (gdb's all-stop mode);
+- with a debugger attached, it is about to die (triple fault, failed entry,
+  emulation failure): it parks first, so the user can look, then dies.
+
+What it is not: the protocol. kvmpy.gdb.stub speaks to gdb and decides what
+to ask for; this module only moves vCPUs between running and parked.
+"""
+
+from __future__ import annotations
+
+import itertools
+import queue
+import signal
+import struct
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from kvmpy.kvm.exits import RUN_UNION, ExitReason
+from kvmpy.kvm.ioctl import lib
+from kvmpy.trace import disasm, vmem
+from kvmpy.vcpu_threads import KICK_SIGNAL
+
+from .debugregs import DR6_BS, DebugRegisters, HwPoint
+
+if TYPE_CHECKING:
+    from kvmpy.exitloop import VcpuLoop
+    from kvmpy.memory import GuestMemory
+
+_DEBUG = struct.Struct("<IIQQQ")  # kvm_run.debug.arch: exception, pad, pc, dr6, dr7
+SIGINT, SIGTRAP, SIGSEGV = 2, 5, 11
+REQUEST_TIMEOUT_S = 10.0
+MASK64 = (1 << 64) - 1
+
+
+class NotStopped(Exception):
+    """The vCPU is running (or the VM has ended): its state cannot be touched."""
+
+
+@dataclass
+class StopEvent:
+    """Why a vCPU stopped, as gdb's stop reply will say it."""
+
+    signal: int
+    reason: str = ""  # "", "swbreak", "hwbreak", "watch", "awatch", "step", "fault"
+    addr: int = 0  # watchpoint address
+    what: str = ""  # for people: "triple fault" ...
+    seq: int = 0
+
+
+class _Resume:
+    """The sentinel that ends a park."""
+
+
+RESUME = _Resume()
+
+
+@dataclass
+class VcpuDebug:
+    index: int
+    loop: VcpuLoop
+    requests: queue.Queue[Any]
+    parked: bool = False
+    event: StopEvent | None = None
+    thread: int | None = None  # ident of the thread running this vCPU, learnt at first park
+    stepping: bool = False  # resumed with single-step for gdb
+    stepping_over: bool = False  # single-stepping off a breakpoint, then continue
+
+
+class DebugControl:
+    """All-stop control of a VM's vCPUs for one debugger."""
+
+    def __init__(self, loops: list[VcpuLoop], memory: GuestMemory, *, irqchip: bool,
+                 on_change: Callable[[], None] = lambda: None) -> None:
+        self.memory = memory
+        self.irqchip = irqchip
+        self.on_change = on_change  # wakes the server thread: a vCPU parked
+        self.points = DebugRegisters()
+        self.vcpus = [VcpuDebug(i, loop, queue.Queue()) for i, loop in enumerate(loops)]
+        self.cond = threading.Condition()
+        self.stop_requested = False
+        self.attached = False  # a debugger is connected: fatal exits park first
+        self.closed = False
+        self._seq = itertools.count(1)
+        self._can_signal = _ensure_kick_handler()
+
+    # -- installation (before the loops run) --------------------------------
+    def install(self) -> None:
+        """Put the debug handlers in every loop's table and stop at the first instruction."""
+        for dbg in self.vcpus:
+            handlers = dbg.loop.handlers
+            handlers[ExitReason.INTR] = self._wrap_intr(dbg, handlers[ExitReason.INTR])
+            handlers[ExitReason.DEBUG] = lambda dbg=dbg: self.on_debug(dbg)  # type: ignore[misc]
+            for reason, what in ((ExitReason.SHUTDOWN, "triple fault"),
+                                 (ExitReason.FAIL_ENTRY, "VM entry failed"),
+                                 (ExitReason.INTERNAL_ERROR, "KVM internal error")):
+                handlers[reason] = self._wrap_fatal(dbg, handlers[reason], what)
+        self.stop_requested = True
+        for dbg in self.vcpus:
+            dbg.loop.vcpu.set_immediate_exit(True)  # the first KVM_RUN returns at once
+
+    def _wrap_intr(self, dbg: VcpuDebug, inner: Callable[[], Any]) -> Callable[[], Any]:
+        def on_intr() -> Any:
+            stop = inner()
+            if stop is None and self.stop_requested and dbg.loop.stop is None:
+                self.park(dbg, None)
+            return stop
+
+        return on_intr
+
+    def _wrap_fatal(self, dbg: VcpuDebug, inner: Callable[[], Any],
+                    what: str) -> Callable[[], Any]:
+        def on_fatal() -> Any:
+            if self.attached and not self.closed:
+                self.report(dbg, StopEvent(SIGSEGV, "fault", what=what))
+            return inner()
+
+        return on_fatal
+
+    # -- the vCPU's side ----------------------------------------------------
+    def on_debug(self, dbg: VcpuDebug) -> None:
+        """KVM_EXIT_DEBUG: a breakpoint, watchpoint, or the end of a single step."""
+        exception, _, pc, dr6, _ = _DEBUG.unpack_from(dbg.loop.vcpu.run_page, RUN_UNION)
+        if dbg.stepping_over:
+            # stepped off a breakpoint: put the breakpoints back and carry on, unless
+            # the debugger wants everyone stopped meanwhile (no reason of our own, then)
+            dbg.stepping_over = False
+            if self.stop_requested:
+                self.park(dbg, None)
+            else:
+                self._apply_debug(dbg, step=False)
+            return None
+        point = self.points.hit(dr6)
+        if point is not None and point.is_watch:
+            event = StopEvent(SIGTRAP, "watch" if point.kind == "write" else "awatch",
+                              addr=point.addr)
+        elif point is not None:
+            event = StopEvent(SIGTRAP, "swbreak" if point.kind == "sw" else "hwbreak")
+        elif dr6 & DR6_BS or dbg.stepping:
+            event = StopEvent(SIGTRAP, "step")
+        else:
+            event = StopEvent(SIGTRAP, "", what=f"debug exception {exception} at {pc:#x}")
+        self.report(dbg, event)
+        return None
+
+    def report(self, dbg: VcpuDebug, event: StopEvent) -> None:
+        """This vCPU stopped for a reason: stop every other one, then park."""
+        with self.cond:
+            self.stop_requested = True
+            event.seq = next(self._seq)  # the first to stop is the one gdb hears about
+        self.kick_others(dbg.index)
+        self.park(dbg, event)
+
+    def park(self, dbg: VcpuDebug, event: StopEvent | None) -> None:
+        """Stay out of the guest, serving requests, until resumed or the VM ends."""
+        dbg.thread = threading.get_ident()
+        with self.cond:
+            dbg.event = event
+            dbg.parked = True
+            dbg.stepping = dbg.stepping_over = False
+            self.cond.notify_all()
+        self.on_change()
+        try:
+            while True:
+                try:
+                    request = dbg.requests.get(timeout=0.2)
+                except queue.Empty:
+                    if dbg.loop.stop is not None or self.closed:
+                        return
+                    continue
+                if request is RESUME:
+                    return
+                request()
+        finally:
+            with self.cond:
+                dbg.parked = False
+                self.cond.notify_all()
+
+    # -- the debugger's side ----------------------------------------------
+    def kick_others(self, index: int | None = None) -> None:
+        for dbg in self.vcpus:
+            if dbg.index != index and not dbg.parked:
+                self.kick(dbg)
+
+    def kick(self, dbg: VcpuDebug) -> None:
+        dbg.loop.vcpu.set_immediate_exit(True)
+        if dbg.thread is not None and self._can_signal:
+            try:
+                signal.pthread_kill(dbg.thread, KICK_SIGNAL)
+            except ProcessLookupError:
+                pass
+
+    def request_stop(self) -> None:
+        """Ctrl-C: stop every vCPU (they park with no event of their own)."""
+        with self.cond:
+            self.stop_requested = True
+        self.kick_others()
+
+    def all_parked(self) -> bool:
+        return all(d.parked for d in self.vcpus)
+
+    def vm_ended(self) -> bool:
+        return any(d.loop.stop is not None for d in self.vcpus)
+
+    def wait_all_parked(self, timeout: float) -> bool:
+        with self.cond:
+            return self.cond.wait_for(lambda: self.all_parked() or self.vm_ended(), timeout)
+
+    def first_event(self) -> tuple[int, StopEvent] | None:
+        """The vCPU that stopped first for a reason of its own, and why."""
+        with self.cond:
+            found = [(d.event.seq, d.index, d.event) for d in self.vcpus
+                     if d.parked and d.event is not None]
+        if not found:
+            return None
+        _, index, event = min(found)
+        return index, event
+
+    def call(self, index: int, fn: Callable[[Any], Any]) -> Any:
+        """Run `fn(vcpu)` on the parked vCPU's own thread; returns its result."""
+        dbg = self.vcpus[index]
+        if not dbg.parked:
+            raise NotStopped(f"vCPU {index} is not stopped")
+        done = threading.Event()
+        box: dict[str, Any] = {}
+
+        def request() -> None:
+            try:
+                box["value"] = fn(dbg.loop.vcpu)
+            except Exception as e:  # handed back to the caller's thread
+                box["error"] = e
+            finally:
+                done.set()
+
+        dbg.requests.put(request)
+        if not done.wait(REQUEST_TIMEOUT_S):
+            raise NotStopped(f"vCPU {index} did not answer")
+        if "error" in box:
+            raise box["error"]
+        return box["value"]
+
+    def resume(self, actions: dict[int, str]) -> None:
+        """Let vCPUs run: action "c" (continue) or "s" (single-step) per vCPU index.
+
+        vCPUs not named stay parked. Each resumed vCPU sets its own guest-debug
+        state first (on its thread): breakpoints in the debug registers, and
+        single-step for "s" or to step off a breakpoint it is sitting on.
+        """
+        resumed = []
+        with self.cond:
+            self.stop_requested = False
+            for dbg in self.vcpus:
+                # gdb has heard about the last stop: a vCPU left parked keeps no event
+                # (an unreported hit of its own is dropped, as all-stop stubs do)
+                dbg.event = None
+                if dbg.index in actions and dbg.parked:
+                    dbg.parked = False  # from now on, "all parked" means a new stop
+                    resumed.append(dbg)
+        for dbg in resumed:
+            step = actions[dbg.index] == "s"
+            dbg.requests.put(lambda dbg=dbg, step=step: self._prepare(dbg, step))
+            dbg.requests.put(RESUME)
+
+    def detach(self) -> None:
+        """Forget every breakpoint and let all vCPUs run freely."""
+        self.points.clear()
+        self.attached = False
+        self.resume({d.index: "c" for d in self.vcpus})
+
+    def close(self) -> None:
+        self.closed = True
+        self.attached = False
+        with self.cond:
+            self.stop_requested = False
+        for dbg in self.vcpus:
+            if dbg.parked:
+                dbg.requests.put(lambda dbg=dbg: self._set_debug(dbg, 0, None))
+                dbg.requests.put(RESUME)
+
+    # -- on the vCPU thread, at resume -----------------------------------------
+    def _prepare(self, dbg: VcpuDebug, step: bool) -> None:
+        vcpu = dbg.loop.vcpu
+        vcpu.set_immediate_exit(False)
+        regs, sregs = vcpu.get_regs(), vcpu.get_sregs()
+        rip_linear = (sregs.cs.base + regs.rip) & MASK64
+        space = vmem.AddressSpace.from_sregs(sregs)
+        code = vmem.read(self.memory, space, rip_linear, disasm.MAX_INSN)
+        insn = disasm.one(code, regs.rip, disasm.code_bits(sregs)) if code else None
+        if insn is not None and insn.mnemonic == "hlt" and not self.irqchip:
+            # single-stepping `hlt` skips the halt (KVM reports the step, not the HLT);
+            # run it for real: without an irqchip it ends the run, as it would undebugged
+            self._apply_debug(dbg, step=False)
+            return
+        on_breakpoint = self.points.executes_at(rip_linear)
+        if step:
+            dbg.stepping = True
+            self._apply_debug(dbg, step=True, breakpoints=not on_breakpoint)
+        elif on_breakpoint:
+            # a breakpoint at RIP would fire again at once (PVM ignores RFLAGS.RF): step
+            # off it with breakpoints out, then `on_debug` puts them back and continues
+            dbg.stepping_over = True
+            self._apply_debug(dbg, step=True, breakpoints=False)
+        else:
+            self._apply_debug(dbg, step=False)
+
+    def _apply_debug(self, dbg: VcpuDebug, *, step: bool, breakpoints: bool = True) -> None:
+        control = 0
+        regs = None
+        if step:
+            control |= lib.KVM_GUESTDBG_ENABLE | lib.KVM_GUESTDBG_SINGLESTEP
+        if breakpoints and self.points.active:
+            control |= lib.KVM_GUESTDBG_ENABLE | lib.KVM_GUESTDBG_USE_HW_BP
+            regs = self.points.debugreg()
+        self._set_debug(dbg, control, regs)
+
+    @staticmethod
+    def _set_debug(dbg: VcpuDebug, control: int, debugreg: list[int] | None) -> None:
+        dbg.loop.vcpu.set_guest_debug(control, debugreg)
+
+
+def _ensure_kick_handler() -> bool:
+    """A kick is SIGUSR1 to the vCPU's thread; without a handler it would kill us."""
+    if signal.getsignal(KICK_SIGNAL) not in (signal.SIG_DFL, None):
+        return True
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(KICK_SIGNAL, lambda *_: None)
+        return True
+    return False  # kicks fall back to immediate_exit alone (seen at the next exit)
+
+
+__all__ = ["DebugControl", "HwPoint", "NotStopped", "StopEvent", "SIGINT", "SIGTRAP", "SIGSEGV"]
