@@ -15,15 +15,14 @@ all: build
 # Debian packages the build and the tests need (installed once, as root).
 DEB_PACKAGES := gcc binutils qemu-system-x86 busybox-static cpio acpica-tools \
 	flex bison bc libelf-dev libssl-dev e2fsprogs xz-utils iproute2 gdb
-deps: $(CACHE)/.deps-ok
-$(CACHE)/.deps-ok:
+# (checked every time: a dpkg query per package, well under a second)
+deps:
 	@mkdir -p $(CACHE)
-	@missing=$$(for p in $(DEB_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	@missing=$$(for p in $(sort $(DEB_PACKAGES)); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
-		echo "installing Debian packages: $$missing"; \
+		echo "installing Debian packages:" $$missing; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	fi
-	@touch $@
 
 venv: $(VENV)/.ok
 $(VENV)/.ok: pyproject.toml setup.py
@@ -40,7 +39,9 @@ kvmpy/_kvm.stamp: csrc/kvm_shim.h csrc/kvm_shim.cdef csrc/build_shim.py
 
 include mk/*.mk
 
-test: deps build guests
+# Unit, kvm and lab tests in one pytest run; lab tests go to one lab session
+# when this machine's /dev/kvm cannot boot Linux (tests/lab_plugin.py).
+test: deps build guests lab-assets
 	$(PY) -m pytest tests
 
 test-unit: build
@@ -49,8 +50,18 @@ test-unit: build
 test-kvm: build guests
 	$(PY) -m pytest tests -m kvm
 
-bench: deps build guests
+bench: deps build guests lab-assets
 	$(PY) benchmarks/run.py
+
+# Boot the default guest (minimal kernel + busybox initramfs) to a shell on this
+# terminal; in the lab when this machine's /dev/kvm cannot boot Linux.
+run: deps build lab-assets
+	@if $(PY) -c 'import sys; from kvmpy.lab import can_boot_linux; sys.exit(not can_boot_linux())'; then \
+		$(PY) -m kvmpy run; \
+	else \
+		echo "kvmpy: /dev/kvm here cannot boot Linux; booting the default guest inside the lab"; \
+		$(PY) -m kvmpy lab --interactive -- $(PY) -m kvmpy run; \
+	fi
 
 lint: build
 	$(VENV)/bin/ruff check kvmpy tests benchmarks

@@ -22,7 +22,7 @@ from kvmpy.stop import Stop, StopKind
 from kvmpy.units import parse_address, parse_size
 
 if TYPE_CHECKING:
-    from kvmpy.machine import LinuxConfig
+    from kvmpy.machine import DiskConfig, LinuxConfig, NetConfig
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,11 +44,26 @@ def build_parser() -> argparse.ArgumentParser:
                      help="initramfs (default: kvmpy's busybox initramfs with the default kernel)")
     run.add_argument("--append", default="", metavar="STR", help="extra kernel command line")
     run.add_argument("--cpus", type=int, default=1, help="vCPUs (default 1)")
-    run.add_argument("--acpi", choices=["on", "off"], default="off",
+    run.add_argument("--acpi", choices=["auto", "on", "off"], default="auto",
                      help="describe the machine with ACPI tables instead of an MP table and "
-                          "command-line devices (default off)")
+                          "command-line devices; auto (default) picks ACPI with --modules or "
+                          "when the kernel's config (beside it) lacks X86_MPPARSE or "
+                          "VIRTIO_MMIO_CMDLINE_DEVICES")
+    run.add_argument("--modules", type=Path, metavar="DIR",
+                     help="the kernel's /lib/modules/<release> tree: boot an initramfs that "
+                          "loads its virtio modules (a distribution kernel); implies ACPI "
+                          "with --acpi auto")
     run.add_argument("--entry64", action="store_true",
                      help="enter a vmlinux at its 64-bit entry even if it has a PVH note")
+    run.add_argument("--disk", action="append", default=[], metavar="PATH[,ro]",
+                     help="a raw disk image as virtio-blk (repeatable; ,ro for read-only)")
+    run.add_argument("--net", action="append", default=[], metavar="tap=NAME[,mac=MAC]",
+                     help="a virtio-net device on a tap interface (repeatable)")
+    run.add_argument("--rng", choices=["on", "off"], default=None,
+                     help="virtio-rng fed by the host's getrandom() (default: on for the "
+                          "default guest)")
+    run.add_argument("--console", choices=["serial", "virtio"], default="serial",
+                     help="guest console: the 16550 UART (ttyS0) or virtio-console (hvc0)")
     run.add_argument("--mem", default=None,
                      help="guest RAM (default 128M for flat guests, 256M for Linux)")
     run.add_argument("--stats", action="store_true",
@@ -73,16 +88,39 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_disk(text: str) -> DiskConfig:
+    """`PATH` or `PATH,ro`."""
+    from kvmpy.machine import DiskConfig
+
+    path, _, opts = text.partition(",")
+    if opts not in ("", "ro"):
+        raise ConfigError(f"--disk {text}: the only option is ',ro'")
+    return DiskConfig(Path(path), read_only=opts == "ro")
+
+
+def parse_net(text: str) -> NetConfig:
+    """`tap=NAME[,mac=MAC]`."""
+    from kvmpy.machine import NetConfig
+
+    fields = dict(item.partition("=")[::2] for item in text.split(",") if item)
+    unknown = set(fields) - {"tap", "mac"}
+    if unknown:
+        raise ConfigError(f"--net {text}: unknown option {sorted(unknown)[0]!r} "
+                          "(use tap=NAME[,mac=MAC])")
+    return NetConfig(tap=fields.get("tap", ""), mac=fields.get("mac"))
+
+
 def linux_config(args: argparse.Namespace) -> LinuxConfig:
     """The kernel and initrd to boot: the user's, or kvmpy's default guest."""
-    from kvmpy.kvm.detect import KvmKind, describe, kvm_kind
+    from kvmpy.lab.host import linux_kvm_status
     from kvmpy.machine import LinuxConfig
 
-    kind = kvm_kind()
-    if kind is not KvmKind.HARDWARE:
-        raise KvmUnavailable(f"cannot boot Linux: {describe(kind)} "
-                             "(`make run` boots it in the lab)")
+    can_boot, why = linux_kvm_status()
+    if not can_boot:
+        raise KvmUnavailable(f"cannot boot Linux here: {why} (`make run` boots it in the lab)")
     kernel, initrd = args.kernel, args.initrd
+    if args.modules is not None:
+        initrd = _modules_initrd(args)
     if kernel is None:
         from kvmpy import guest_assets
 
@@ -92,8 +130,27 @@ def linux_config(args: argparse.Namespace) -> LinuxConfig:
     for what, path in (("kernel", kernel), ("initrd", initrd)):
         if path is not None and not path.is_file():
             raise ConfigError(f"{what} {path}: no such file")
+    from kvmpy.acpi.choice import choose_acpi
+
+    choice = choose_acpi(args.acpi, kernel, args.modules)
+    logging.getLogger(__name__).info("%s", choice.reason)
     return LinuxConfig(kernel=kernel, initrd=initrd, append=args.append,
-                       acpi=args.acpi == "on", prefer_pvh=not args.entry64)
+                       acpi=choice.acpi, prefer_pvh=not args.entry64)
+
+
+def _modules_initrd(args: argparse.Namespace) -> Path:
+    """kvmpy's default guest plus the kernel's virtio modules (built once, cached)."""
+    from kvmpy import initramfs
+    from kvmpy.acpi.choice import kernel_release
+    from kvmpy.lab.debian import cache_dir
+
+    if args.kernel is None or args.initrd is not None:
+        raise ConfigError("--modules needs --kernel (the modules' kernel) and no --initrd: "
+                          "it builds the initramfs")
+    if not args.kernel.is_file():
+        raise ConfigError(f"kernel {args.kernel}: no such file")
+    tree = initramfs.find_modules_dir(args.modules, kernel_release(args.kernel))
+    return initramfs.modules_guest_initramfs_path(tree, cache_dir() / "initramfs")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -107,8 +164,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         config = MachineConfig(mem_size=parse_size(args.mem or "128M"), flat=flat,
                                stats=args.stats, cpus=args.cpus)
     else:
+        rng = args.rng == "on" if args.rng else (args.kernel is None or bool(args.modules))
         config = MachineConfig(mem_size=parse_size(args.mem or "256M"),
-                               linux=linux_config(args), stats=args.stats, cpus=args.cpus)
+                               linux=linux_config(args), stats=args.stats, cpus=args.cpus,
+                               disks=[parse_disk(d) for d in args.disk],
+                               nets=[parse_net(n) for n in args.net], rng=rng,
+                               virtio_console=args.console == "virtio")
     config.trace, config.gdb = _seeing_inside(args)
     machine = Machine(config)
     pump = None

@@ -23,6 +23,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import lzma
+import os
 import struct
 import subprocess
 from collections.abc import Iterable, Mapping
@@ -359,3 +360,75 @@ def default_recipe_hash(busybox: Path = BUSYBOX) -> str:
 def default_guest_initramfs(busybox: Path = BUSYBOX) -> bytes:
     """The default guest initramfs, gzip'd: busybox, mounts, a shell, poweroff on exit."""
     return busybox_initramfs(DEFAULT_INIT, busybox).to_gzip()
+
+
+# --- a distribution kernel's guest: the default init, plus its virtio modules ----------------
+
+# What a modular kernel (Debian's cloud kernel) needs to reach kvmpy's devices: the
+# virtio-mmio transport (found through the DSDT's LNRO0005 devices) and a driver for each
+# virtio device kvmpy emulates. `resolve_modules` adds virtio, virtio_ring, failover...
+VIRTIO_MODULES = ("virtio_mmio", "virtio_blk", "virtio_net", "virtio_console", "virtio_rng")
+
+
+def find_modules_dir(path: Path, release: str | None = None) -> Path:
+    """The /lib/modules/<release> tree `path` names: that tree, or /lib/modules above it.
+
+    With a parent directory, `release` (the kernel's, from its bzImage) picks the
+    subdirectory; a single subdirectory is taken as it is. A tree for another
+    release is refused: the kernel would reject every module (vermagic).
+    """
+    if not path.is_dir():
+        raise InitramfsError(f"--modules {path}: no such directory")
+    if not ((path / "kernel").is_dir() or (path / "modules.order").exists()):
+        subdirs = [d for d in path.iterdir() if (d / "kernel").is_dir()]
+        chosen = [d for d in subdirs if d.name == release] if release else subdirs
+        if len(chosen) != 1:
+            names = ", ".join(sorted(d.name for d in subdirs)) or "none"
+            raise InitramfsError(f"--modules {path}: which kernel's modules? "
+                                 f"(release {release or 'unknown'}; trees here: {names})")
+        path = chosen[0]
+    if release and path.name[:1].isdigit() and path.name != release:
+        raise InitramfsError(f"--modules {path} is for {path.name}, the kernel is {release}")
+    return path
+
+
+def modules_init(init: str = DEFAULT_INIT) -> str:
+    """`init` with the modules inserted after the mounts, before the init marker.
+
+    Loading them first means that when the marker shows, every virtio device the
+    kernel found is already probed (insmod returns after the driver's probe).
+    """
+    marker = f'echo "{INIT_MARKER}"'
+    if marker not in init:
+        raise InitramfsError("the init has no marker line to load the modules before")
+    return init.replace(marker, LOAD_MODULES_SH + marker, 1)
+
+
+def modules_guest_initramfs(modules_dir: Path, wanted: Iterable[str] = VIRTIO_MODULES,
+                            busybox: Path = BUSYBOX) -> bytes:
+    """The default guest, gzip'd, that also inserts `wanted` from `modules_dir` (and deps)."""
+    modules = resolve_modules(modules_dir, wanted)
+    return busybox_initramfs(modules_init(), busybox, modules).to_gzip()
+
+
+def modules_guest_initramfs_path(modules_dir: Path, directory: Path,
+                                 wanted: Iterable[str] = VIRTIO_MODULES,
+                                 busybox: Path = BUSYBOX) -> Path:
+    """`modules_guest_initramfs` written once into `directory`, named by a hash of its recipe.
+
+    The key covers the default recipe, the module tree's path and the modules'
+    sizes and mtimes, so a re-unpacked kernel gets a new image.
+    """
+    wanted = tuple(wanted)
+    h = hashlib.sha256(default_recipe_hash(busybox).encode())
+    h.update(str(modules_dir.resolve()).encode())
+    for path in resolve_modules(modules_dir, wanted):
+        st = path.stat()
+        h.update(f"{path.name}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+    path = directory / f"modules-{modules_dir.name}-{h.hexdigest()[:12]}.cpio.gz"
+    if not path.exists():
+        directory.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}")
+        tmp.write_bytes(modules_guest_initramfs(modules_dir, wanted, busybox))
+        tmp.rename(path)
+    return path

@@ -66,7 +66,9 @@ DEBUG_EXIT_PORT = 0xF4  # write N: the VM ends with status N (as QEMU's isa-debu
 PM_PORT_BASE = 0x600  # ACPI PM1 / sleep registers
 
 # --- interrupts ------------------------------------------------------------
-VIRTIO_IRQ_BASE = 5  # GSI of virtio-mmio slot 0; slot n uses VIRTIO_IRQ_BASE + n
+# GSIs for virtio-mmio slots in order: the IO-APIC pins no legacy device claims
+# (1 keyboard, 4 COM1 and 8 RTC are taken; 0 and 2 are the timer's).
+VIRTIO_IRQS = (5, 6, 7, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23)
 IOAPIC_PINS = 24
 
 # --- boot structures written by kvmpy.boot (appended with the Linux loaders) ---

@@ -41,6 +41,14 @@ from kvmpy.kvm import Kvm, Vcpu
 from kvmpy.memory import GuestMemory
 from kvmpy.stop import Stop, StopKind
 from kvmpy.vcpu_threads import VcpuThreads
+from kvmpy.virtio.blk import Block
+from kvmpy.virtio.console import Console
+from kvmpy.virtio.device import VirtioDevice
+from kvmpy.virtio.iothread import IoThread, wire_eventfds
+from kvmpy.virtio.mmio import VirtioMmioTransport, cmdline_fragment, slot_base, slot_irq
+from kvmpy.virtio.net import Net
+from kvmpy.virtio.rng import Rng
+from kvmpy.virtio.tap import Tap
 
 if TYPE_CHECKING:
     from kvmpy.gdb.stub import GdbConfig, GdbStub
@@ -87,11 +95,27 @@ class LinuxConfig:
 
 
 @dataclass
+class DiskConfig:
+    path: Path
+    read_only: bool = False
+
+
+@dataclass
+class NetConfig:
+    tap: str = ""  # attach to this tap interface; "" lets the kernel name a new one
+    mac: str | None = None
+
+
+@dataclass
 class MachineConfig:
     mem_size: int = 256 * layout.MiB
     cpus: int = 1
     flat: FlatConfig | None = None
     linux: LinuxConfig | None = None
+    disks: list[DiskConfig] = field(default_factory=list)
+    nets: list[NetConfig] = field(default_factory=list)
+    rng: bool = False
+    virtio_console: bool = False  # hvc0 as the console instead of ttyS0
     stats: bool = False
     trace: Tracer | None = None  # a line per VM exit (kvmpy.trace.tracer)
     gdb: GdbConfig | None = None  # vCPUs start stopped, waiting for gdb (kvmpy.gdb.stub)
@@ -188,6 +212,13 @@ class Machine:
             if config.linux.acpi:
                 self.pm = AcpiPm(on_poweroff=self._guest_poweroff, on_reboot=self._guest_reset)
                 self.pio.insert(layout.PM_PORT_BASE, PM_PORT_LEN, self.pm, "acpi-pm")
+        # virtio-mmio devices, one 4 KiB window and one GSI each; their queue
+        # notifications and interrupts go through KVM eventfds to an I/O thread
+        self.iothread = IoThread()
+        self.virtio: list[tuple[VirtioMmioTransport, int, int]] = []  # (transport, gpa, gsi)
+        for device in self._virtio_devices():
+            self._add_virtio(device)
+        self.iothread.start()
         self.threads: VcpuThreads | None = None
         # 6. boot
         self.linux_boot: LinuxBoot | None = None
@@ -210,12 +241,41 @@ class Machine:
             for loop in self.loops:
                 config.trace.install(loop)
 
+    def _virtio_devices(self) -> list[VirtioDevice]:
+        config = self.config
+        devices: list[VirtioDevice] = []
+        if config.virtio_console:
+            self.hvc = Console(output=self._console_write)
+            devices.append(self.hvc)
+        devices += [Block(str(d.path), read_only=d.read_only) for d in config.disks]
+        devices += [Net(Tap(n.tap), n.mac) for n in config.nets]
+        if config.rng:
+            devices.append(Rng())
+        return devices
+
+    def _add_virtio(self, device: VirtioDevice) -> None:
+        slot = len(self.virtio)
+        gpa, gsi = slot_base(slot), slot_irq(slot)
+        transport = VirtioMmioTransport(device, self.memory, self.irq(gsi))
+        self.mmio.insert(gpa, layout.VIRTIO_MMIO_SIZE, transport, device.name)
+        if self.vm.irqchip:
+            wire_eventfds(self.vm, self.iothread, transport, gpa, gsi)
+        else:
+            self.iothread.add_device(device)
+        self.virtio.append((transport, gpa, gsi))
+
     def _boot_linux(self, linux: LinuxConfig) -> LinuxBoot:
-        cmdline = " ".join(filter(None, [BASE_CMDLINE, linux.append]))
+        devices = [cmdline_fragment(gpa, gsi) for _, gpa, gsi in self.virtio]
+        # the console: the 16550 (ttyS0), or virtio-console (hvc0)
+        console = "console=hvc0" if self.config.virtio_console else "console=ttyS0"
         acpi = None
         if linux.acpi:
-            tables = build_acpi(self.memory, len(self.vcpus), [], uart=True)
+            devices = []  # the DSDT describes them; listing both would probe each twice
+            windows = [(gpa, layout.VIRTIO_MMIO_SIZE, gsi) for _, gpa, gsi in self.virtio]
+            tables = build_acpi(self.memory, len(self.vcpus), windows, uart=True)
             acpi = (tables.rsdp_gpa, tables.start, tables.end)
+        # kernel parameters first; the user's may end with `-- init arguments`
+        cmdline = " ".join(filter(None, [BASE_CMDLINE, *devices, console, linux.append]))
         return boot_linux(self.memory, self.vcpus[0], kernel=linux.kernel, initrd=linux.initrd,
                           cmdline=cmdline, n_cpus=len(self.vcpus), prefer_pvh=linux.prefer_pvh,
                           acpi=acpi)
@@ -264,6 +324,9 @@ class Machine:
 
     def console_input(self, data: bytes) -> None:
         """Give the guest console input, waiting while its receive buffer is full."""
+        if self.config.virtio_console:
+            self.hvc.enqueue_input(data)
+            return
         while data and self.stopped is None:
             taken = self.serial.enqueue_input(data) if self.serial.ready_for_input else 0
             data = data[taken:]

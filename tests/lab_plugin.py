@@ -18,8 +18,10 @@ junit XML names cannot be mapped back to node ids reliably).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -114,10 +116,8 @@ class LabSession:
         env = dict(os.environ, **{RESULTS_ENV: str(results)})
         argv = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-rfEsxX",
                 "--color=no", *self.nodeids]
-        reporter = self.config.pluginmanager.get_plugin("terminalreporter")
-        if reporter is not None:
-            reporter.write_line(f"\nlab: running {len(self.nodeids)} lab test(s) in one lab "
-                                f"session (output: {out})")
+        self.config.add_cleanup(lambda: shutil.rmtree(share, ignore_errors=True))
+        self._say(f"lab: running {len(self.nodeids)} lab test(s) in one lab session")
         try:
             with open(out, "wb") as sink:
                 status = run_in_lab(argv, rw=[share], cwd=self.config.rootpath, env=env,
@@ -130,10 +130,19 @@ class LabSession:
             for line in results.read_text().splitlines():
                 record = json.loads(line)
                 self.results.setdefault(record["nodeid"], []).append(record)
-        if reporter is not None:
-            tail = self.output.strip().splitlines()[-1:] or ["(no output)"]
-            reporter.write_line(f"lab: session done: {tail[0]}")
+        tail = self.output.strip().splitlines()[-1:] or ["(no output)"]
+        self._say(f"lab: session done: {self.error or tail[0]}")
         return self.results
+
+    def _say(self, line: str) -> None:
+        """A line on the terminal, past the capture of the test that is running."""
+        reporter = self.config.pluginmanager.get_plugin("terminalreporter")
+        capture = self.config.pluginmanager.get_plugin("capturemanager")
+        if reporter is None:
+            return
+        with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
+            reporter.ensure_newline()
+            reporter.write_line(line)
 
 
 class LabProxy(pytest.Item):
@@ -172,7 +181,9 @@ class LabProxy(pytest.Item):
                 where = "" if record["when"] == "call" else f" (in {record['when']})"
                 raise LabTestFailed(f"inside the lab{where}:\n{record['text']}")
             if record["outcome"] == "skipped":
-                pytest.skip(f"inside the lab: {record['text']}")
+                reason = record["text"].removeprefix("Skipped: ")
+                # reported at the test's own location, like a skip mark
+                raise pytest.skip.Exception(f"inside the lab: {reason}", _use_item_location=True)
 
     def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException],
                      style: Any = None) -> Any:

@@ -30,13 +30,12 @@ from kvmpy.boot.pvh import write_start_info
 from kvmpy.cpu.modes import setup_long, setup_protected
 from kvmpy.memory import GuestMemory
 
-# What every kvmpy guest gets before the user's own arguments:
-#   console=ttyS0  the 16550 at 0x3f8 is the console
+# What every kvmpy guest gets before the machine's devices and the user's arguments:
 #   reboot=k       reboot through the i8042's reset line (kvmpy ends with the reboot status)
 #   panic=-1       a panic reboots at once instead of hanging the VMM
 #   pci=off        there is no PCI bus; don't probe for one
 #   i8042.noaux    no mouse port: skip its probe timeouts
-BASE_CMDLINE = "console=ttyS0 reboot=k panic=-1 pci=off i8042.noaux"
+BASE_CMDLINE = "reboot=k panic=-1 pci=off i8042.noaux"
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,3 @@ def describe(kind: KvmKind, path: str = KVM_PATH) -> str:
         "Linux cannot boot here; `kvmpy lab` gives a nested VM where it can",
         KvmKind.HARDWARE: f"{path} has hardware virtualization: Linux guests boot here",
     }[kind]
-
-
-def can_boot_linux() -> bool:
-    return kvm_kind() is KvmKind.HARDWARE

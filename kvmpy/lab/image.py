@@ -42,7 +42,9 @@ from kvmpy.lab.debian import LabError, cache_dir, fetch_kernel_image
 KERNEL_META = "linux-image-amd64"
 # What the lab needs from the kernel, by module name; their dependencies
 # (virtio_ring, 9pnet, netfs, fscache, irqbypass, kvm, ccp, ...) are resolved from depends=.
-LAB_MODULES = ["virtio_pci", "9pnet_virtio", "9p", "overlay", "virtio_console", "kvm_amd"]
+# tun: /dev/net/tun, for tap devices (the virtio-net lab tests).
+LAB_MODULES = ["virtio_pci", "9pnet_virtio", "9p", "overlay", "virtio_console", "kvm_amd",
+               "tun"]
 JOB_TAG = "kvmpyjob"
 ROOT_TAG = "hostroot"
 PORT_STDOUT = "kvmpy.stdout"
@@ -217,15 +219,27 @@ def build_lab_image(cache: Path | None = None, log=sys.stderr) -> LabImage:
         image = initramfs.busybox_initramfs(LAB_INIT, modules=modules).to_gzip()
         final = cache / "lab" / recipe_hash()
         tmp = final.with_name(f"{final.name}.partial-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        shutil.copy2(vmlinuz, tmp / "vmlinuz")
-        elf = extract_vmlinux(vmlinuz.read_bytes())
-        if elf is not None and has_pvh_note(elf):
-            (tmp / "vmlinux").write_bytes(elf)
-        (tmp / "initramfs.cpio.gz").write_bytes(image)
-        (tmp / "modules").write_text("".join(f"{m.name}\n" for m in modules))
-        (tmp / "release").write_text(release + "\n")  # written last: marks the image complete
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            shutil.copy2(vmlinuz, tmp / "vmlinuz")
+            elf = extract_vmlinux(vmlinuz.read_bytes())
+            if elf is not None and has_pvh_note(elf):
+                (tmp / "vmlinux").write_bytes(elf)
+            (tmp / "initramfs.cpio.gz").write_bytes(image)
+            (tmp / "modules").write_text("".join(f"{m.name}\n" for m in modules))
+            (tmp / "release").write_text(release + "\n")  # last: marks the image complete
+            shutil.rmtree(final, ignore_errors=True)
+            tmp.rename(final)
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise LabError(f"cannot write the lab image in {final.parent}: {e.strerror}") from None
+        _prune_stale_images(final)
         return _image(final)
+
+
+def _prune_stale_images(current: Path) -> None:
+    """Remove lab images of older recipes (each ~75 MB); nothing else uses them."""
+    for d in current.parent.iterdir():
+        if d != current and d.is_dir() and ".partial-" not in d.name:
+            shutil.rmtree(d, ignore_errors=True)

@@ -172,13 +172,20 @@ def run_in_lab(argv: Sequence[str], *, rw: Sequence[str | os.PathLike[str]] = ()
     script = command_script(list(argv), workdir, environ)
     image = build_lab_image()
 
-    job = Path(tempfile.mkdtemp(prefix="kvmpy-lab-"))
+    try:
+        job = Path(tempfile.mkdtemp(prefix="kvmpy-lab-"))
+    except OSError as e:
+        raise LabError(f"cannot create the lab's job directory in {tempfile.gettempdir()}: "
+                       f"{e.strerror}") from None
     readers: dict[str, int] = {}
     relays: list[_Relay] = []
     proc: subprocess.Popen[bytes] | None = None
     try:
-        (job / "cmd.sh").write_text(script)
-        (job / "rw").write_text("".join(f"kvmpyrw{i} {p}\n" for i, p in enumerate(rw_dirs)))
+        try:
+            (job / "cmd.sh").write_text(script)
+            (job / "rw").write_text("".join(f"kvmpyrw{i} {p}\n" for i, p in enumerate(rw_dirs)))
+        except OSError as e:
+            raise LabError(f"cannot write the lab's job files in {job}: {e.strerror}") from None
         writers: dict[str, int] = {}
         try:
             for cid in ("console", "out", "err"):

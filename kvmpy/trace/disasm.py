@@ -50,6 +50,10 @@ class Insn:
         return self.mnemonic.split()[-1] in IO_MNEMONICS
 
     @property
+    def is_out(self) -> bool:
+        return self.is_io and self.mnemonic.split()[-1].startswith("out")
+
+    @property
     def access_size(self) -> int | None:
         """Bytes moved by the memory or port access, when the text says."""
         for word, size in (("qword ptr", 8), ("dword ptr", 4), ("xmmword ptr", 16),
@@ -125,8 +129,8 @@ def ending_at(code: bytes, end: int, bits: int, want: str = "any",
     """The instruction that ends exactly at `end`, decoding `code` (the bytes before `end`).
 
     x86 cannot be decoded backwards with certainty; this tries every start up to
-    15 bytes back and keeps the shortest match of the wanted kind ("io", "memory",
-    "any", or a mnemonic) that moves `size` bytes when that is known (so a REX or
+    15 bytes back and keeps the shortest match of the wanted kind ("io", "io-out",
+    "memory", "any", or a mnemonic) that moves `size` bytes when that is known (so a REX or
     operand-size prefix is not cut off), which is right for the short instructions
     that cause exits.
     """
@@ -144,9 +148,11 @@ def _ending_at(code: bytes, end: int, bits: int, want: str, size: int | None) ->
             continue
         if want == "io" and not insn.is_io:
             continue
+        if want == "io-out" and not insn.is_out:
+            continue
         if want == "memory" and not insn.accesses_memory:
             continue
-        if want not in ("io", "memory", "any") and insn.mnemonic != want:
+        if want not in ("io", "io-out", "memory", "any") and insn.mnemonic != want:
             continue
         if size is not None and insn.access_size != size:
             continue

@@ -7,10 +7,14 @@
              | "dev:" GLOB                 exits a device with this bus label handled
     RANGE   := NUMBER ["-" NUMBER]         inclusive; decimal or 0x hex
 
-Terms of one kind are alternatives; kinds combine with "and". `port:` and
-`addr:` are one kind (an address), so `--trace=port:0x3f8-0x3ff,addr:0xe0000000`
-shows the serial port and the test device, while `--trace=io,dev:serial*`
-shows port I/O handled by the serial ports. An empty filter shows every exit.
+Reasons are alternatives; `port:` implies the reason io, `addr:` mmio and
+`dev:` both. The address and device terms then narrow down the port I/O and
+MMIO exits only: a port I/O exit must match some `port:` range (if any is
+given), an MMIO exit some `addr:` range (if any), and either must be handled
+by a `dev:` device (if any). So `--trace=hlt,port:0x3f8-0x3ff` shows halts and
+the serial port, `--trace=io,dev:serial*` port I/O handled by the serial ports,
+`--trace=mmio,port:0x80` every MMIO exit and port 0x80. An empty filter shows
+every exit.
 
 What it is not: a query on anything the trace line shows. It decides from
 what is known before reading registers (reason, address, device), so that
@@ -71,17 +75,28 @@ class TraceFilter:
     def everything(self) -> bool:
         return not (self.reasons or self.ports or self.addresses or self.devices)
 
+    @property
+    def all_reasons(self) -> frozenset[int]:
+        """The reasons asked for, with those the address and device terms imply."""
+        implied = set(self.reasons)
+        if self.ports or self.devices:
+            implied.add(ExitReason.IO)
+        if self.addresses or self.devices:
+            implied.add(ExitReason.MMIO)
+        return frozenset(implied)
+
     def matches(self, reason: int, bus: str | None = None, addr: int | None = None,
                 device: str | None = None) -> bool:
         """Does an exit of `reason` (on `bus` at `addr`, handled by `device`) pass?"""
-        if self.reasons and reason not in self.reasons:
+        if self.everything:
+            return True
+        if reason not in self.all_reasons:
             return False
-        if self.ports or self.addresses:
-            if addr is None:
-                return False
-            ranges = self.ports if bus == "pio" else self.addresses
-            if not any(lo <= addr <= hi for lo, hi in ranges):
-                return False
+        if bus is None:
+            return True
+        ranges = self.ports if bus == "pio" else self.addresses
+        if ranges and (addr is None or not any(lo <= addr <= hi for lo, hi in ranges)):
+            return False
         if self.devices:
             if device is None or not any(fnmatch.fnmatchcase(device, g) for g in self.devices):
                 return False

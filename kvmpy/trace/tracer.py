@@ -89,7 +89,8 @@ class Tracer:
             what = "out" if direction == IO_OUT else "in"
             text = (f"IO {what} port={port:#x} size={size}{_count(count)} "
                     f"value={_value(data, size)} dev={_device(dev)}")
-            self._emit(loop, text, "io", port, after=direction == IO_OUT, size=size)
+            self._emit(loop, text, "io-out" if direction == IO_OUT else "io", port,
+                       after=direction == IO_OUT, size=size)
             return stop
 
         return traced_io
@@ -180,11 +181,20 @@ class Tracer:
         at = disasm.one(here, rip, bits) if here else None
         insn = at
         if after and kind != "any":
-            if not (kind == "io" and at is not None and at.is_io and _same_port(at, regs, port)):
+            if not (kind == "io-out" and at is not None and at.is_out
+                    and _same_port(at, regs, port)):
                 insn = disasm.ending_at(before, rip, bits, kind, size) or at
         if insn is None:
-            return f"{rip:#x}: ({'not mapped' if not here else here[:4].hex(' ') + ' ?'})"
-        return f"{insn.address:#x}: {insn.text}"
+            where = _where(sregs, rip)
+            return f"{where}: ({'not mapped' if not here else here[:4].hex(' ') + ' ?'})"
+        return f"{_where(sregs, insn.address)}: {insn.text}"
+
+
+def _where(sregs: Any, ip: int) -> str:
+    """An instruction address as the CPU sees it: CS:IP in real mode, else the RIP."""
+    if not sregs.cr0 & 1:
+        return f"{sregs.cs.selector:04x}:{ip & 0xFFFF:04x}"
+    return f"{ip:#x}"
 
 
 def _same_port(insn: disasm.Insn, regs: Any, port: int | None) -> bool:

@@ -125,10 +125,10 @@ def slot_base(slot: int) -> int:
 
 def slot_irq(slot: int) -> int:
     """GSI of virtio-mmio window `slot` (it must be an IO-APIC pin)."""
-    gsi = layout.VIRTIO_IRQ_BASE + slot
-    if slot < 0 or gsi >= layout.IOAPIC_PINS:
-        raise ValueError(f"virtio-mmio slot {slot} would need GSI {gsi}: no such IO-APIC pin")
-    return gsi
+    if not 0 <= slot < len(layout.VIRTIO_IRQS):
+        raise ValueError(f"virtio-mmio slot {slot}: only {len(layout.VIRTIO_IRQS)} free "
+                         "IO-APIC pins for virtio devices")
+    return layout.VIRTIO_IRQS[slot]
 
 
 def cmdline_fragment(base: int, irq: int, size: int = layout.VIRTIO_MMIO_SIZE) -> str:

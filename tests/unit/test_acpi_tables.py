@@ -23,9 +23,9 @@ needs_acpiexec = pytest.mark.skipif(not iasl.available(iasl.ACPIEXEC),
 
 
 def windows(n: int) -> list[tuple[int, int, int]]:
-    """n virtio-mmio windows the way kvmpy lays them out (slot n: base + n*4K, GSI 5+n)."""
+    """n virtio-mmio windows the way kvmpy lays them out (slot n: base + n*4K, VIRTIO_IRQS[n])."""
     return [(layout.VIRTIO_MMIO_BASE + i * layout.VIRTIO_MMIO_SIZE, layout.VIRTIO_MMIO_SIZE,
-             layout.VIRTIO_IRQ_BASE + i) for i in range(n)]
+             layout.VIRTIO_IRQS[i]) for i in range(n)]
 
 
 def low_memory() -> GuestMemory:
@@ -203,7 +203,7 @@ def test_tables_are_found_the_way_the_kernel_finds_them():
 
 def test_largest_configuration_fits():
     """Every IO-APIC pin above the UART used by a virtio window, and 255 vCPUs."""
-    n_virtio = layout.IOAPIC_PINS - layout.VIRTIO_IRQ_BASE
+    n_virtio = len(layout.VIRTIO_IRQS)
     placed = build_acpi(low_memory(), madt.MAX_CPUS, windows(n_virtio), True)
     assert placed.end - placed.start < layout.BIOS_END - layout.BIOS_START
 

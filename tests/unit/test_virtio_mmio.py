@@ -246,9 +246,10 @@ def test_device_failure_becomes_needs_reset() -> None:
 def test_cmdline_fragment_and_slots() -> None:
     assert mmio.cmdline_fragment(0xD0000000, 5) == "virtio_mmio.device=4K@0xd0000000:5"
     assert mmio.slot_base(2) == layout.VIRTIO_MMIO_BASE + 2 * layout.VIRTIO_MMIO_SIZE
-    assert mmio.slot_irq(2) == layout.VIRTIO_IRQ_BASE + 2
+    assert mmio.slot_irq(2) == layout.VIRTIO_IRQS[2]
+    assert 8 not in layout.VIRTIO_IRQS and 4 not in layout.VIRTIO_IRQS  # RTC, COM1
     with pytest.raises(ValueError):
-        mmio.slot_irq(layout.IOAPIC_PINS - layout.VIRTIO_IRQ_BASE)  # past the last IO-APIC pin
+        mmio.slot_irq(len(layout.VIRTIO_IRQS))  # past the last free IO-APIC pin
     with pytest.raises(ValueError):
         mmio.slot_base(layout.VIRTIO_MMIO_SLOTS)
 

@@ -1,0 +1,116 @@
+"""Which machine description a kernel gets: ACPI tables, or an MP table and the command line.
+
+What it is: `choose_acpi(requested, kernel, modules)` turns `--acpi auto|on|off`
+into a decision and a one-line reason. kvmpy can describe the machine two ways
+(`kvmpy.boot.linux`):
+
+- MP table + `virtio_mmio.device=` (the default for kvmpy's minimal kernel): the
+  kernel needs CONFIG_X86_MPPARSE to see more than one CPU and
+  CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES to find the virtio devices.
+- ACPI tables (`kvmpy.acpi.tables`): RSDP, FADT, MADT and a DSDT listing COM1, the
+  i8042, the RTC and each virtio-mmio window as LNRO0005. A distribution kernel such as
+  Debian's cloud kernel has neither option above, and only this works for it.
+
+`auto` chooses ACPI when
+  1. kernel modules are given (`--modules`): a modular kernel loads virtio_mmio from
+     the initramfs, and a module cannot take devices the kernel's command line parsed
+     before it existed unless VIRTIO_MMIO_CMDLINE_DEVICES is built in; distributions
+     leave it out, and describe their machines with ACPI. Or when
+  2. the kernel's build configuration is found (`config` beside a kvmpy-built kernel,
+     `config-<release>` beside a Debian `vmlinuz-<release>`), has CONFIG_ACPI=y and
+     lacks CONFIG_X86_MPPARSE=y or CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES=y.
+Otherwise (no configuration found, or one that can use the MP table) it keeps the
+MP table: the path kvmpy's own kernel boots fastest on.
+
+What it is not: kernel loading. It reads a bzImage's version string and a config file,
+nothing else; a plain vmlinux without a config beside it gets the MP table.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+
+# Linux Documentation/arch/x86/boot.rst, "The real-mode kernel header": the magic
+# "HdrS" at 0x202 and, from protocol 2.00, kernel_version at 0x20E: a pointer to a
+# NUL-terminated string, minus 0x200, whose first word is the release.
+HEADER_MAGIC_OFFSET = 0x202
+HEADER_MAGIC = b"HdrS"
+KERNEL_VERSION_OFFSET = 0x20E
+KERNEL_VERSION_BIAS = 0x200
+KERNEL_VERSION_MAX = 256
+
+
+class AcpiMode(Enum):
+    AUTO = "auto"
+    ON = "on"
+    OFF = "off"
+
+
+@dataclass(frozen=True)
+class AcpiChoice:
+    acpi: bool
+    reason: str  # one line: why, for `kvmpy run -v` and error messages
+
+
+def kernel_release(kernel: Path) -> str | None:
+    """The release ("6.1.0-28-cloud-amd64") a bzImage names in its header; None if not one."""
+    try:
+        with open(kernel, "rb") as f:
+            head = f.read(0x400)
+            if head[HEADER_MAGIC_OFFSET:HEADER_MAGIC_OFFSET + 4] != HEADER_MAGIC:
+                return None
+            (pointer,) = struct.unpack_from("<H", head, KERNEL_VERSION_OFFSET)
+            if pointer == 0:
+                return None
+            f.seek(pointer + KERNEL_VERSION_BIAS)
+            text = f.read(KERNEL_VERSION_MAX).split(b"\0", 1)[0]
+    except (OSError, struct.error):
+        return None
+    words = text.decode("ascii", errors="replace").split()
+    return words[0] if words else None
+
+
+def find_kernel_config(kernel: Path) -> Path | None:
+    """The kernel's .config if it sits where kvmpy's or Debian's layout puts it."""
+    candidates = [kernel.parent / "config"]  # kvmpy's $KVMPY_CACHE/kernel/<key>/
+    names = {kernel.name.removeprefix("vmlinuz-").removeprefix("vmlinux-")}
+    release = kernel_release(kernel)
+    if release:
+        names.add(release)
+    candidates += [kernel.parent / f"config-{n}" for n in sorted(names)]  # Debian /boot
+    return next((c for c in candidates if c.is_file()), None)
+
+
+def _kconfig(path: Path) -> dict[str, str]:
+    from kvmpy.guest_assets import parse_kconfig
+
+    return parse_kconfig(path.read_text(errors="replace"))
+
+
+def choose_acpi(requested: AcpiMode | str, kernel: Path,
+                modules: Path | None = None) -> AcpiChoice:
+    """Decide between ACPI tables and MP table + command-line devices (module docstring)."""
+    mode = AcpiMode(requested)
+    if mode is AcpiMode.ON:
+        return AcpiChoice(True, "ACPI tables: --acpi on")
+    if mode is AcpiMode.OFF:
+        return AcpiChoice(False, "MP table and command-line devices: --acpi off")
+    if modules is not None:
+        return AcpiChoice(True, "ACPI tables: a modular kernel (--modules) finds virtio-mmio "
+                                "devices only through ACPI")
+    config_path = find_kernel_config(kernel)
+    if config_path is None:
+        return AcpiChoice(False, f"MP table: no kernel config found beside {kernel.name}")
+    config = _kconfig(config_path)
+    if config.get("CONFIG_ACPI") != "y":
+        return AcpiChoice(False, f"MP table: {config_path.name} has no CONFIG_ACPI")
+    lacking = [opt for opt in ("CONFIG_X86_MPPARSE", "CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES")
+               if config.get(opt) != "y"]
+    if lacking:
+        return AcpiChoice(True, f"ACPI tables: {config_path.name} lacks {', '.join(lacking)}")
+    return AcpiChoice(False, f"MP table: {config_path.name} has X86_MPPARSE and "
+                             "VIRTIO_MMIO_CMDLINE_DEVICES")
+

