@@ -77,7 +77,8 @@ class StdinPump:
                  stdin: BinaryIO | None = None) -> None:
         self.sink = sink
         self.on_quit = on_quit
-        self.fd = (stdin or sys.stdin.buffer).fileno()
+        self._stdin = stdin or sys.stdin.buffer  # keep the file object (and its fd) alive
+        self.fd = self._stdin.fileno()
         self._saved: list | None = None  # type: ignore[type-arg]
         self._stop_r, self._stop_w = os.pipe()
         self._thread = threading.Thread(target=self._run, name="stdin", daemon=True)
@@ -100,7 +101,10 @@ class StdinPump:
     def _run(self) -> None:
         escape = False
         while True:
-            ready, _, _ = select.select([self.fd, self._stop_r], [], [])
+            try:
+                ready, _, _ = select.select([self.fd, self._stop_r], [], [])
+            except OSError:  # stdin closed under us: no more input
+                return
             if self._stop_r in ready:
                 return
             try:

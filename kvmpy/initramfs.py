@@ -158,8 +158,11 @@ class Archive:
     def names(self) -> list[str]:
         return list(self._entries)
 
+    def entries(self) -> list[Entry]:
+        return list(self._entries.values())
+
     def to_cpio(self) -> bytes:
-        return write_newc(self._entries.values())
+        return write_newc(self.entries())
 
     def to_gzip(self) -> bytes:
         # mtime=0: identical recipes give identical bytes, so images can be cached by hash.
@@ -392,6 +395,13 @@ def find_modules_dir(path: Path, release: str | None = None) -> Path:
     return path
 
 
+# A console that comes as a module (virtio_console's hvc0 with console=hvc0) did not
+# exist when the kernel opened /dev/console for /init: open it again now that it does.
+REOPEN_CONSOLE_SH = """\
+if (: </dev/console) 2>/dev/null; then exec </dev/console >/dev/console 2>&1; fi
+"""
+
+
 def modules_init(init: str = DEFAULT_INIT) -> str:
     """`init` with the modules inserted after the mounts, before the init marker.
 
@@ -401,7 +411,7 @@ def modules_init(init: str = DEFAULT_INIT) -> str:
     marker = f'echo "{INIT_MARKER}"'
     if marker not in init:
         raise InitramfsError("the init has no marker line to load the modules before")
-    return init.replace(marker, LOAD_MODULES_SH + marker, 1)
+    return init.replace(marker, LOAD_MODULES_SH + REOPEN_CONSOLE_SH + marker, 1)
 
 
 def modules_guest_initramfs(modules_dir: Path, wanted: Iterable[str] = VIRTIO_MODULES,
@@ -416,11 +426,12 @@ def modules_guest_initramfs_path(modules_dir: Path, directory: Path,
                                  busybox: Path = BUSYBOX) -> Path:
     """`modules_guest_initramfs` written once into `directory`, named by a hash of its recipe.
 
-    The key covers the default recipe, the module tree's path and the modules'
-    sizes and mtimes, so a re-unpacked kernel gets a new image.
+    The key covers the default recipe and its init, the module tree's path and the
+    modules' sizes and mtimes, so a re-unpacked kernel gets a new image.
     """
     wanted = tuple(wanted)
     h = hashlib.sha256(default_recipe_hash(busybox).encode())
+    h.update(modules_init().encode())
     h.update(str(modules_dir.resolve()).encode())
     for path in resolve_modules(modules_dir, wanted):
         st = path.stat()

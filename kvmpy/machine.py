@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import astuple, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO
+from typing import TYPE_CHECKING, Protocol
 
 from kvmpy import layout
 from kvmpy.acpi import build_acpi
@@ -63,13 +63,17 @@ def _host_signals(stop: Callable[[Stop], None]) -> Iterator[None]:
         return
     kinds = {signal.SIGINT: StopKind.SIGINT, signal.SIGTERM: StopKind.SIGTERM}
     saved = {sig: signal.getsignal(sig) for sig in kinds}
-    for sig, kind in kinds.items():
-        signal.signal(sig, lambda n, _f, k=kind: stop(Stop(k, f"stopped by signal {n}")))
+
+    def handler(signum: int, _frame: object) -> None:
+        stop(Stop(kinds[signal.Signals(signum)], f"stopped by signal {signum}"))
+
+    for sig in kinds:
+        signal.signal(sig, handler)
     try:
         yield
     finally:
-        for sig, handler in saved.items():
-            signal.signal(sig, handler)
+        for sig, previous in saved.items():
+            signal.signal(sig, previous)
 
 
 @dataclass
@@ -92,6 +96,14 @@ class LinuxConfig:
     append: str = ""
     acpi: bool = False  # ACPI tables instead of MP table + command-line devices
     prefer_pvh: bool = True
+
+
+class ConsoleSink(Protocol):
+    """Where guest console output goes: stdout's buffer, a file, a ConsoleOutput."""
+
+    def write(self, data: bytes, /) -> int: ...
+
+    def flush(self) -> None: ...
 
 
 @dataclass
@@ -119,7 +131,7 @@ class MachineConfig:
     stats: bool = False
     trace: Tracer | None = None  # a line per VM exit (kvmpy.trace.tracer)
     gdb: GdbConfig | None = None  # vCPUs start stopped, waiting for gdb (kvmpy.gdb.stub)
-    console: BinaryIO = field(default_factory=lambda: sys.stdout.buffer)
+    console: ConsoleSink = field(default_factory=lambda: sys.stdout.buffer)
 
 
 class KvmIrq:
@@ -195,7 +207,7 @@ class Machine:
         self.mmio = Bus("mmio")
         self.loops = [VcpuLoop(v, self.memory, self.pio, self.mmio, irqchip=self.vm.irqchip,
                                stats=config.stats) for v in self.vcpus]
-        self.serial = Serial(self.irq(layout.COM1_IRQ), config.console)
+        self.serial = Serial(self.irq(layout.COM1_IRQ), self._console_out)
         self.pio.insert(layout.COM1_PORT, 8, self.serial, "serial0")
         self.postcode = PostCode()
         self.pio.insert(layout.POST_CODE_PORT, 1, self.postcode, "post-code")
@@ -283,6 +295,10 @@ class Machine:
     def irq(self, gsi: int) -> IrqLine:
         """The interrupt line for `gsi`: the in-kernel irqchip's, or nowhere without one."""
         return KvmIrq(self.vm, gsi) if self.vm.irqchip else NullIrq()
+
+    def _console_out(self, data: bytes) -> None:
+        self.config.console.write(data)
+        self.config.console.flush()
 
     def _console_write(self, data: bytes) -> None:
         """Console bytes from a device other than the UART, kept in order with it."""

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import mmap
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from kvmpy.errors import ConfigError, GuestMemoryError
@@ -55,7 +55,7 @@ class Region:
 class GuestMemory:
     """Guest RAM as a sorted list of non-overlapping regions."""
 
-    def __init__(self, regions: list[tuple[int, mmap.mmap | bytearray]]) -> None:
+    def __init__(self, regions: Sequence[tuple[int, mmap.mmap | bytearray]]) -> None:
         self.regions: list[Region] = []
         for gpa, buf in sorted(regions, key=lambda r: r[0]):
             size = len(buf)

@@ -1,4 +1,4 @@
-"""gdb's view of an x86-64 vCPU: the target description, and registers as bytes.
+"""gdb's view of an x86 vCPU: the target description, and registers as bytes.
 
 What it is: the register list gdb is told about (qXfer:features:read
 target.xml) in gdb's own feature names, and the conversion between KVM's
@@ -11,10 +11,17 @@ rip, eflags, segment selectors and the x87 state), org.gnu.gdb.i386.sse
 org.kvmpy.x86.sys (cr0, cr2, cr3, cr4, cr8, efer: what a kernel debugger
 wants, shown by gdb as $cr3 and so on).
 
-Real and protected mode: the description is always i386:x86-64, as QEMU's
-is for a 64-bit CPU; 32-bit registers read as their zero-extended 64-bit
-values. In gdb, `set architecture i8086` (or `i386`) makes the disassembly
-match a 16- or 32-bit guest; addresses gdb uses are linear (see stub.py).
+Two layouts. `X86_64` (architecture i386:x86-64) is what a 64-bit guest or a
+kernel's vmlinux needs, and what protected-mode guests get too (as from QEMU:
+their 32-bit registers read zero-extended, and gdb disassembles them as
+64-bit code). `I386` (architecture i386: eax..edi, eip, xmm0-7) is for a
+guest that is in real mode when gdb connects, so that `set architecture
+i8086` is allowed and disassembles 16-bit code. The stub picks one per gdb
+session; a guest that climbs to long mode while debugged keeps the 32-bit
+view until gdb reconnects.
+
+The program counter gdb sees is a linear address: outside 64-bit mode it is
+CS.base + IP (see `read_values`), like every address the stub takes.
 
 What it is not: a writer of segment descriptors. A selector written from gdb
 changes the visible selector only (and, in real mode, the base = selector*16).
@@ -27,9 +34,11 @@ from typing import Any
 
 GPRS = ["rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp",
         "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15"]
+GPRS32 = ["eax", "ecx", "edx", "ebx", "esp", "ebp", "esi", "edi"]  # gdb's i386 order
 SEGMENTS = ["cs", "ss", "ds", "es", "fs", "gs"]
 X87_CONTROL = ["fctrl", "fstat", "ftag", "fiseg", "fioff", "foseg", "fooff", "fop"]
 SYSTEM = ["cr0", "cr2", "cr3", "cr4", "cr8", "efer"]
+PC_NAMES = ("rip", "eip")
 
 
 @dataclass(frozen=True)
@@ -44,24 +53,52 @@ class Reg:
     def size(self) -> int:
         return self.bits // 8
 
+    @property
+    def field(self) -> str:
+        """The kvm_regs field behind a GPR name (eax -> rax)."""
+        if self.name in GPRS32:
+            return "r" + self.name[1:]
+        return "rip" if self.name == "eip" else self.name
 
-def _layout() -> list[Reg]:
+
+class Layout:
+    """One register list and the target description that announces it."""
+
+    def __init__(self, architecture: str, regs: list[Reg]) -> None:
+        self.architecture = architecture
+        self.regs = regs
+        self.by_name = {r.name: i for i, r in enumerate(regs)}
+        self.packet_bytes = sum(r.size for r in regs)
+        self.wide = architecture == "i386:x86-64"
+
+    def __len__(self) -> int:
+        return len(self.regs)
+
+
+def _layout(wide: bool) -> Layout:
     core, sse = "org.gnu.gdb.i386.core", "org.gnu.gdb.i386.sse"
-    regs = [Reg(n, 64, "data_ptr" if n in ("rbp", "rsp") else "int64", core) for n in GPRS]
-    regs.append(Reg("rip", 64, "code_ptr", core))
+    word = 64 if wide else 32
+    names = GPRS if wide else GPRS32
+    regs = [Reg(n, word, "data_ptr" if n[1:] in ("bp", "sp") else f"int{word}", core)
+            for n in names]
+    regs.append(Reg("rip" if wide else "eip", word, "code_ptr", core))
     regs.append(Reg("eflags", 32, "i386_eflags", core))
     regs += [Reg(n, 32, "int32", core) for n in SEGMENTS]
     regs += [Reg(f"st{i}", 80, "i387_ext", core) for i in range(8)]
     regs += [Reg(n, 32, "int", core, "float") for n in X87_CONTROL]
-    regs += [Reg(f"xmm{i}", 128, "vec128", sse) for i in range(16)]
+    regs += [Reg(f"xmm{i}", 128, "vec128", sse) for i in range(16 if wide else 8)]
     regs.append(Reg("mxcsr", 32, "i386_mxcsr", sse, "vector"))
-    regs += [Reg(n, 64, "int", "org.gnu.gdb.i386.segments") for n in ("fs_base", "gs_base")]
-    regs += [Reg(n, 64, "int", "org.kvmpy.x86.sys", "system") for n in SYSTEM]
-    return regs
+    if wide:  # gdb 13 asserts on org.gnu.gdb.i386.segments in a 32-bit description
+        regs += [Reg(n, 64, "int", "org.gnu.gdb.i386.segments") for n in ("fs_base", "gs_base")]
+    regs += [Reg(n, 64 if n == "efer" or wide else 32, "int", "org.kvmpy.x86.sys", "system")
+             for n in SYSTEM]
+    return Layout("i386:x86-64" if wide else "i386", regs)
 
 
-REGISTERS = _layout()
-BY_NAME = {r.name: i for i, r in enumerate(REGISTERS)}
+X86_64 = _layout(wide=True)
+I386 = _layout(wide=False)
+REGISTERS = X86_64.regs  # the default layout, as a plain list
+BY_NAME = X86_64.by_name
 
 _TYPES = {
     "org.gnu.gdb.i386.core": """
@@ -102,12 +139,12 @@ _TYPES = {
 }
 
 
-def target_xml() -> str:
+def target_xml(layout: Layout = X86_64) -> str:
     """The target description gdb reads with qXfer:features:read:target.xml."""
     parts = ['<?xml version="1.0"?>', '<!DOCTYPE target SYSTEM "gdb-target.dtd">',
-             '<target version="1.0">', "  <architecture>i386:x86-64</architecture>"]
+             '<target version="1.0">', f"  <architecture>{layout.architecture}</architecture>"]
     feature = None
-    for num, reg in enumerate(REGISTERS):
+    for num, reg in enumerate(layout.regs):
         if reg.feature != feature:
             if feature is not None:
                 parts.append("  </feature>")
@@ -121,10 +158,18 @@ def target_xml() -> str:
 
 
 # -- KVM structs <-> values ------------------------------------------------------
-def read_values(regs: Any, sregs: Any, fpu: Any) -> list[bytes]:
-    """Every register in REGISTERS order, as its little-endian bytes."""
-    ints: dict[str, int] = {n: getattr(regs, n) for n in GPRS}
-    ints["rip"] = regs.rip
+def _code64(sregs: Any) -> bool:
+    return bool(sregs.efer & (1 << 10) and sregs.cs.l)
+
+
+def read_values(regs: Any, sregs: Any, fpu: Any, layout: Layout = X86_64) -> list[bytes]:
+    """Every register in the layout's order, as its little-endian bytes.
+
+    The program counter is the *linear* address CS.base + IP outside 64-bit mode,
+    so that it matches breakpoint addresses and a flat guest's symbols (a real-mode
+    guest at CS=0x1000, IP=0x16 shows $pc = 0x10016; $cs says 0x1000).
+    """
+    ints: dict[str, int] = {}
     ints["eflags"] = regs.rflags & 0xFFFFFFFF
     for n in SEGMENTS:
         ints[n] = getattr(sregs, n).selector
@@ -138,25 +183,36 @@ def read_values(regs: Any, sregs: Any, fpu: Any) -> list[bytes]:
     for n in SYSTEM:
         ints[n] = getattr(sregs, n)
     out = []
-    for reg in REGISTERS:
+    for reg in layout.regs:
         if reg.name.startswith("st"):
             out.append(bytes(fpu.fpr[int(reg.name[2:])][0:10]))
-        elif reg.name.startswith("xmm"):
+            continue
+        if reg.name.startswith("xmm"):
             out.append(bytes(fpu.xmm[int(reg.name[3:])][0:16]))
+            continue
+        if reg.name in PC_NAMES:
+            value = regs.rip if _code64(sregs) else (sregs.cs.base + regs.rip) & 0xFFFFFFFF
+        elif reg.name in ints:
+            value = ints[reg.name]
         else:
-            out.append((ints[reg.name] & ((1 << reg.bits) - 1)).to_bytes(reg.size, "little"))
+            value = getattr(regs, reg.field)
+        out.append((value & ((1 << reg.bits) - 1)).to_bytes(reg.size, "little"))
     return out
 
 
-def write_value(index: int, data: bytes, regs: Any, sregs: Any, fpu: Any) -> str:
+def write_value(index: int, data: bytes, regs: Any, sregs: Any, fpu: Any,
+                layout: Layout = X86_64) -> str:
     """Store one register into the KVM structs; returns which struct changed."""
-    reg = REGISTERS[index]
+    reg = layout.regs[index]
     if len(data) != reg.size:
         raise ValueError(f"{reg.name} is {reg.size} bytes, got {len(data)}")
     name = reg.name
     value = int.from_bytes(data, "little")
-    if name in GPRS or name == "rip":
-        setattr(regs, name, value)
+    if name in PC_NAMES:
+        regs.rip = value if _code64(sregs) else (value - sregs.cs.base) & 0xFFFFFFFF
+        return "regs"
+    if name in GPRS or name in GPRS32:
+        setattr(regs, reg.field, value)
         return "regs"
     if name == "eflags":
         regs.rflags = (regs.rflags & ~0xFFFFFFFF) | value
@@ -214,10 +270,10 @@ def _abridged_tag(full: int) -> int:
     return sum(1 << i for i in range(8) if (full >> (2 * i)) & 3 != 3)
 
 
-def split_packet(data: bytes) -> list[bytes]:
+def split_packet(data: bytes, layout: Layout = X86_64) -> list[bytes]:
     """A `G` packet's bytes into per-register pieces (a shorter packet sets fewer)."""
     out, offset = [], 0
-    for reg in REGISTERS:
+    for reg in layout.regs:
         if offset + reg.size > len(data):
             break
         out.append(data[offset : offset + reg.size])
@@ -225,4 +281,4 @@ def split_packet(data: bytes) -> list[bytes]:
     return out
 
 
-PACKET_BYTES = sum(r.size for r in REGISTERS)
+PACKET_BYTES = X86_64.packet_bytes

@@ -100,6 +100,11 @@ class GdbStub:
         # PVM emulates CPL0 code, and its emulator ignores data breakpoints (measured):
         # there, watchpoints are left to gdb, which single-steps and compares
         self.data_breakpoints = kvm_kind() is not KvmKind.PVM
+        # the register layout gdb is told about, fixed for the VM's life: i386 for a guest
+        # that starts in real mode (so that gdb may `set architecture i8086`), x86-64 for
+        # the rest, kernels entered in 32-bit mode included. Read before the vCPU runs.
+        real_mode = not loops[0].vcpu.get_sregs().cr0 & 1
+        self.layout = registers.I386 if real_mode else registers.X86_64
         self.control.install()
         self._closing = False
         self._conn: socket.socket | None = None
@@ -108,6 +113,9 @@ class GdbStub:
         self.thread.start()
         self._say(f"gdb stub listening on {self.host}:{self.port}; the vCPUs wait at their "
                   "first instruction until gdb continues")
+        if real_mode:
+            self._say("gdb: the guest starts in real mode, described as i386 with $pc = "
+                      "CS.base + IP; in gdb, `set architecture i8086` before `target remote`")
 
     # -- lifetime ---------------------------------------------------------------
     def close(self) -> None:
@@ -143,10 +151,10 @@ class GdbStub:
     # -- the server thread ----------------------------------------------------------
     def _serve(self) -> None:
         while not self._closing:
-            ready, _, _ = select.select([self.listener, self._wake_r], [], [], 0.5)
+            ready, _, _ = select.select([self.listener.fileno(), self._wake_r], [], [], 0.5)
             if self._wake_r in ready:
                 self._drain_wake()
-            if self.listener in ready and not self._closing:
+            if self.listener.fileno() in ready and not self._closing:
                 try:
                     conn, peer = self.listener.accept()
                 except OSError:
@@ -179,10 +187,10 @@ class GdbStub:
         reader = PacketReader()
         try:
             while True:
-                ready, _, _ = select.select([conn, self._wake_r], [], [], 0.1)
+                ready, _, _ = select.select([conn.fileno(), self._wake_r], [], [], 0.1)
                 if self._wake_r in ready:
                     self._drain_wake()
-                if conn in ready:
+                if conn.fileno() in ready:
                     data = conn.recv(65536)
                     if not data:
                         self._say("gdb disconnected; the VM runs on")
@@ -353,8 +361,7 @@ class GdbStub:
         ours += [f"{f}+" for f in ("swbreak", "hwbreak") if f in self.features]
         return ";".join(ours)
 
-    @staticmethod
-    def _q_xfer_features(packet: str) -> str:
+    def _q_xfer_features(self, packet: str) -> str:
         annex, _, span = packet[len("qXfer:features:read:"):].partition(":")
         if annex != "target.xml":
             return "E00"
@@ -362,7 +369,7 @@ class GdbStub:
             offset, length = (parse_hex(x) for x in span.split(","))
         except ValueError:
             return "E01"
-        xml = registers.target_xml()
+        xml = registers.target_xml(self.layout)
         chunk = xml[offset : offset + length]
         return ("l" if offset + length >= len(xml) else "m") + chunk
 
@@ -406,23 +413,24 @@ class GdbStub:
     def _call(self, fn: Callable[[Any], Any], index: int | None = None) -> Any:
         return self.control.call(self.current_g if index is None else index, fn)
 
-    @staticmethod
-    def _read_all(vcpu: Any) -> list[bytes]:
-        return registers.read_values(vcpu.get_regs(), vcpu.get_sregs(), vcpu.get_fpu())
+    def _read_all(self, vcpu: Any) -> list[bytes]:
+        return registers.read_values(vcpu.get_regs(), vcpu.get_sregs(), vcpu.get_fpu(),
+                                     self.layout)
 
     def _read_one(self, text: str) -> str:
         try:
             n = parse_hex(text)
         except ValueError:
             return "E01"
-        if n >= len(registers.REGISTERS):
+        if n >= len(self.layout):
             return "E45"
         return self._call(self._read_all)[n].hex()
 
     def _store(self, pieces: list[tuple[int, bytes]]) -> str:
         def store(vcpu: Any) -> None:
             regs, sregs, fpu = vcpu.get_regs(), vcpu.get_sregs(), vcpu.get_fpu()
-            changed = {registers.write_value(i, data, regs, sregs, fpu) for i, data in pieces}
+            changed = {registers.write_value(i, data, regs, sregs, fpu, self.layout)
+                       for i, data in pieces}
             if "regs" in changed:
                 vcpu.set_regs(regs)
             if "sregs" in changed:
@@ -438,7 +446,7 @@ class GdbStub:
         return "OK"
 
     def _write_all(self, data: bytes) -> str:
-        return self._store(list(enumerate(registers.split_packet(data))))
+        return self._store(list(enumerate(registers.split_packet(data, self.layout))))
 
     def _write_one(self, text: str) -> str:
         number, _, value = text.partition("=")
@@ -447,7 +455,7 @@ class GdbStub:
             data = hex_to_bytes(value)
         except ValueError:
             return "E01"
-        if n >= len(registers.REGISTERS):
+        if n >= len(self.layout):
             return "E45"
         return self._store([(n, data)])
 
@@ -515,12 +523,14 @@ class GdbStub:
                 addr = parse_hex(rest)
             except ValueError:
                 return "E01"
-            self._store([(registers.BY_NAME["rip"], addr.to_bytes(8, "little"))])
+            pc = self.layout.regs[self.layout.by_name["rip" if self.layout.wide else "eip"]]
+            self._store([(self.layout.by_name[pc.name], addr.to_bytes(pc.size, "little"))])
         if head in "sS":
             actions = {self.current_c: "s"}
         else:
             actions = {d.index: "c" for d in self.control.vcpus}
-        return self._resume(actions)
+        self._resume(actions)
+        return None
 
     def _v_cont(self, text: str) -> str | None:
         actions: dict[int, str] = {}
@@ -541,7 +551,8 @@ class GdbStub:
                     actions.setdefault(d.index, verb)
         if not actions:
             return "E01"
-        return self._resume(actions)
+        self._resume(actions)
+        return None
 
     def _resume(self, actions: dict[int, str]) -> None:
         self.running = True

@@ -43,9 +43,11 @@ class Kvmpy:
         return self.proc.returncode, out, err
 
 
-def gdb(port: int, elf: Path | None, *commands: str) -> str:
-    argv = [str(GDB), "-batch", "-nx", "-ex", "set pagination off",
-            "-ex", f"target remote 127.0.0.1:{port}"]
+def gdb(port: int, elf: Path | None, *commands: str, before: tuple[str, ...] = ()) -> str:
+    argv = [str(GDB), "-batch", "-nx", "-ex", "set pagination off"]
+    for c in before:
+        argv += ["-ex", c]
+    argv += ["-ex", f"target remote 127.0.0.1:{port}"]
     for c in commands:
         argv += ["-ex", c]
     if elf is not None:
@@ -81,18 +83,26 @@ def test_hardware_breakpoint_and_writes(guest_dir: Path) -> None:
     assert "$1 = 101 'e'" in out
     assert re.search(r"\* 1\s+Thread 1 \(vCPU 0 \(64-bit long mode\)\)", out)
     status, stdout, _ = vm.finish()
-    assert status == 0 and stdout == "HAllo frLm long mode\n"
+    assert status == 0 and stdout == "HAllL from long mode\n"
 
 
 @needs_gdb
 def test_real_mode_guest(guest_dir: Path) -> None:
     vm = Kvmpy("--flat", str(guest_dir / "hello_real.bin"))
-    out = gdb(vm.port, None, "set architecture i8086", "break *0x10016", "continue",
-              "p/x $pc", "p/x $cs", "x/s 0x1001c", "x/i 0x10016", "delete", "continue")
-    # the breakpoint is a linear address; gdb's $pc is IP, the offset in CS
-    assert re.findall(r"^\$\d+ = (\S+)$", out, re.M) == ["0x16", "0x1000"]
-    assert '0x1001c:\t"Hello from real mode\\n"' in out
-    assert re.search(r"0x10016:\s+out\s+%al,\(%dx\)", out)
+    hint = vm.proc.stderr.readline()  # type: ignore[union-attr]
+    assert "`set architecture i8086` before `target remote`" in hint
+    out = gdb(vm.port, guest_dir / "hello_real.elf", "break *0x10016", "continue", "p/x $pc",
+              "p/x $cs", "p/x $eip", "x/s 0x1001c", "x/2i $pc", "stepi", "p/x $pc", "delete",
+              "continue",
+              before=("set architecture i8086",))
+    # a guest in real mode gets gdb's i386 layout (so i8086 is allowed), and $pc is the
+    # linear address CS.base + IP: it matches the breakpoint and the flat guest's symbols
+    assert "Breakpoint 1, 0x00010016 in next ()" in out
+    assert re.findall(r"^\$\d+ = (\S+)$", out, re.M) == ["0x10016", "0x1000", "0x10016",
+                                                          "0x10017"]
+    assert '0x1001c <msg>:\t"Hello from real mode\\n"' in out
+    assert re.search(r"0x10016 <next\+18>:\s+out\s+%al,\(%dx\)\n\s+0x10017 <next\+19>:\s+jmp",
+                     out), out
     status, stdout, _ = vm.finish()
     assert status == 0 and stdout == "Hello from real mode\n"
 
@@ -115,7 +125,7 @@ def test_a_dying_guest_stops_in_gdb_first(guest_dir: Path) -> None:
 def test_detach_lets_the_guest_finish(guest_dir: Path) -> None:
     vm = Kvmpy("--flat", str(guest_dir / "hello_long.bin"), "--mode", "long")
     out = gdb(vm.port, None, "break *0x10031", "continue", "detach")
-    assert "Detaching from program" in out
+    assert "[Inferior 1 (Remote target) detached]" in out
     status, stdout, err = vm.finish()
     assert status == 0 and stdout == "Hello from long mode\n"
     assert "gdb detached; the VM runs on" in err
@@ -177,11 +187,12 @@ def test_two_vcpus_ctrl_c_threads_and_vcont(guest_dir: Path) -> None:
         gdb.sock.sendall(b"\x03")  # Ctrl-C
         assert gdb.reply() == "T02thread:1;"
         # each thread's RCX counts down on its own
+        assert gdb("qXfer:features:read:target.xml:0,40").startswith("m<?xml")
         assert gdb("Hg1") == "OK"
-        rcx1 = int.from_bytes(bytes.fromhex(gdb("p2")), "little")
+        ecx1 = int.from_bytes(bytes.fromhex(gdb("p1")), "little")  # i386 layout: ecx is 1
         assert gdb("Hg2") == "OK"
-        rcx2 = int.from_bytes(bytes.fromhex(gdb("p2")), "little")
-        assert rcx1 < 0xFFFFFFFF and rcx2 < 0xFFFFFFFF
+        ecx2 = int.from_bytes(bytes.fromhex(gdb("p1")), "little")
+        assert ecx1 < 0xFFFFFFFF and ecx2 < 0xFFFFFFFF
         assert bytes.fromhex(gdb("qThreadExtraInfo,2")) == b"vCPU 1 (real mode)"
         # a hardware breakpoint on the `out` (linear 0x10004) stops whoever gets there
         assert gdb("Z1,10004,1") == "OK"
@@ -189,11 +200,12 @@ def test_two_vcpus_ctrl_c_threads_and_vcont(guest_dir: Path) -> None:
         stop = re.fullmatch(r"T05thread:([12]);hwbreak:;", gdb.reply())
         assert stop is not None
         thread = stop.group(1)
-        assert gdb(f"Hg{thread}") == "OK" and gdb("p10") == "0400000000000000"  # IP = 4
+        # eip (register 8) is linear: CS.base 0x10000 + IP 4
+        assert gdb(f"Hg{thread}") == "OK" and gdb("p8") == "04000100"
         # step only that thread: from the breakpoint to the next instruction
         gdb.send(f"vCont;s:{thread}")
         assert gdb.reply() == f"T05thread:{thread};"
-        assert gdb("p10") == "0500000000000000"
+        assert gdb("p8") == "05000100"  # one instruction, though `out` left to the VMM
         assert gdb("z1,10004,1") == "OK"
         # memory at a linear address: the guest's own code
         assert gdb("m10004,1") == "ee"

@@ -1,0 +1,34 @@
+"""The Python API and the threaded runner, with small guests on this machine's /dev/kvm."""
+
+from pathlib import Path
+
+import pytest
+
+from kvmpy.api import ExpectTimeout, Guest
+from kvmpy.cpu.modes import Mode
+from kvmpy.machine import FlatConfig
+from kvmpy.stop import StopKind
+
+pytestmark = pytest.mark.kvm
+
+
+def test_guest_runs_in_the_background_and_is_expected(guest_dir: Path) -> None:
+    with Guest(flat=FlatConfig(guest_dir / "modes.bin", Mode.REAL)) as g:
+        g.expect(r"protected mode\n", 30)
+        g.expect(r"long mode\n", 30)
+        stop = g.wait(30)
+    assert stop is not None and stop.kind is StopKind.POWEROFF
+    assert g.output == "real mode\nprotected mode\nlong mode\n"
+
+
+def test_expect_reports_what_the_console_showed(guest_dir: Path) -> None:
+    with Guest(flat=FlatConfig(guest_dir / "hello_real.bin", Mode.REAL)) as g:
+        with pytest.raises(ExpectTimeout, match="Hello from real mode"):
+            g.expect(r"never printed", 2)
+
+
+def test_debug_exit_status_comes_back(guest_dir: Path) -> None:
+    with Guest(flat=FlatConfig(guest_dir / "cpl3_loop.bin", Mode.LONG, cpl=3)) as g:
+        stop = g.wait(60)
+    assert stop is not None and stop.kind is StopKind.DEBUG_EXIT and stop.exit_status == 0
+    assert g.output.startswith("sum=0x")
