@@ -52,7 +52,7 @@ def reference_run(loop: VcpuLoop) -> Stop:
 def ns_per_exit(exits: int, *, stats: bool = False, trace: bool = False,
                 runner: Callable[[VcpuLoop], Stop] | None = None) -> float:
     flat = FlatConfig(GUESTS / "pio_loop.bin", Mode.REAL, gprs={"rcx": exits})
-    sink = open(os.devnull, "w")  # noqa: SIM115 (closed below)
+    sink = open(os.devnull, "w")  # closed below
     tracer = Tracer(TraceFilter(), sink) if trace else None
     machine = Machine(MachineConfig(mem_size=2 << 20, flat=flat, stats=stats, trace=tracer))
     t = time.perf_counter()

@@ -22,7 +22,9 @@ from kvmpy.stop import Stop, StopKind
 from kvmpy.units import parse_address, parse_size
 
 if TYPE_CHECKING:
+    from kvmpy.gdb.stub import GdbConfig
     from kvmpy.machine import DiskConfig, LinuxConfig, NetConfig
+    from kvmpy.trace.tracer import Tracer
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -200,7 +202,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     return stop.exit_status
 
 
-def _seeing_inside(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+def _seeing_inside(args: argparse.Namespace) -> tuple[Tracer | None, GdbConfig | None]:
     """The tracer and gdb stub settings `--trace`, `--trace-file` and `--gdb` ask for."""
     tracer = gdb = None
     if args.trace is not None or args.trace_file:

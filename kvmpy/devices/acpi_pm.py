@@ -52,6 +52,7 @@ class AcpiPm:
         self.on_reboot = on_reboot
         self.slp_typ = 0  # SLP_TYPx is read/write; SLP_EN always reads 0
         self.wak_sts = False
+        self.requests: list[str] = []  # what the OS asked for, in order: "S5", "reset"
         self._warned: set[str] = set()
 
     def read(self, offset: int, size: int) -> bytes:
@@ -80,6 +81,7 @@ class AcpiPm:
                 self.wak_sts = False
         elif offset == RESET:
             if value == RESET_VALUE:
+                self.requests.append("reset")
                 self.on_reboot()
             else:
                 self._warn_once("reset", "reset register written with %#x, not %#x; ignored",
@@ -87,6 +89,7 @@ class AcpiPm:
 
     def _sleep(self, slp_typ: int) -> None:
         if slp_typ == SLP_TYP_S5:
+            self.requests.append("S5")
             self.on_poweroff()
             return
         self._warn_once(f"slp{slp_typ}", "sleep type %d requested; only S5 (%d) exists, "

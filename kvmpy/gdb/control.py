@@ -325,7 +325,8 @@ class DebugControl:
     # -- on the vCPU thread, at resume -----------------------------------------
     def _prepare(self, dbg: VcpuDebug, step: bool) -> None:
         vcpu = dbg.loop.vcpu
-        vcpu.set_immediate_exit(False)
+        # a stale kick need not cost an exit, but a stop asked for meanwhile must stay
+        vcpu.set_immediate_exit(self.stop_requested)
         regs, sregs = vcpu.get_regs(), vcpu.get_sregs()
         rip_linear = (sregs.cs.base + regs.rip) & MASK64
         space = vmem.AddressSpace.from_sregs(sregs)

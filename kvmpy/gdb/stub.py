@@ -233,6 +233,11 @@ class GdbStub:
         except NotStopped as e:
             reply = "E16"
             self._say(f"gdb: {e}")
+        except _Detach:
+            raise
+        except Exception as e:  # a malformed packet or a refused ioctl: an error reply,
+            reply = "E01"  # never the end of the session
+            self._say(f"gdb: {payload[:40]!r} failed: {e}")
         if reply is not None:
             self._send(conn, reply)
         if payload == b"QStartNoAckMode":

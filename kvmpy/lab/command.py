@@ -28,6 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(repeatable); everything else is a throw-away overlay")
     parser.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
                         help="kill the lab after this long")
+    parser.add_argument("-i", "--interactive", action="store_true",
+                        help="give the command this terminal's input (e.g. a guest's shell)")
     parser.add_argument("-v", "--lab-verbose", dest="lab_verbose", action="store_true",
                         help="show the lab's kernel console on stderr")
     parser.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- COMMAND",
@@ -50,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     sys.stdout.flush()
     sys.stderr.flush()
     return run_in_lab(argv, rw=args.rw, mem=args.mem, cpus=args.cpus, timeout=args.timeout,
-                      verbose=args.lab_verbose)
+                      verbose=args.lab_verbose, interactive=args.interactive)
 
 
 def main(argv: list[str] | None = None) -> int:

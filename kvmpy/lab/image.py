@@ -49,6 +49,7 @@ JOB_TAG = "kvmpyjob"
 ROOT_TAG = "hostroot"
 PORT_STDOUT = "kvmpy.stdout"
 PORT_STDERR = "kvmpy.stderr"
+PORT_STDIN = "kvmpy.stdin"  # only with `kvmpy lab --interactive`
 ERROR_PREFIX = "kvmpy-lab-error:"
 # Space the first build needs in the cache: the kernel .deb (~100 MB) unpacked (~450 MB).
 BUILD_SPACE = 700 << 20
@@ -93,6 +94,7 @@ while read -r tag path; do
 done < /job/rw
 out=/dev/console
 err=/dev/console
+in=/dev/null
 i=0
 while [ $i -lt 100 ]; do
   for p in /sys/class/virtio-ports/*; do
@@ -100,6 +102,7 @@ while [ $i -lt 100 ]; do
     case "$(cat "$p/name")" in
       {PORT_STDOUT}) out="/dev/${{p##*/}}" ;;
       {PORT_STDERR}) err="/dev/${{p##*/}}" ;;
+      {PORT_STDIN}) in="/dev/${{p##*/}}" ;;
     esac
   done
   [ "$out" != /dev/console ] && [ "$err" != /dev/console ] && [ -c "$out" ] && [ -c "$err" ] \\
@@ -110,14 +113,14 @@ done
 mkdir -p /host/run/kvmpy
 cp /job/cmd.sh /host/run/kvmpy/cmd.sh
 echo ready > /job/ready
-chroot /host /bin/sh /run/kvmpy/cmd.sh < /dev/null > "$out" 2> "$err"
+chroot /host /bin/sh /run/kvmpy/cmd.sh < "$in" > "$out" 2> "$err"
 echo $? > /job/status
 sync
 poweroff -f
 sleep 10
 """
 
-_RECIPE_VERSION = b"kvmpy-lab-2"  # 2: PVH vmlinux
+_RECIPE_VERSION = b"kvmpy-lab-3"  # 2: PVH vmlinux; 3: optional stdin port
 
 
 @dataclass(frozen=True)

@@ -4,8 +4,8 @@
 the host's file tree (same paths, same working directory and environment, everything
 writable through a throw-away tmpfs overlay, `--rw` directories shared back), streams
 its stdout and stderr as they come, and returns its exit status. The command's stdin is
-/dev/null. A lab that cannot boot or cannot run the command raises `LabError` with one
-line saying why.
+/dev/null unless `interactive`. A lab that cannot boot or cannot run the command raises
+`LabError` with one line saying why.
 
 How the pieces talk: a host temp directory is the `kvmpyjob` 9p share (see
 `kvmpy.lab.image` for its files); the command's output comes back on two virtio-serial
@@ -39,6 +39,7 @@ from kvmpy.lab.image import (
     ERROR_PREFIX,
     JOB_TAG,
     PORT_STDERR,
+    PORT_STDIN,
     PORT_STDOUT,
     ROOT_TAG,
     LabImage,
@@ -74,7 +75,7 @@ def command_script(argv: Sequence[str], cwd: str, env: Mapping[str, str]) -> str
 
 
 def qemu_argv(image: LabImage, job: Path, rw: Sequence[Path], mem: int, cpus: int,
-              fds: Mapping[str, int]) -> list[str]:
+              fds: Mapping[str, int], interactive: bool = False) -> list[str]:
     """The QEMU command line of one lab run (`fds`: chardev id -> fd QEMU inherits)."""
     argv = [
         QEMU, "-accel", "tcg,thread=multi", "-cpu", "max", "-smp", str(cpus),
@@ -94,6 +95,11 @@ def qemu_argv(image: LabImage, job: Path, rw: Sequence[Path], mem: int, cpus: in
              "-device", "virtio-serial-pci,id=vser",
              "-device", f"virtserialport,bus=vser.0,chardev=out,name={PORT_STDOUT}",
              "-device", f"virtserialport,bus=vser.0,chardev=err,name={PORT_STDERR}"]
+    if interactive:
+        # our stdin becomes the command's: QEMU puts a terminal in raw mode (and restores
+        # it), signal=off so Ctrl-C reaches the command instead of killing the lab
+        argv += ["-chardev", "stdio,id=in,signal=off",
+                 "-device", f"virtserialport,bus=vser.0,chardev=in,name={PORT_STDIN}"]
     return argv
 
 
@@ -152,11 +158,13 @@ def run_in_lab(argv: Sequence[str], *, rw: Sequence[str | os.PathLike[str]] = ()
                mem: int = DEFAULT_MEM, cpus: int = DEFAULT_CPUS,
                cwd: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None,
                stdout: Output = 1, stderr: Output = 2, timeout: float | None = None,
-               boot_timeout: float = DEFAULT_BOOT_TIMEOUT, verbose: bool = False) -> int:
+               boot_timeout: float = DEFAULT_BOOT_TIMEOUT, verbose: bool = False,
+               interactive: bool = False) -> int:
     """Run `argv` in the lab and return its exit status; raise LabError if the lab fails.
 
     `stdout`/`stderr` are fds or binary files, written as output arrives. `cwd` and
     `env` default to this process's. `timeout` bounds the whole run (boot included).
+    `interactive` passes this process's stdin to the command (else it reads /dev/null).
     """
     ok, why = lab_status()
     if not ok:
@@ -192,8 +200,9 @@ def run_in_lab(argv: Sequence[str], *, rw: Sequence[str | os.PathLike[str]] = ()
                 readers[cid], writers[cid] = os.pipe()
             with open(job / "qemu.log", "wb") as qemu_log:
                 proc = subprocess.Popen(
-                    qemu_argv(image, job, rw_dirs, mem, cpus, writers),
-                    stdin=subprocess.DEVNULL, stdout=qemu_log, stderr=qemu_log,
+                    qemu_argv(image, job, rw_dirs, mem, cpus, writers, interactive),
+                    stdin=None if interactive else subprocess.DEVNULL,
+                    stdout=qemu_log, stderr=qemu_log,
                     pass_fds=list(writers.values()))
         finally:
             for w in writers.values():

@@ -232,6 +232,6 @@ def open_output(path: str | None) -> TextIO:
     if path is None:
         return sys.stderr
     try:
-        return open(path, "w", buffering=1, encoding="utf-8")  # noqa: SIM115 (owned by caller)
+        return open(path, "w", buffering=1, encoding="utf-8")  # the caller closes it
     except OSError as e:
         raise KvmpyError(f"cannot write trace file {path}: {e.strerror}") from None

@@ -19,7 +19,7 @@ from kvmpy.flat import start_flat
 from kvmpy.gdb.protocol import PacketReader, frame
 from kvmpy.gdb.stub import GdbConfig
 from kvmpy.machine import FlatConfig, Machine, MachineConfig
-from kvmpy.stop import Stop
+from kvmpy.stop import Stop, StopKind
 
 pytestmark = pytest.mark.kvm
 GDB = shutil.which("gdb")
@@ -215,7 +215,6 @@ def test_two_vcpus_ctrl_c_threads_and_vcont(guest_dir: Path) -> None:
         assert done and done[0].reason == "killed by gdb"
     finally:
         if runner.is_alive():
-            machine.request_stop(Stop(done[0].kind if done else __import__(
-                "kvmpy.stop", fromlist=["StopKind"]).StopKind.POWEROFF, "test cleanup"))
+            machine.request_stop(Stop(StopKind.POWEROFF, "test cleanup"))
             runner.join(10)
         machine.close()

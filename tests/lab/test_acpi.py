@@ -25,9 +25,10 @@ from kvmpy.stop import StopKind
 pytestmark = pytest.mark.lab
 
 # What /init runs after `--`: the CPU count, then where each virtio device came from
-# (its sysfs path names the platform device the DSDT created: LNRO0005:00).
-REPORT = ("-- sh -c 'echo cpus=$(nproc); "
-          "for d in /sys/bus/virtio/devices/*; do echo virtio=$(readlink -f $d); done'")
+# (its sysfs path names the platform device the DSDT created: LNRO0005:00). The
+# kernel splits init arguments at spaces and honours only double quotes.
+REPORT = ('-- sh -c "echo cpus=$(nproc); '
+          'for d in /sys/bus/virtio/devices/*; do echo virtio=$(readlink -f $d); done"')
 
 
 @pytest.fixture(scope="module")
@@ -50,8 +51,10 @@ def test_acpi_boot_finds_cpus_and_devices_and_powers_off(kernel, initrd: Path, i
         g.expect(r"kvmpy-guest: exit status 0", 60)
         stop = g.wait(60)
         log = g.output
+        requests = g.machine.pm.requests
     assert stop is not None and stop.kind is StopKind.POWEROFF, (stop, log[-2000:])
     assert stop.exit_status == 0
+    assert requests == ["S5"]  # through the FADT's sleep control register
     cmdline = re.search(r"Kernel command line: (.*)", log)
     assert cmdline and "acpi=off" not in cmdline.group(1)
     assert "virtio_mmio.device=" not in cmdline.group(1)  # the DSDT lists the devices
@@ -74,17 +77,22 @@ def test_acpi_shell_exit_powers_off(kernel, initrd: Path) -> None:
         g.send("exit\n")
         stop = g.wait(60)
         log = g.output
+        requests = g.machine.pm.requests
     assert stop is not None and stop.kind is StopKind.POWEROFF, (stop, log[-2000:])
-    assert "reboot: Power down" in log
+    assert "reboot: Power down" in log and requests == ["S5"]
     assert acpi_complaints(log) == []
 
 
-def test_acpi_reboot_ends_with_the_reboot_status(kernel, initrd: Path) -> None:
-    config = LinuxConfig(kernel=kernel.bzimage, initrd=initrd, append="-- reboot -f",
-                         acpi=True)
+@pytest.mark.parametrize("how", ["k", "acpi"])
+def test_acpi_reboot_ends_with_the_reboot_status(kernel, initrd: Path, how: str) -> None:
+    """reboot=k pulses the i8042's reset line; reboot=acpi writes the FADT's RESET_REG."""
+    config = LinuxConfig(kernel=kernel.bzimage, initrd=initrd,
+                         append=f"reboot={how} -- reboot -f", acpi=True)
     with Guest(linux=config, cpus=2) as g:
         stop = g.wait(120)
         log = g.output
+        requests = g.machine.pm.requests
     assert stop is not None and stop.kind is StopKind.REBOOT, (stop, log[-2000:])
     assert stop.exit_status == 5
+    assert requests == (["reset"] if how == "acpi" else [])  # else the i8042's reset line
     assert acpi_complaints(log) == []

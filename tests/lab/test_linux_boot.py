@@ -47,7 +47,8 @@ def dmesg_e820(log: str) -> list[tuple[int, int, str]]:
 @pytest.mark.parametrize("cpus", [1, 2])
 def test_kernel_sees_what_kvmpy_gave_it(kernel, initrd: Path, image: str, cpus: int) -> None:
     path = kernel.bzimage if image == "bzimage" else kernel.vmlinux
-    append = f"{MARK}=yes -- sh -c 'dmesg; echo cpus=$(grep -c ^processor /proc/cpuinfo)'"
+    # the kernel splits its command line on spaces, honouring double quotes only
+    append = f'{MARK}=yes -- sh -c "dmesg; echo cpus=$(grep -c ^processor /proc/cpuinfo)"'
     with Guest(linux=LinuxConfig(kernel=path, initrd=initrd, append=append), cpus=cpus,
                mem_size=256 << 20) as g:
         g.expect(INIT_MARKER, 120)

@@ -70,8 +70,9 @@ def test_stock_kernel_two_cpus_virtio_devices_and_poweroff(stock, initrd: Path,
         g.expect(r"kvmpy-guest: exit status 0", 180)
         stop = g.wait(60)
         log = g.output
+        requests = g.machine.pm.requests
     assert stop is not None and stop.kind is StopKind.POWEROFF, (stop, log[-3000:])
-    assert stop.exit_status == 0
+    assert stop.exit_status == 0 and requests == ["S5"]  # the ACPI sleep control register
     assert "Linux version 6.1" in log and "cloud-amd64" in log
     assert "cpus=2" in log
     assert "smp: Brought up 1 node, 2 CPUs" in log

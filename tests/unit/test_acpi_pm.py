@@ -44,6 +44,7 @@ def test_linux_poweroff_sequence():
     assert ev.poweroffs == 0
     pm.write(SLEEP_CONTROL, bytes([S5_WITH_SLP_EN]))
     assert (ev.poweroffs, ev.reboots) == (1, 0)
+    assert pm.requests == ["S5"]
 
 
 def test_sleep_type_without_slp_en_does_nothing_and_reads_back():
@@ -60,6 +61,7 @@ def test_linux_acpi_reboot():
     pm = ev.device()
     pm.write(RESET, bytes([RESET_VALUE]))
     assert (ev.poweroffs, ev.reboots) == (0, 1)
+    assert pm.requests == ["reset"]
 
 
 def test_other_reset_values_are_ignored():
@@ -67,7 +69,7 @@ def test_other_reset_values_are_ignored():
     pm = ev.device()
     pm.write(RESET, bytes([RESET_VALUE ^ 1]))
     pm.write(RESET, b"\x00")
-    assert ev.reboots == 0
+    assert ev.reboots == 0 and pm.requests == []
     assert pm.read(RESET, 1) == b"\x00"
 
 

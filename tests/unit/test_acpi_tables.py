@@ -354,7 +354,8 @@ def test_acpica_interpreter_loads_the_tables_and_evaluates_them():
 
 @needs_iasl
 @settings(max_examples=10, deadline=None)
-@given(st.integers(1, 16), st.integers(0, 19), st.booleans(), st.booleans(), st.booleans())
+@given(st.integers(1, 16), st.integers(0, len(layout.VIRTIO_IRQS)), st.booleans(), st.booleans(),
+       st.booleans())
 def test_any_configuration_disassembles_cleanly(n_cpus, n_virtio, uart, i8042, rtc):
     mem = low_memory()
     placed = build_acpi(mem, n_cpus, windows(n_virtio), uart, i8042=i8042, rtc=rtc)
