@@ -45,7 +45,7 @@ test: deps build guests lab-assets
 	$(PY) -m pytest tests
 
 test-unit: build
-	$(PY) -m pytest tests -m "not kvm and not lab"
+	$(PY) -m pytest tests -m "not kvm and not lab and not labhost"
 
 test-kvm: build guests
 	$(PY) -m pytest tests -m kvm

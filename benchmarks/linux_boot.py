@@ -16,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ROUNDS = 5
+ROUNDS = int(os.environ.get("KVMPY_BENCH_ROUNDS", "3"))
 APPEND = "quiet -- true"
 
 
@@ -49,14 +49,16 @@ def measure() -> dict[str, object]:
     marker = INIT_MARKER.encode()
     kvmpy = [sys.executable, "-m", "kvmpy", "run", "--kernel", kernel, "--initrd", initrd,
              "--append", APPEND]
-    qemu = ["qemu-system-x86_64", "-M", "microvm", "-enable-kvm", "-cpu", "host", "-m", "256",
+    qemu = ["qemu-system-x86_64", "-M", "microvm,rtc=on", "-enable-kvm", "-cpu", "host", "-m", "256",
             "-smp", "1", "-kernel", kernel, "-initrd", initrd,
             "-append", f"console=ttyS0 {BASE_CMDLINE} {APPEND}", "-nodefaults",
             "-no-user-config", "-no-reboot", "-display", "none", "-serial", "stdio"]
     k, q = [], []
-    for _ in range(ROUNDS):
+    for i in range(ROUNDS):
         q.append(_time_to_marker(qemu, marker))
         k.append(_time_to_marker(kvmpy, marker))
+        print(f"linux_boot round {i}: qemu {q[-1]:.2f} s, kvmpy {k[-1]:.2f} s", file=sys.stderr,
+              flush=True)
     k.sort()
     q.sort()
     return {

@@ -73,8 +73,12 @@ def _run_guest(name: str, argv: list[str], timeout: float = 600) -> dict[str, fl
     if int(w) or int(r):
         raise RuntimeError(f"{name}: dd failed in the guest: {seen[-1500:]!r}")
     size = IMAGE_MIB << 20
-    return {"write_mb_s": size / (float(t1) - float(t0)) / 1e6,
-            "read_mb_s": size / (float(t3) - float(t2)) / 1e6}
+    result = {"write_mb_s": size / (float(t1) - float(t0)) / 1e6,
+              "read_mb_s": size / (float(t3) - float(t2)) / 1e6}
+    print(f"virtio_blk: {name}: write {result['write_mb_s']:.1f} MB/s, "
+          f"read {result['read_mb_s']:.1f} MB/s ({time.monotonic() - started:.0f} s)",
+          file=sys.stderr, flush=True)
+    return result
 
 
 def measure() -> dict[str, object]:

@@ -331,6 +331,8 @@ INIT_MARKER = "kvmpy-guest: init running"
 
 # kvmpy's default guest. Kernel arguments after `--` reach /init as "$@": with them it
 # runs that one command (non-interactive tests), without them a shell on the console.
+# The kernel groups words in double quotes only (lib/cmdline.c next_arg):
+# `-- sh -c "echo a; echo b"` works, single quotes do not.
 DEFAULT_INIT = f"""#!/bin/sh
 export PATH=/sbin:/bin:/usr/sbin:/usr/bin HOME=/root TERM=${{TERM:-linux}}
 mount -t proc proc /proc

@@ -85,6 +85,9 @@ class FlatConfig:
     entry: int = layout.FLAT_LOAD
     cpl: int = 0
     gprs: dict[str, int] = field(default_factory=dict)
+    # the in-kernel LAPIC and IO-APIC (docs/tutorial/04-interrupts.md); with it a
+    # `hlt` waits inside KVM_RUN for an interrupt instead of ending the run
+    irqchip: bool = False
 
 
 @dataclass
@@ -191,6 +194,8 @@ class Machine:
         if config.linux is not None:
             self.vm.create_irqchip()
             self.vm.create_pit2()
+        elif config.flat is not None and config.flat.irqchip:
+            self.vm.create_irqchip()
         # 4. vCPUs, each with its CPUID (APIC id, topology, hypervisor leaves)
         if not 1 <= config.cpus <= MAX_CPUS:
             raise ConfigError(f"--cpus {config.cpus}: kvmpy supports 1 to {MAX_CPUS} vCPUs")

@@ -19,6 +19,7 @@ directories are written for real.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import shlex
 import shutil
@@ -51,6 +52,7 @@ DEFAULT_MEM = 2048 * MiB
 DEFAULT_CPUS = 2
 # TCG on 2 loaded cores: the chroot is normally ready in ~4 s; allow for a busy machine.
 DEFAULT_BOOT_TIMEOUT = float(os.environ.get("KVMPY_LAB_BOOT_TIMEOUT", "180"))
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 INSIDE_ENV = "KVMPY_IN_LAB"  # set to 1 in every command the lab runs
 KERNEL_CMDLINE = "console=ttyS0 panic=-1 quiet mitigations=off"
 
@@ -203,7 +205,7 @@ def run_in_lab(argv: Sequence[str], *, rw: Sequence[str | os.PathLike[str]] = ()
                     qemu_argv(image, job, rw_dirs, mem, cpus, writers, interactive),
                     stdin=None if interactive else subprocess.DEVNULL,
                     stdout=qemu_log, stderr=qemu_log,
-                    pass_fds=list(writers.values()))
+                    pass_fds=list(writers.values()), preexec_fn=_die_with_parent)
         finally:
             for w in writers.values():
                 os.close(w)  # QEMU holds the only write ends: EOF when it exits
@@ -227,6 +229,12 @@ def run_in_lab(argv: Sequence[str], *, rw: Sequence[str | os.PathLike[str]] = ()
         for r in readers.values():
             os.close(r)
         shutil.rmtree(job, ignore_errors=True)
+
+
+def _die_with_parent() -> None:
+    """In the QEMU child: SIGKILL it if we die (a killed `kvmpy lab` leaves no VM spinning)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
 def _wait(proc: subprocess.Popen[bytes], job: Path, timeout: float | None,

@@ -64,7 +64,7 @@ def test_microvm_runs_init_of_the_default_initramfs(assets: tuple[Path, Path]) -
 def test_microvm_guest_sees_two_cpus_and_the_mounts(assets: tuple[Path, Path]) -> None:
     kernel, initrd = assets
     out = run_microvm(kernel, initrd,
-                      "console=ttyS0 quiet -- sh -c 'nproc; cat /proc/mounts'")
+                      'console=ttyS0 quiet -- sh -c "nproc; cat /proc/mounts"')
     lines = out.splitlines()
     assert "2" in [ln.strip() for ln in lines]  # SMP from microvm's MP/ACPI tables
     mounts = " ".join(lines)

@@ -23,6 +23,7 @@ import subprocess
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -110,7 +111,7 @@ def initrd(tmp_path_factory: pytest.TempPathFactory) -> Path:
                         programs={"sbin/mkfs.ext4": Path(mke2fs)}, files=files)
 
 
-def run_script(kernel: Path, initrd: Path, script: str, **config: object) -> str:
+def run_script(kernel: Path, initrd: Path, script: str, **config: Any) -> str:
     """Boot with `/init` running `sh /script`; the transcript, once the guest has stopped."""
     linux = LinuxConfig(kernel=kernel, initrd=initrd, append=f"-- sh /{script}")
     with Guest(linux=linux, **config) as g:
