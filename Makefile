@@ -37,6 +37,13 @@ kvmpy/_kvm.stamp: csrc/kvm_shim.h csrc/kvm_shim.cdef csrc/build_shim.py
 	$(PY) setup.py -q build_ext --inplace --force
 	@touch $@
 
+# Bytecode, written explicitly: these machines set PYTHONDONTWRITEBYTECODE, and in
+# the lab (all of it emulated by TCG) compiling kvmpy at every start costs seconds.
+.PHONY: bytecode
+build: bytecode
+bytecode:
+	@$(PY) -m compileall -q kvmpy
+
 include mk/*.mk
 
 # Unit, kvm and lab tests in one pytest run; lab tests go to one lab session

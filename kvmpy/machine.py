@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from kvmpy import layout
-from kvmpy.acpi import build_acpi
 from kvmpy.boot.cpuid import boot_msrs, normalize_cpuid
 from kvmpy.boot.linux import BASE_CMDLINE, LinuxBoot, boot_linux
 from kvmpy.bus import Bus, IrqLine, NullIrq
@@ -41,14 +40,9 @@ from kvmpy.kvm import Kvm, Vcpu
 from kvmpy.memory import GuestMemory
 from kvmpy.stop import Stop, StopKind
 from kvmpy.vcpu_threads import VcpuThreads
-from kvmpy.virtio.blk import Block
-from kvmpy.virtio.console import Console
 from kvmpy.virtio.device import VirtioDevice
 from kvmpy.virtio.iothread import IoThread, wire_eventfds
 from kvmpy.virtio.mmio import VirtioMmioTransport, cmdline_fragment, slot_base, slot_irq
-from kvmpy.virtio.net import Net
-from kvmpy.virtio.rng import Rng
-from kvmpy.virtio.tap import Tap
 
 if TYPE_CHECKING:
     from kvmpy.gdb.stub import GdbConfig, GdbStub
@@ -259,6 +253,13 @@ class Machine:
                 config.trace.install(loop)
 
     def _virtio_devices(self) -> list[VirtioDevice]:
+        # imported here: a VM without them should not pay their import at start-up
+        from kvmpy.virtio.blk import Block
+        from kvmpy.virtio.console import Console
+        from kvmpy.virtio.net import Net
+        from kvmpy.virtio.rng import Rng
+        from kvmpy.virtio.tap import Tap
+
         config = self.config
         devices: list[VirtioDevice] = []
         if config.virtio_console:
@@ -287,6 +288,8 @@ class Machine:
         console = "console=hvc0" if self.config.virtio_console else "console=ttyS0"
         acpi = None
         if linux.acpi:
+            from kvmpy.acpi import build_acpi
+
             devices = []  # the DSDT describes them; listing both would probe each twice
             windows = [(gpa, layout.VIRTIO_MMIO_SIZE, gsi) for _, gpa, gsi in self.virtio]
             tables = build_acpi(self.memory, len(self.vcpus), windows, uart=True)

@@ -1,4 +1,4 @@
-"""Chapter 1's guest on a VMM of forty lines: the raw KVM API, through kvmpy.kvm.
+"""Chapter 1's guest on a VMM of fifty lines: the raw KVM API, through kvmpy.kvm.
 
 What it is: every step kvmpy's `Machine` takes to run a real-mode flat guest,
 minus the buses and devices. It opens /dev/kvm, makes a VM with 1 MiB of RAM,
