@@ -26,22 +26,23 @@ import struct
 from dataclasses import dataclass, field
 from typing import Any
 
+from kvmpy.cpu.registers import (
+    CR0_CD,
+    CR0_NW,
+    CR0_PE,
+    CR0_PG,
+    CR4_PAE,
+    CR4_VMXE,
+    EFER_LMA,
+    EFER_LME,
+    MSR_EFER,
+    RFLAGS_IF,
+)
 from kvmpy.errors import KvmpyError
 from kvmpy.kvm.exits import RUN_EXIT_REASON, RUN_UNION, ExitReason, InternalError
 from kvmpy.memory import GuestMemory
 from kvmpy.trace import disasm, vmem
 from kvmpy.trace.disasm import Insn
-
-CR0_PE = 1 << 0
-CR0_NW = 1 << 29
-CR0_CD = 1 << 30
-CR0_PG = 1 << 31
-CR4_PAE = 1 << 5
-CR4_VMXE = 1 << 13
-EFER_LME = 1 << 8
-EFER_LMA = 1 << 10
-MSR_EFER = 0xC000_0080
-RFLAGS_IF = 1 << 9
 
 # Bit names, lowest first (SDM Vol. 3A §2.5 CR0/CR4, §2.2.1 EFER; Vol. 1 §3.4.3 EFLAGS).
 CR0_BITS = {0: "PE", 1: "MP", 2: "EM", 3: "TS", 4: "ET", 5: "NE", 16: "WP", 18: "AM",

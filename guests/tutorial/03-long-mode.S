@@ -73,9 +73,11 @@ _start:
 
         .code64
 start64:
-        mov $DATA, %ax
-        mov %ax, %ds
+        mov $DATA, %ax                  /* every selector must now index *our* GDT: */
+        mov %ax, %ds                    /* kvmpy's left 0x18 in them, beyond its end */
         mov %ax, %es
+        mov %ax, %fs
+        mov %ax, %gs
         mov %ax, %ss
         mov $msg_long, %rsi
         call puts64

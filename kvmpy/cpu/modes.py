@@ -17,24 +17,24 @@ from typing import Any
 from kvmpy import layout
 from kvmpy.cpu.gdt import TYPE_CODE_RX, TYPE_TSS_BUSY, Segment, build_gdt
 from kvmpy.cpu.pagetables import build_identity_map
+from kvmpy.cpu.registers import (
+    CR0_ET,
+    CR0_MP,
+    CR0_NE,
+    CR0_PE,
+    CR0_PG,
+    CR0_WP,
+    CR4_OSFXSR,
+    CR4_OSXMMEXCPT,
+    CR4_PAE,
+    EFER_LMA,
+    EFER_LME,
+    EFER_NXE,
+    EFER_SCE,
+    RFLAGS_IOPL3,
+    RFLAGS_RESERVED,
+)
 from kvmpy.memory import GuestMemory
-
-CR0_PE = 1 << 0
-CR0_MP = 1 << 1
-CR0_ET = 1 << 4
-CR0_NE = 1 << 5
-CR0_WP = 1 << 16
-CR0_PG = 1 << 31
-CR4_PAE = 1 << 5
-CR4_OSFXSR = 1 << 9
-CR4_OSXMMEXCPT = 1 << 10
-EFER_SCE = 1 << 0
-EFER_LME = 1 << 8
-EFER_LMA = 1 << 10
-EFER_NXE = 1 << 11
-RFLAGS_RESERVED = 1 << 1  # bit 1 always reads as 1
-RFLAGS_IF = 1 << 9
-RFLAGS_IOPL3 = 3 << 12  # lets CPL3 code use in/out (SDM §19.5)
 
 # Selectors. The Linux boot protocol fixes __BOOT_CS = 0x10 and __BOOT_DS = 0x18
 # (Documentation/arch/x86/boot.rst, "32-bit/64-bit boot protocol").

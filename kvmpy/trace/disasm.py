@@ -18,8 +18,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
-CR0_PE = 1 << 0
-EFER_LMA = 1 << 10
+from kvmpy.cpu.registers import CR0_PE, EFER_LMA
 
 # Instructions that cause port I/O exits (SDM Vol. 1 §19.4).
 IO_MNEMONICS = frozenset({"in", "out", "insb", "insw", "insd", "outsb", "outsw", "outsd"})

@@ -21,14 +21,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from kvmpy.cpu.pagetables import translate as translate_4level
+from kvmpy.cpu.registers import CR0_PG, CR4_LA57, CR4_PAE, CR4_PSE, EFER_LMA
 from kvmpy.errors import GuestMemoryError
 from kvmpy.memory import GuestMemory
 
-CR0_PG = 1 << 31
-CR4_PSE = 1 << 4
-CR4_PAE = 1 << 5
-CR4_LA57 = 1 << 12
-EFER_LMA = 1 << 10
 PRESENT = 1
 PAGE_SIZE_BIT = 1 << 7
 PAE_ADDR = 0x000F_FFFF_FFFF_F000
