@@ -51,6 +51,7 @@ class VcpuLoop:
         self.io_exits: Counter[tuple[str, int]] = Counter()
         self.count_exits = stats
         self.started = self.ended = 0.0
+        self.exits_seen = 0
         # called on the vCPU's own thread after a kick (KVM_RUN returned EINTR)
         self.on_kick: Callable[[], None] | None = None
         # port -> (device, offset): the bus's bisect done once per port
@@ -78,6 +79,7 @@ class VcpuLoop:
         try:
             while self.stop is None:
                 reason = run()
+                self.exits_seen += 1  # lets the supervisor leave busy vCPUs alone
                 handler = handlers.get(reason)
                 if handler is None:
                     self.stop = self.fatal(f"unexpected KVM exit {_reason_name(reason)}")

@@ -36,6 +36,7 @@ class Region:
     size: int
     buffer: mmap.mmap | bytearray
     view: memoryview
+    offset: int = 0  # where the region starts inside `buffer`
 
     @property
     def end(self) -> int:
@@ -49,21 +50,27 @@ class Region:
         anchor = ctypes.c_char.from_buffer(self.buffer)
         address = ctypes.addressof(anchor)
         del anchor  # drop the buffer export so the mapping can be closed later
-        return address
+        return address + self.offset
 
 
 class GuestMemory:
     """Guest RAM as a sorted list of non-overlapping regions."""
 
-    def __init__(self, regions: Sequence[tuple[int, mmap.mmap | bytearray]]) -> None:
+    def __init__(self, regions: Sequence[tuple[int, mmap.mmap | bytearray]],
+                 sizes: Sequence[int] | None = None) -> None:
+        """`regions` are (gpa, buffer); a region of `sizes[i]` bytes sits at the buffer's
+        first 2 MiB boundary when the buffer is larger than that (see `anonymous`)."""
         self.regions: list[Region] = []
+        wanted = dict(zip((gpa for gpa, _ in regions), sizes, strict=True)) if sizes else {}
         for gpa, buf in sorted(regions, key=lambda r: r[0]):
-            size = len(buf)
+            size = wanted.get(gpa, len(buf))
             if gpa < 0 or size <= 0:
                 raise ConfigError(f"bad memory region at {gpa:#x} size {size:#x}")
             if self.regions and gpa < self.regions[-1].end:
                 raise ConfigError(f"memory region at {gpa:#x} overlaps the one before")
-            self.regions.append(Region(gpa, size, buf, memoryview(buf)))
+            offset = _huge_page_offset(buf) if size < len(buf) else 0
+            view = memoryview(buf)[offset : offset + size]
+            self.regions.append(Region(gpa, size, buf, view, offset))
         if not self.regions:
             raise ConfigError("guest memory needs at least one region")
 
@@ -83,11 +90,17 @@ class GuestMemory:
         else:
             spans.append((0, hole[0]))
             spans.append((hole[1], size - hole[0]))
+        # Each mapping gets 2 MiB of slack so the region can start on a 2 MiB
+        # boundary: then the host backs guest RAM with transparent huge pages
+        # and a nested hypervisor takes far fewer faults to map it.
         regions = []
         for gpa, length in spans:
-            buf = mmap.mmap(-1, length, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _NORESERVE)
+            buf = mmap.mmap(-1, length + HUGE_PAGE,
+                            flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _NORESERVE)
+            if hasattr(buf, "madvise") and hasattr(mmap, "MADV_HUGEPAGE"):
+                buf.madvise(mmap.MADV_HUGEPAGE)
             regions.append((gpa, buf))
-        return cls(regions)
+        return cls(regions, sizes=[length for _, length in spans])
 
     @classmethod
     def from_buffer(cls, buf: bytearray, gpa: int = 0) -> GuestMemory:
@@ -168,3 +181,14 @@ class GuestMemory:
 
 
 _NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)
+HUGE_PAGE = 2 << 20
+
+
+def _huge_page_offset(buf: mmap.mmap | bytearray) -> int:
+    """Bytes from the start of `buf` to its first 2 MiB-aligned host address."""
+    import ctypes
+
+    anchor = ctypes.c_char.from_buffer(buf)
+    address = ctypes.addressof(anchor)
+    del anchor
+    return -address % HUGE_PAGE

@@ -10,7 +10,10 @@ because only the thread in KVM_RUN may read its vCPU's registers.
 With the in-kernel irqchip, `hlt` never leaves KVM_RUN. A guest whose every
 vCPU halted with interrupts off (Linux after "System halted") would hang the
 VMM forever, as it does QEMU's and kvmtool's. The supervisor here kicks the
-vCPUs twice a second and ends the run when all of them are in that state.
+vCPUs once a second and ends the run when all of them are in that state. A
+vCPU that came back to us since the last check is plainly not halted, so it
+is left alone: only quiet vCPUs are kicked, which keeps kicks away from a
+guest that is busy booting.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from kvmpy.kvm.vcpu import MP_STATE_HALTED, MP_STATE_RUNNABLE, MP_STATE_SIPI_REC
 from kvmpy.stop import Stop, StopKind
 
 KICK_SIGNAL = signal.SIGUSR1
-HALT_CHECK_INTERVAL_S = 0.5
+HALT_CHECK_INTERVAL_S = 1.0
 
 
 class VcpuThreads:
@@ -69,7 +72,11 @@ class VcpuThreads:
         self.done.set()
 
     def kick_all(self) -> None:
-        for loop, thread in zip(self.loops, self._threads, strict=False):
+        self.kick(range(len(self.loops)))
+
+    def kick(self, indices: range | list[int]) -> None:
+        for i in indices:
+            loop, thread = self.loops[i], self._threads[i]
             loop.vcpu.set_immediate_exit(True)
             if thread.is_alive() and thread.ident is not None:
                 try:
@@ -90,18 +97,25 @@ class VcpuThreads:
         import time
 
         deadline = None if timeout is None else time.monotonic() + timeout
+        last_seen = [-1] * len(self.loops)
         while not self.done.wait(HALT_CHECK_INTERVAL_S):
+            if deadline is not None and time.monotonic() > deadline:
+                return None
             if halt_detection:
+                seen = [loop.exits_seen for loop in self.loops]
+                quiet = [i for i, n in enumerate(seen) if n == last_seen[i]]
+                last_seen = seen
+                if len(quiet) < len(self.loops):
+                    continue  # someone is still talking to us: not all halted
                 self._parked = [False] * len(self.loops)
-                self.kick_all()
+                self.kick(quiet)
                 if self.done.wait(0.05):
                     break
+                last_seen = [loop.exits_seen for loop in self.loops]  # the kicks' own exits
                 if all(self._parked):
                     self.finish(Stop(StopKind.HALTED, "every vCPU halted with interrupts "
                                      "disabled: the guest can never continue"))
                     break
-            if deadline is not None and time.monotonic() > deadline:
-                return None
         for t in self._threads:
             t.join(timeout=2)
         return self.stop

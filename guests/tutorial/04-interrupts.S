@@ -4,14 +4,15 @@
  * empty IDT) on a VM with the in-kernel irqchip (FlatConfig(irqchip=True)).
  * The guest:
  *   1. builds an IDT with two interrupt gates, vectors 0x30 and 0x31;
- *   2. masks the legacy 8259 PIC, enables its local APIC and arms the APIC timer, one-shot, on vector
+ *   2. masks the legacy 8259 PIC, which KVM's irqchip also has;
+ *   3. enables its local APIC and arms the APIC timer, one-shot, on vector
  *      0x30, then halts: the timer interrupt wakes it;
- *   3. routes IO-APIC pin 5 to vector 0x31 and halts again: the host raises
+ *   4. routes IO-APIC pin 5 to vector 0x31 and halts again: the host raises
  *      GSI 5 (KVM_IRQ_LINE) and the interrupt wakes it;
- *   4. writes 0 to the debug-exit port, which ends the run with status 0.
- * With an irqchip `hlt` no longer leaves KVM_RUN, so step 4 is how it ends.
+ *   5. writes 0 to the debug-exit port, which ends the run with status 0.
+ * With an irqchip `hlt` no longer leaves KVM_RUN, so step 5 is how it ends.
  *
- * Intel SDM Vol. 3A §6.14.1 (64-bit IDT gates), §11.4.7 (SVR), §11.5.4 (APIC
+ * Intel SDM Vol. 3A §6.14.1 (64-bit IDT gates), §11.4.7 (software enable), §11.5.4 (APIC
  * timer); 82093AA IO-APIC datasheet §3.2.4 (redirection table). */
 #include "print.inc"
         .set LAPIC, 0xfee00000          /* layout.LAPIC */

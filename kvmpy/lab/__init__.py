@@ -12,10 +12,29 @@ tree and returns its exit status; `kvmpy lab -- COMMAND` is the same from the sh
 The package is not a sandbox and not a general VM launcher.
 """
 
-from kvmpy.lab.debian import LabError
-from kvmpy.lab.host import can_boot_linux, lab_status, linux_kvm_status
-from kvmpy.lab.image import LabImage, build_lab_image, lab_image_path
-from kvmpy.lab.runner import INSIDE_ENV, run_in_lab
+from __future__ import annotations
 
-__all__ = ["INSIDE_ENV", "LabError", "LabImage", "build_lab_image", "can_boot_linux",
-           "lab_image_path", "lab_status", "linux_kvm_status", "run_in_lab"]
+import importlib
+from typing import Any
+
+# Names are imported on first use (PEP 562): `kvmpy run` registers the `lab`
+# subcommand on every start and should not pay for QEMU plumbing it won't use.
+_EXPORTS = {
+    "LabError": "kvmpy.lab.debian",
+    "can_boot_linux": "kvmpy.lab.host",
+    "lab_status": "kvmpy.lab.host",
+    "linux_kvm_status": "kvmpy.lab.host",
+    "LabImage": "kvmpy.lab.image",
+    "build_lab_image": "kvmpy.lab.image",
+    "lab_image_path": "kvmpy.lab.image",
+    "INSIDE_ENV": "kvmpy.lab.runner",
+    "run_in_lab": "kvmpy.lab.runner",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'kvmpy.lab' has no attribute {name!r}")

@@ -11,7 +11,7 @@ import argparse
 import sys
 
 from kvmpy.errors import KvmpyError
-from kvmpy.lab.runner import DEFAULT_CPUS, DEFAULT_MEM, run_in_lab
+from kvmpy.lab.host import DEFAULT_CPUS, DEFAULT_MEM
 from kvmpy.units import parse_size
 
 HELP = "run a command in the lab (nested hardware-virtualization KVM under QEMU TCG)"
@@ -49,6 +49,8 @@ def run(args: argparse.Namespace) -> int:
     if not argv:
         print("kvmpy lab: give a command after --, e.g. `kvmpy lab -- uname -a`", file=sys.stderr)
         return 2
+    from kvmpy.lab.runner import run_in_lab
+
     sys.stdout.flush()
     sys.stderr.flush()
     return run_in_lab(argv, rw=args.rw, mem=args.mem, cpus=args.cpus, timeout=args.timeout,

@@ -16,6 +16,8 @@ import shutil
 from pathlib import Path
 
 QEMU = "qemu-system-x86_64"
+DEFAULT_MEM = 2048 << 20  # the lab VM's RAM, which also bounds its writable overlay
+DEFAULT_CPUS = 2
 VENDOR_MODULES = {"kvm_intel": "vmx", "kvm_amd": "svm"}
 
 

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from kvmpy.lab.debian import LabError
-from kvmpy.lab.host import QEMU, lab_status
+from kvmpy.lab.host import DEFAULT_CPUS, DEFAULT_MEM, QEMU, lab_status
 from kvmpy.lab.image import (
     ERROR_PREFIX,
     JOB_TAG,
@@ -48,8 +48,6 @@ from kvmpy.lab.image import (
 )
 
 MiB = 1 << 20
-DEFAULT_MEM = 2048 * MiB
-DEFAULT_CPUS = 2
 # TCG on 2 loaded cores: the chroot is normally ready in ~4 s; allow for a busy machine.
 DEFAULT_BOOT_TIMEOUT = float(os.environ.get("KVMPY_LAB_BOOT_TIMEOUT", "180"))
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>

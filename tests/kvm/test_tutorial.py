@@ -64,6 +64,14 @@ def script(name: str) -> ModuleType:
     return module
 
 
+def chapter_snippet(chapter: str) -> tuple[str, str]:
+    """A chapter's Python block and the output pasted right after it."""
+    found = re.search(r"```python\n(.*?)```\n\n```text\n(.*?)```", (DOCS / chapter).read_text(),
+                      re.S)
+    assert found is not None, f"{chapter} has no python block followed by its output"
+    return found.group(1), found.group(2)
+
+
 def flat_machine(path: Path, mode: Mode) -> tuple[Machine, ConsoleOutput]:
     console = ConsoleOutput()
     machine = Machine(MachineConfig(mem_size=16 << 20, flat=FlatConfig(path, mode=mode),
@@ -122,6 +130,12 @@ def test_chapter2_the_guest_enters_protected_mode(tutorial_dir: Path) -> None:
     assert (sregs.ds.selector, sregs.ss.selector) == (0x10, 0x10)
     assert sregs.gdt.limit == 3 * 8 - 1
 
+    # the chapter's own snippet prints what the chapter shows
+    code, shown = chapter_snippet("02-protected-mode.md")
+    r = run("-c", code)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == shown
+
 
 # -- chapter 3: long mode and page tables -----------------------------------------------------
 
@@ -153,6 +167,11 @@ def test_chapter3_long_mode_and_two_mappings_of_one_page(tutorial_dir: Path) -> 
         assert translate(memory.read_u64, sregs.cr3, 0x4000_0000) is None  # never mapped
     finally:
         machine.close()
+
+    code, shown = chapter_snippet("03-long-mode.md")
+    r = run("-c", code)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == shown
 
 
 # -- chapter 4: interrupts through the in-kernel LAPIC and IO-APIC ----------------------------
