@@ -28,7 +28,7 @@ venv: $(VENV)/.ok
 $(VENV)/.ok: pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel cffi
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev]' --config-settings editable_mode=compat
 	@touch $@
 
 # The cffi shim; rebuilt when its sources change.

@@ -263,8 +263,13 @@ def main(argv: list[str]) -> int:
             image = build_lab_image()
             print(f"{image.kernel}\n{image.initramfs}")
         elif what == "stock-kernel":
+            from kvmpy import initramfs
+
             s = fetch_stock_kernel()
-            print(f"{s.vmlinuz}\n{s.modules}")
+            # its initramfs too, so a lab session does not build it under emulation
+            tree = initramfs.find_modules_dir(s.modules, s.release)
+            image = initramfs.modules_guest_initramfs_path(tree, cache_dir() / "initramfs")
+            print(f"{s.vmlinuz}\n{s.modules}\n{image}")
         elif what == "paths":
             for name, fn in (("kernel", lambda: kernel_path().bzimage),
                              ("vmlinux", lambda: kernel_path().vmlinux),

@@ -7,7 +7,7 @@
 #   make guest         the default busybox initramfs (well under a second)
 #   make lab           the lab image: Debian's generic kernel + a busybox initramfs
 #   make stock-kernel  Debian's cloud kernel and its modules, unpacked
-#   make lab-assets    all of the above but the stock kernel: what `make test` needs
+#   make lab-assets    all of the above: what `make test` needs
 #   make lab-shell     `kvmpy lab` smoke test: prints whether /dev/kvm exists inside
 
 # Packages these recipes use (also listed in the top Makefile; `+=` keeps them
@@ -28,7 +28,7 @@ lab: deps venv
 stock-kernel: deps venv
 	$(PY) -m kvmpy.guest_assets stock-kernel
 
-lab-assets: guest-kernel guest lab
+lab-assets: guest-kernel guest lab stock-kernel
 
 lab-shell: lab
 	$(PY) -m kvmpy.lab.command -- $(PY) -c "import os; print('/dev/kvm:', os.path.exists('/dev/kvm'))"

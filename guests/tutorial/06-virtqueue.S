@@ -13,7 +13,8 @@
  *   5. set DRIVER_OK;
  *   6. put one 16-byte device-writable buffer in descriptor 0, offer it in
  *      the available ring and notify the queue;
- *   7. wait for the used ring to hand it back, and print the bytes.
+ *   7. wait for the used ring to hand it back (or for the device to say it
+ *      needs a reset: then it will never use the buffer), print the bytes.
  * There is no interrupt controller here, so the guest polls the used ring;
  * the notification (a store to QueueNotify) is an MMIO exit that kvmpy
  * serves before the guest runs again.
@@ -49,6 +50,7 @@
         .set DRIVER, 2
         .set DRIVER_OK, 4
         .set FEATURES_OK, 8
+        .set DEVICE_NEEDS_RESET, 0x40
         .set VIRTIO_MAGIC, 0x74726976   /* "virt" */
         .set VIRTIO_ID_ENTROPY, 4
         .set VIRTQ_DESC_F_WRITE, 2      /* §2.7.5: the device writes this buffer */
@@ -126,9 +128,13 @@ _start:
         movw $1, AVAIL + 2                      /* idx = 1, after the ring entry (§2.7.13) */
         movl $0, QUEUE_NOTIFY(%rbx)             /* "queue 0 has something for you" */
 
-        /* 7. the device returns the buffer through the used ring */
+        /* 7. the device returns the buffer through the used ring, or gives up on it */
 1:      cmpw $1, USED + 2                       /* used.idx */
-        jne 1b
+        je 2f
+        testl $DEVICE_NEEDS_RESET, STATUS(%rbx) /* §2.1.2: it found our queue broken */
+        FAIL_UNLESS z, msg_reset
+        jmp 1b
+2:
         mov INTERRUPT_STATUS(%rbx), %eax        /* bit 0: "used buffer" interrupt pending */
         mov %eax, INTERRUPT_ACK(%rbx)           /* (nothing delivers it: no irqchip) */
         mov $msg_used, %rsi
@@ -139,12 +145,12 @@ _start:
         mov $msg_bytes, %rsi
         call puts
         mov $BUFFER, %edi
-2:      movzbl (%rdi), %eax
+3:      movzbl (%rdi), %eax
         mov $2, %ecx
         call puthex
         inc %edi
         cmp $(BUFFER + BUFFER_LEN), %edi
-        jne 2b
+        jne 3b
         mov $'\n', %al
         PUTC_AL
         hlt
@@ -159,6 +165,7 @@ fail:   call puts
 msg_magic:    .asciz "no virtio-mmio entropy device at 0xd0000000\n"
 msg_features: .asciz "the device refused VIRTIO_F_VERSION_1\n"
 msg_queue:    .asciz "queue 0 is too small\n"
+msg_reset:    .asciz "the device set DEVICE_NEEDS_RESET\n"
 msg_ready:    .asciz "virtio-rng: DRIVER_OK, queue 0 has 8 descriptors\n"
 msg_used:     .asciz "used.idx = 1, used.ring[0].len = 0x"
 msg_bytes:    .asciz "\nrandom: "
