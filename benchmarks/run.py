@@ -16,11 +16,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import exit_latency  # noqa: E402
 import flat_startup  # noqa: E402
 import linux_boot  # noqa: E402
+import trace_overhead  # noqa: E402
+import virtio_blk  # noqa: E402
 
 BENCHMARKS = {
     "pio_exit_round_trip": exit_latency.main,
     "flat_hello_process": flat_startup.main,
+    "trace_compiled_in_but_off": trace_overhead.main,
     "linux_boot_to_init": linux_boot.main,
+    "virtio_blk_throughput": virtio_blk.main,
 }
 
 

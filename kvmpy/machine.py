@@ -378,6 +378,9 @@ class Machine:
     def close(self) -> None:
         if self.gdb is not None:
             self.gdb.close()  # tells a waiting gdb how the VM ended
+        self.iothread.close()
+        for transport, _, _ in self.virtio:
+            transport.device.close()
         for v in self.vcpus:
             v.close()
         self.vm.close()

@@ -87,6 +87,7 @@ mkdir -p /host/dev/pts /host/dev/shm
 mount -t devpts devpts /host/dev/pts
 mount -t tmpfs tmpfs /host/dev/shm
 mount -t tmpfs tmpfs /host/run
+ip link set lo up 2>/dev/null || ifconfig lo 127.0.0.1 up  # loopback: servers in tests, gdb
 while read -r tag path; do
   [ -n "$tag" ] || continue
   mkdir -p "/host$path"
@@ -120,7 +121,7 @@ poweroff -f
 sleep 10
 """
 
-_RECIPE_VERSION = b"kvmpy-lab-3"  # 2: PVH vmlinux; 3: optional stdin port
+_RECIPE_VERSION = b"kvmpy-lab-4"  # 2: PVH vmlinux; 3: optional stdin port; 4: loopback
 
 
 @dataclass(frozen=True)
