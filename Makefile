@@ -48,13 +48,13 @@ include mk/*.mk
 
 # Unit, kvm and lab tests in one pytest run; lab tests go to one lab session
 # when this machine's /dev/kvm cannot boot Linux (tests/lab_plugin.py).
-test: deps build guests lab-assets
+test: deps build guests tutorial-guests lab-assets
 	$(PY) -m pytest tests
 
 test-unit: build
 	$(PY) -m pytest tests -m "not kvm and not lab and not labhost"
 
-test-kvm: build guests
+test-kvm: build guests tutorial-guests
 	$(PY) -m pytest tests -m kvm
 
 bench: deps build guests lab-assets

@@ -268,8 +268,8 @@ def main(argv: list[str]) -> int:
             s = fetch_stock_kernel()
             # its initramfs too, so a lab session does not build it under emulation
             tree = initramfs.find_modules_dir(s.modules, s.release)
-            image = initramfs.modules_guest_initramfs_path(tree, cache_dir() / "initramfs")
-            print(f"{s.vmlinuz}\n{s.modules}\n{image}")
+            initrd = initramfs.modules_guest_initramfs_path(tree, cache_dir() / "initramfs")
+            print(f"{s.vmlinuz}\n{s.modules}\n{initrd}")
         elif what == "paths":
             for name, fn in (("kernel", lambda: kernel_path().bzimage),
                              ("vmlinux", lambda: kernel_path().vmlinux),

@@ -294,8 +294,11 @@ class Machine:
             windows = [(gpa, layout.VIRTIO_MMIO_SIZE, gsi) for _, gpa, gsi in self.virtio]
             tables = build_acpi(self.memory, len(self.vcpus), windows, uart=True)
             acpi = (tables.rsdp_gpa, tables.start, tables.end)
+        # no tables to find: the kernel should not search for them and complain
+        no_acpi = "" if linux.acpi else "acpi=off"
         # kernel parameters first; the user's may end with `-- init arguments`
-        cmdline = " ".join(filter(None, [BASE_CMDLINE, *devices, console, linux.append]))
+        cmdline = " ".join(filter(None, [BASE_CMDLINE, *devices, console, no_acpi,
+                                         linux.append]))
         return boot_linux(self.memory, self.vcpus[0], kernel=linux.kernel, initrd=linux.initrd,
                           cmdline=cmdline, n_cpus=len(self.vcpus), prefer_pvh=linux.prefer_pvh,
                           acpi=acpi)

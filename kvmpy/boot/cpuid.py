@@ -17,6 +17,8 @@ APIC id i:
   bits for them), subleaf 2 invalid; EDX the x2APIC id in every subleaf;
 - AMD/Hygon: leaf 0x80000008 ECX NC = n_cpus - 1 and ApicIdSize, and leaf
   0x8000001E extended APIC id and compute-unit id, when present;
+- leaf 0x7.0: ECX[16] LA57 cleared, so the kernel keeps 4-level paging (the only
+  kind kvmpy's tracer and gdb stub walk);
 - 0x40000000: the KVM signature "KVMKVMKVM\\0\\0\\0", EAX = 0x40000001, and
   0x40000001 (KVM paravirt features) exactly as KVM gave it.
 
@@ -45,6 +47,7 @@ KVM_SIGNATURE = b"KVMKVMKVM\0\0\0"
 LEAF1_ECX_TSC_DEADLINE = 1 << 24
 LEAF1_ECX_HYPERVISOR = 1 << 31
 LEAF1_EDX_HTT = 1 << 28
+LEAF7_ECX_LA57 = 1 << 16
 CLFLUSH_LINE_SIZE = 8  # in 8-byte units: 64 bytes
 
 TOPOLOGY_LEAVES = (0xB, 0x1F)
@@ -129,6 +132,9 @@ def normalize_cpuid(
                 ecx |= LEAF1_ECX_TSC_DEADLINE
             edx = e.edx | LEAF1_EDX_HTT if n_cpus > 1 else e.edx & ~LEAF1_EDX_HTT
             out.append(replace(e, ebx=ebx, ecx=ecx, edx=edx))
+        elif f == 7 and e.index == 0:
+            # 5-level paging hidden: kvmpy's page walkers (tracing, gdb) know 4 levels
+            out.append(replace(e, ecx=e.ecx & ~LEAF7_ECX_LA57))
         elif f == 4:
             if e.eax & 0x1F == 0:  # cache type 0: no more caches
                 out.append(e)

@@ -62,8 +62,6 @@ def boot_linux(memory: GuestMemory, bsp: Any, *, kernel: Path, initrd: Path | No
     if initrd is not None:
         rd = load_initrd(memory, initrd, kernel_end=loaded.end_gpa,
                          addr_max=loaded.initrd_addr_max)
-    if acpi is None:
-        cmdline = f"{cmdline} acpi=off"  # no tables to find: don't search and complain
     line = write_cmdline(memory, cmdline, loaded.cmdline_max)
     e820 = build_e820(memory)
     write_mptable(memory, n_cpus)

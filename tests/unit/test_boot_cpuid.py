@@ -148,3 +148,12 @@ def test_boot_msrs():
         assert msrs[index] == 0
     assert msrs[MSR_IA32_MISC_ENABLE] & 1  # fast strings
     assert msrs[0x2FF] == 0x806  # MTRRs on, default type write-back
+
+
+def test_la57_is_hidden_so_the_guest_keeps_4_level_paging():
+    from kvmpy.boot.cpuid import LEAF7_ECX_LA57, normalize_cpuid
+
+    leaf7 = (7, 0, 1, 0, 0, LEAF7_ECX_LA57 | 1, 0)
+    out = normalize_cpuid([leaf7], 0, 1)
+    (entry,) = [e for e in out if e.function == 7]
+    assert entry.ecx == 1
