@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
+import sys
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -24,3 +28,34 @@ def build_c(name: str) -> Path:
 def median(values: list[float]) -> float:
     s = sorted(values)
     return s[len(s) // 2]
+
+
+def in_linux_capable_place(script: str, measure: Callable[[], dict[str, object]]
+                           ) -> dict[str, object]:
+    """Run `measure` here if /dev/kvm boots Linux, else run `script RESULT` in one lab session.
+
+    The script, run with a path, calls `measure()` and writes its JSON there (see
+    `write_result`); the lab shares the result's directory back.
+    """
+    from kvmpy.lab import can_boot_linux, run_in_lab
+
+    if can_boot_linux():
+        return measure()
+    with tempfile.TemporaryDirectory() as out:
+        result = Path(out) / "result.json"
+        status = run_in_lab([sys.executable, os.path.abspath(script), str(result)], rw=[out])
+        if not result.exists():
+            return {"error": f"lab run failed with status {status}"}
+        data = json.loads(result.read_text())
+        if "error" not in data:
+            data["where"] = "lab (nested KVM under QEMU TCG); compare as a ratio"
+        return data
+
+
+def write_result(path: str, measure: Callable[[], dict[str, object]]) -> None:
+    """Inside the lab: measure, and hand the reason back if it fails."""
+    try:
+        result = measure()
+    except Exception as e:  # the reason, not just a status, reaches `make bench`
+        result = {"error": f"{type(e).__name__}: {e}"}
+    Path(path).write_text(json.dumps(result))

@@ -8,13 +8,13 @@ wall time from spawning the VMM process to the line /init prints. Target: ratio 
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
+
+from common import in_linux_capable_place, write_result
 
 ROUNDS = int(os.environ.get("KVMPY_BENCH_ROUNDS", "3"))
 APPEND = "quiet -- true"
@@ -74,20 +74,9 @@ def measure() -> dict[str, object]:
 
 
 def main() -> dict[str, object]:
-    from kvmpy.lab import can_boot_linux, run_in_lab
-
-    if can_boot_linux():
-        return measure()
-    with tempfile.TemporaryDirectory() as out:
-        result = Path(out) / "result.json"
-        status = run_in_lab([sys.executable, os.path.abspath(__file__), str(result)], rw=[out])
-        if status != 0 or not result.exists():
-            return {"error": f"lab run failed with status {status}"}
-        data = json.loads(result.read_text())
-        data["where"] = "lab (nested KVM under QEMU TCG); compare as a ratio"
-        return data
+    return in_linux_capable_place(__file__, measure)
 
 
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    Path(sys.argv[1]).write_text(json.dumps(measure()))
+    write_result(sys.argv[1], measure)

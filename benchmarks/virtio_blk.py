@@ -16,7 +16,6 @@ image lives on a tmpfs (/dev/shm) so both VMMs read and write host memory, not a
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import select
@@ -25,6 +24,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from common import in_linux_capable_place, write_result
 
 ROUNDS = 5
 IMAGE_MIB = 64
@@ -133,29 +134,9 @@ def measure() -> dict[str, object]:
 
 
 def main() -> dict[str, object]:
-    from kvmpy.lab import can_boot_linux, run_in_lab
-
-    if can_boot_linux():
-        return measure()
-    with tempfile.TemporaryDirectory() as out:
-        result = Path(out) / "result.json"
-        status = run_in_lab([sys.executable, os.path.abspath(__file__), str(result)], rw=[out])
-        if not result.exists():
-            return {"error": f"lab run failed with status {status}"}
-        data = json.loads(result.read_text())
-        if "error" in data:
-            return data
-        data["where"] = "lab (nested KVM under QEMU TCG); compare as a ratio"
-        return data
+    return in_linux_capable_place(__file__, measure)
 
 
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    if len(sys.argv) > 1:  # inside the lab, for main()
-        try:
-            result = measure()
-        except Exception as e:  # the reason, not just a status, reaches `make bench`
-            result = {"error": f"{type(e).__name__}: {e}"}
-        Path(sys.argv[1]).write_text(json.dumps(result))
-    else:
-        print(json.dumps(main(), indent=2))
+    write_result(sys.argv[1], measure)
