@@ -31,17 +31,19 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from kvmpy.kvm.exits import RUN_UNION, ExitReason
+from kvmpy.kvm.exits import IO_IN, RUN_UNION, ExitReason
 from kvmpy.kvm.ioctl import lib
 from kvmpy.trace import disasm, vmem
 from kvmpy.vcpu_threads import KICK_SIGNAL
 
 from .debugregs import DR6_BS, DebugRegisters, HwPoint
+from .swbreak import BP_VECTOR, IN_AL_DX, INT3, SoftBreakpoints, int3_intercepted
 
 if TYPE_CHECKING:
     from kvmpy.exitloop import VcpuLoop
     from kvmpy.memory import GuestMemory
 
+_IO_HEAD = struct.Struct("<BBHIQ")  # kvm_run.io: direction, size, port, count, data_offset
 _DEBUG = struct.Struct("<IIQQQ")  # kvm_run.debug.arch: exception, pad, pc, dr6, dr7
 SIGINT, SIGTRAP, SIGSEGV = 2, 5, 11
 REQUEST_TIMEOUT_S = 10.0
@@ -87,11 +89,16 @@ class DebugControl:
     """All-stop control of a VM's vCPUs for one debugger."""
 
     def __init__(self, loops: list[VcpuLoop], memory: GuestMemory, *, irqchip: bool,
-                 on_change: Callable[[], None] = lambda: None) -> None:
+                 on_change: Callable[[], None] = lambda: None,
+                 software_breakpoints: bool = False) -> None:
         self.memory = memory
         self.irqchip = irqchip
         self.on_change = on_change  # wakes the server thread: a vCPU parked
         self.points = DebugRegisters()
+        # Z0 as int3 (hardware KVM, swbreak.py); None: Z0 in the debug registers (PVM)
+        self.sw: SoftBreakpoints | None = None
+        if software_breakpoints:
+            self.sw = SoftBreakpoints(memory, INT3 if int3_intercepted() else IN_AL_DX)
         self.vcpus = [VcpuDebug(i, loop, queue.Queue()) for i, loop in enumerate(loops)]
         self.cond = threading.Condition()
         self.stop_requested = False
@@ -109,6 +116,8 @@ class DebugControl:
             handlers[ExitReason.DEBUG] = lambda dbg=dbg: self.on_debug(dbg)  # type: ignore[misc]
             for reason in (ExitReason.IO, ExitReason.MMIO):
                 handlers[reason] = self._wrap_access(dbg, handlers[reason])
+            if self.sw is not None and self.sw.trap == IN_AL_DX:
+                handlers[ExitReason.IO] = self._wrap_trap(dbg, handlers[ExitReason.IO])
             for reason, what in ((ExitReason.SHUTDOWN, "triple fault"),
                                  (ExitReason.FAIL_ENTRY, "VM entry failed"),
                                  (ExitReason.INTERNAL_ERROR, "KVM internal error")):
@@ -146,12 +155,42 @@ class DebugControl:
 
         return on_access
 
+    def _wrap_trap(self, dbg: VcpuDebug, inner: Callable[[], Any]) -> Callable[[], Any]:
+        """A port read from a patched `in al, dx` is a breakpoint hit, not I/O.
+
+        KVM exits for the read with RIP still on the instruction and completes it
+        (AL, RIP + 1) at the next KVM_RUN. It is completed here at once, under
+        single-step so the guest runs nothing more, and the registers put back: the
+        vCPU then stands on the breakpoint as after an int3 that was intercepted.
+        """
+        def on_io() -> Any:
+            sw = self.sw
+            assert sw is not None
+            vcpu = dbg.loop.vcpu
+            direction, size, _, count, _ = _IO_HEAD.unpack_from(vcpu.run_page, RUN_UNION)
+            if direction == IO_IN and size == 1 and count == 1 and sw.patched:
+                regs, sregs = vcpu.get_regs(), vcpu.get_sregs()
+                linear = (sregs.cs.base + regs.rip) & MASK64
+                if linear in sw.patched and sw.memory.read_u8(sw.patched[linear][0]) == IN_AL_DX:
+                    vcpu.set_guest_debug(lib.KVM_GUESTDBG_ENABLE | lib.KVM_GUESTDBG_SINGLESTEP)
+                    vcpu.set_immediate_exit(False)
+                    vcpu.run()  # completes the read; the single step exits before the guest
+                    vcpu.set_regs(regs)
+                    self.report(dbg, StopEvent(SIGTRAP, "swbreak"))
+                    return None
+            return inner()
+
+        return on_io
+
     def _step_done(self, dbg: VcpuDebug) -> None:
         if dbg.stepping_over:
             dbg.stepping_over = False
             if self.stop_requested:
                 self.park(dbg, None)
             else:
+                if self.sw is not None and self.sw.active:
+                    # put back the int3 this vCPU stepped off
+                    self.sw.patch(vmem.AddressSpace.from_sregs(dbg.loop.vcpu.get_sregs()))
                 self._apply_debug(dbg, step=False)
         else:
             self._apply_debug(dbg, step=False)
@@ -175,6 +214,9 @@ class DebugControl:
             # the debugger wants everyone stopped meanwhile (no reason of our own, then)
             self._step_done(dbg)
             return None
+        if exception == BP_VECTOR and self.sw is not None:
+            self.report(dbg, self._int3_event(dbg, pc))
+            return None
         point = self.points.hit(dr6)
         if point is not None and point.is_watch:
             event = StopEvent(SIGTRAP, "watch" if point.kind == "write" else "awatch",
@@ -187,6 +229,27 @@ class DebugControl:
             event = StopEvent(SIGTRAP, "", what=f"debug exception {exception} at {pc:#x}")
         self.report(dbg, event)
         return None
+
+    def _int3_event(self, dbg: VcpuDebug, pc: int) -> StopEvent:
+        """#BP: ours if RIP (or the byte before it) is a patched breakpoint.
+
+        KVM on VMX and SVM intercepts #BP before delivery, so RIP is the int3's own
+        address (and kvm_run.debug.arch.pc its linear address); should RIP be past it,
+        it is set back, so that gdb sees the breakpoint address and resumes there.
+        """
+        assert self.sw is not None
+        vcpu = dbg.loop.vcpu
+        regs, sregs = vcpu.get_regs(), vcpu.get_sregs()
+        linear = (sregs.cs.base + regs.rip) & MASK64
+        if linear in self.sw:
+            return StopEvent(SIGTRAP, "swbreak")
+        before = (linear - 1) & MASK64
+        if before in self.sw and before in self.sw.patched:
+            regs.rip = (regs.rip - 1) & MASK64
+            vcpu.set_regs(regs)
+            return StopEvent(SIGTRAP, "swbreak")
+        # an int3 of the guest's own: KVM_GUESTDBG_USE_SW_BP takes every #BP from it
+        return StopEvent(SIGTRAP, "", what=f"int3 of the guest at {pc:#x}")
 
     def report(self, dbg: VcpuDebug, event: StopEvent) -> None:
         """This vCPU stopped for a reason: stop every other one, then park."""
@@ -291,6 +354,8 @@ class DebugControl:
         state first (on its thread): breakpoints in the debug registers, and
         single-step for "s" or to step off a breakpoint it is sitting on.
         """
+        if self.sw is not None and self.sw.active:
+            self._patch_for(actions)
         resumed = []
         with self.cond:
             self.stop_requested = False
@@ -306,14 +371,41 @@ class DebugControl:
             dbg.requests.put(lambda dbg=dbg, step=step: self._prepare(dbg, step))
             dbg.requests.put(RESUME)
 
+    def _patch_for(self, actions: dict[int, str]) -> None:
+        """Patch int3 for the breakpoints, translated through each resumed vCPU's tables.
+
+        A breakpoint at a resumed vCPU's RIP stays out: that vCPU steps off it first,
+        and patches it then (`_step_done`).
+        """
+        assert self.sw is not None
+
+        def where(vcpu: Any) -> tuple[vmem.AddressSpace, int]:
+            regs, sregs = vcpu.get_regs(), vcpu.get_sregs()
+            return vmem.AddressSpace.from_sregs(sregs), (sregs.cs.base + regs.rip) & MASK64
+
+        places = [self.call(d.index, where) for d in self.vcpus
+                  if d.index in actions and d.parked]
+        skip = frozenset(rip for _, rip in places)
+        for space, _ in places:
+            self.sw.patch(space, skip)
+
+    def unpatch(self) -> None:
+        """The VM has stopped: guest memory shows its own bytes again."""
+        if self.sw is not None:
+            self.sw.unpatch()
+
     def detach(self) -> None:
         """Forget every breakpoint and let all vCPUs run freely."""
         self.points.clear()
+        if self.sw is not None:
+            self.sw.clear()
         self.attached = False
         self.resume({d.index: "c" for d in self.vcpus})
 
     def close(self) -> None:
         self.closed = True
+        if self.sw is not None:
+            self.sw.clear()
         self.attached = False
         with self.cond:
             self.stop_requested = False
@@ -337,7 +429,8 @@ class DebugControl:
             # run it for real: without an irqchip it ends the run, as it would undebugged
             self._apply_debug(dbg, step=False)
             return
-        on_breakpoint = self.points.executes_at(rip_linear)
+        on_breakpoint = self.points.executes_at(rip_linear) or (
+            self.sw is not None and rip_linear in self.sw)
         dbg.step_from = regs.rip
         if step:
             dbg.stepping = True
@@ -358,6 +451,8 @@ class DebugControl:
         if breakpoints and self.points.active:
             control |= lib.KVM_GUESTDBG_ENABLE | lib.KVM_GUESTDBG_USE_HW_BP
             regs = self.points.debugreg()
+        if breakpoints and self.sw is not None and self.sw.active:
+            control |= lib.KVM_GUESTDBG_ENABLE | lib.KVM_GUESTDBG_USE_SW_BP
         self._set_debug(dbg, control, regs)
 
     @staticmethod

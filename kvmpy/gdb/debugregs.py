@@ -14,7 +14,9 @@ Why gdb's software breakpoints (Z0) live here too: this machine's /dev/kvm
 into the guest cannot work here. A debug register matches a linear address
 before any page table exists for it, which is also what breaking on
 `start_kernel` needs while the kernel is still building its page tables.
-The cost: at most four breakpoints and watchpoints together.
+The cost: at most four breakpoints and watchpoints together. With hardware
+virtualization Z0 is patched into memory instead (swbreak.py): the debug
+registers do not fire under QEMU TCG's nested SVM (the lab).
 """
 
 from __future__ import annotations

@@ -7,23 +7,26 @@ What it is: one server thread that accepts gdb on a TCP port (127.0.0.1 by
 default: the stub can read and write all guest memory), and answers gdb's
 packets (GDB manual, Appendix E "Packets"): registers (g/G/p/P, with a
 target description so gdb knows the x86-64 layout and the control
-registers), memory (m/M/X), breakpoints and watchpoints (Z0/Z1/Z2/Z4 in the
-debug registers, see debugregs.py), continue and single-step (c/s/vCont,
-KVM_GUESTDBG_SINGLESTEP), Ctrl-C, threads (one per vCPU: qfThreadInfo, Hg,
-Hc, `thread:` in stop replies), detach and kill.
+registers), memory (m/M/X), breakpoints and watchpoints (Z1/Z2/Z4 in the
+debug registers, see debugregs.py; Z0 as int3, or there too on PVM),
+continue and single-step (c/s/vCont, KVM_GUESTDBG_SINGLESTEP), Ctrl-C,
+threads (one per vCPU: qfThreadInfo, Hg, Hc, `thread:` in stop replies),
+detach and kill.
 
 Addresses: gdb's addresses are *linear* addresses (segment base + offset;
 in 64-bit mode, virtual addresses). With paging on they are translated
 through the page tables of the vCPU gdb has selected (Hg), by walking them
 in guest memory (kvmpy.trace.vmem); with paging off they are physical.
-Breakpoints match linear addresses in hardware, so they work on kernel
-addresses before the kernel has mapped them.
+Hardware breakpoints (and, on PVM, software ones) match linear addresses in
+the debug registers, so they work on kernel addresses before the kernel has
+mapped them. With hardware virtualization software breakpoints are int3
+patched into guest memory while the vCPUs run (swbreak.py).
 
 The VM is in all-stop mode: when one vCPU stops (breakpoint, step, Ctrl-C)
 every vCPU is stopped, and gdb is told which one stopped first. The vCPUs
 are stopped at their first instruction until gdb connects and continues.
 
-What it is not: non-stop mode, software breakpoints by int3 patching (see
+What it is not: non-stop mode, int3 software breakpoints on PVM (see
 debugregs.py for why), tracepoints, or a way to inject signals.
 """
 
@@ -90,7 +93,10 @@ class GdbStub:
         self.log = log or sys.stderr
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
-        self.control = DebugControl(loops, memory, irqchip=irqchip, on_change=self._wake)
+        # Z0: int3 with hardware virtualization (swbreak.py); the debug registers on PVM,
+        # whose emulator cannot run int3 (debugregs.py)
+        self.control = DebugControl(loops, memory, irqchip=irqchip, on_change=self._wake,
+                                    software_breakpoints=kvm_kind() is KvmKind.HARDWARE)
         try:
             self.listener = socket.create_server((config.host, config.port), reuse_port=False)
         except OSError as e:
@@ -256,6 +262,7 @@ class GdbStub:
         if not control.all_parked():
             return
         self.running = False
+        control.unpatch()  # gdb reads the guest's own bytes while stopped
         first = control.first_event()
         if first is None:
             self._send(conn, self._stop_reply(self.current_g, StopEvent(SIGINT)))
@@ -504,6 +511,13 @@ class GdbStub:
                 self._say("gdb: data breakpoints do not fire on PVM (CPL0 code is emulated); "
                           "in gdb, `set can-use-hw-watchpoints 0` makes software watchpoints")
             return ""
+        sw = self.control.sw
+        if kind == "sw" and sw is not None:
+            if insert:
+                sw.insert(addr)
+            else:
+                sw.remove(addr)
+            return "OK"
         point = HwPoint(kind, addr, 1 if kind in ("sw", "hw") else size)
         if not insert:
             self.control.points.remove(point)
