@@ -74,15 +74,10 @@ class VcpuThreads:
     def kick_all(self) -> None:
         self.kick(range(len(self.loops)))
 
-    def kick(self, indices: range | list[int], *, certain: bool = True) -> None:
-        """Get vCPUs out of KVM_RUN. `certain` also sets immediate_exit, so that a vCPU
-        between two entries cannot miss it; the periodic halt check does without it
-        (a missed check is retried) so that no entry is cut short while KVM still has
-        an I/O completion to finish."""
+    def kick(self, indices: range | list[int]) -> None:
         for i in indices:
             loop, thread = self.loops[i], self._threads[i]
-            if certain:
-                loop.vcpu.set_immediate_exit(True)
+            loop.vcpu.set_immediate_exit(True)
             if thread.is_alive() and thread.ident is not None:
                 try:
                     signal.pthread_kill(thread.ident, KICK_SIGNAL)
@@ -113,7 +108,7 @@ class VcpuThreads:
                 if len(quiet) < len(self.loops):
                     continue  # someone is still talking to us: not all halted
                 self._parked = [False] * len(self.loops)
-                self.kick(quiet, certain=False)
+                self.kick(quiet)
                 if self.done.wait(0.05):
                     break
                 last_seen = [loop.exits_seen for loop in self.loops]  # the kicks' own exits
