@@ -40,13 +40,20 @@ class IrqLine(Protocol):
 
 
 class NullIrq:
-    """An interrupt line that goes nowhere but remembers its state (tests, fuzzing)."""
+    """An interrupt line that goes nowhere but remembers its state (tests, fuzzing).
+
+    `edges` counts rising edges: on an edge-triggered IO-APIC pin each one is an
+    interrupt the guest would take.
+    """
 
     def __init__(self) -> None:
         self.level = False
         self.pulses = 0
+        self.edges = 0
 
     def set_level(self, level: bool) -> None:
+        if level and not self.level:
+            self.edges += 1
         self.level = level
 
     def pulse(self) -> None:

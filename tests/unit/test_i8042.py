@@ -20,17 +20,6 @@ STR_OBF, STR_IBF, STR_SYSFLAG, STR_CMDDAT, STR_KEYLOCK, STR_AUXDATA = (
 CTR_KBDINT, CTR_AUXINT, CTR_KBDDIS, CTR_AUXDIS, CTR_XLATE = 0x01, 0x02, 0x10, 0x20, 0x40
 
 
-class EdgeIrq(NullIrq):
-    def __init__(self) -> None:
-        super().__init__()
-        self.edges = 0
-
-    def set_level(self, level: bool) -> None:
-        if level and not self.level:
-            self.edges += 1
-        self.level = level
-
-
 class LinuxI8042:
     """The command path of drivers/input/serio/i8042.c. A wait that would time out
     (0.5 s each on real Linux) is recorded instead of waited for."""
@@ -70,9 +59,9 @@ class LinuxI8042:
 
 
 @pytest.fixture
-def kbc() -> tuple[I8042, list[int], EdgeIrq]:
+def kbc() -> tuple[I8042, list[int], NullIrq]:
     resets: list[int] = []
-    irq = EdgeIrq()
+    irq = NullIrq()
     return I8042(lambda: resets.append(1), irq), resets, irq
 
 
@@ -242,7 +231,7 @@ ops = st.lists(st.tuples(st.sampled_from(["r", "w"]), st.integers(0, 4), st.inte
 @settings(max_examples=300, deadline=None)
 @given(ops)
 def test_random_accesses_never_raise_or_hang(sequence):
-    irq = EdgeIrq()
+    irq = NullIrq()
     dev = I8042(lambda: None, irq)
     for op, offset, value, size in sequence:
         if op == "r":

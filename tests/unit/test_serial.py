@@ -46,19 +46,6 @@ def uart() -> tuple[Serial, NullIrq, io.BytesIO]:
     return Serial(irq, out), irq, out
 
 
-class EdgeIrq(NullIrq):
-    """An IO-APIC edge-triggered pin: counts rising edges, each one an interrupt."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.edges = 0
-
-    def set_level(self, level: bool) -> None:
-        if level and not self.level:
-            self.edges += 1
-        self.level = level
-
-
 # -- Linux's probe ---------------------------------------------------------------
 def test_8250_autoconfig_finds_a_16550a(uart):
     """drivers/tty/serial/8250/8250_port.c autoconfig(), step by step."""
@@ -340,7 +327,7 @@ class Linux8250:
     transmit buffer is empty; start_tx sets THRI only when it is clear.
     """
 
-    def __init__(self, s: Serial, irq: EdgeIrq) -> None:
+    def __init__(self, s: Serial, irq: NullIrq) -> None:
         self.s, self.irq = s, irq
         self.xmit: deque[int] = deque()
         self.received = bytearray()
@@ -386,7 +373,7 @@ class Linux8250:
 
 def test_interrupt_driven_output_and_input_lose_nothing():
     rng = random.Random(4)
-    irq, out = EdgeIrq(), io.BytesIO()
+    irq, out = NullIrq(), io.BytesIO()
     s = Serial(irq, out)
     linux = Linux8250(s, irq)
     sent, typed = bytearray(), bytearray()
