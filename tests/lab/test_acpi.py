@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 
-from kvmpy import guest_assets
 from kvmpy.acpi.linuxlog import acpi_complaints
 from kvmpy.api import Guest
 from kvmpy.initramfs import INIT_MARKER
@@ -29,16 +28,6 @@ pytestmark = pytest.mark.lab
 # kernel splits init arguments at spaces and honours only double quotes.
 REPORT = ('-- sh -c "echo cpus=$(nproc); '
           'for d in /sys/bus/virtio/devices/*; do echo virtio=$(readlink -f $d); done"')
-
-
-@pytest.fixture(scope="module")
-def kernel() -> guest_assets.KernelAssets:
-    return guest_assets.kernel_path()
-
-
-@pytest.fixture(scope="module")
-def initrd() -> Path:
-    return guest_assets.initramfs_path()
 
 
 @pytest.mark.parametrize(("image", "cpus"), [("bzimage", 1), ("bzimage", 2), ("vmlinux", 2)])

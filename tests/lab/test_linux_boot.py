@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 
-from kvmpy import guest_assets
 from kvmpy.api import Guest
 from kvmpy.initramfs import INIT_MARKER
 from kvmpy.machine import LinuxConfig
@@ -25,16 +24,6 @@ from kvmpy.stop import StopKind
 pytestmark = pytest.mark.lab
 
 MARK = "kvmpy-test-arg"
-
-
-@pytest.fixture(scope="module")
-def kernel() -> guest_assets.KernelAssets:
-    return guest_assets.kernel_path()
-
-
-@pytest.fixture(scope="module")
-def initrd() -> Path:
-    return guest_assets.initramfs_path()
 
 
 def dmesg_e820(log: str) -> list[tuple[int, int, str]]:
