@@ -47,8 +47,9 @@ def measure() -> dict[str, object]:
     kernel = str(guest_assets.kernel_path().bzimage)
     initrd = str(guest_assets.initramfs_path())
     marker = INIT_MARKER.encode()
-    kvmpy = [sys.executable, "-m", "kvmpy", "run", "--kernel", kernel, "--initrd", initrd,
-             "--append", APPEND]
+    # the `kvmpy` command a user types (pip's entry-point script beside this Python)
+    kvmpy = [str(Path(sys.executable).with_name("kvmpy")), "run", "--kernel", kernel,
+             "--initrd", initrd, "--append", APPEND]
     # QEMU at its fastest for this guest: microvm with its RTC (no CMOS probe timeout)
     qemu = ["qemu-system-x86_64", "-M", "microvm,rtc=on", "-enable-kvm", "-cpu", "host",
             "-m", "256", "-smp", "1", "-kernel", kernel, "-initrd", initrd,

@@ -14,13 +14,13 @@ Learned from Firecracker's devices/bus.rs.
 from __future__ import annotations
 
 import bisect
-import logging
 from collections import Counter
 from typing import Protocol
 
 from kvmpy.errors import ConfigError
+from kvmpy.log import get_logger
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 
 class Device(Protocol):

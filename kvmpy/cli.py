@@ -8,16 +8,16 @@ its diagnostic and the status of its `Stop`.
 from __future__ import annotations
 
 import argparse
-import json
-import logging
+import os
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from kvmpy import layout
 from kvmpy.cpu.modes import Mode
 from kvmpy.errors import ConfigError, KvmpyError, KvmUnavailable
+from kvmpy.log import configure_cli, get_logger
 from kvmpy.stop import Stop, StopKind
 from kvmpy.units import parse_address, parse_size
 
@@ -27,10 +27,30 @@ if TYPE_CHECKING:
     from kvmpy.trace.tracer import Tracer
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """argparse's own, told the terminal width: its default asks `shutil`, whose import
+    (with zlib, bz2, lzma) is a tenth of a second of start-up under emulation."""
+
+    def __init__(self, prog: str) -> None:
+        try:
+            columns = os.get_terminal_size(sys.stderr.fileno()).columns
+        except (OSError, ValueError):
+            columns = 80
+        super().__init__(prog, width=columns - 2)
+
+
+class _Parser(argparse.ArgumentParser):
+    """kvmpy's parsers (the subcommands' too) format help with `_HelpFormatter`."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kvmpy", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="kvmpy", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log device events")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     run = sub.add_parser("run", help="run a guest")
     run.add_argument("--flat", type=Path, metavar="FILE", help="a raw binary guest")
@@ -135,7 +155,7 @@ def linux_config(args: argparse.Namespace) -> LinuxConfig:
     from kvmpy.acpi.choice import choose_acpi
 
     choice = choose_acpi(args.acpi, kernel, args.modules)
-    logging.getLogger(__name__).info("%s", choice.reason)
+    get_logger(__name__).info("%s", choice.reason)
     return LinuxConfig(kernel=kernel, initrd=initrd, append=args.append,
                        acpi=choice.acpi, prefer_pvh=not args.entry64)
 
@@ -172,7 +192,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                                disks=[parse_disk(d) for d in args.disk],
                                nets=[parse_net(n) for n in args.net], rng=rng,
                                virtio_console=args.console == "virtio")
-    config.trace, config.gdb = _seeing_inside(args)
+    trace, gdb = _seeing_inside(args)
+    config = config._replace(trace=trace, gdb=gdb)
     machine = Machine(config)
     pump = None
     if config.linux is not None:
@@ -189,6 +210,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         if stop.details:
             print(stop.details, file=sys.stderr)
     if args.stats:
+        import json
+
         from kvmpy.trace.stats import format_table
 
         stats = machine.stats()
@@ -219,8 +242,7 @@ def _seeing_inside(args: argparse.Namespace) -> tuple[Tracer | None, GdbConfig |
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="kvmpy: %(message)s")
+    configure_cli(args.verbose)
     try:
         return int(args.func(args))
     except KvmpyError as e:

@@ -32,6 +32,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from kvmpy.boot.kconfig import parse_kconfig
 from kvmpy.lab.debian import (
     LabError,
     _version_key,
@@ -183,19 +184,6 @@ def _configure(src: Path, fragment: Path, log) -> None:
                if final.get(k, "n") != v]
     if missing:
         raise LabError(f"kernel config options not satisfiable: {' '.join(missing)}")
-
-
-def parse_kconfig(text: str) -> dict[str, str]:
-    """CONFIG_X=v lines and `# CONFIG_X is not set` (as "n") of a .config or fragment."""
-    out: dict[str, str] = {}
-    for line in text.splitlines():
-        line = line.strip()
-        if line.startswith("CONFIG_") and "=" in line:
-            key, value = line.split("=", 1)
-            out[key] = value
-        elif line.startswith("# CONFIG_") and line.endswith(" is not set"):
-            out[line[2:].split()[0]] = "n"
-    return out
 
 
 # --- the default initramfs ------------------------------------------------------------------

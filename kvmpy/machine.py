@@ -14,10 +14,9 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import astuple, dataclass, field
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 from kvmpy import layout
 from kvmpy.boot.cpuid import boot_msrs, normalize_cpuid
@@ -40,13 +39,13 @@ from kvmpy.kvm import Kvm, Vcpu
 from kvmpy.memory import GuestMemory
 from kvmpy.stop import Stop, StopKind
 from kvmpy.vcpu_threads import VcpuThreads
-from kvmpy.virtio.device import VirtioDevice
-from kvmpy.virtio.iothread import IoThread, wire_eventfds
-from kvmpy.virtio.mmio import VirtioMmioTransport, cmdline_fragment, slot_base, slot_irq
 
 if TYPE_CHECKING:
     from kvmpy.gdb.stub import GdbConfig, GdbStub
     from kvmpy.trace.tracer import Tracer
+    from kvmpy.virtio.device import VirtioDevice
+    from kvmpy.virtio.iothread import IoThread
+    from kvmpy.virtio.mmio import VirtioMmioTransport
 
 
 @contextlib.contextmanager
@@ -70,22 +69,20 @@ def _host_signals(stop: Callable[[Stop], None]) -> Iterator[None]:
             signal.signal(sig, previous)
 
 
-@dataclass
-class FlatConfig:
+class FlatConfig(NamedTuple):
     """A raw binary guest (test and tutorial guests)."""
 
     path: Path
     mode: Mode = Mode.REAL
     entry: int = layout.FLAT_LOAD
     cpl: int = 0
-    gprs: dict[str, int] = field(default_factory=dict)
+    gprs: Mapping[str, int] | None = None  # initial general registers, e.g. {"rcx": 10}
     # the in-kernel LAPIC and IO-APIC (docs/tutorial/04-interrupts.md); with it a
     # `hlt` waits inside KVM_RUN for an interrupt instead of ending the run
     irqchip: bool = False
 
 
-@dataclass
-class LinuxConfig:
+class LinuxConfig(NamedTuple):
     """A Linux kernel booted directly (bzImage, or vmlinux by PVH or its 64-bit entry)."""
 
     kernel: Path
@@ -103,32 +100,32 @@ class ConsoleSink(Protocol):
     def flush(self) -> None: ...
 
 
-@dataclass
-class DiskConfig:
+class DiskConfig(NamedTuple):
     path: Path
     read_only: bool = False
 
 
-@dataclass
-class NetConfig:
+class NetConfig(NamedTuple):
     tap: str = ""  # attach to this tap interface; "" lets the kernel name a new one
     mac: str | None = None
 
 
-@dataclass
-class MachineConfig:
+# The configurations are NamedTuples, not dataclasses: a record's class is built
+# without generating and compiling code, which is most of `dataclasses`' cost at
+# start-up (tens of milliseconds each under emulation, see README "Boot time").
+class MachineConfig(NamedTuple):
     mem_size: int = 256 * layout.MiB
     cpus: int = 1
     flat: FlatConfig | None = None
     linux: LinuxConfig | None = None
-    disks: list[DiskConfig] = field(default_factory=list)
-    nets: list[NetConfig] = field(default_factory=list)
+    disks: Sequence[DiskConfig] = ()
+    nets: Sequence[NetConfig] = ()
     rng: bool = False
     virtio_console: bool = False  # hvc0 as the console instead of ttyS0
     stats: bool = False
     trace: Tracer | None = None  # a line per VM exit (kvmpy.trace.tracer)
     gdb: GdbConfig | None = None  # vCPUs start stopped, waiting for gdb (kvmpy.gdb.stub)
-    console: ConsoleSink = field(default_factory=lambda: sys.stdout.buffer)
+    console: ConsoleSink | None = None  # guest console output; None: this process's stdout
 
 
 class KvmIrq:
@@ -174,6 +171,7 @@ def _prepare_for_linux(vcpu: Vcpu) -> None:
 class Machine:
     def __init__(self, config: MachineConfig, kvm: Kvm | None = None) -> None:
         self.config = config
+        self.console: ConsoleSink = config.console or sys.stdout.buffer
         self.kvm = kvm or Kvm()
         # 1. guest RAM, with the 32-bit MMIO hole left out
         self.memory = GuestMemory.anonymous(config.mem_size,
@@ -197,7 +195,7 @@ class Machine:
         supported = self.kvm.supported_cpuid()
         tsc_deadline = bool(self.kvm.check_extension(KVM_CAP_TSC_DEADLINE_TIMER))
         for vcpu in self.vcpus:
-            vcpu.set_cpuid2([astuple(e) for e in normalize_cpuid(
+            vcpu.set_cpuid2([tuple(e) for e in normalize_cpuid(
                 supported, vcpu.index, config.cpus, tsc_deadline=tsc_deadline)])
             if config.linux is not None:
                 _prepare_for_linux(vcpu)
@@ -225,11 +223,16 @@ class Machine:
                 self.pio.insert(layout.PM_PORT_BASE, PM_PORT_LEN, self.pm, "acpi-pm")
         # virtio-mmio devices, one 4 KiB window and one GSI each; their queue
         # notifications and interrupts go through KVM eventfds to an I/O thread
-        self.iothread = IoThread()
         self.virtio: list[tuple[VirtioMmioTransport, int, int]] = []  # (transport, gpa, gsi)
-        for device in self._virtio_devices():
-            self._add_virtio(device)
-        self.iothread.start()
+        self.iothread: IoThread | None = None
+        devices = self._virtio_devices()
+        if devices:
+            from kvmpy.virtio.iothread import IoThread
+
+            self.iothread = IoThread()
+            for device in devices:
+                self._add_virtio(device, self.iothread)
+            self.iothread.start()
         self.threads: VcpuThreads | None = None
         # 6. boot
         self.linux_boot: LinuxBoot | None = None
@@ -237,7 +240,7 @@ class Machine:
             flat = config.flat
             load_flat(self.memory, flat.path)
             start_flat(self.vcpus[0], self.memory, flat.mode, flat.entry, flat.cpl,
-                       **flat.gprs)
+                       **(flat.gprs or {}))
         elif config.linux is not None:
             self.linux_boot = self._boot_linux(config.linux)
         # 7. seeing inside: a gdb stub takes over the debug exits, then a tracer wraps
@@ -253,42 +256,55 @@ class Machine:
                 config.trace.install(loop)
 
     def _virtio_devices(self) -> list[VirtioDevice]:
-        # imported here: a VM without them should not pay their import at start-up
-        from kvmpy.virtio.blk import Block
-        from kvmpy.virtio.console import Console
-        from kvmpy.virtio.net import Net
-        from kvmpy.virtio.rng import Rng
-        from kvmpy.virtio.tap import Tap
-
+        # each imported only when asked for: a VM without virtio devices (or with one
+        # kind) should not pay for the others' imports at start-up
         config = self.config
         devices: list[VirtioDevice] = []
         if config.virtio_console:
+            from kvmpy.virtio.console import Console
+
             self.hvc = Console(output=self._console_write)
             devices.append(self.hvc)
-        devices += [Block(str(d.path), read_only=d.read_only) for d in config.disks]
-        devices += [Net(Tap(n.tap), n.mac) for n in config.nets]
+        if config.disks:
+            from kvmpy.virtio.blk import Block
+
+            devices += [Block(str(d.path), read_only=d.read_only) for d in config.disks]
+        if config.nets:
+            from kvmpy.virtio.net import Net
+            from kvmpy.virtio.tap import Tap
+
+            devices += [Net(Tap(n.tap), n.mac) for n in config.nets]
         if config.rng:
+            from kvmpy.virtio.rng import Rng
+
             devices.append(Rng())
         return devices
 
-    def _add_virtio(self, device: VirtioDevice) -> None:
+    def _add_virtio(self, device: VirtioDevice, iothread: IoThread) -> None:
+        from kvmpy.virtio.iothread import wire_eventfds
+        from kvmpy.virtio.mmio import VirtioMmioTransport, slot_base, slot_irq
+
         slot = len(self.virtio)
         gpa, gsi = slot_base(slot), slot_irq(slot)
         transport = VirtioMmioTransport(device, self.memory, self.irq(gsi))
         self.mmio.insert(gpa, layout.VIRTIO_MMIO_SIZE, transport, device.name)
         if self.vm.irqchip:
-            wire_eventfds(self.vm, self.iothread, transport, gpa, gsi)
+            wire_eventfds(self.vm, iothread, transport, gpa, gsi)
         else:
-            self.iothread.add_device(device)
+            iothread.add_device(device)
         self.virtio.append((transport, gpa, gsi))
 
     def _boot_linux(self, linux: LinuxConfig) -> LinuxBoot:
-        devices = [cmdline_fragment(gpa, gsi) for _, gpa, gsi in self.virtio]
+        devices: list[str] = []
+        if self.virtio:
+            from kvmpy.virtio.mmio import cmdline_fragment
+
+            devices = [cmdline_fragment(gpa, gsi) for _, gpa, gsi in self.virtio]
         # the console: the 16550 (ttyS0), or virtio-console (hvc0)
         console = "console=hvc0" if self.config.virtio_console else "console=ttyS0"
         acpi = None
         if linux.acpi:
-            from kvmpy.acpi import build_acpi
+            from kvmpy.acpi.tables import build_acpi
 
             devices = []  # the DSDT describes them; listing both would probe each twice
             windows = [(gpa, layout.VIRTIO_MMIO_SIZE, gsi) for _, gpa, gsi in self.virtio]
@@ -308,14 +324,14 @@ class Machine:
         return KvmIrq(self.vm, gsi) if self.vm.irqchip else NullIrq()
 
     def _console_out(self, data: bytes) -> None:
-        self.config.console.write(data)
-        self.config.console.flush()
+        self.console.write(data)
+        self.console.flush()
 
     def _console_write(self, data: bytes) -> None:
         """Console bytes from a device other than the UART, kept in order with it."""
         self.serial.flush()
-        self.config.console.write(data)
-        self.config.console.flush()
+        self.console.write(data)
+        self.console.flush()
 
     def _guest_reset(self) -> None:
         self.request_stop(Stop(StopKind.REBOOT, "guest rebooted"))
@@ -381,7 +397,8 @@ class Machine:
     def close(self) -> None:
         if self.gdb is not None:
             self.gdb.close()  # tells a waiting gdb how the VM ended
-        self.iothread.close()
+        if self.iothread is not None:
+            self.iothread.close()
         for transport, _, _ in self.virtio:
             transport.device.close()
         for v in self.vcpus:

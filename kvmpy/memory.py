@@ -19,7 +19,7 @@ from __future__ import annotations
 import mmap
 import struct
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from kvmpy.errors import ConfigError, GuestMemoryError
 
@@ -28,8 +28,7 @@ _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
 
 
-@dataclass
-class Region:
+class Region(NamedTuple):
     """A contiguous run of guest RAM backed by one host buffer."""
 
     gpa: int
@@ -45,12 +44,7 @@ class Region:
     @property
     def host_address(self) -> int:
         """Host virtual address of the first byte (for KVM_SET_USER_MEMORY_REGION)."""
-        import ctypes
-
-        anchor = ctypes.c_char.from_buffer(self.buffer)
-        address = ctypes.addressof(anchor)
-        del anchor  # drop the buffer export so the mapping can be closed later
-        return address + self.offset
+        return _address_of(self.buffer) + self.offset
 
 
 class GuestMemory:
@@ -73,6 +67,8 @@ class GuestMemory:
             self.regions.append(Region(gpa, size, buf, view, offset))
         if not self.regions:
             raise ConfigError("guest memory needs at least one region")
+        # (start, end, view) per region: the lookup every guest access makes, kept flat
+        self._spans = [(r.gpa, r.gpa + r.size, r.view) for r in self.regions]
 
     # -- construction -----------------------------------------------------
     @classmethod
@@ -132,11 +128,26 @@ class GuestMemory:
     def view(self, gpa: int, length: int) -> memoryview:
         """A zero-copy window on [gpa, gpa+length); it must lie in one region."""
         if gpa >= 0 and length >= 0:
-            for r in self.regions:
-                if r.gpa <= gpa and gpa + length <= r.end:
-                    off = gpa - r.gpa
-                    return r.view[off : off + length]
+            for start, end, view in self._spans:
+                if start <= gpa and gpa + length <= end:
+                    return view[gpa - start : gpa - start + length]
         raise GuestMemoryError(f"guest access [{gpa:#x}, +{length:#x}) is outside guest RAM")
+
+    def views(self, gpas: Sequence[int], lengths: Sequence[int]) -> list[memoryview]:
+        """`view` of each (gpas[i], lengths[i]), in order: a scatter list in one call.
+
+        When the whole list plainly lies in the first region (RAM below the MMIO
+        hole, where a guest's buffers usually are) its bounds are checked once, from
+        the columns' extremes; otherwise span by span with `view`.
+        """
+        start, end, low = self._spans[0]
+        if (gpas and min(gpas) >= start and min(lengths) >= 0
+                and max(gpas) + max(lengths) <= end):
+            if start == 0:  # guest-physical address = offset in the region
+                return [low[gpa : gpa + n] for gpa, n in zip(gpas, lengths, strict=True)]
+            return [low[gpa - start : gpa - start + n]
+                    for gpa, n in zip(gpas, lengths, strict=True)]
+        return [self.view(gpa, n) for gpa, n in zip(gpas, lengths, strict=True)]
 
     # -- bytes ------------------------------------------------------------
     def read(self, gpa: int, length: int) -> bytes:
@@ -174,6 +185,7 @@ class GuestMemory:
         _U64.pack_into(self.view(gpa, 8), 0, value & 0xFFFFFFFFFFFFFFFF)
 
     def close(self) -> None:
+        self._spans = []
         for r in self.regions:
             r.view.release()
             if isinstance(r.buffer, mmap.mmap):
@@ -186,9 +198,15 @@ HUGE_PAGE = 2 << 20
 
 def _huge_page_offset(buf: mmap.mmap | bytearray) -> int:
     """Bytes from the start of `buf` to its first 2 MiB-aligned host address."""
-    import ctypes
+    return -_address_of(buf) % HUGE_PAGE
 
-    anchor = ctypes.c_char.from_buffer(buf)
-    address = ctypes.addressof(anchor)
-    del anchor
-    return -address % HUGE_PAGE
+
+def _address_of(buf: mmap.mmap | bytearray) -> int:
+    """Host virtual address of `buf`'s first byte (cffi's, lighter to import than ctypes')."""
+    import _cffi_backend
+
+    ffi = _cffi_backend.FFI()
+    anchor = ffi.from_buffer(buf)
+    address = int(ffi.cast("uintptr_t", anchor))
+    ffi.release(anchor)  # drop the buffer export so the mapping can be closed later
+    return address

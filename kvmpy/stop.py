@@ -7,7 +7,7 @@ clean poweroff from a reboot request, a triple fault or a hung guest.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from typing import NamedTuple
 
 
 class StopKind(enum.Enum):
@@ -21,8 +21,7 @@ class StopKind(enum.Enum):
     SIGTERM = 143
 
 
-@dataclass(frozen=True)
-class Stop:
+class Stop(NamedTuple):
     kind: StopKind
     reason: str  # one line for the user
     status: int | None = None  # overrides kind's status (DEBUG_EXIT)

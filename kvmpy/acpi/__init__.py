@@ -10,6 +10,18 @@ through `kvmpy.devices.acpi_pm`.
 What it is not: firmware. No FACS, no PCI, no SCI, no methods with logic.
 """
 
-from kvmpy.acpi.tables import AcpiTables, build_acpi
+from __future__ import annotations
+
+from typing import Any
 
 __all__ = ["AcpiTables", "build_acpi"]
+
+
+def __getattr__(name: str) -> Any:
+    # imported on first use (PEP 562): `kvmpy.acpi.choice` runs on every Linux boot,
+    # the table builders only when the machine is described with ACPI
+    if name in __all__:
+        from kvmpy.acpi import tables
+
+        return getattr(tables, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

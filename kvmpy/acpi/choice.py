@@ -29,9 +29,11 @@ nothing else; a plain vmlinux without a config beside it gets the MP table.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
+from typing import NamedTuple
+
+from kvmpy.boot.kconfig import parse_kconfig
 
 # Linux Documentation/arch/x86/boot.rst, "The real-mode kernel header": the magic
 # "HdrS" at 0x202 and, from protocol 2.00, kernel_version at 0x20E: a pointer to a
@@ -49,8 +51,7 @@ class AcpiMode(Enum):
     OFF = "off"
 
 
-@dataclass(frozen=True)
-class AcpiChoice:
+class AcpiChoice(NamedTuple):
     acpi: bool
     reason: str  # one line: why, for `kvmpy run -v` and error messages
 
@@ -85,8 +86,6 @@ def find_kernel_config(kernel: Path) -> Path | None:
 
 
 def _kconfig(path: Path) -> dict[str, str]:
-    from kvmpy.guest_assets import parse_kconfig
-
     return parse_kconfig(path.read_text(errors="replace"))
 
 

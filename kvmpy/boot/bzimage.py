@@ -24,7 +24,7 @@ Learned from rust-vmm linux-loader (src/loader/x86_64/bzimage/mod.rs).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from kvmpy import layout
 from kvmpy.boot import bootparam as bp
@@ -43,8 +43,7 @@ def _version(v: int) -> str:
     return f"{v >> 8}.{v & 0xFF:02d}"
 
 
-@dataclass(frozen=True)
-class SetupHeader:
+class SetupHeader(NamedTuple):
     """The setup header as the image declares it (boot.rst field names).
 
     `raw` is bytes 0x1f1 up to the header's own end (0x202 + the byte at
@@ -88,8 +87,7 @@ class SetupHeader:
         return bp.get(padded, name) if offset < self.end else 0
 
 
-@dataclass(frozen=True)
-class LoadedBzImage:
+class LoadedBzImage(NamedTuple):
     """What `load_bzimage` put in guest RAM and where the kernel starts."""
 
     header: SetupHeader

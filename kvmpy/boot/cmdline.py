@@ -11,7 +11,7 @@ What it is not: it does not parse or merge options; the caller composes the stri
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from kvmpy import layout
 from kvmpy.errors import ConfigError
@@ -21,8 +21,7 @@ COMMAND_LINE_SIZE = 2048  # x86 boot_command_line[], NUL included
 DEFAULT_MAX_LEN = COMMAND_LINE_SIZE - 1
 
 
-@dataclass(frozen=True)
-class Cmdline:
+class Cmdline(NamedTuple):
     """A command line as written into guest RAM."""
 
     gpa: int

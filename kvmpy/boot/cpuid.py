@@ -36,7 +36,7 @@ Learned from Firecracker's cpu_config/x86_64/cpuid/normalize.rs and arch/x86_64/
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 KVM_CPUID_FLAG_SIGNIFCANT_INDEX = 1 << 0  # (sic) the kernel's spelling
 
@@ -58,12 +58,12 @@ LEVEL_TYPE_CORE = 2
 AMD_VENDORS = (b"AuthenticAMD", b"HygonGenuine")
 
 
-@dataclass(frozen=True)
-class CpuidEntry:
+class CpuidEntry(NamedTuple):
     """One kvm_cpuid_entry2, without its padding."""
 
     function: int
-    index: int
+    # the struct's name for the subleaf; it hides tuple.index, which nothing here uses
+    index: int  # type: ignore[assignment]
     flags: int
     eax: int
     ebx: int
@@ -131,10 +131,10 @@ def normalize_cpuid(
             if tsc_deadline:
                 ecx |= LEAF1_ECX_TSC_DEADLINE
             edx = e.edx | LEAF1_EDX_HTT if n_cpus > 1 else e.edx & ~LEAF1_EDX_HTT
-            out.append(replace(e, ebx=ebx, ecx=ecx, edx=edx))
+            out.append(e._replace(ebx=ebx, ecx=ecx, edx=edx))
         elif f == 7 and e.index == 0:
             # 5-level paging hidden: kvmpy's page walkers (tracing, gdb) know 4 levels
-            out.append(replace(e, ecx=e.ecx & ~LEAF7_ECX_LA57))
+            out.append(e._replace(ecx=e.ecx & ~LEAF7_ECX_LA57))
         elif f == 4:
             if e.eax & 0x1F == 0:  # cache type 0: no more caches
                 out.append(e)
@@ -143,7 +143,7 @@ def normalize_cpuid(
             sharing = n_cpus - 1 if level >= 3 else 0
             eax = _bits(e.eax, 26, 31, min(n_cpus, 64) - 1)
             eax = _bits(eax, 14, 25, min(sharing, 0xFFF))
-            out.append(replace(e, eax=eax))
+            out.append(e._replace(eax=eax))
         elif f in TOPOLOGY_LEAVES:
             # KVM may list only some subleaves (since 6.2 not 0xB.1): write all three.
             if f not in topology_done:
@@ -152,11 +152,11 @@ def normalize_cpuid(
         elif f == 0x80000008 and amd:
             ecx = _bits(e.ecx, 0, 7, n_cpus - 1)
             ecx = _bits(ecx, 12, 15, (n_cpus - 1).bit_length())
-            out.append(replace(e, ecx=ecx))
+            out.append(e._replace(ecx=ecx))
         elif f == 0x8000001E and amd:
             # EAX extended APIC id; EBX[7:0] compute unit (= core) id, [15:8] threads - 1;
             # ECX node id 0, one node per processor.
-            out.append(replace(e, eax=apic_id, ebx=vcpu_id & 0xFF, ecx=0, edx=0))
+            out.append(e._replace(eax=apic_id, ebx=vcpu_id & 0xFF, ecx=0, edx=0))
         elif f == KVM_CPUID_SIGNATURE:
             has_signature = True
             out.append(_kvm_signature(e.flags))

@@ -23,8 +23,8 @@ Types: arch/x86/include/asm/e820/types.h; ACPI 6.5 §15 (System Address Map).
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from enum import IntEnum
+from typing import NamedTuple
 
 from kvmpy import layout
 from kvmpy.errors import ConfigError
@@ -48,8 +48,7 @@ E820_UNUSABLE = E820Type.UNUSABLE
 E820_PMEM = E820Type.PMEM
 
 
-@dataclass(frozen=True)
-class E820Entry:
+class E820Entry(NamedTuple):
     addr: int
     size: int
     type: E820Type

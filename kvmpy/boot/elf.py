@@ -26,7 +26,7 @@ linux-loader (src/loader/x86_64/elf/mod.rs).
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from kvmpy import layout
 from kvmpy.errors import LoaderError
@@ -53,8 +53,7 @@ NHDR = struct.Struct("<III")  # namesz, descsz, type
 MAX_PHNUM = 256  # far more than any kernel has; bounds the work a hostile file can ask for
 
 
-@dataclass(frozen=True)
-class ProgramHeader:
+class ProgramHeader(NamedTuple):
     type: int
     flags: int
     offset: int
@@ -65,8 +64,7 @@ class ProgramHeader:
     align: int
 
 
-@dataclass(frozen=True)
-class ElfImage:
+class ElfImage(NamedTuple):
     """A validated ELF64 x86-64 executable: its entry, program headers and PVH entry."""
 
     e_entry: int
@@ -78,8 +76,7 @@ class ElfImage:
         return tuple(p for p in self.phdrs if p.type == PT_LOAD)
 
 
-@dataclass(frozen=True)
-class LoadedElf:
+class LoadedElf(NamedTuple):
     """What `load_elf` put in guest RAM, and the kernel's entry points."""
 
     entry_gpa: int  # 64-bit entry (physical)

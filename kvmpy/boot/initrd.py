@@ -13,8 +13,8 @@ What it is not: it writes no boot_params; `params.py` and `pvh.py` record it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from kvmpy import layout
 from kvmpy.errors import LoaderError
@@ -23,8 +23,7 @@ from kvmpy.memory import GuestMemory
 NO_LIMIT = 0xFFFF_FFFF  # kernels without a header (vmlinux, PVH): only the hole limits it
 
 
-@dataclass(frozen=True)
-class LoadedInitrd:
+class LoadedInitrd(NamedTuple):
     gpa: int
     size: int
 

@@ -20,9 +20,8 @@ What it is not: it writes no boot parameters and touches no vCPU.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from kvmpy.boot import bootparam as bp
 from kvmpy.boot.bzimage import SetupHeader, load_bzimage
@@ -46,8 +45,7 @@ _NOT_KERNELS: tuple[tuple[int, bytes, str], ...] = (
 )
 
 
-@dataclass(frozen=True)
-class LoadedKernel:
+class LoadedKernel(NamedTuple):
     """A kernel in guest RAM and how to enter it (see the module docstring)."""
 
     protocol: Protocol

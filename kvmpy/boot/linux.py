@@ -15,9 +15,8 @@ Documentation/arch/x86/x86_64/boot / PVH (xen/include/public/arch-x86/hvm/start_
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from kvmpy import layout
 from kvmpy.boot.cmdline import write_cmdline
@@ -38,8 +37,7 @@ from kvmpy.memory import GuestMemory
 BASE_CMDLINE = "reboot=k panic=-1 pci=off i8042.noaux"
 
 
-@dataclass(frozen=True)
-class LinuxBoot:
+class LinuxBoot(NamedTuple):
     """What was placed where: for diagnostics, tests and the `--stats` report."""
 
     kernel: LoadedKernel

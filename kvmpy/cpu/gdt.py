@@ -11,8 +11,7 @@ Intel SDM Vol. 3A §3.4.5 (segment descriptors), §7.2.3 (64-bit TSS descriptor)
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 # Descriptor type field (SDM Table 3-1) for code/data (S=1) and system (S=0) segments.
 TYPE_DATA_RW = 0x3  # read/write, accessed
@@ -21,8 +20,7 @@ TYPE_TSS_BUSY = 0xB  # 32/64-bit TSS (busy), S=0
 TYPE_LDT = 0x2
 
 
-@dataclass(frozen=True)
-class Segment:
+class Segment(NamedTuple):
     selector: int
     base: int = 0
     limit: int = 0xFFFFFFFF  # in bytes; encoded with G=1 when larger than 1 MiB

@@ -13,7 +13,7 @@ Intel SDM Vol. 3A §4.5 (4-level paging), Table 4-14..4-20 (entry formats).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from kvmpy import layout
 from kvmpy.memory import GuestMemory
@@ -48,8 +48,7 @@ def build_identity_map(memory: GuestMemory, *, user: bool = False) -> int:
     return layout.PML4
 
 
-@dataclass(frozen=True)
-class Translation:
+class Translation(NamedTuple):
     gpa: int
     writable: bool
     user: bool

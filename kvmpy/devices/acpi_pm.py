@@ -22,10 +22,11 @@ hardware-reduced platform has none of them.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 
-log = logging.getLogger(__name__)
+from kvmpy.log import get_logger
+
+log = get_logger(__name__)
 
 # Register offsets from layout.PM_PORT_BASE; the FADT points at these.
 SLEEP_CONTROL = 0

@@ -45,14 +45,14 @@ kvmtool hw/i8042.c.
 
 from __future__ import annotations
 
-import logging
 import threading
 from collections import deque
 from collections.abc import Callable
 
 from kvmpy.bus import IrqLine
+from kvmpy.log import get_logger
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 PORT_SPAN = 5  # 0x60-0x64
 DATA = 0  # port 0x60

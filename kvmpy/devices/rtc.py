@@ -36,14 +36,14 @@ MC146818A datasheet's register descriptions.
 
 from __future__ import annotations
 
-import calendar
-import logging
 import math
 import threading
 import time
 from collections.abc import Callable
 
-log = logging.getLogger(__name__)
+from kvmpy.log import get_logger
+
+log = get_logger(__name__)
 
 PORT_SPAN = 2
 INDEX = 0  # port 0x70
@@ -200,6 +200,8 @@ class Rtc:
                 tm.tm_mon, tm.tm_year % 100, tm.tm_year // 100]
 
     def _set_time(self, fields: list[int]) -> None:
+        import calendar  # only a guest that sets the clock pays for the import
+
         sec, minute, hour, _, day, month, year, century = fields
         try:
             # calendar.monthrange validates the month and bounds the day

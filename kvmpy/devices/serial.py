@@ -39,14 +39,14 @@ Learned from rust-vmm vm-superio serial.rs and kvmtool hw/serial.c.
 
 from __future__ import annotations
 
-import logging
 import threading
 from collections.abc import Callable
 from typing import BinaryIO
 
 from kvmpy.bus import IrqLine
+from kvmpy.log import get_logger
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 # Register offsets from the base port (PC16550D datasheet, Table II).
 RBR = THR = DLL = 0  # receive buffer (read), transmit holding (write), divisor low (DLAB=1)

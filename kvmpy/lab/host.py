@@ -12,7 +12,6 @@ This module only inspects the machine; it starts nothing.
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 QEMU = "qemu-system-x86_64"
@@ -23,7 +22,7 @@ VENDOR_MODULES = {"kvm_intel": "vmx", "kvm_amd": "svm"}
 
 def _cpu_flags(cpuinfo: Path) -> set[str]:
     try:
-        text = cpuinfo.read_text()
+        text = cpuinfo.read_text(encoding="ascii", errors="replace")
     except OSError:
         return set()
     for line in text.splitlines():
@@ -58,6 +57,8 @@ def can_boot_linux() -> bool:
 
 def lab_status() -> tuple[bool, str]:
     """(True, "") if the lab can be started here, else (False, the one-line reason)."""
+    import shutil
+
     if shutil.which(QEMU) is None:
         return False, f"{QEMU} not found: install qemu-system-x86 (`make deps`)"
     if not Path("/bin/busybox").exists():

@@ -115,12 +115,22 @@ class BlockIoError(Exception):
         self.status = status
 
 
+# A request's chain, header and status included, may not be longer than the queue
+# (§2.7.5.3.1), so the queue size bounds seg_max. 1024 lets Linux send a 1 MiB
+# transfer of scattered 4 KiB pages as one request rather than two; the rings cost
+# the guest 24 KiB.
+QUEUE_SIZE = 1024
+
+
+_STATUS = {s: bytes([s]) for s in (VIRTIO_BLK_S_OK, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_UNSUPP)}
+
+
 class Block(VirtioDevice):
     device_id = VIRTIO_ID_BLOCK
     name = "virtio-blk"
 
     def __init__(self, path: str, *, read_only: bool = False, serial: str | None = None,
-                 queue_size: int = 256) -> None:
+                 queue_size: int = QUEUE_SIZE) -> None:
         super().__init__((queue_size,))
         self.path = path
         self.read_only = read_only
@@ -203,37 +213,42 @@ class Block(VirtioDevice):
     def _request(self, chain: DescriptorChain) -> int:
         """Serve one request; returns the used length (bytes written to the driver)."""
         readable, writable = chain.buffers()
-        if iov_len(readable) < _REQ_HEADER.size:
+        if chain.readable_bytes < _REQ_HEADER.size:
             raise VirtqueueError("block request without its 16-byte header")
-        if iov_len(writable) < 1:
+        if chain.writable_bytes < 1:
             raise VirtqueueError("block request without a status byte")
-        rtype, _, sector = _REQ_HEADER.unpack(iov_read(readable, 0, _REQ_HEADER.size))
-        data_out = iov_slice(readable, _REQ_HEADER.size)  # driver -> device payload
-        in_len = iov_len(writable) - 1
-        data_in = iov_slice(writable, 0, in_len)  # device -> driver payload
-        status_byte = iov_slice(writable, in_len)
+        out_len = chain.readable_bytes - _REQ_HEADER.size  # driver -> device payload
+        in_len = chain.writable_bytes - 1  # device -> driver payload
+        if readable[0].nbytes == _REQ_HEADER.size and writable[-1].nbytes == 1:
+            # Linux's layout: the header and the status byte in descriptors of their own
+            header = readable[0]
+            data_out, data_in, status_byte = readable[1:], writable[:-1], writable[-1:]
+        else:  # any other split of the same bytes is as valid (§2.7.4)
+            header = memoryview(iov_read(readable, 0, _REQ_HEADER.size))
+            data_out = iov_slice(readable, _REQ_HEADER.size)
+            data_in = iov_slice(writable, 0, in_len)
+            status_byte = iov_slice(writable, in_len)
+        rtype, _, sector = _REQ_HEADER.unpack(header)
         try:
-            written = self._serve(rtype, sector, data_out, data_in)
+            written = self._serve(rtype, sector, data_out, out_len, data_in, in_len)
             status = VIRTIO_BLK_S_OK
         except BlockIoError as e:
             self.warn(f"req-{rtype}-{e.status}", "request type %d failed: %s", rtype, e)
             written, status = 0, e.status
-        iov_write(status_byte, bytes([status]))
+        iov_write(status_byte, _STATUS[status])
         return written + 1
 
-    def _serve(self, rtype: int, sector: int, data_out: list[memoryview],
-               data_in: list[memoryview]) -> int:
+    def _serve(self, rtype: int, sector: int, data_out: list[memoryview], out_len: int,
+               data_in: list[memoryview], in_len: int) -> int:
         """Do the request; returns bytes written into data_in; raises BlockIoError."""
         if rtype == VIRTIO_BLK_T_IN:
-            length = iov_len(data_in)
-            offset = self._check_range(sector, length)
-            self._transfer("preadv", data_in, offset, length)
-            return length
+            offset = self._check_range(sector, in_len)
+            self._transfer("preadv", data_in, offset, in_len)
+            return in_len
         if rtype == VIRTIO_BLK_T_OUT:
             self._check_writable()
-            length = iov_len(data_out)
-            offset = self._check_range(sector, length)
-            self._transfer("pwritev", data_out, offset, length)
+            offset = self._check_range(sector, out_len)
+            self._transfer("pwritev", data_out, offset, out_len)
             return 0
         if rtype == VIRTIO_BLK_T_FLUSH:
             self._os(os.fsync, self.fd)
@@ -267,7 +282,7 @@ class Block(VirtioDevice):
             def move(v: list[memoryview], off: int) -> int:
                 return os.pwritev(fd, v, off)
         try:
-            done = iov_transfer(move, views, offset)
+            done = iov_transfer(move, views, offset, length)
         except OSError as e:
             raise BlockIoError(VIRTIO_BLK_S_IOERR, f"{op}: {e.strerror}") from None
         if done != length:

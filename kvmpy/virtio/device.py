@@ -21,15 +21,15 @@ Learned from rust-vmm's VirtioDevice trait and kvmtool's virtio/core.c.
 
 from __future__ import annotations
 
-import logging
 import threading
 from collections.abc import Callable
 from typing import Protocol
 
+from kvmpy.log import WARNING, get_logger
 from kvmpy.memory import GuestMemory
 from kvmpy.virtio.queue import DEFAULT_QUEUE_SIZE, DescriptorChain, Virtqueue
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 # §5 device IDs
 VIRTIO_ID_NET = 1
@@ -79,7 +79,7 @@ class LogOnce:
         self.name = name
         self.seen: set[str] = set()
 
-    def __call__(self, key: str, msg: str, *args: object, level: int = logging.WARNING) -> None:
+    def __call__(self, key: str, msg: str, *args: object, level: int = WARNING) -> None:
         if key in self.seen:
             return
         self.seen.add(key)

@@ -21,7 +21,6 @@ What it is not: KVM. The VM object is anything with `ioeventfd()` and
 
 from __future__ import annotations
 
-import logging
 import os
 import select
 import threading
@@ -29,10 +28,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from kvmpy.log import get_logger
 from kvmpy.virtio.device import VirtioDevice
 from kvmpy.virtio.mmio import QUEUE_NOTIFY, VirtioMmioTransport
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 _EFD_FLAGS = os.EFD_NONBLOCK | os.EFD_CLOEXEC
 

@@ -12,6 +12,7 @@ were already bounds-checked by `GuestMemory`.
 
 from __future__ import annotations
 
+import operator
 import os
 from collections.abc import Callable, Sequence
 
@@ -19,7 +20,10 @@ IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
 
 
 def iov_len(views: Sequence[memoryview]) -> int:
-    return sum(v.nbytes for v in views)
+    return sum(map(_nbytes, views))
+
+
+_nbytes = operator.attrgetter("nbytes")
 
 
 def iov_slice(views: Sequence[memoryview], start: int, end: int | None = None) -> list[memoryview]:
@@ -30,7 +34,7 @@ def iov_slice(views: Sequence[memoryview], start: int, end: int | None = None) -
         n = v.nbytes
         lo, hi = max(start - pos, 0), n if end is None else min(end - pos, n)
         if lo < hi:
-            out.append(v[lo:hi])
+            out.append(v if lo == 0 and hi == n else v[lo:hi])  # whole views are reused
         pos += n
         if end is not None and pos >= end:
             break
@@ -55,18 +59,30 @@ def iov_write(views: Sequence[memoryview], data: bytes | bytearray | memoryview,
 
 
 def iov_transfer(op: Callable[[list[memoryview], int], int], views: Sequence[memoryview],
-                 offset: int) -> int:
+                 offset: int, total: int | None = None) -> int:
     """Run `op(views, offset)` (preadv/pwritev) until done or it makes no progress.
 
     Returns the bytes moved. Short transfers are retried on the remainder;
     the list is split at IOV_MAX entries. OSError propagates to the caller.
+    `total`, when the caller knows it, is `iov_len(views)`.
     """
-    total = iov_len(views)
-    done = 0
+    # empty buffers have nothing to move (a memoryview is false when empty)
+    pending = list(views) if all(views) else [v for v in views if v]
+    if total is None:
+        total = iov_len(pending)
+    done = first = 0  # bytes moved; index of the first view not wholly moved
     while done < total:
-        rest = iov_slice(views, done)[:IOV_MAX]
-        n = op(rest, offset + done)
+        n = op(pending[first : first + IOV_MAX], offset + done)
         if n <= 0:
             break
         done += n
+        if done == total:
+            break
+        while n:  # step over what moved: whole views, then the front of one
+            size = pending[first].nbytes
+            if n < size:
+                pending[first] = pending[first][n:]
+                break
+            n -= size
+            first += 1
     return done

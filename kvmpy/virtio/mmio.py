@@ -36,7 +36,6 @@ drivers/virtio/virtio_mmio.c (what a real driver does, in which order).
 from __future__ import annotations
 
 import functools
-import logging
 import struct
 import threading
 from collections.abc import Callable
@@ -44,6 +43,7 @@ from collections.abc import Callable
 from kvmpy import layout
 from kvmpy.bus import IrqLine, NullIrq
 from kvmpy.errors import GuestMemoryError
+from kvmpy.log import INFO, get_logger
 from kvmpy.memory import GuestMemory
 from kvmpy.virtio.device import (
     TRANSPORT_FEATURES,
@@ -61,7 +61,7 @@ from kvmpy.virtio.device import (
 )
 from kvmpy.virtio.queue import Virtqueue, VirtqueueError
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 # §4.2.2 register offsets
 MAGIC_VALUE = 0x000
@@ -414,7 +414,7 @@ class VirtioMmioTransport:
                 self._activate_queue(q)
             else:
                 self.warn(f"q{index}-unused", "queue %d not set up by the driver", index,
-                          level=logging.INFO)
+                          level=INFO)
         self.device.active = True
         self.run_guarded(self.device.activate)
         # Buffers added before DRIVER_OK got no notification (§3.1.1): look once.
@@ -439,7 +439,7 @@ class VirtioMmioTransport:
     def _notify(self, index: int) -> None:
         if not self.device.active:
             self.warn("notify-inactive", "queue notify while the device is not live; ignored",
-                      level=logging.INFO)
+                      level=INFO)
             return
         if not 0 <= index < len(self.queues) or not self.queues[index].ready:
             self.warn(f"notify-{index}", "notify for queue %d, which is not ready", index)

@@ -21,3 +21,28 @@ def test_net_options():
     assert parse_net("").tap == ""
     with pytest.raises(ConfigError, match="unknown option 'bridge'"):
         parse_net("tap=x,bridge=br0")
+
+
+def test_help_is_printed(capsys: pytest.CaptureFixture[str]):
+    from kvmpy.cli import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(["run", "--help"])
+    assert stop.value.code == 0
+    assert capsys.readouterr().out.startswith("usage: kvmpy run [-h]")
+
+
+def test_the_boot_path_leaves_heavy_modules_unimported():
+    """What `kvmpy run` imports before its guest starts is start-up time (README, "Boot
+    time"): these are only needed by options or failures that ask for them."""
+    import subprocess
+    import sys
+
+    heavy = ["dataclasses", "logging", "shutil", "json", "ctypes", "calendar", "hashlib",
+             "kvmpy.acpi.tables", "kvmpy.virtio.mmio", "kvmpy.guest_assets"]
+    code = ("import sys, kvmpy.cli, kvmpy.machine, kvmpy.console, kvmpy.acpi.choice, "
+            "kvmpy.lab.host; kvmpy.cli.build_parser().parse_args(['run']); "
+            f"print([m for m in {heavy!r} if m in sys.modules])")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True, timeout=60)
+    assert done.stdout == "[]\n"

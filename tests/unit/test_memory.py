@@ -101,3 +101,18 @@ def test_anonymous_regions_start_on_2mib_host_boundaries():
     mem.write_u64(48 * layout.MiB + 8, 0x1234)
     assert mem.read_u64(48 * layout.MiB + 8) == 0x1234
     mem.close()
+
+
+@given(st.lists(st.tuples(st.integers(-2, 0x5000), st.integers(-2, 0x1000)), max_size=8),
+       st.integers(0, 0x2000))
+def test_views_is_view_for_each_span(spans: list[tuple[int, int]], base: int) -> None:
+    """The whole-list fast path and the span-by-span path agree, errors included."""
+    mem = GuestMemory([(base, bytearray(0x3000)), (0x8000, bytearray(0x1000))])
+    try:
+        expected = [(bytes(v), v.obj) for v in (mem.view(g, n) for g, n in spans)]
+    except GuestMemoryError:
+        with pytest.raises(GuestMemoryError):
+            mem.views([g for g, _ in spans], [n for _, n in spans])
+        return
+    got = mem.views([g for g, _ in spans], [n for _, n in spans])
+    assert [(bytes(v), v.obj) for v in got] == expected

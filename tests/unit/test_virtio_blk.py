@@ -15,6 +15,7 @@ from kvmpy.errors import ConfigError
 from kvmpy.memory import GuestMemory
 from kvmpy.virtio import blk as blkmod
 from kvmpy.virtio.blk import (
+    QUEUE_SIZE,
     VIRTIO_BLK_F_DISCARD,
     VIRTIO_BLK_F_RO,
     VIRTIO_BLK_F_WRITE_ZEROES,
@@ -68,7 +69,7 @@ def request(d: GuestDriver, out: list[bytes], in_: list[int], **kw: bool
 def test_config_space_and_features(image: Path) -> None:
     dev, d = attach(image)
     assert struct.unpack("<Q", d.config(0, 8))[0] == SECTORS
-    assert struct.unpack("<I", d.config(12, 4))[0] == 254  # seg_max
+    assert struct.unpack("<I", d.config(12, 4))[0] == QUEUE_SIZE - 2  # seg_max: header, status
     assert struct.unpack("<I", d.config(20, 4))[0] == 512  # blk_size
     assert not d.acked & (1 << VIRTIO_BLK_F_RO)
     assert d.acked & (1 << VIRTIO_BLK_F_WRITE_ZEROES)
