@@ -143,8 +143,6 @@ class GuestMemory:
         start, end, low = self._spans[0]
         if (gpas and min(gpas) >= start and min(lengths) >= 0
                 and max(gpas) + max(lengths) <= end):
-            if start == 0:  # guest-physical address = offset in the region
-                return [low[gpa : gpa + n] for gpa, n in zip(gpas, lengths, strict=True)]
             return [low[gpa - start : gpa - start + n]
                     for gpa, n in zip(gpas, lengths, strict=True)]
         return [self.view(gpa, n) for gpa, n in zip(gpas, lengths, strict=True)]

@@ -122,9 +122,6 @@ class BlockIoError(Exception):
 QUEUE_SIZE = 1024
 
 
-_STATUS = {s: bytes([s]) for s in (VIRTIO_BLK_S_OK, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_UNSUPP)}
-
-
 class Block(VirtioDevice):
     device_id = VIRTIO_ID_BLOCK
     name = "virtio-blk"
@@ -235,7 +232,7 @@ class Block(VirtioDevice):
         except BlockIoError as e:
             self.warn(f"req-{rtype}-{e.status}", "request type %d failed: %s", rtype, e)
             written, status = 0, e.status
-        iov_write(status_byte, _STATUS[status])
+        iov_write(status_byte, bytes([status]))
         return written + 1
 
     def _serve(self, rtype: int, sector: int, data_out: list[memoryview], out_len: int,
