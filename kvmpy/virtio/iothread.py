@@ -25,8 +25,7 @@ import os
 import select
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from kvmpy.log import get_logger
 from kvmpy.virtio.device import VirtioDevice
@@ -179,14 +178,13 @@ class EventFdVm(Protocol):
     def irqfd(self, fd: int, gsi: int, *, deassign: bool = False) -> None: ...
 
 
-@dataclass
-class EventFdWiring:
+class EventFdWiring(NamedTuple):
     """What `wire_eventfds` set up, so it can be taken down again."""
 
     base: int
     gsi: int
     irq: EventFdIrq
-    notify_fds: list[int] = field(default_factory=list)
+    notify_fds: list[int]  # one ioeventfd per queue
 
     def unwire(self, vm: EventFdVm, iothread: IoThread) -> None:
         for index, fd in enumerate(self.notify_fds):
@@ -209,7 +207,7 @@ def wire_eventfds(vm: EventFdVm, iothread: IoThread, transport: VirtioMmioTransp
     irq = EventFdIrq()
     vm.irqfd(irq.fd, gsi)
     transport.irq = irq
-    wiring = EventFdWiring(base, gsi, irq)
+    wiring = EventFdWiring(base, gsi, irq, [])
     for index in range(len(transport.queues)):
         fd = new_eventfd()
         vm.ioeventfd(base + QUEUE_NOTIFY, 4, fd, datamatch=index)

@@ -39,7 +39,7 @@ import functools
 import struct
 import threading
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from kvmpy.errors import GuestMemoryError
 from kvmpy.memory import GuestMemory
@@ -82,8 +82,7 @@ class VirtqueueError(Exception):
     """
 
 
-@dataclass(frozen=True, slots=True)
-class Descriptor:
+class Descriptor(NamedTuple):
     """One validated descriptor: its buffer is `view`, a window on guest RAM."""
 
     addr: int
