@@ -12,16 +12,9 @@ What it is not: firmware. No FACS, no PCI, no SCI, no methods with logic.
 
 from __future__ import annotations
 
-from typing import Any
+from kvmpy.lazy import lazy_exports
 
+# `kvmpy.acpi.choice` runs on every Linux boot, the table builders only when the
+# machine is described with ACPI
 __all__ = ["AcpiTables", "build_acpi"]
-
-
-def __getattr__(name: str) -> Any:
-    # imported on first use (PEP 562): `kvmpy.acpi.choice` runs on every Linux boot,
-    # the table builders only when the machine is described with ACPI
-    if name in __all__:
-        from kvmpy.acpi import tables
-
-        return getattr(tables, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, {name: "kvmpy.acpi.tables" for name in __all__})

@@ -14,11 +14,10 @@ The package is not a sandbox and not a general VM launcher.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from kvmpy.lazy import lazy_exports
 
-# Names are imported on first use (PEP 562): `kvmpy run` registers the `lab`
-# subcommand on every start and should not pay for QEMU plumbing it won't use.
+# Names are imported on first use: `kvmpy run` registers the `lab` subcommand on every
+# start and should not pay for QEMU plumbing it won't use.
 _EXPORTS = {
     "LabError": "kvmpy.lab.debian",
     "can_boot_linux": "kvmpy.lab.host",
@@ -32,9 +31,4 @@ _EXPORTS = {
 }
 
 __all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'kvmpy.lab' has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _EXPORTS)
