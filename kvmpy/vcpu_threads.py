@@ -22,6 +22,7 @@ import signal
 import threading
 from collections.abc import Callable
 
+from kvmpy.cpu.registers import RFLAGS_IF
 from kvmpy.exitloop import VcpuLoop
 from kvmpy.kvm.vcpu import MP_STATE_HALTED, MP_STATE_RUNNABLE, MP_STATE_SIPI_RECEIVED
 from kvmpy.stop import Stop, StopKind
@@ -88,7 +89,7 @@ class VcpuThreads:
         vcpu = self.loops[index].vcpu
         state = vcpu.get_mp_state()
         if state == MP_STATE_HALTED:
-            self._parked[index] = not (vcpu.get_regs().rflags >> 9) & 1
+            self._parked[index] = not vcpu.get_regs().rflags & RFLAGS_IF
         else:
             self._parked[index] = state not in (MP_STATE_RUNNABLE, MP_STATE_SIPI_RECEIVED)
 
