@@ -7,7 +7,9 @@ has hardware virtualization (inside the one lab session under `make test`).
 
 from __future__ import annotations
 
+import os
 import re
+import select
 import signal
 import subprocess
 import sys
@@ -86,6 +88,22 @@ def test_reboot_ends_the_vmm_with_the_reboot_status(kernel, initrd: Path) -> Non
     assert stop.exit_status == 5
 
 
+def _read_until(proc: subprocess.Popen[str], marker: str, timeout: float) -> str:
+    """The process's stdout up to `marker`, or all it printed by `timeout`: a guest that
+    hangs prints nothing, so the pipe is read with the deadline in hand."""
+    deadline = time.monotonic() + timeout
+    seen = b""
+    while marker.encode() not in seen:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([proc.stdout], [], [], left)[0]:
+            break
+        chunk = os.read(proc.stdout.fileno(), 4096)  # type: ignore[union-attr]
+        if not chunk:
+            break
+        seen += chunk
+    return seen.decode(errors="replace")
+
+
 def test_kvmpy_run_cli_status_and_sigterm(kernel, initrd: Path) -> None:
     """`kvmpy run` ends with the guest's status; SIGTERM stops it cleanly with 143."""
     run = [sys.executable, "-m", "kvmpy", "run", "--kernel", str(kernel.bzimage),
@@ -98,16 +116,13 @@ def test_kvmpy_run_cli_status_and_sigterm(kernel, initrd: Path) -> None:
 
     proc = subprocess.Popen(run, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    seen = ""
-    while INIT_MARKER not in seen and time.monotonic() < deadline:
-        line = proc.stdout.readline()  # type: ignore[union-attr]
-        if not line:
-            break
-        seen += line
-    assert INIT_MARKER in seen
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=30)
+    try:
+        seen = _read_until(proc, INIT_MARKER, timeout=120)
+        assert INIT_MARKER in seen, seen[-500:]
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
     assert proc.returncode == 143, err
     assert "stopped by signal 15" in err
     assert "Traceback" not in err
