@@ -1,7 +1,7 @@
 """The real gdb against kvmpy's minimal kernel: break on `start_kernel` by its symbol.
 
-The kernel is entered through PVH in 32-bit mode and the stub answers in the x86-64
-register layout; `start_kernel` lives at a high virtual address that the stub
+The vmlinux is entered at its 64-bit entry (`--entry64`) and the stub answers in the
+x86-64 register layout; `start_kernel` lives at a high virtual address that the stub
 translates through the guest's own page tables once the kernel has built them.
 """
 
@@ -11,6 +11,7 @@ import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -21,9 +22,8 @@ GDB = shutil.which("gdb")
 
 
 @pytest.mark.skipif(GDB is None, reason="gdb is not installed")
-def test_gdb_breaks_on_start_kernel_by_symbol() -> None:
-    kernel = guest_assets.kernel_path()
-    initrd = guest_assets.initramfs_path()
+def test_gdb_breaks_on_start_kernel_by_symbol(kernel: guest_assets.KernelAssets,
+                                               initrd: Path) -> None:
     vm = subprocess.Popen([sys.executable, "-m", "kvmpy", "run", "--kernel", str(kernel.vmlinux),
                            "--initrd", str(initrd), "--append", "-- true", "--entry64",
                            "--gdb", "0"],
