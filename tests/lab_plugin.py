@@ -33,6 +33,7 @@ from kvmpy.lab import INSIDE_ENV, LabError, lab_status, linux_kvm_status, run_in
 
 RESULTS_ENV = "KVMPY_LAB_RESULTS"  # inside the lab: where to write the JSON lines
 SESSION_TIMEOUT = float(os.environ.get("KVMPY_LAB_SESSION_TIMEOUT", "3600"))
+HANG_DUMP_S = 300  # lab tests take seconds to a minute: one running for five is stuck
 _SESSION_KEY = pytest.StashKey["LabSession"]()
 
 
@@ -114,8 +115,9 @@ class LabSession:
         results = share / "results.jsonl"
         out = share / "output.txt"
         env = dict(os.environ, **{RESULTS_ENV: str(results)})
+        # a lab test that hangs prints every thread's stack into the session's output
         argv = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-rfEsxX",
-                "--color=no", *self.nodeids]
+                "--color=no", "-o", f"faulthandler_timeout={HANG_DUMP_S}", *self.nodeids]
         self.config.add_cleanup(lambda: shutil.rmtree(share, ignore_errors=True))
         self._say(f"lab: running {len(self.nodeids)} lab test(s) in one lab session")
         try:
@@ -130,8 +132,11 @@ class LabSession:
             for line in results.read_text().splitlines():
                 record = json.loads(line)
                 self.results.setdefault(record["nodeid"], []).append(record)
-        tail = self.output.strip().splitlines()[-1:] or ["(no output)"]
-        self._say(f"lab: session done: {self.error or tail[0]}")
+        lines = self.output.strip().splitlines()
+        self._say(f"lab: session done: {self.error or (lines or ['(no output)'])[-1]}")
+        if self.error:  # the inner run's last words (a hung test's thread stacks among them)
+            for line in lines[-60:]:
+                self._say(f"lab: | {line}")
         return self.results
 
     def _say(self, line: str) -> None:
