@@ -8,7 +8,9 @@ its diagnostic and the status of its `Stop`.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -243,6 +245,9 @@ def _seeing_inside(args: argparse.Namespace) -> tuple[Tracer | None, GdbConfig |
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_cli(args.verbose)
+    # `kill -USR2` prints every thread's Python stack: for a VMM that seems stuck,
+    # even one whose threads hold the GIL (the dump runs in the signal handler).
+    faulthandler.register(signal.SIGUSR2, all_threads=True, chain=False)
     try:
         return int(args.func(args))
     except KvmpyError as e:
