@@ -53,6 +53,9 @@ DEFAULT_BOOT_TIMEOUT = float(os.environ.get("KVMPY_LAB_BOOT_TIMEOUT", "180"))
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 INSIDE_ENV = "KVMPY_IN_LAB"  # set to 1 in every command the lab runs
 KERNEL_CMDLINE = "console=ttyS0 panic=-1 quiet mitigations=off"
+# QEMU's human monitor, for looking into a lab that stopped making progress:
+# connect any Unix-socket client (socat) to /tmp/kvmpy-lab-*/monitor.sock, `info registers -a`.
+MONITOR_SOCKET = "monitor.sock"
 
 Output = int | BinaryIO
 
@@ -81,7 +84,8 @@ def qemu_argv(image: LabImage, job: Path, rw: Sequence[Path], mem: int, cpus: in
         QEMU, "-accel", "tcg,thread=multi", "-cpu", "max", "-smp", str(cpus),
         "-m", f"{mem // MiB}M", "-kernel", str(image.kernel), "-initrd", str(image.initramfs),
         "-append", KERNEL_CMDLINE,
-        "-display", "none", "-monitor", "none", "-nodefaults", "-no-user-config", "-no-reboot",
+        "-display", "none", "-monitor", f"unix:{job / MONITOR_SOCKET},server=on,wait=off",
+        "-nodefaults", "-no-user-config", "-no-reboot",
         "-virtfs", f"local,path=/,mount_tag={ROOT_TAG},security_model=none,readonly=on,"
                    "multidevs=remap",
         "-virtfs", f"local,path={job},mount_tag={JOB_TAG},security_model=none,multidevs=remap",
@@ -177,7 +181,9 @@ def run_in_lab(argv: Sequence[str], *, rw: Sequence[str | os.PathLike[str]] = ()
     workdir = str(Path(cwd if cwd is not None else os.getcwd()).resolve())
     environ = dict(os.environ if env is None else env)
     environ[INSIDE_ENV] = "1"
-    script = command_script(list(argv), workdir, environ)
+    # kvmpy.lab.static_keys says why; this Python runs it, not the command's environment
+    script = (f"{shlex.quote(sys.executable)} -m kvmpy.lab.static_keys\n"
+              + command_script(list(argv), workdir, environ))
     image = build_lab_image()
 
     try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -218,3 +219,14 @@ def test_two_vcpus_ctrl_c_threads_and_vcont(guest_dir: Path) -> None:
             machine.request_stop(Stop(StopKind.POWEROFF, "test cleanup"))
             runner.join(10)
         machine.close()
+
+
+def test_sigusr2_prints_every_threads_stack(guest_dir: Path) -> None:
+    # a VMM waiting for gdb stands in for one that seems stuck
+    vmm = Kvmpy("--flat", str(guest_dir / "hello_real.bin"))
+    vmm.proc.send_signal(signal.SIGUSR2)
+    time.sleep(1)
+    vmm.proc.terminate()
+    _, _, err = vmm.finish()
+    assert "Current thread" in err or "Thread 0x" in err, err
+    assert 'File "' in err and "kvmpy" in err, err

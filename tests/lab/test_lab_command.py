@@ -44,12 +44,17 @@ def test_dev_kvm_cwd_env_and_rw_share(tmp_path: Path) -> None:
         # outside --rw: writable, but thrown away
         f"pathlib.Path({str(tmp_path / 'scratch')!r}).write_text('lost')\n"
         "pathlib.Path(os.environ['HOME'], '.kvmpy-lab-test').write_text('x')\n"
+        # kvmpy.lab.static_keys: one process holds a VM with a LAPIC and one without
+        "vms = [os.readlink(f'/proc/{p}/fd/{fd}') for p in os.listdir('/proc') if p.isdigit()\n"
+        "       and b'kvmpy.lab.static_keys' in pathlib.Path(f'/proc/{p}/cmdline').read_bytes()\n"
+        "       for fd in os.listdir(f'/proc/{p}/fd')]\n"
+        "print(vms.count('anon_inode:kvm-vm'))\n"
     )
     done = kvmpy_lab("--rw", str(shared), "--", sys.executable, "-c", script, cwd=tmp_path,
                      env=env)
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines() == [
-        "True", str(tmp_path), repr(env["KVMPY_TEST_VALUE"])]
+        "True", str(tmp_path), repr(env["KVMPY_TEST_VALUE"]), "2"]
     assert (shared / "result").read_text() == "from the lab"
     assert not (tmp_path / "scratch").exists()
     assert not Path(os.environ["HOME"], ".kvmpy-lab-test").exists()
