@@ -37,13 +37,18 @@ def in_linux_capable_place(script: str, measure: Callable[[], dict[str, object]]
     The script, run with a path, calls `measure()` and writes its JSON there (see
     `write_result`); the lab shares the result's directory back.
     """
-    from kvmpy.lab import can_boot_linux, run_in_lab
+    from kvmpy.lab import LabError, can_boot_linux, run_in_lab
 
     if can_boot_linux():
         return measure()
     with tempfile.TemporaryDirectory() as out:
         result = Path(out) / "result.json"
-        status = run_in_lab([sys.executable, os.path.abspath(script), str(result)], rw=[out])
+        # each benchmark reports its rounds as it goes: ten silent minutes is a stalled lab
+        try:
+            status = run_in_lab([sys.executable, os.path.abspath(script), str(result)], rw=[out],
+                                quiet_timeout=600)
+        except LabError as e:
+            return {"error": str(e)}
         if not result.exists():
             return {"error": f"lab run failed with status {status}"}
         data = json.loads(result.read_text())

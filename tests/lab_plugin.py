@@ -9,6 +9,11 @@
   xfail), so lab tests appear in this pytest's output like the others.
 - Neither: `lab` tests are skipped, with the reason.
 
+A session whose output stops for QUIET_S is a lab that stopped making progress (QEMU's
+TCG has been seen to livelock or lose an interrupt: kvmpy/lab/monitor.py). It is killed,
+the lab CPUs' state is printed, and the tests it did not finish run once more in a new
+session; a test that fails is never re-run.
+
 Also registers `labhost`: tests that boot the lab themselves from the host (a few seconds
 each), skipped inside the lab and where the lab cannot start.
 
@@ -30,10 +35,15 @@ from typing import Any
 import pytest
 
 from kvmpy.lab import INSIDE_ENV, LabError, lab_status, linux_kvm_status, run_in_lab
+from kvmpy.lab.runner import LabStalled
 
 RESULTS_ENV = "KVMPY_LAB_RESULTS"  # inside the lab: where to write the JSON lines
 SESSION_TIMEOUT = float(os.environ.get("KVMPY_LAB_SESSION_TIMEOUT", "3600"))
 HANG_DUMP_S = 300  # lab tests take seconds to a minute: one running for five is stuck
+# The inner pytest prints a dot per test and a stuck test's stacks at HANG_DUMP_S: a
+# session silent for longer is a lab that stopped (kvmpy/lab/monitor.py has two seen).
+QUIET_S = 420
+STALL_RETRIES = 1  # the tests a stalled lab did not finish get one new session
 _SESSION_KEY = pytest.StashKey["LabSession"]()
 
 
@@ -93,6 +103,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             items[index] = LabProxy.from_original(item, session)
 
 
+def _finished(records: list[dict[str, Any]]) -> bool:
+    """Did the inner pytest get to the end of this test (teardown, or a setup that ended it)?"""
+    return any(r["when"] == "teardown" or (r["when"] == "setup" and r["outcome"] != "passed")
+               for r in records)
+
+
 class LabTestFailed(Exception):
     """The inner test failed; the message is the inner pytest's failure text."""
 
@@ -111,33 +127,55 @@ class LabSession:
         if self.results is not None:
             return self.results
         self.results = {}
+        todo = list(self.nodeids)
+        for attempt in range(1 + STALL_RETRIES):
+            if attempt:
+                self._say(f"lab: the lab stalled (QEMU's TCG, see kvmpy/lab/monitor.py); "
+                          f"running the {len(todo)} test(s) it did not finish in a new session")
+            stalled = self._session(todo)
+            todo = [n for n in todo if not _finished(self.results.get(n, []))]
+            if not stalled or not todo:
+                break
+        return self.results
+
+    def _session(self, nodeids: list[str]) -> bool:
+        """Run `nodeids` in one lab session into self.results; True if the lab stalled."""
+        assert self.results is not None
         share = Path(tempfile.mkdtemp(prefix="kvmpy-labtests-"))
         results = share / "results.jsonl"
         out = share / "output.txt"
-        env = dict(os.environ, **{RESULTS_ENV: str(results)})
+        # unbuffered: the session's output is how a stalled lab is told from a busy one
+        env = dict(os.environ, **{RESULTS_ENV: str(results), "PYTHONUNBUFFERED": "1"})
         # a lab test that hangs prints every thread's stack into the session's output
         argv = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-rfEsxX",
-                "--color=no", "-o", f"faulthandler_timeout={HANG_DUMP_S}", *self.nodeids]
+                "--color=no", "-o", f"faulthandler_timeout={HANG_DUMP_S}", *nodeids]
         self.config.add_cleanup(lambda: shutil.rmtree(share, ignore_errors=True))
-        self._say(f"lab: running {len(self.nodeids)} lab test(s) in one lab session")
+        self._say(f"lab: running {len(nodeids)} lab test(s) in one lab session")
+        stalled = False
         try:
             with open(out, "wb") as sink:
                 status = run_in_lab(argv, rw=[share], cwd=self.config.rootpath, env=env,
-                                    stdout=sink, stderr=sink, timeout=SESSION_TIMEOUT)
+                                    stdout=sink, stderr=sink, timeout=SESSION_TIMEOUT,
+                                    quiet_timeout=QUIET_S)
             self.error = "" if status in (0, 1) else f"inner pytest exited with status {status}"
+        except LabStalled as e:
+            self.error, stalled = f"the lab stalled: {e}", True
         except LabError as e:
             self.error = f"the lab failed: {e}"
         self.output = out.read_text(errors="replace") if out.exists() else ""
         if results.exists():
+            session: dict[str, list[dict[str, Any]]] = {}
             for line in results.read_text().splitlines():
                 record = json.loads(line)
-                self.results.setdefault(record["nodeid"], []).append(record)
+                session.setdefault(record["nodeid"], []).append(record)
+            # a test cut short by a stalled lab is run again, not half-reported
+            self.results.update((n, r) for n, r in session.items() if _finished(r) or not stalled)
         lines = self.output.strip().splitlines()
         self._say(f"lab: session done: {self.error or (lines or ['(no output)'])[-1]}")
         if self.error:  # the inner run's last words (a hung test's thread stacks among them)
             for line in lines[-60:]:
                 self._say(f"lab: | {line}")
-        return self.results
+        return stalled
 
     def _say(self, line: str) -> None:
         """A line on the terminal, past the capture of the test that is running."""
@@ -173,7 +211,7 @@ class LabProxy(pytest.Item):
 
     def runtest(self) -> None:
         records = self.lab_session.run().get(self.nodeid, [])
-        if not records:
+        if not _finished(records):
             why = self.lab_session.error or "the inner pytest did not report it"
             tail = "\n".join(self.lab_session.output.splitlines()[-30:])
             raise LabTestFailed(f"{why}\n--- end of the lab session's output ---\n{tail}")

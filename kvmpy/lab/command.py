@@ -28,6 +28,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(repeatable); everything else is a throw-away overlay")
     parser.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
                         help="kill the lab after this long")
+    parser.add_argument("--quiet-timeout", type=float, default=None, metavar="SECONDS",
+                        help="kill the lab when the command prints nothing for this long, "
+                             "and show what the lab's CPUs were doing")
     parser.add_argument("-i", "--interactive", action="store_true",
                         help="give the command this terminal's input (e.g. a guest's shell)")
     parser.add_argument("-v", "--lab-verbose", dest="lab_verbose", action="store_true",
@@ -54,7 +57,8 @@ def run(args: argparse.Namespace) -> int:
     sys.stdout.flush()
     sys.stderr.flush()
     return run_in_lab(argv, rw=args.rw, mem=args.mem, cpus=args.cpus, timeout=args.timeout,
-                      verbose=args.lab_verbose, interactive=args.interactive)
+                      verbose=args.lab_verbose, interactive=args.interactive,
+                      quiet_timeout=args.quiet_timeout)
 
 
 def main(argv: list[str] | None = None) -> int:

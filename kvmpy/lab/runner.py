@@ -30,7 +30,7 @@ import tempfile
 import threading
 import time
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
@@ -46,6 +46,7 @@ from kvmpy.lab.image import (
     LabImage,
     build_lab_image,
 )
+from kvmpy.lab.monitor import cpu_states
 
 MiB = 1 << 20
 # TCG on 2 loaded cores: the chroot is normally ready in ~4 s; allow for a busy machine.
@@ -116,9 +117,11 @@ class _Relay(threading.Thread):
         self.tail: deque[bytes] = deque(maxlen=keep_lines or None)
         self.keep = keep_lines > 0
         self._partial = b""
+        self.last_output = time.monotonic()
 
     def run(self) -> None:
         while chunk := os.read(self.fd, 65536):
+            self.last_output = time.monotonic()
             if self.sink is not None:
                 _write(self.sink, chunk)
             if self.keep:
@@ -163,12 +166,14 @@ def run_in_lab(argv: Sequence[str], *, rw: Sequence[str | os.PathLike[str]] = ()
                cwd: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None,
                stdout: Output = 1, stderr: Output = 2, timeout: float | None = None,
                boot_timeout: float = DEFAULT_BOOT_TIMEOUT, verbose: bool = False,
-               interactive: bool = False) -> int:
+               interactive: bool = False, quiet_timeout: float | None = None) -> int:
     """Run `argv` in the lab and return its exit status; raise LabError if the lab fails.
 
     `stdout`/`stderr` are fds or binary files, written as output arrives. `cwd` and
     `env` default to this process's. `timeout` bounds the whole run (boot included).
     `interactive` passes this process's stdin to the command (else it reads /dev/null).
+    `quiet_timeout`: a command that prints nothing for this long, once started, is
+    taken for a lab that stopped making progress: LabStalled, with the CPUs' state.
     """
     ok, why = lab_status()
     if not ok:
@@ -219,7 +224,10 @@ def run_in_lab(argv: Sequence[str], *, rw: Sequence[str | os.PathLike[str]] = ()
             relays.append(_Relay(readers.pop(cid), sinks[cid],
                                  keep_lines=60 if cid == "console" else 0))
             relays[-1].start()
-        _wait(proc, job, timeout, boot_timeout)
+        def quiet_for() -> float:
+            return time.monotonic() - max(relay.last_output for relay in relays[1:])
+
+        _wait(proc, job, timeout, boot_timeout, quiet_timeout, quiet_for, cpus)
         for relay in relays:
             relay.join(timeout=5)
         status = job / "status"
@@ -241,15 +249,27 @@ def _die_with_parent() -> None:
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
+class LabStalled(LabError):
+    """The command printed nothing for `quiet_timeout` seconds: the lab looks stuck."""
+
+
 def _wait(proc: subprocess.Popen[bytes], job: Path, timeout: float | None,
-          boot_timeout: float) -> None:
-    """Wait for QEMU to exit; kill it if it does not boot or the run times out."""
-    started = time.monotonic()
+          boot_timeout: float, quiet_timeout: float | None = None,
+          quiet_for: Callable[[], float] = lambda: 0.0, cpus: int = 1) -> None:
+    """Wait for QEMU to exit; kill it if it does not boot, times out or goes quiet."""
+    started = ready_at = time.monotonic()
     ready = False
     try:
         while proc.poll() is None:
             elapsed = time.monotonic() - started
-            ready = ready or (job / "ready").exists()
+            if not ready and (job / "ready").exists():
+                ready, ready_at = True, time.monotonic()
+            if (ready and quiet_timeout is not None
+                    and min(quiet_for(), time.monotonic() - ready_at) > quiet_timeout):
+                states = cpu_states(job / MONITOR_SOCKET, cpus)
+                proc.kill()
+                raise LabStalled(f"the command printed nothing for {quiet_timeout:.0f} s; "
+                                 f"the lab's CPUs: {states}")
             if not ready and elapsed > boot_timeout:
                 proc.kill()
                 raise LabError(f"the lab did not boot within {boot_timeout:.0f} s "

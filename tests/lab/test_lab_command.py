@@ -1,7 +1,7 @@
 """`kvmpy lab` itself, driven from the host: exit status, /dev/kvm, cwd, env and --rw.
 
-Marked `labhost`: each test boots the lab (seconds each), so there are only two, and they
-check several things per boot. Not run inside the lab (no lab within the lab).
+Marked `labhost`: each test boots the lab (seconds each), so there are only three, and
+they check several things per boot. Not run inside the lab (no lab within the lab).
 """
 
 from __future__ import annotations
@@ -45,7 +45,8 @@ def test_dev_kvm_cwd_env_and_rw_share(tmp_path: Path) -> None:
         f"pathlib.Path({str(tmp_path / 'scratch')!r}).write_text('lost')\n"
         "pathlib.Path(os.environ['HOME'], '.kvmpy-lab-test').write_text('x')\n"
         # kvmpy.lab.static_keys: one process holds a VM with a LAPIC and one without
-        "vms = [os.readlink(f'/proc/{p}/fd/{fd}') for p in os.listdir('/proc') if p.isdigit()\n"
+        "vms = [os.readlink(f'/proc/{p}/fd/{fd}') for p in os.listdir('/proc')\n"
+        "       if p.isdigit() and p != str(os.getpid())  # this script names it too\n"
         "       and b'kvmpy.lab.static_keys' in pathlib.Path(f'/proc/{p}/cmdline').read_bytes()\n"
         "       for fd in os.listdir(f'/proc/{p}/fd')]\n"
         "print(vms.count('anon_inode:kvm-vm'))\n"
@@ -58,3 +59,10 @@ def test_dev_kvm_cwd_env_and_rw_share(tmp_path: Path) -> None:
     assert (shared / "result").read_text() == "from the lab"
     assert not (tmp_path / "scratch").exists()
     assert not Path(os.environ["HOME"], ".kvmpy-lab-test").exists()
+
+
+def test_a_command_that_goes_quiet_is_taken_for_a_stalled_lab() -> None:
+    from kvmpy.lab.runner import LabStalled, run_in_lab
+
+    with pytest.raises(LabStalled, match=r"printed nothing for 10 s; the lab's CPUs: cpu0 rip="):
+        run_in_lab(["sh", "-c", "echo started; sleep 600"], quiet_timeout=10, timeout=300)
