@@ -53,13 +53,18 @@ def cpu_states(path: Path, cpus: int) -> str:
         answers = ask(path, commands)
     except OSError as e:
         return f"QEMU's monitor did not answer: {e}"
-    regs = _RIP.findall(answers[0])
+    return describe(answers[0], answers[2::2])
+
+
+def describe(registers: str, lapics: list[str]) -> str:
+    """The one line of `cpu_states`, from `info registers -a` and each CPU's `info lapic`."""
     irr = {}
-    for answer in answers[2::2]:
+    for answer in lapics:
         which, pending = _LAPIC_CPU.search(answer), _IRR.search(answer)
         if which and pending:
             irr[int(which.group(1))] = pending.group(1).strip()
     return "; ".join(
         f"cpu{i} rip={rip} cpl={cpl} {'halted' if hlt == '1' else 'running'} "
         f"if={int(bool(int(rfl, 16) & RFLAGS_IF))} irr={irr.get(i, '?')}"
-        for i, (rip, rfl, cpl, hlt) in enumerate(regs)) or "no CPU state from QEMU"
+        for i, (rip, rfl, cpl, hlt) in enumerate(_RIP.findall(registers))
+    ) or "no CPU state from QEMU"

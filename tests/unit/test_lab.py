@@ -16,6 +16,7 @@ from kvmpy.lab import command
 from kvmpy.lab.debian import LabError, _version_key, deb_version
 from kvmpy.lab.host import linux_kvm_status
 from kvmpy.lab.image import LabImage
+from kvmpy.lab.monitor import describe
 from kvmpy.lab.runner import _failure_reason, command_script, qemu_argv
 
 
@@ -129,3 +130,25 @@ def test_rw_must_be_a_directory(tmp_path: Path) -> None:
         pytest.skip("qemu-system-x86 not installed")
     with pytest.raises(LabError, match="not a directory"):
         run_in_lab(["true"], rw=[tmp_path / "nope"])
+
+
+# What QEMU 7.2's monitor answered in a stalled lab on 2026-11-26 (abridged).
+_REGISTERS = """
+CPU#0
+RAX=ffffffff82a1b998 RBX=ffff88807da31c40 RCX=0000000000000000 RDX=00000013ed11a4f4
+RIP=ffffffff81a592eb RFL=00000246 [---Z-P-] CPL=0 II=0 A20=1 SMM=0 HLT=1
+CPU#1
+RIP=ffffffff81a5267b RFL=00000046 [---Z-P-] CPL=0 II=0 A20=1 SMM=0 HLT=0
+"""
+_LAPIC0 = """dumping local APIC state for CPU 0 \n
+LVTT\t 0x000000ec active-hi edge                 one-shot     Fixed  (vec 236)
+ISR\t (none)
+IRR\t 236 251 \n"""
+_LAPIC1 = "dumping local APIC state for CPU 1 \n\nISR\t (none)\nIRR\t (none)\n"
+
+
+def test_monitor_answers_become_one_line_per_cpu() -> None:
+    assert describe(_REGISTERS, [_LAPIC0, _LAPIC1]) == (
+        "cpu0 rip=ffffffff81a592eb cpl=0 halted if=1 irr=236 251; "
+        "cpu1 rip=ffffffff81a5267b cpl=0 running if=0 irr=(none)")
+    assert describe("", []) == "no CPU state from QEMU"
