@@ -22,12 +22,12 @@ from typing import TYPE_CHECKING
 
 from kvmpy.kvm.exits import IO_OUT, RUN_IF_FLAG, RUN_UNION, ExitReason, InternalError, SystemEvent
 from kvmpy.stop import Stop, StopKind
-from kvmpy.trace.stats import ExitStats
 
 if TYPE_CHECKING:
     from kvmpy.bus import Bus
     from kvmpy.kvm.vcpu import Vcpu
     from kvmpy.memory import GuestMemory
+    from kvmpy.trace.stats import ExitStats
 
 _IO = struct.Struct("<BBHIQ")  # kvm_run.io: direction, size, port, count, data_offset
 _MMIO = struct.Struct("<Q8sIB")  # kvm_run.mmio: phys_addr, data[8], len, is_write
@@ -69,7 +69,11 @@ class VcpuLoop:
         }
         # Statistics wrap the handlers now, at construction (kvmpy.trace.stats); so do
         # a tracer and a gdb stub when asked. The plain loop below never checks for them.
-        self.exit_stats = ExitStats.install(self) if stats else None
+        self.exit_stats: ExitStats | None = None
+        if stats:  # imported only when asked: every module costs start-up under emulation
+            from kvmpy.trace.stats import ExitStats
+
+            self.exit_stats = ExitStats.install(self)
 
     # -- the loop ---------------------------------------------------------
     def run(self) -> Stop:

@@ -23,7 +23,6 @@ from kvmpy.boot.cpuid import boot_msrs, normalize_cpuid
 from kvmpy.boot.linux import BASE_CMDLINE, LinuxBoot, boot_linux
 from kvmpy.bus import Bus, IrqLine, NullIrq
 from kvmpy.cpu.modes import Mode
-from kvmpy.devices.acpi_pm import PM_PORT_LEN, AcpiPm
 from kvmpy.devices.debug_exit import DebugExit
 from kvmpy.devices.i8042 import I8042
 from kvmpy.devices.i8042 import PORT_SPAN as I8042_SPAN
@@ -34,7 +33,6 @@ from kvmpy.devices.serial import Serial
 from kvmpy.devices.testdev import TestDevice
 from kvmpy.errors import ConfigError
 from kvmpy.exitloop import VcpuLoop
-from kvmpy.flat import load_flat, start_flat
 from kvmpy.kvm import Kvm, Vcpu
 from kvmpy.memory import GuestMemory
 from kvmpy.stop import Stop, StopKind
@@ -219,6 +217,8 @@ class Machine:
                            ram_above_4g=self.memory.size - self.memory.regions[0].size)
             self.pio.insert(layout.RTC_PORT, RTC_SPAN, self.rtc, "rtc")
             if config.linux.acpi:
+                from kvmpy.devices.acpi_pm import PM_PORT_LEN, AcpiPm
+
                 self.pm = AcpiPm(on_poweroff=self._guest_poweroff, on_reboot=self._guest_reset)
                 self.pio.insert(layout.PM_PORT_BASE, PM_PORT_LEN, self.pm, "acpi-pm")
         # virtio-mmio devices, one 4 KiB window and one GSI each; their queue
@@ -237,6 +237,8 @@ class Machine:
         # 6. boot
         self.linux_boot: LinuxBoot | None = None
         if config.flat is not None:
+            from kvmpy.flat import load_flat, start_flat
+
             flat = config.flat
             load_flat(self.memory, flat.path)
             start_flat(self.vcpus[0], self.memory, flat.mode, flat.entry, flat.cpl,

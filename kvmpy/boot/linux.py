@@ -25,7 +25,6 @@ from kvmpy.boot.initrd import LoadedInitrd, load_initrd
 from kvmpy.boot.kernel import LoadedKernel, load_kernel
 from kvmpy.boot.mptable import write_mptable
 from kvmpy.boot.params import write_boot_params
-from kvmpy.boot.pvh import write_start_info
 from kvmpy.cpu.modes import setup_long, setup_protected
 from kvmpy.memory import GuestMemory
 
@@ -69,6 +68,8 @@ def boot_linux(memory: GuestMemory, bsp: Any, *, kernel: Path, initrd: Path | No
         e820 = mark_acpi(e820, start, end - start)
 
     if loaded.protocol == "pvh":
+        from kvmpy.boot.pvh import write_start_info
+
         start_info = write_start_info(memory, e820=e820, cmdline=line, initrd=rd, rsdp_gpa=rsdp)
         # PVH: 32-bit protected mode, paging off, EBX = hvm_start_info (start_info.h)
         setup_protected(bsp, memory, loaded.entry_gpa, layout.BOOT_STACK_TOP, rbx=start_info)
