@@ -381,6 +381,10 @@ def _cause(snap: Snapshot, memory: GuestMemory, space: vmem.AddressSpace, insn: 
     if reason == ExitReason.FAIL_ENTRY:
         return problems[0] if problems else "the vCPU state is invalid for its mode " \
             "(no rule kvmpy knows is broken; see the entry failure reason)"
+    if reason == ExitReason.SHUTDOWN and _in_init_state(regs, sregs):
+        return ("the registers are the vCPU's INIT state (real mode, CS:IP f000:fff0), not "
+                "where it died: KVM on AMD SVM resets a vCPU when it reports its triple "
+                "fault, so the faulting state is lost")
     if problems and reason == ExitReason.SHUTDOWN:
         return f"{problems[0]} (the vCPU state is invalid for its mode)"
     fetch = _fetch_problem(snap, memory, space, code)
@@ -415,6 +419,14 @@ def _cause(snap: Snapshot, memory: GuestMemory, space: vmem.AddressSpace, insn: 
     if first:
         return f"{first[1]}, and delivering it faulted again (check the IDT, GDT and stack)"
     return "an exception could not be delivered (check the IDT, GDT and stack)"
+
+
+def _in_init_state(regs: Any, sregs: Any) -> bool:
+    """The state after INIT/RESET (SDM Vol. 3A Table 10-1): what svm.c's
+    shutdown_interception() leaves behind, having reset the vCPU ("VMCB is undefined
+    after a SHUTDOWN intercept")."""
+    return (regs.rip == 0xFFF0 and sregs.cs.selector == 0xF000
+            and sregs.cs.base == 0xFFFF0000 and not sregs.cr0 & 1)
 
 
 def _reason_name(reason: int | None) -> str:

@@ -110,7 +110,10 @@ def test_kvmpy_run_stock_kernel_with_modules_reboots_with_status_5(stock) -> Non
             "--append", '-- sh -c "echo cpus=$(nproc); reboot -f"']
     done = subprocess.run(argv, capture_output=True, text=True, stdin=subprocess.DEVNULL,
                           timeout=300)
-    assert done.returncode == StopKind.REBOOT.value, (done.stderr, done.stdout[-3000:])
+    # one string, not a tuple: pytest would cut a tuple's repr, and with it the
+    # diagnostic (vCPU, registers) of a guest that died
+    assert done.returncode == StopKind.REBOOT.value, (
+        f"{done.stderr}\n--- end of the console ---\n{done.stdout[-3000:]}")
     assert "ACPI tables: a modular kernel (--modules)" in done.stderr
     assert "cpus=2" in done.stdout
     assert acpi_complaints(done.stdout) == []

@@ -214,3 +214,15 @@ def test_any_guest_state_gets_a_diagnosis(code: bytes, rip: int, rsp: int, cr2: 
                     exit_info(vcpu.run_page, reason))
     d = diagnose(snap, memory)
     assert d.cause and "most likely cause" in d.render()
+
+
+def test_a_vcpu_reset_by_kvm_on_its_triple_fault_is_said_to_be_so() -> None:
+    # kvm_amd INITs a vCPU on a SHUTDOWN intercept: the lab's one rare triple fault
+    # (2026-11-26) came back as vCPU 1 at f000:fff0, which is no place it ran
+    vcpu, memory, _ = died("real", b"\xf4", 0)
+    sregs = vcpu.get_sregs()
+    sregs.cs.selector, sregs.cs.base = 0xF000, 0xFFFF0000
+    vcpu.set_sregs(sregs)
+    vcpu.set_rip(0xFFF0)
+    assert diagnose(snapshot(vcpu), memory).cause.startswith(
+        "the registers are the vCPU's INIT state (real mode, CS:IP f000:fff0), not where it died")
