@@ -426,7 +426,7 @@ def _in_init_state(regs: Any, sregs: Any) -> bool:
     shutdown_interception() leaves behind, having reset the vCPU ("VMCB is undefined
     after a SHUTDOWN intercept")."""
     return (regs.rip == 0xFFF0 and sregs.cs.selector == 0xF000
-            and sregs.cs.base == 0xFFFF0000 and not sregs.cr0 & 1)
+            and sregs.cs.base == 0xFFFF0000 and not sregs.cr0 & CR0_PE)
 
 
 def _reason_name(reason: int | None) -> str:

@@ -13,11 +13,12 @@ import re
 import socket
 from pathlib import Path
 
+from kvmpy.cpu.registers import RFLAGS_IF
+
 PROMPT = b"(qemu) "
 _RIP = re.compile(r"RIP=([0-9a-f]+) RFL=([0-9a-f]+) .*?CPL=(\d) .*?HLT=(\d)")
 _LAPIC_CPU = re.compile(r"dumping local APIC state for CPU (\d+)")
 _IRR = re.compile(r"^IRR\s+(.*)$", re.MULTILINE)
-RFLAGS_IF = 1 << 9
 
 
 def ask(path: Path, commands: list[str], timeout: float = 5.0) -> list[str]:

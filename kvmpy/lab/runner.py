@@ -224,10 +224,9 @@ def run_in_lab(argv: Sequence[str], *, rw: Sequence[str | os.PathLike[str]] = ()
             relays.append(_Relay(readers.pop(cid), sinks[cid],
                                  keep_lines=60 if cid == "console" else 0))
             relays[-1].start()
-        def quiet_for() -> float:
-            return time.monotonic() - max(relay.last_output for relay in relays[1:])
-
-        _wait(proc, job, timeout, boot_timeout, quiet_timeout, quiet_for, cpus)
+        # relays[0] is the console; after it, the command's stdout and stderr
+        _wait(proc, job, timeout, boot_timeout, quiet_timeout,
+              lambda: max(relay.last_output for relay in relays[1:]), cpus)
         for relay in relays:
             relay.join(timeout=5)
         status = job / "status"
@@ -255,22 +254,24 @@ class LabStalled(LabError):
 
 def _wait(proc: subprocess.Popen[bytes], job: Path, timeout: float | None,
           boot_timeout: float, quiet_timeout: float | None = None,
-          quiet_for: Callable[[], float] = lambda: 0.0, cpus: int = 1) -> None:
-    """Wait for QEMU to exit; kill it if it does not boot, times out or goes quiet."""
-    started = ready_at = time.monotonic()
-    ready = False
+          last_output: Callable[[], float] = time.monotonic, cpus: int = 1) -> None:
+    """Wait for QEMU to exit; kill it if it does not boot, times out or goes quiet.
+
+    `last_output()`: when the command last printed (time.monotonic)."""
+    started = time.monotonic()
+    ready_at: float | None = None  # when the lab started the command
     try:
         while proc.poll() is None:
             elapsed = time.monotonic() - started
-            if not ready and (job / "ready").exists():
-                ready, ready_at = True, time.monotonic()
-            if (ready and quiet_timeout is not None
-                    and min(quiet_for(), time.monotonic() - ready_at) > quiet_timeout):
+            if ready_at is None and (job / "ready").exists():
+                ready_at = time.monotonic()
+            if (ready_at is not None and quiet_timeout is not None
+                    and time.monotonic() - max(last_output(), ready_at) > quiet_timeout):
                 states = cpu_states(job / MONITOR_SOCKET, cpus)
                 proc.kill()
                 raise LabStalled(f"the command printed nothing for {quiet_timeout:.0f} s; "
                                  f"the lab's CPUs: {states}")
-            if not ready and elapsed > boot_timeout:
+            if ready_at is None and elapsed > boot_timeout:
                 proc.kill()
                 raise LabError(f"the lab did not boot within {boot_timeout:.0f} s "
                                f"(set KVMPY_LAB_BOOT_TIMEOUT to wait longer)")
@@ -278,7 +279,7 @@ def _wait(proc: subprocess.Popen[bytes], job: Path, timeout: float | None,
                 proc.kill()
                 raise LabError(f"the command did not finish in the lab within {timeout:.0f} s")
             try:
-                proc.wait(timeout=0.05 if not ready else 0.5)
+                proc.wait(timeout=0.05 if ready_at is None else 0.5)
             except subprocess.TimeoutExpired:
                 pass
     except KeyboardInterrupt:
