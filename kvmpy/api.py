@@ -39,9 +39,11 @@ class Guest:
         """Wait for `pattern` after the previous match; returns the match."""
         found = self.console.wait_for(pattern, timeout, self._mark, alive=self.running)
         if found is None:
-            state = "stopped: " + self.machine.stopped.reason if self.machine.stopped else \
-                f"no match in {timeout} s"
             tail = self.console.text[-500:]
+            if self.machine.stopped:
+                state = "stopped: " + self.machine.stopped.reason
+            else:  # a guest gone quiet: say where each vCPU is
+                state = f"no match in {timeout} s; vCPUs now:\n{self.machine.describe_vcpus()}\n"
             raise ExpectTimeout(f"waiting for {pattern!r}: {state}; console ends with {tail!r}")
         self._mark = found.end()
         return found

@@ -247,6 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_cli(args.verbose)
     # `kill -USR2` prints every thread's Python stack: for a VMM that seems stuck,
     # even one whose threads hold the GIL (the dump runs in the signal handler).
+    # While vCPU threads run, it also prints where each vCPU is (kvmpy.machine).
     faulthandler.register(signal.SIGUSR2, all_threads=True, chain=False)
     try:
         return int(args.func(args))

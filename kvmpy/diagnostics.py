@@ -142,6 +142,48 @@ def describe_vcpu(vcpu: Any, memory: GuestMemory) -> str:
     return diagnose(snap, memory).render()
 
 
+_MP_STATES = {0: "runnable", 1: "uninitialized", 2: "INIT received", 3: "halted",
+              4: "SIPI received"}  # KVM_MP_STATE_* (kvmpy.kvm.vcpu)
+
+
+def describe_running(vcpu: Any, memory: GuestMemory) -> str:
+    """Where a live vCPU is (for a guest gone quiet): state, code, stack, pending vectors.
+
+    Called on the vCPU's own thread between two entries (VcpuThreads.sample).
+    """
+    try:
+        snap = Snapshot(vcpu.index, vcpu.get_regs(), vcpu.get_sregs())
+        mp_state = vcpu.get_mp_state()
+    except KvmpyError as e:
+        return f"  (vCPU {vcpu.index} state unavailable: {e})"
+    space = vmem.AddressSpace.from_sregs(snap.sregs)
+    bits = disasm.code_bits(snap.sregs)
+    rip_linear = (snap.sregs.cs.base + snap.regs.rip) & MASK64
+    code = vmem.read(memory, space, rip_linear, 16)
+    lines = _state_lines(snap, space)
+    lines[0] += f", {_MP_STATES.get(mp_state, f'mp_state {mp_state}')}"
+    lines += _lapic_lines(vcpu)
+    lines += _code_lines(snap, memory, space, bits, rip_linear, code)
+    lines += _stack_lines(snap, memory, space, bits)
+    return "\n".join(lines)
+
+
+def _lapic_lines(vcpu: Any) -> list[str]:
+    """In-service and requested vectors of the in-kernel LAPIC (none without irqchip)."""
+    try:
+        page = vcpu.get_lapic()
+    except KvmpyError:
+        return []
+
+    def vectors(base: int) -> str:  # eight 32-bit registers, 16 bytes apart (SDM 11.8.4)
+        found = [32 * i + b for i in range(8)
+                 for b in range(32) if _U32.unpack_from(page, base + 16 * i)[0] >> b & 1]
+        return " ".join(map(str, found)) or "none"
+
+    tpr = _U32.unpack_from(page, 0x80)[0]
+    return [f"  LAPIC: in service {vectors(0x100)}; requested {vectors(0x200)}; TPR {tpr:#x}"]
+
+
 # -- words for numbers ------------------------------------------------------
 def bit_names(value: int, names: dict[int, str]) -> str:
     return " ".join(name for bit, name in names.items() if value >> bit & 1)

@@ -10,6 +10,7 @@ Running it hands each vCPU to a `VcpuLoop` and waits for a `Stop`.
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import signal
 import sys
 import threading
@@ -47,24 +48,38 @@ if TYPE_CHECKING:
 
 
 @contextlib.contextmanager
-def _host_signals(stop: Callable[[Stop], None]) -> Iterator[None]:
-    """SIGINT and SIGTERM stop the VM cleanly (terminal restored by the caller)."""
+def _host_signals(stop: Callable[[Stop], None], report: Callable[[], str]) -> Iterator[None]:
+    """SIGINT and SIGTERM stop the VM cleanly (terminal restored by the caller).
+
+    SIGUSR2 prints where every vCPU is (`report`) after the Python stack of every
+    thread, which faulthandler prints from the signal itself and then chains here.
+    """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     kinds = {signal.SIGINT: StopKind.SIGINT, signal.SIGTERM: StopKind.SIGTERM}
-    saved = {sig: signal.getsignal(sig) for sig in kinds}
+    # kvmpy.cli's stack dump, put back at the end (True if there was one; typeshed says None)
+    dumping = faulthandler.unregister(signal.SIGUSR2)  # type: ignore[func-returns-value]
+    saved = {sig: signal.getsignal(sig) or signal.SIG_DFL for sig in (*kinds, signal.SIGUSR2)}
 
     def handler(signum: int, _frame: object) -> None:
         stop(Stop(kinds[signal.Signals(signum)], f"stopped by signal {signum}"))
 
+    def where(_signum: int, _frame: object) -> None:
+        print(f"kvmpy: the vCPUs on SIGUSR2:\n{report()}", file=sys.stderr, flush=True)
+
     for sig in kinds:
         signal.signal(sig, handler)
+    signal.signal(signal.SIGUSR2, where)
+    faulthandler.register(signal.SIGUSR2, all_threads=True, chain=True)
     try:
         yield
     finally:
+        faulthandler.unregister(signal.SIGUSR2)
         for sig, previous in saved.items():
             signal.signal(sig, previous)
+        if dumping:
+            faulthandler.register(signal.SIGUSR2, all_threads=True)
 
 
 class FlatConfig(NamedTuple):
@@ -367,6 +382,15 @@ class Machine:
             for loop in self.loops:
                 loop.request_stop(stop)
 
+    def describe_vcpus(self, timeout: float = 5.0) -> str:
+        """Where every vCPU is now: registers, pending vectors, code, stack (a quiet guest)."""
+        if self.threads is None or self.stopped is not None:
+            return "  (the VM is not running)"
+        from kvmpy.diagnostics import describe_running
+
+        return "\n".join(self.threads.sample(
+            lambda loop: describe_running(loop.vcpu, self.memory), timeout))
+
     def console_input(self, data: bytes) -> None:
         """Give the guest console input, waiting while its receive buffer is full."""
         if self.config.virtio_console:
@@ -385,7 +409,7 @@ class Machine:
                 return self.loops[0].run()
             finally:
                 self.serial.flush()
-        with _host_signals(self.request_stop):
+        with _host_signals(self.request_stop, self.describe_vcpus):
             self.start()
             stop = self.wait()
         assert stop is not None

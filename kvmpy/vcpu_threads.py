@@ -14,6 +14,10 @@ vCPUs once a second and ends the run when all of them are in that state. A
 vCPU that came back to us since the last check is plainly not halted, so it
 is left alone: only quiet vCPUs are kicked, which keeps kicks away from a
 guest that is busy booting.
+
+`sample()` uses the same kick to ask every vCPU where it is, for a guest that
+went quiet: each vCPU thread describes itself (registers, code, stack) between
+two entries and goes back in.
 """
 
 from __future__ import annotations
@@ -41,8 +45,12 @@ class VcpuThreads:
         self._threads: list[threading.Thread] = []
         # per vCPU: True when it was last seen halted with interrupts off (or never started)
         self._parked = [False] * len(loops)
+        # per vCPU: a `sample()` waiting for its description, and the description
+        self._wanted: list[Callable[[VcpuLoop], str] | None] = [None] * len(loops)
+        self._samples: list[str | None] = [None] * len(loops)
+        self._sampled = threading.Condition()
         for i, loop in enumerate(loops):
-            loop.on_kick = lambda i=i: self._check_parked(i)  # type: ignore[misc]
+            loop.on_kick = lambda i=i: self._on_kick(i)  # type: ignore[misc]
 
     def start(self) -> None:
         if threading.current_thread() is threading.main_thread():
@@ -84,6 +92,35 @@ class VcpuThreads:
                     signal.pthread_kill(thread.ident, KICK_SIGNAL)
                 except ProcessLookupError:
                     pass
+
+    def _on_kick(self, index: int) -> None:
+        describe = self._wanted[index]
+        if describe is not None:
+            try:
+                text = describe(self.loops[index])
+            except Exception as e:  # a report must never take the vCPU down
+                text = f"  (vCPU {index}: no description: {e!r})"
+            with self._sampled:
+                self._wanted[index], self._samples[index] = None, text
+                self._sampled.notify_all()
+        self._check_parked(index)
+
+    def sample(self, describe: Callable[[VcpuLoop], str], timeout: float = 5.0) -> list[str]:
+        """Kick every vCPU and have its own thread run `describe(loop)`; one text each.
+
+        A vCPU that does not come back within `timeout` (its thread busy in a
+        device handler, or the host stalled) is reported as such.
+        """
+        with self._sampled:
+            self._samples = [None] * len(self.loops)
+            self._wanted = [describe] * len(self.loops)
+        self.kick_all()
+        with self._sampled:
+            self._sampled.wait_for(lambda: None not in self._samples, timeout)
+            self._wanted = [None] * len(self.loops)
+            return [text if text is not None else
+                    f"  vCPU {i}: did not leave KVM_RUN within {timeout:g} s"
+                    for i, text in enumerate(self._samples)]
 
     def _check_parked(self, index: int) -> None:
         vcpu = self.loops[index].vcpu

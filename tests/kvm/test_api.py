@@ -1,5 +1,6 @@
 """The Python API and the threaded runner, with small guests on this machine's /dev/kvm."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -32,3 +33,20 @@ def test_debug_exit_status_comes_back(guest_dir: Path) -> None:
         stop = g.wait(60)
     assert stop is not None and stop.kind is StopKind.DEBUG_EXIT and stop.exit_status == 0
     assert g.output.startswith("sum=0x")
+
+
+def test_a_quiet_guest_is_reported_where_it_spins(guest_dir: Path) -> None:
+    # irqchip: the vCPU runs on its own thread, as a Linux guest's do
+    with Guest(flat=FlatConfig(guest_dir / "spin.bin", Mode.REAL, irqchip=True)) as g:
+        with pytest.raises(ExpectTimeout) as e:
+            g.expect(r"never printed", 1)
+        assert g.running()  # looking did not stop it
+        again = g.machine.describe_vcpus()
+    report = str(e.value)
+    assert "vCPUs now:" in report and "vCPU 0: real mode" in report, report
+    assert "interrupts off, runnable" in report, report
+    assert "RAX 0x0000000000005157" in report, report
+    # the code lines show the loop, RIP on one of its two instructions
+    assert re.search(r"=> 0x0000000(4  f3 90 +pause|6  eb fc +jmp 4)", report), report
+    assert re.search(r"0x00000004  f3 90 +pause", report), report
+    assert "RAX 0x0000000000005157" in again

@@ -20,9 +20,11 @@ import contextlib
 import ctypes
 import os
 import re
+import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -83,8 +85,16 @@ class KvmpyProcess:
         found = self.console.wait_for(pattern, timeout, self._mark,
                                       alive=lambda: self.proc.poll() is None)
         if found is None:
-            state = f"kvmpy exited {self.proc.returncode}" if self.proc.poll() is not None \
-                else f"no match in {timeout} s"
+            if self.proc.poll() is None:  # kvmpy prints its threads and vCPUs on SIGUSR2
+                self.proc.send_signal(signal.SIGUSR2)
+                time.sleep(5)
+                self.proc.kill()
+                state = f"no match in {timeout} s"
+            else:
+                state = f"kvmpy exited {self.proc.returncode}"
+            assert self.proc.stderr is not None
+            err = self.proc.stderr.read().decode(errors="replace")
+            state += f", stderr {err[-6000:]!r}"
             raise AssertionError(f"waiting for {pattern!r}: {state}; output ends with "
                                  f"{self.output[-1500:]!r}")
         self._mark = found.end()
