@@ -136,10 +136,12 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
         return
     terminalreporter.section("lab tests that failed once and passed when run again")
     for nodeid in flaky:
-        tail = session.first_failures[nodeid].strip().splitlines()[-6:]
+        lines = session.first_failures[nodeid].strip().splitlines()
+        # pytest's "E" lines say what failed; without them, the end of the report
+        said = [line for line in lines if line.startswith("E ")][:4] or lines[-4:]
         terminalreporter.write_line(nodeid)
-        for line in tail:
-            terminalreporter.write_line(f"    {line[:300]}")
+        for line in said:
+            terminalreporter.write_line(f"    {line[:1000]}")
 
 
 class LabTestFailed(Exception):

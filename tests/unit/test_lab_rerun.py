@@ -90,10 +90,8 @@ def test_a_test_that_fails_twice_reports_both_failures(monkeypatch: pytest.Monke
     assert "a second time" in text
 
 
-def test_a_test_that_passes_when_run_again_passes_and_is_listed(
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    lab, _ = _run(["a", "b"], [{"a": "failed", "b": "passed"}, {"a": "passed"}], monkeypatch)
-    LabProxy.runtest(_Proxy("a", lab))  # type: ignore[arg-type]
+def _summary(lab: LabSession) -> list[str]:
+    """What pytest_terminal_summary writes for `lab`."""
     lines: list[str] = []
 
     class Reporter:
@@ -107,5 +105,19 @@ def test_a_test_that_passes_when_run_again_passes_and_is_listed(
             lines.append(line)
 
     pytest_terminal_summary(Reporter())
-    assert lines == ["== lab tests that failed once and passed when run again", "a",
-                     "    a failed in session 1"]
+    return lines
+
+
+def test_a_test_that_passes_when_run_again_passes_and_is_listed(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    lab, _ = _run(["a", "b"], [{"a": "failed", "b": "passed"}, {"a": "passed"}], monkeypatch)
+    LabProxy.runtest(_Proxy("a", lab))  # type: ignore[arg-type]
+    assert _summary(lab) == ["== lab tests that failed once and passed when run again", "a",
+                             "    a failed in session 1"]
+
+
+def test_the_summary_quotes_pytests_e_lines(monkeypatch: pytest.MonkeyPatch) -> None:
+    lab, _ = _run(["a"], [{"a": "failed"}, {"a": "passed"}], monkeypatch)
+    lab.first_failures["a"] = "    def test():\n>       boot()\nE   GuestFault: triple fault\n" \
+                              "\ntests/x.py:3: GuestFault"
+    assert _summary(lab)[1:] == ["a", "    E   GuestFault: triple fault"]
