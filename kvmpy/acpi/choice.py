@@ -33,7 +33,7 @@ from enum import Enum
 from pathlib import Path
 from typing import NamedTuple
 
-from kvmpy.boot.kconfig import parse_kconfig
+from kvmpy.boot.kconfig import kconfig_options
 
 # Linux Documentation/arch/x86/boot.rst, "The real-mode kernel header": the magic
 # "HdrS" at 0x202 and, from protocol 2.00, kernel_version at 0x20E: a pointer to a
@@ -85,8 +85,11 @@ def find_kernel_config(kernel: Path) -> Path | None:
     return next((c for c in candidates if c.is_file()), None)
 
 
+_OPTIONS = ("CONFIG_ACPI", "CONFIG_X86_MPPARSE", "CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES")
+
+
 def _kconfig(path: Path) -> dict[str, str]:
-    return parse_kconfig(path.read_text(errors="replace"))
+    return kconfig_options(path.read_text(errors="replace"), _OPTIONS)
 
 
 def choose_acpi(requested: AcpiMode | str, kernel: Path,

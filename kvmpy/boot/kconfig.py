@@ -8,6 +8,8 @@ kernel's business.
 
 from __future__ import annotations
 
+import re
+
 
 def parse_kconfig(text: str) -> dict[str, str]:
     """CONFIG_X=v lines and `# CONFIG_X is not set` (as "n") of a .config or fragment."""
@@ -20,3 +22,16 @@ def parse_kconfig(text: str) -> dict[str, str]:
         elif line.startswith("# CONFIG_") and line.endswith(" is not set"):
             out[line[2:].split()[0]] = "n"
     return out
+
+
+def kconfig_options(text: str, names: tuple[str, ...]) -> dict[str, str]:
+    """The values of just `names` in a .config (as `parse_kconfig` gives them).
+
+    One regular-expression scan instead of a loop over every line: a distribution's
+    .config has ~10,000 lines, and under the lab's emulated CPU the loop costs a tenth
+    of a second of `kvmpy run`'s start-up.
+    """
+    alternatives = "|".join(map(re.escape, names))
+    pattern = re.compile(rf"^(?:({alternatives})=(.*)|# ({alternatives}) is not set)\s*$",
+                         re.MULTILINE)
+    return {m[1] or m[3]: m[2].strip() if m[1] else "n" for m in pattern.finditer(text)}
