@@ -384,8 +384,10 @@ class Machine:
 
     def describe_vcpus(self, timeout: float = 5.0) -> str:
         """Where every vCPU is now: registers, pending vectors, code, stack (a quiet guest)."""
-        if self.threads is None or self.stopped is not None:
-            return "  (the VM is not running)"
+        if self.threads is None:
+            return "  (not started with start(): no vCPU threads to ask)"
+        if self.stopped is not None:
+            return f"  (the VM has stopped: {self.stopped.reason})"
         from kvmpy.diagnostics import describe_running
 
         return "\n".join(self.threads.sample(
