@@ -43,7 +43,7 @@ if TYPE_CHECKING:
     from kvmpy.gdb.stub import GdbConfig, GdbStub
     from kvmpy.trace.tracer import Tracer
     from kvmpy.virtio.device import VirtioDevice
-    from kvmpy.virtio.iothread import IoThread
+    from kvmpy.virtio.iothread import EventFdWiring, IoThread
     from kvmpy.virtio.mmio import VirtioMmioTransport
 
 
@@ -185,6 +185,7 @@ class Machine:
     def __init__(self, config: MachineConfig, kvm: Kvm | None = None) -> None:
         self.config = config
         self.console: ConsoleSink = config.console or sys.stdout.buffer
+        self._own_kvm = kvm is None  # a /dev/kvm fd this machine opened, and closes
         self.kvm = kvm or Kvm()
         # 1. guest RAM, with the 32-bit MMIO hole left out
         self.memory = GuestMemory.anonymous(config.mem_size,
@@ -239,6 +240,7 @@ class Machine:
         # virtio-mmio devices, one 4 KiB window and one GSI each; their queue
         # notifications and interrupts go through KVM eventfds to an I/O thread
         self.virtio: list[tuple[VirtioMmioTransport, int, int]] = []  # (transport, gpa, gsi)
+        self._wirings: list[EventFdWiring] = []  # their ioeventfds and irqfds, closed at the end
         self.iothread: IoThread | None = None
         devices = self._virtio_devices()
         if devices:
@@ -306,7 +308,7 @@ class Machine:
         transport = VirtioMmioTransport(device, self.memory, self.irq(gsi))
         self.mmio.insert(gpa, layout.VIRTIO_MMIO_SIZE, transport, device.name)
         if self.vm.irqchip:
-            wire_eventfds(self.vm, iothread, transport, gpa, gsi)
+            self._wirings.append(wire_eventfds(self.vm, iothread, transport, gpa, gsi))
         else:
             iothread.add_device(device)
         self.virtio.append((transport, gpa, gsi))
@@ -426,10 +428,14 @@ class Machine:
         if self.gdb is not None:
             self.gdb.close()  # tells a waiting gdb how the VM ended
         if self.iothread is not None:
+            for wiring in self._wirings:
+                wiring.unwire(self.vm, self.iothread)
             self.iothread.close()
         for transport, _, _ in self.virtio:
             transport.device.close()
         for v in self.vcpus:
             v.close()
         self.vm.close()
+        if self._own_kvm:
+            self.kvm.close()
         self.memory.close()

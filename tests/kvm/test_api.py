@@ -1,5 +1,6 @@
 """The Python API and the threaded runner, with small guests on this machine's /dev/kvm."""
 
+import os
 import re
 from pathlib import Path
 
@@ -50,3 +51,19 @@ def test_a_quiet_guest_is_reported_where_it_spins(guest_dir: Path) -> None:
     assert re.search(r"=> 0x0000000(4  f3 90 +pause|6  eb fc +jmp 4)", report), report
     assert re.search(r"0x00000004  f3 90 +pause", report), report
     assert "RAX 0x0000000000005157" in again
+
+
+def test_closing_a_guest_closes_every_fd_it_opened(guest_dir: Path) -> None:
+    # a test process runs dozens of guests: /dev/kvm, VM, vCPU, ioeventfd and irqfd fds
+    # must not pile up (each virtio device wires one eventfd per queue and one irqfd)
+    def fds() -> set[str]:
+        return set(os.listdir("/proc/self/fd"))
+
+    before = fds()
+    for _ in range(2):
+        with Guest(flat=FlatConfig(guest_dir / "spin.bin", Mode.REAL, irqchip=True),
+                   virtio_console=True, rng=True) as g:
+            opened = len(fds() - before)
+            assert g.running()
+    assert opened >= 8  # /dev/kvm, VM, vCPU, 3 ioeventfds, 2 irqfds, the I/O thread's
+    assert fds() - before == set()
