@@ -19,7 +19,7 @@ failures than that are not the emulator's). Under QEMU 7.2's TCG about one Linux
 forty dies or goes quiet for no reason of its own, at a different place each time (a
 triple fault during boot, a console that stops mid-line; README, "Not done yet"). A test
 that passes the second time passes, and the terminal summary lists it with the first
-failure's last lines; one that fails again fails with both failures.
+failure's "E" lines; one that fails again fails with both failures.
 
 Also registers `labhost`: tests that boot the lab themselves from the host (a few seconds
 each), skipped inside the lab and where the lab cannot start.
@@ -137,8 +137,9 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
     terminalreporter.section("lab tests that failed once and passed when run again")
     for nodeid in flaky:
         lines = session.first_failures[nodeid].strip().splitlines()
-        # pytest's "E" lines say what failed; without them, the end of the report
-        said = [line for line in lines if line.startswith("E ")][:4] or lines[-4:]
+        # pytest's "E" lines say what failed (a quiet guest's vCPU report among them);
+        # without them, the end of the report
+        said = [line for line in lines if line.startswith("E ")][:60] or lines[-4:]
         terminalreporter.write_line(nodeid)
         for line in said:
             terminalreporter.write_line(f"    {line[:1000]}")
