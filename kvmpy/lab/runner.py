@@ -53,13 +53,6 @@ MiB = 1 << 20
 DEFAULT_BOOT_TIMEOUT = float(os.environ.get("KVMPY_LAB_BOOT_TIMEOUT", "180"))
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 INSIDE_ENV = "KVMPY_IN_LAB"  # set to 1 in every command the lab runs
-# TCG's AMD CPU without virtual GIF (SVM CPUID 0x8000000A EDX bit 16): QEMU 7.2's vGIF
-# emulation is the one piece that decides, for the lab CPU and for KVM's guests, whether
-# an interrupt or an NMI may be taken. Stalls seen with it on: a lab CPU halted with a
-# timer and an IPI requested that not even an NMI woke (GIF stuck at 0 blocks both), and
-# a guest running with IF=1 and its timer vector requested, never delivered. kvm_amd
-# without vgif intercepts STGI/CLGI instead, which KVM's own guests never execute.
-LAB_CPU = "max,vgif=off"
 KERNEL_CMDLINE = "console=ttyS0 panic=-1 quiet mitigations=off"
 # QEMU's human monitor, for looking into a lab that stopped making progress:
 # connect any Unix-socket client (socat) to /tmp/kvmpy-lab-*/monitor.sock, `info registers -a`.
@@ -89,7 +82,7 @@ def qemu_argv(image: LabImage, job: Path, rw: Sequence[Path], mem: int, cpus: in
               fds: Mapping[str, int], interactive: bool = False) -> list[str]:
     """The QEMU command line of one lab run (`fds`: chardev id -> fd QEMU inherits)."""
     argv = [
-        QEMU, "-accel", "tcg,thread=multi", "-cpu", LAB_CPU, "-smp", str(cpus),
+        QEMU, "-accel", "tcg,thread=multi", "-cpu", "max", "-smp", str(cpus),
         "-m", f"{mem // MiB}M", "-kernel", str(image.kernel), "-initrd", str(image.initramfs),
         "-append", KERNEL_CMDLINE,
         "-display", "none", "-monitor", f"unix:{job / MONITOR_SOCKET},server=on,wait=off",
