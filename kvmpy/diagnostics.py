@@ -40,6 +40,13 @@ from kvmpy.cpu.registers import (
 )
 from kvmpy.errors import KvmpyError
 from kvmpy.kvm.exits import RUN_EXIT_REASON, RUN_UNION, ExitReason, InternalError
+from kvmpy.kvm.vcpu import (
+    MP_STATE_HALTED,
+    MP_STATE_INIT_RECEIVED,
+    MP_STATE_RUNNABLE,
+    MP_STATE_SIPI_RECEIVED,
+    MP_STATE_UNINITIALIZED,
+)
 from kvmpy.memory import GuestMemory
 from kvmpy.trace import disasm, vmem
 from kvmpy.trace.disasm import Insn
@@ -142,8 +149,9 @@ def describe_vcpu(vcpu: Any, memory: GuestMemory) -> str:
     return diagnose(snap, memory).render()
 
 
-_MP_STATES = {0: "runnable", 1: "uninitialized", 2: "INIT received", 3: "halted",
-              4: "SIPI received"}  # KVM_MP_STATE_* (kvmpy.kvm.vcpu)
+_MP_STATES = {MP_STATE_RUNNABLE: "runnable", MP_STATE_UNINITIALIZED: "uninitialized",
+              MP_STATE_INIT_RECEIVED: "INIT received", MP_STATE_HALTED: "halted",
+              MP_STATE_SIPI_RECEIVED: "SIPI received"}
 
 
 def describe_running(vcpu: Any, memory: GuestMemory) -> str:
@@ -156,15 +164,8 @@ def describe_running(vcpu: Any, memory: GuestMemory) -> str:
         mp_state = vcpu.get_mp_state()
     except KvmpyError as e:
         return f"  (vCPU {vcpu.index} state unavailable: {e})"
-    space = vmem.AddressSpace.from_sregs(snap.sregs)
-    bits = disasm.code_bits(snap.sregs)
-    rip_linear = (snap.sregs.cs.base + snap.regs.rip) & MASK64
-    code = vmem.read(memory, space, rip_linear, 16)
-    lines = _state_lines(snap, space)
+    lines = _report(snap, memory, _at_rip(snap, memory), _lapic_lines(vcpu))
     lines[0] += f", {_MP_STATES.get(mp_state, f'mp_state {mp_state}')}"
-    lines += _lapic_lines(vcpu)
-    lines += _code_lines(snap, memory, space, bits, rip_linear, code)
-    lines += _stack_lines(snap, memory, space, bits)
     return "\n".join(lines)
 
 
@@ -295,18 +296,30 @@ def _canonical(addr: int) -> bool:
 
 # -- the diagnosis --------------------------------------------------------------
 def diagnose(snap: Snapshot, memory: GuestMemory) -> Diagnosis:
-    regs, sregs = snap.regs, snap.sregs
-    space = vmem.AddressSpace.from_sregs(sregs)
-    bits = disasm.code_bits(sregs)
-    rip_linear = (sregs.cs.base + regs.rip) & MASK64
-    code = vmem.read(memory, space, rip_linear, 16)
-    insn = disasm.one(code, regs.rip, bits) if code else None
+    at = _at_rip(snap, memory)
+    space, bits, _, code = at
+    insn = disasm.one(code, snap.regs.rip, bits) if code else None
     cause = _cause(snap, memory, space, insn, code)
-    lines = _state_lines(snap, space)
-    lines += _exit_lines(snap)
-    lines += _code_lines(snap, memory, space, bits, rip_linear, code)
-    lines += _stack_lines(snap, memory, space, bits)
-    return Diagnosis(cause, lines)
+    return Diagnosis(cause, _report(snap, memory, at, _exit_lines(snap)))
+
+
+_AtRip = tuple[vmem.AddressSpace, int, int, bytes]  # address space, code bits, RIP, code
+
+
+def _at_rip(snap: Snapshot, memory: GuestMemory) -> _AtRip:
+    """How the vCPU translates addresses, its code size, linear RIP and the bytes there."""
+    space = vmem.AddressSpace.from_sregs(snap.sregs)
+    rip_linear = (snap.sregs.cs.base + snap.regs.rip) & MASK64
+    return (space, disasm.code_bits(snap.sregs), rip_linear,
+            vmem.read(memory, space, rip_linear, 16))
+
+
+def _report(snap: Snapshot, memory: GuestMemory, at: _AtRip, middle: list[str]) -> list[str]:
+    """State, then `middle` (the exit, or the LAPIC), then code at RIP and the stack."""
+    space, bits, rip_linear, code = at
+    return [*_state_lines(snap, space), *middle,
+            *_code_lines(snap, memory, space, bits, rip_linear, code),
+            *_stack_lines(snap, memory, space, bits)]
 
 
 def _state_lines(snap: Snapshot, space: vmem.AddressSpace) -> list[str]:

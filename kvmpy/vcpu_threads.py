@@ -45,8 +45,8 @@ class VcpuThreads:
         self._threads: list[threading.Thread] = []
         # per vCPU: True when it was last seen halted with interrupts off (or never started)
         self._parked = [False] * len(loops)
-        # per vCPU: a `sample()` waiting for its description, and the description
-        self._wanted: list[Callable[[VcpuLoop], str] | None] = [None] * len(loops)
+        # while a `sample()` waits: how to describe a vCPU, and each one's text (None: to do)
+        self._describe: Callable[[VcpuLoop], str] | None = None
         self._samples: list[str | None] = [None] * len(loops)
         self._sampled = threading.Condition()
         for i, loop in enumerate(loops):
@@ -94,14 +94,14 @@ class VcpuThreads:
                     pass
 
     def _on_kick(self, index: int) -> None:
-        describe = self._wanted[index]
-        if describe is not None:
+        describe = self._describe
+        if describe is not None and self._samples[index] is None:
             try:
                 text = describe(self.loops[index])
             except Exception as e:  # a report must never take the vCPU down
                 text = f"  (vCPU {index}: no description: {e!r})"
             with self._sampled:
-                self._wanted[index], self._samples[index] = None, text
+                self._samples[index] = text
                 self._sampled.notify_all()
         self._check_parked(index)
 
@@ -113,11 +113,11 @@ class VcpuThreads:
         """
         with self._sampled:
             self._samples = [None] * len(self.loops)
-            self._wanted = [describe] * len(self.loops)
+            self._describe = describe
         self.kick_all()
         with self._sampled:
             self._sampled.wait_for(lambda: None not in self._samples, timeout)
-            self._wanted = [None] * len(self.loops)
+            self._describe = None
             return [text if text is not None else
                     f"  vCPU {i}: did not leave KVM_RUN within {timeout:g} s"
                     for i, text in enumerate(self._samples)]
