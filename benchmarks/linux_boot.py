@@ -16,7 +16,7 @@ from pathlib import Path
 
 from common import in_linux_capable_place, write_result
 
-ROUNDS = int(os.environ.get("KVMPY_BENCH_ROUNDS", "5"))  # lab boots vary by a second
+ROUNDS = int(os.environ.get("KVMPY_BENCH_ROUNDS", "9"))  # lab boots vary by a second
 APPEND = "quiet -- true"
 
 

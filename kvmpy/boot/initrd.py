@@ -13,6 +13,7 @@ What it is not: it writes no boot_params; `params.py` and `pvh.py` record it.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import NamedTuple
 
@@ -66,13 +67,20 @@ def place_initrd(
 def load_initrd(
     memory: GuestMemory, path: str | Path, *, kernel_end: int, addr_max: int | None = None
 ) -> LoadedInitrd:
-    """Read the initrd at `path` and place it in `memory` (see `place_initrd`)."""
+    """Read the initrd at `path` and place it in `memory` (see `place_initrd`).
+
+    The file is read straight into guest RAM, not into a bytes object first: a
+    distribution's initramfs is tens of megabytes, and one copy of it is enough.
+    """
     try:
-        data = Path(path).read_bytes()
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if not size:
+                raise LoaderError(f"initrd {path} is empty")
+            gpa = place_initrd(memory, size, kernel_end=kernel_end, addr_max=addr_max)
+            got = f.readinto(memory.view(gpa, size))
     except OSError as e:
         raise LoaderError(f"cannot read initrd {path}: {e.strerror or e}") from None
-    if not data:
-        raise LoaderError(f"initrd {path} is empty")
-    gpa = place_initrd(memory, len(data), kernel_end=kernel_end, addr_max=addr_max)
-    memory.write(gpa, data)
-    return LoadedInitrd(gpa, len(data))
+    if got != size:
+        raise LoaderError(f"initrd {path}: read {got} of its {size} bytes (did it change?)")
+    return LoadedInitrd(gpa, size)

@@ -33,7 +33,12 @@ from kvmpy.memory import GuestMemory
 #   panic=-1       a panic reboots at once instead of hanging the VMM
 #   pci=off        there is no PCI bus; don't probe for one
 #   i8042.noaux    no mouse port: skip its probe timeouts
-BASE_CMDLINE = "reboot=k panic=-1 pci=off i8042.noaux"
+#   i8042.nokbd    nor a keyboard worth probing: the console is the UART (or hvc0), and
+#                  the controller is there for reboot=k, which does not need the driver.
+#                  atkbd's probe is a dozen commands through the controller, each a VM
+#                  exit and an interrupt, on the way to /init (`i8042.nokbd=0` brings
+#                  the keyboard back: kvmpy.devices.i8042 answers atkbd)
+BASE_CMDLINE = "reboot=k panic=-1 pci=off i8042.noaux i8042.nokbd"
 
 
 class LinuxBoot(NamedTuple):

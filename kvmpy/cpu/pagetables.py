@@ -12,6 +12,7 @@ Intel SDM Vol. 3A §4.5 (4-level paging), Table 4-14..4-20 (entry formats).
 
 from __future__ import annotations
 
+from array import array
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -40,11 +41,11 @@ def build_identity_map(memory: GuestMemory, *, user: bool = False) -> int:
     for i in range(layout.PD_COUNT):
         pd = layout.PD + i * 0x1000
         memory.write_u64(layout.PDPT + 8 * i, pd | flags)
-        entries = bytearray(8 * ENTRIES)
-        for j in range(ENTRIES):
-            gpa = (i * ENTRIES + j) * PAGE_2M
-            entries[8 * j : 8 * j + 8] = (gpa | flags | PAGE_SIZE).to_bytes(8, "little")
-        memory.write(pd, entries)
+        # entry j maps the 2 MiB page at first + j*2 MiB; the flags sit below bit 21, so
+        # the entries are one arithmetic sequence (an array of little-endian u64 on x86)
+        first = i * ENTRIES * PAGE_2M
+        entries = array("Q", range(first | flags | PAGE_SIZE, first + ENTRIES * PAGE_2M, PAGE_2M))
+        memory.write(pd, entries.tobytes())
     return layout.PML4
 
 
