@@ -3,7 +3,8 @@
 Linux cannot boot on this machine's /dev/kvm (PVM), so unless /dev/kvm has hardware
 virtualization the measurement runs inside ONE lab session, where both VMMs boot
 kvmpy's minimal kernel and default initramfs alternately. The figure is the median
-wall time from spawning the VMM process to the line /init prints. Target: ratio <= 1.0.
+wall time from spawning the VMM process to the line /init prints (and, beside it, the
+ratio of the fastest boots). Target: ratio <= 1.0.
 """
 
 from __future__ import annotations
@@ -70,6 +71,8 @@ def measure() -> dict[str, object]:
         "kvmpy_all_s": [round(x, 3) for x in k],
         "qemu_all_s": [round(x, 3) for x in q],
         "ratio": round(k[len(k) // 2] / q[len(q) // 2], 3),
+        # the fastest boot of each: the lab's noise only ever adds time
+        "ratio_of_minimums": round(k[0] / q[0], 3),
         "target_ratio_max": 1.0,
     }
 
