@@ -46,6 +46,7 @@ def test_kernel_sees_what_kvmpy_gave_it(kernel, initrd: Path, image: str, cpus: 
         g.expect(r"kvmpy-guest: exit status 0", 60)
         stop = g.wait(60)
         log = g.output
+        boot = g.machine.linux_boot
     assert stop is not None and stop.kind is StopKind.HALTED  # poweroff -f without ACPI
     # the command line kvmpy wrote, as the kernel read it
     cmdline = re.search(r"Kernel command line: (.*)", log)
@@ -63,9 +64,11 @@ def test_kernel_sees_what_kvmpy_gave_it(kernel, initrd: Path, image: str, cpus: 
     assert f"cpus={cpus}" in log
     if cpus > 1:
         assert f"smp: Brought up 1 node, {cpus} CPUs" in log
-    # the protocol kvmpy chose for the file
-    if image == "vmlinux":
-        assert "Booting paravirtualized kernel on KVM" in log or "PVH" in log or True
+    # the protocol kvmpy chose for the file: a vmlinux with a PVH note is entered by it
+    assert boot is not None
+    assert boot.kernel.protocol == ("bzimage" if image == "bzimage" else "pvh")
+    # the i8042 is there for reboot=k only: the kernel probed no keyboard (i8042.nokbd)
+    assert "i8042.nokbd" in cmdline.group(1) and "AT Translated Set 2 keyboard" not in log
     assert "Kernel panic" not in log and "BUG:" not in log
 
 
