@@ -379,7 +379,8 @@ def _code_lines(snap: Snapshot, memory: GuestMemory, space: vmem.AddressSpace, b
     gpa = vmem.to_physical(memory, space, rip_linear)
     if not code or gpa is None:
         where = "not mapped" if gpa is None else f"gpa {gpa:#x}, not in guest RAM"
-        return [f"  code at RIP: {where}"]
+        host = _host_rip(snap.regs.rip) if gpa is None else None
+        return [f"  code at RIP: {where}", *([f"  RIP is {host}"] if host else [])]
     lines = [f"  code at {gpa:#x}: {code.hex(' ')}"]
     rip = snap.regs.rip
     back = min(32, rip_linear & 0xFFF if space.paging != "none" else 32, rip)
@@ -392,6 +393,17 @@ def _code_lines(snap: Snapshot, memory: GuestMemory, space: vmem.AddressSpace, b
             mark = "=>" if i.address == rip else "  "
             lines.append(f"    {mark} {i.address:#010x}  {i.raw.hex(' '):<24} {i.text}")
     return lines
+
+
+def _host_rip(rip: int) -> str | None:
+    """For a RIP the guest's tables do not map: is it an address of this host's kernel?"""
+    from kvmpy.hostsyms import host_kernel_symbol
+
+    symbol = host_kernel_symbol(rip)
+    if symbol is None:
+        return None
+    return (f"this host kernel's {symbol}: the vCPU carries its host's state, a fault "
+            "below kvmpy (in the virtualization it runs on)")
 
 
 def _stack_lines(snap: Snapshot, memory: GuestMemory, space: vmem.AddressSpace,
@@ -501,7 +513,9 @@ def _fetch_problem(snap: Snapshot, memory: GuestMemory, space: vmem.AddressSpace
     linear = (sregs.cs.base + regs.rip) & MASK64
     gpa = vmem.to_physical(memory, space, linear)
     if gpa is None:
-        return f"RIP {regs.rip:#x} is not mapped by the page tables"
+        host = _host_rip(regs.rip)
+        return f"RIP {regs.rip:#x} is not mapped by the page tables" + \
+            (f"; it is {host}" if host else "")
     return f"RIP points outside guest RAM ({regs.rip:#x} is guest-physical {gpa:#x})"
 
 

@@ -226,3 +226,21 @@ def test_a_vcpu_reset_by_kvm_on_its_triple_fault_is_said_to_be_so() -> None:
     vcpu.set_rip(0xFFF0)
     assert diagnose(snapshot(vcpu), memory).cause.startswith(
         "the registers are the vCPU's INIT state (real mode, CS:IP f000:fff0), not where it died")
+
+
+def test_a_rip_of_the_hosts_kernel_is_named(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """What a vCPU handed its host's state looks like (the lab, kvm_amd after VMRUN)."""
+    from test_hostsyms import KALLSYMS
+
+    from kvmpy import hostsyms
+
+    path = tmp_path / "kallsyms"
+    path.write_text(KALLSYMS)
+    monkeypatch.setattr(hostsyms, "KALLSYMS", str(path))
+    vcpu, memory, _ = died("long", bytes.fromhex("90"), 0xFFFFFFFFC044520C - CODE)
+    d = diagnose(snapshot(vcpu), memory)
+    assert d.cause.startswith("RIP 0xffffffffc044520c is not mapped by the page tables; it is "
+                              "this host kernel's [kvm_amd] __svm_vcpu_run+0x9c: the vCPU "
+                              "carries its host's state")
+    assert "RIP is this host kernel's [kvm_amd] __svm_vcpu_run+0x9c" in describe_vcpu(vcpu, memory)
+
