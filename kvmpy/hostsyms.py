@@ -7,16 +7,17 @@ kvm_amd (`__svm_vcpu_run`), so the vCPU was carrying its host's state, a fault b
 kvmpy. A diagnosis that finds a RIP unmapped in the guest asks here, and says so when
 the address is one of the host kernel's.
 
-What it is: a lookup of the nearest text symbol at or below an address in
-/proc/kallsyms. What it is not: a symbolizer for guests, or reliable without root
-(kallsyms shows zeros for addresses to others, and then nothing is claimed).
+What it is: a lookup of the nearest symbol at or below an address in /proc/kallsyms,
+named only if it is code (a data symbol, or none within 64 KiB, is no claim). What it
+is not: a symbolizer for guests, or reliable without root (kallsyms shows zeros for
+addresses to others, and then nothing is claimed).
 """
 
 from __future__ import annotations
 
 KALLSYMS = "/proc/kallsyms"
 KERNEL_HALF = 0xFFFF_8000_0000_0000  # x86-64 kernels live in the upper canonical half
-MAX_SYMBOL = 1 << 20  # past this distance from the nearest symbol, no claim is made
+MAX_SYMBOL = 64 << 10  # past this distance from the nearest symbol, no claim is made
 _TEXT = frozenset("tTwW")
 
 
@@ -32,7 +33,7 @@ def host_kernel_symbol(address: int, kallsyms: str | None = None) -> str | None:
     try:
         with open(kallsyms or KALLSYMS, encoding="ascii", errors="replace") as f:
             for line in f:
-                if best < line[:16] <= key and line[17:18] in _TEXT:
+                if best < line[:16] <= key:
                     best = line
     except OSError:
         return None
@@ -41,7 +42,7 @@ def host_kernel_symbol(address: int, kallsyms: str | None = None) -> str | None:
         start = int(fields[0], 16)
     except (IndexError, ValueError):
         return None
-    if start == 0 or address - start > MAX_SYMBOL:
-        return None  # zeros: kallsyms hides addresses from this user
+    if start == 0 or fields[1] not in _TEXT or address - start > MAX_SYMBOL:
+        return None  # hidden addresses (zeros), data, or too far past any symbol
     where = f"{fields[2]}+{address - start:#x}"
     return f"{fields[3]} {where}" if len(fields) > 3 else where

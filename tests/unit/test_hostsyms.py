@@ -35,7 +35,8 @@ def test_no_claim_for_guest_addresses_data_or_hidden_kallsyms(tmp_path: Path) ->
     path = kallsyms(tmp_path, KALLSYMS)
     assert host_kernel_symbol(0x10000, path) is None  # not in the kernel half
     assert host_kernel_symbol(0xFFFFFFFF80000000, path) is None  # below every symbol
-    assert host_kernel_symbol(0xFFFFFFFFC0446010, path) == "[kvm_amd] __svm_sev_es_vcpu_run+0xc90"
+    assert host_kernel_symbol(0xFFFFFFFFC0445390, path) == "[kvm_amd] __svm_sev_es_vcpu_run+0x10"
+    assert host_kernel_symbol(0xFFFFFFFFC0446010, path) is None  # module data, not code
     assert host_kernel_symbol(0xFFFFFFFFF0000000, path) is None  # far past the last one
     hidden = "".join("0000000000000000" + line[16:] for line in KALLSYMS.splitlines(True))
     assert host_kernel_symbol(0xFFFFFFFFC044520C, kallsyms(tmp_path, hidden)) is None
