@@ -33,7 +33,7 @@ def host_kernel_symbol(address: int, kallsyms: str | None = None) -> str | None:
     try:
         with open(kallsyms or KALLSYMS, encoding="ascii", errors="replace") as f:
             for line in f:
-                if best < line[:16] <= key:
+                if best[:16] < line[:16] <= key:
                     best = line
     except OSError:
         return None
