@@ -7,7 +7,10 @@ SHELL := /bin/bash
 # builds it statically linked (no libpython.so to load and relocate at every start) with
 # PGO and LTO; in the lab, where all of it is emulated, it starts in 0.2 s where pyenv's
 # shared-library build takes 0.4 s, and kvmpy reaches its first KVM_RUN ~0.3 s sooner.
-PYTHON ?= $(firstword $(wildcard /usr/bin/python3) python3)
+# (Only if it is new enough for kvmpy: 3.11; otherwise whatever python3 is on PATH.)
+PYTHON ?= $(shell /usr/bin/python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
+	2>/dev/null && echo /usr/bin/python3 || echo python3)
+PYTHON := $(PYTHON)
 VENV := .venv
 PY := $(VENV)/bin/python
 CACHE ?= $(HOME)/.cache/kvmpy
