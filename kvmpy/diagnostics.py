@@ -297,28 +297,33 @@ def _canonical(addr: int) -> bool:
 # -- the diagnosis --------------------------------------------------------------
 def diagnose(snap: Snapshot, memory: GuestMemory) -> Diagnosis:
     at = _at_rip(snap, memory)
-    space, bits, _, code = at
+    space, bits, _, code, host = at
     insn = disasm.one(code, snap.regs.rip, bits) if code else None
-    cause = _cause(snap, memory, space, insn, code)
+    cause = _cause(snap, memory, space, insn, code, host)
     return Diagnosis(cause, _report(snap, memory, at, _exit_lines(snap)))
 
 
-_AtRip = tuple[vmem.AddressSpace, int, int, bytes]  # address space, code bits, RIP, code
+# address space, code bits, linear RIP, code there, and (RIP unmapped) what the host has there
+_AtRip = tuple[vmem.AddressSpace, int, int, bytes, str | None]
 
 
 def _at_rip(snap: Snapshot, memory: GuestMemory) -> _AtRip:
-    """How the vCPU translates addresses, its code size, linear RIP and the bytes there."""
+    """How the vCPU translates addresses, its code size, linear RIP and the bytes there;
+    for a RIP the guest's tables do not map, whether it is the host kernel's (asked once:
+    both the cause and the report say it)."""
     space = vmem.AddressSpace.from_sregs(snap.sregs)
     rip_linear = (snap.sregs.cs.base + snap.regs.rip) & MASK64
-    return (space, disasm.code_bits(snap.sregs), rip_linear,
-            vmem.read(memory, space, rip_linear, 16))
+    code = vmem.read(memory, space, rip_linear, 16)
+    unmapped = not code and vmem.to_physical(memory, space, rip_linear) is None
+    return (space, disasm.code_bits(snap.sregs), rip_linear, code,
+            _host_rip(snap.regs.rip) if unmapped else None)
 
 
 def _report(snap: Snapshot, memory: GuestMemory, at: _AtRip, middle: list[str]) -> list[str]:
     """State, then `middle` (the exit, or the LAPIC), then code at RIP and the stack."""
-    space, bits, rip_linear, code = at
+    space, bits, rip_linear, code, host = at
     return [*_state_lines(snap, space), *middle,
-            *_code_lines(snap, memory, space, bits, rip_linear, code),
+            *_code_lines(snap, memory, space, bits, rip_linear, code, host),
             *_stack_lines(snap, memory, space, bits)]
 
 
@@ -375,11 +380,10 @@ def _exit_lines(snap: Snapshot) -> list[str]:
 
 
 def _code_lines(snap: Snapshot, memory: GuestMemory, space: vmem.AddressSpace, bits: int,
-                rip_linear: int, code: bytes) -> list[str]:
+                rip_linear: int, code: bytes, host: str | None) -> list[str]:
     gpa = vmem.to_physical(memory, space, rip_linear)
     if not code or gpa is None:
         where = "not mapped" if gpa is None else f"gpa {gpa:#x}, not in guest RAM"
-        host = _host_rip(snap.regs.rip) if gpa is None else None
         return [f"  code at RIP: {where}", *([f"  RIP is {host}"] if host else [])]
     lines = [f"  code at {gpa:#x}: {code.hex(' ')}"]
     rip = snap.regs.rip
@@ -442,7 +446,7 @@ def _suberror(suberror: int) -> str:
 
 # -- the most likely cause ----------------------------------------------------
 def _cause(snap: Snapshot, memory: GuestMemory, space: vmem.AddressSpace, insn: Insn | None,
-           code: bytes) -> str:
+           code: bytes, host: str | None) -> str:
     regs, sregs, reason = snap.regs, snap.sregs, snap.exit_reason
     problems = check_entry_state(sregs, regs, memory)
     if reason == ExitReason.FAIL_ENTRY:
@@ -454,7 +458,7 @@ def _cause(snap: Snapshot, memory: GuestMemory, space: vmem.AddressSpace, insn: 
                 "fault, so the faulting state is lost")
     if problems and reason == ExitReason.SHUTDOWN:
         return f"{problems[0]} (the vCPU state is invalid for its mode)"
-    fetch = _fetch_problem(snap, memory, space, code)
+    fetch = _fetch_problem(snap, memory, space, code, host)
     if reason == ExitReason.INTERNAL_ERROR:
         if fetch:
             return f"{fetch}: the CPU tried to execute code that is not there"
@@ -504,7 +508,7 @@ def _reason_name(reason: int | None) -> str:
 
 
 def _fetch_problem(snap: Snapshot, memory: GuestMemory, space: vmem.AddressSpace,
-                   code: bytes) -> str | None:
+                   code: bytes, host: str | None) -> str | None:
     regs, sregs = snap.regs, snap.sregs
     if code:
         return None
@@ -513,7 +517,6 @@ def _fetch_problem(snap: Snapshot, memory: GuestMemory, space: vmem.AddressSpace
     linear = (sregs.cs.base + regs.rip) & MASK64
     gpa = vmem.to_physical(memory, space, linear)
     if gpa is None:
-        host = _host_rip(regs.rip)
         return f"RIP {regs.rip:#x} is not mapped by the page tables" + \
             (f"; it is {host}" if host else "")
     return f"RIP points outside guest RAM ({regs.rip:#x} is guest-physical {gpa:#x})"
