@@ -4,9 +4,10 @@ Both VMMs boot kvmpy's minimal kernel and the default initramfs (plus one script
 one raw image as their only virtio-blk disk, alternately, ROUNDS times each. In the
 guest, with the page cache dropped and O_DIRECT (so each 1 MiB block is a request to
 the device, not a hit in the guest's cache), `dd` writes then reads the whole image in
-1 MiB blocks; the guest times each with /proc/uptime (10 ms ticks, transfers last
-seconds). The figures are the median MB/s (10^6 bytes/s) per direction and the ratios
-kvmpy/QEMU. Target: ratio >= 0.8 both ways.
+1 MiB blocks; the guest times each with /proc/uptime (10 ms ticks; a transfer of
+128 MiB lasts about a second). The figures are the median MB/s (10^6 bytes/s) per
+direction and the ratios kvmpy/QEMU, and the ratios of the fastest transfers, which
+the lab's noise disturbs least. Target: ratio >= 0.8 both ways.
 
 Linux cannot boot on this machine's /dev/kvm (PVM), so unless /dev/kvm has hardware
 virtualization the whole measurement runs inside ONE lab session (nested KVM under
@@ -27,8 +28,8 @@ from pathlib import Path
 
 from common import in_linux_capable_place, write_result
 
-ROUNDS = 5
-IMAGE_MIB = 64
+ROUNDS = 9
+IMAGE_MIB = 128
 BENCH_SCRIPT = f"""\
 sync
 echo 3 > /proc/sys/vm/drop_caches
@@ -127,6 +128,9 @@ def measure() -> dict[str, object]:
         out[f"kvmpy_{key}"] = round(k, 2)
         out[f"qemu_microvm_{key}"] = round(q, 2)
         out[f"{direction}_ratio"] = round(k / q, 3)
+        # the fastest transfer of each: the lab's noise only ever takes speed away
+        best = max(r[key] for r in runs["kvmpy"]) / max(r[key] for r in runs["qemu"])
+        out[f"{direction}_ratio_of_maximums"] = round(best, 3)
         out[f"kvmpy_{direction}_all"] = [round(r[key], 2) for r in runs["kvmpy"]]
         out[f"qemu_{direction}_all"] = [round(r[key], 2) for r in runs["qemu"]]
     out["target_ratio_min"] = 0.8

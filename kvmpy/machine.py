@@ -427,10 +427,11 @@ class Machine:
     def close(self) -> None:
         if self.gdb is not None:
             self.gdb.close()  # tells a waiting gdb how the VM ended
+        io_stopped = True
         if self.iothread is not None:
             for wiring in self._wirings:
                 wiring.unwire(self.vm, self.iothread)
-            self.iothread.close()
+            io_stopped = self.iothread.close()
         for transport, _, _ in self.virtio:
             transport.device.close()
         for v in self.vcpus:
@@ -438,4 +439,5 @@ class Machine:
         self.vm.close()
         if self._own_kvm:
             self.kvm.close()
-        self.memory.close()
+        if io_stopped:  # else a preadv may still be writing to guest RAM: leave it mapped
+            self.memory.close()

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import mmap
 import struct
+from array import array
 from collections.abc import Iterator, Sequence
 from typing import NamedTuple
 
@@ -69,6 +70,8 @@ class GuestMemory:
             raise ConfigError("guest memory needs at least one region")
         # (start, end, view) per region: the lookup every guest access makes, kept flat
         self._spans = [(r.gpa, r.gpa + r.size, r.view) for r in self.regions]
+        # (start, end, host address of start) per region, for `iovec`
+        self._hosts = [(r.gpa, r.gpa + r.size, r.host_address) for r in self.regions]
 
     # -- construction -----------------------------------------------------
     @classmethod
@@ -147,6 +150,34 @@ class GuestMemory:
                     for gpa, n in zip(gpas, lengths, strict=True)]
         return [self.view(gpa, n) for gpa, n in zip(gpas, lengths, strict=True)]
 
+    def iovec(self, gpas: Sequence[int], lengths: Sequence[int]) -> array[int]:
+        """The same scatter list as `views`, as host (address, length) pairs: a
+        `struct iovec` array that preadv/pwritev take as it is.
+
+        Checked exactly as `views` is; what it saves is a memoryview per buffer, the
+        larger part of the host's work for a 1 MiB disk request in 256 pages. The
+        addresses are valid while this memory is open: `Machine.close` stops the I/O
+        thread, their only user, before it closes the memory.
+        """
+        start, end, base = self._hosts[0]
+        if (gpas and min(gpas) >= start and min(lengths) >= 0
+                and max(gpas) + max(lengths) <= end):
+            shift = base - start
+            addresses = [shift + gpa for gpa in gpas]
+        else:
+            addresses = [self._host_address(g, n) for g, n in zip(gpas, lengths, strict=True)]
+        iov = array("Q", bytes(16 * len(addresses)))
+        iov[0::2] = array("Q", addresses)
+        iov[1::2] = array("Q", lengths)
+        return iov
+
+    def _host_address(self, gpa: int, length: int) -> int:
+        if gpa >= 0 and length >= 0:
+            for start, end, base in self._hosts:
+                if start <= gpa and gpa + length <= end:
+                    return base + gpa - start
+        raise GuestMemoryError(f"guest access [{gpa:#x}, +{length:#x}) is outside guest RAM")
+
     # -- bytes ------------------------------------------------------------
     def read(self, gpa: int, length: int) -> bytes:
         return bytes(self.view(gpa, length))
@@ -184,6 +215,7 @@ class GuestMemory:
 
     def close(self) -> None:
         self._spans = []
+        self._hosts = []
         for r in self.regions:
             r.view.release()
             if isinstance(r.buffer, mmap.mmap):

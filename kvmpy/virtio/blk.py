@@ -1,8 +1,9 @@
 """virtio-blk (virtio 1.2 §5.2) over a raw image file.
 
 What it is: one request queue served synchronously. Reads and writes move
-data with `os.preadv`/`os.pwritev` straight between the image file and the
-memoryviews of the request's guest buffers: no intermediate copy. FLUSH is
+data with preadv/pwritev straight between the image file and the request's
+guest buffers, given to the kernel as an iovec array of host addresses
+(`GuestMemory.iovec`): no intermediate copy, no memoryview per page. FLUSH is
 `fsync`; GET_ID returns a 20-byte serial; DISCARD punches a hole and
 WRITE_ZEROES zeroes a range (fallocate PUNCH_HOLE / ZERO_RANGE, or plain
 zero writes where the file system has no ZERO_RANGE). DISCARD is offered only
@@ -31,12 +32,18 @@ import errno
 import os
 import stat
 import struct
-from collections.abc import Callable
+from array import array
+from collections.abc import Callable, Sequence
 
 from kvmpy.errors import ConfigError
+from kvmpy.memory import GuestMemory
 from kvmpy.virtio.device import VIRTIO_ID_BLOCK, VirtioDevice, bit
-from kvmpy.virtio.iov import iov_len, iov_read, iov_slice, iov_transfer, iov_write
+from kvmpy.virtio.hostio import IovecOp, iovec_transfer, preadv, pwritev
+from kvmpy.virtio.iov import iov_read, iov_write, span_slice
 from kvmpy.virtio.queue import DescriptorChain, VirtqueueError
+
+# A scatter list still as guest addresses and lengths (columns); see DescriptorChain.spans
+Span = tuple[Sequence[int], Sequence[int]]
 
 # §5.2.3 feature bits
 VIRTIO_BLK_F_SIZE_MAX = 1
@@ -209,25 +216,31 @@ class Block(VirtioDevice):
 
     def _request(self, chain: DescriptorChain) -> int:
         """Serve one request; returns the used length (bytes written to the driver)."""
-        readable, writable = chain.buffers()
+        r_gpas, r_lens, w_gpas, w_lens = chain.spans()
         if chain.readable_bytes < _REQ_HEADER.size:
             raise VirtqueueError("block request without its 16-byte header")
         if chain.writable_bytes < 1:
             raise VirtqueueError("block request without a status byte")
         out_len = chain.readable_bytes - _REQ_HEADER.size  # driver -> device payload
         in_len = chain.writable_bytes - 1  # device -> driver payload
-        if readable[0].nbytes == _REQ_HEADER.size and writable[-1].nbytes == 1:
+        mem = chain.mem
+        data_out: Span
+        data_in: Span
+        if r_lens[0] == _REQ_HEADER.size and w_lens[-1] == 1:
             # Linux's layout: the header and the status byte in descriptors of their own
-            header = readable[0]
-            data_out, data_in, status_byte = readable[1:], writable[:-1], writable[-1:]
+            header: bytes | memoryview = mem.view(r_gpas[0], _REQ_HEADER.size)
+            data_out, data_in = (r_gpas[1:], r_lens[1:]), (w_gpas[:-1], w_lens[:-1])
+            status_at: Span = (w_gpas[-1:], w_lens[-1:])
         else:  # any other split of the same bytes is as valid (§2.7.4)
-            header = memoryview(iov_read(readable, 0, _REQ_HEADER.size))
-            data_out = iov_slice(readable, _REQ_HEADER.size)
-            data_in = iov_slice(writable, 0, in_len)
-            status_byte = iov_slice(writable, in_len)
+            head = span_slice(r_gpas, r_lens, 0, _REQ_HEADER.size)
+            header = iov_read(mem.views(*head), 0, _REQ_HEADER.size)
+            data_out = span_slice(r_gpas, r_lens, _REQ_HEADER.size)
+            data_in = span_slice(w_gpas, w_lens, 0, in_len)
+            status_at = span_slice(w_gpas, w_lens, in_len)
+        status_byte = mem.views(*status_at)  # checked now: no I/O for a request it fails
         rtype, _, sector = _REQ_HEADER.unpack(header)
         try:
-            written = self._serve(rtype, sector, data_out, out_len, data_in, in_len)
+            written = self._serve(mem, rtype, sector, data_out, out_len, data_in, in_len)
             status = VIRTIO_BLK_S_OK
         except BlockIoError as e:
             self.warn(f"req-{rtype}-{e.status}", "request type %d failed: %s", rtype, e)
@@ -235,25 +248,25 @@ class Block(VirtioDevice):
         iov_write(status_byte, bytes([status]))
         return written + 1
 
-    def _serve(self, rtype: int, sector: int, data_out: list[memoryview], out_len: int,
-               data_in: list[memoryview], in_len: int) -> int:
+    def _serve(self, mem: GuestMemory, rtype: int, sector: int, data_out: Span, out_len: int,
+               data_in: Span, in_len: int) -> int:
         """Do the request; returns bytes written into data_in; raises BlockIoError."""
         if rtype == VIRTIO_BLK_T_IN:
             offset = self._check_range(sector, in_len)
-            self._transfer("preadv", data_in, offset, in_len)
+            self._transfer(preadv, mem.iovec(*data_in), offset, in_len)
             return in_len
         if rtype == VIRTIO_BLK_T_OUT:
             self._check_writable()
             offset = self._check_range(sector, out_len)
-            self._transfer("pwritev", data_out, offset, out_len)
+            self._transfer(pwritev, mem.iovec(*data_out), offset, out_len)
             return 0
         if rtype == VIRTIO_BLK_T_FLUSH:
             self._os(os.fsync, self.fd)
             return 0
         if rtype == VIRTIO_BLK_T_GET_ID:
-            return iov_write(data_in, self.serial.ljust(VIRTIO_BLK_ID_BYTES, b"\0"))
+            return iov_write(mem.views(*data_in), self.serial.ljust(VIRTIO_BLK_ID_BYTES, b"\0"))
         if rtype in (VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_WRITE_ZEROES):
-            self._discard_or_zero(rtype, data_out)
+            self._discard_or_zero(rtype, mem.views(*data_out), out_len)
             return 0
         raise BlockIoError(VIRTIO_BLK_S_UNSUPP, f"unsupported request type {rtype}")
 
@@ -269,21 +282,15 @@ class Block(VirtioDevice):
                                f"sectors {sector}+{length // SECTOR_SIZE} past {self.capacity}")
         return sector * SECTOR_SIZE
 
-    def _transfer(self, op: str, views: list[memoryview], offset: int, length: int) -> None:
+    def _transfer(self, op: IovecOp, iov: array[int], offset: int, length: int) -> None:
         """preadv/pwritev between the image and guest buffers, all of it or IOERR."""
-        fd = self.fd
-        if op == "preadv":
-            def move(v: list[memoryview], off: int) -> int:
-                return os.preadv(fd, v, off)
-        else:
-            def move(v: list[memoryview], off: int) -> int:
-                return os.pwritev(fd, v, off)
         try:
-            done = iov_transfer(move, views, offset, length)
+            done = iovec_transfer(op, self.fd, iov, offset, length)
         except OSError as e:
-            raise BlockIoError(VIRTIO_BLK_S_IOERR, f"{op}: {e.strerror}") from None
+            raise BlockIoError(VIRTIO_BLK_S_IOERR, f"{op.__name__}: {e.strerror}") from None
         if done != length:
-            raise BlockIoError(VIRTIO_BLK_S_IOERR, f"{op}: short transfer {done}/{length}")
+            raise BlockIoError(VIRTIO_BLK_S_IOERR,
+                               f"{op.__name__}: short transfer {done}/{length}")
 
     def _os(self, fn: Callable[..., object], *args: object) -> None:
         try:
@@ -291,13 +298,12 @@ class Block(VirtioDevice):
         except OSError as e:
             raise BlockIoError(VIRTIO_BLK_S_IOERR, f"{fn.__name__}: {e.strerror}") from None
 
-    def _discard_or_zero(self, rtype: int, data_out: list[memoryview]) -> None:
+    def _discard_or_zero(self, rtype: int, data_out: list[memoryview], length: int) -> None:
         discard = rtype == VIRTIO_BLK_T_DISCARD
         feature = VIRTIO_BLK_F_DISCARD if discard else VIRTIO_BLK_F_WRITE_ZEROES
         if not self.has_feature(feature):
             raise BlockIoError(VIRTIO_BLK_S_UNSUPP, "discard/write-zeroes not negotiated")
         self._check_writable()
-        length = iov_len(data_out)
         count = length // _SEGMENT.size
         if length == 0 or length % _SEGMENT.size:
             raise BlockIoError(VIRTIO_BLK_S_IOERR, f"segment list of {length} bytes")

@@ -119,18 +119,24 @@ class IoThread:
         self._thread = threading.Thread(target=self._loop, name=self.name, daemon=True)
         self._thread.start()
 
-    def stop(self, timeout: float = 5.0) -> None:
+    def stop(self, timeout: float = 5.0) -> bool:
+        """End the loop; False if the thread is still inside a callback after `timeout`
+        (a backend call that hangs), which may still be moving data into guest RAM."""
         if self._thread is None:
-            return
+            return True
         self._stopping = True
         os.eventfd_write(self._wake, 1)
         self._thread.join(timeout)
+        stopped = not self._thread.is_alive()
         self._thread = None
+        return stopped
 
-    def close(self) -> None:
-        self.stop()
+    def close(self) -> bool:
+        """`stop`, then release the loop's fds; returns what `stop` did."""
+        stopped = self.stop()
         self._epoll.close()
         os.close(self._wake)
+        return stopped
 
     def __enter__(self) -> IoThread:
         self.start()

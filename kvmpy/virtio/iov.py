@@ -4,7 +4,9 @@ What it is: helpers over `list[memoryview]` (the readable or writable half of
 a descriptor chain) that treat the list as one byte stream, the way virtio
 asks devices to (§2.7.4: "The device MUST NOT make assumptions about the
 particular arrangement of descriptors"). Slices stay memoryviews on guest RAM,
-so `os.preadv`/`os.pwritev`/`os.writev` can work on them without a copy.
+so `os.writev`/`os.readv` can work on them without a copy. `span_slice` does
+the same slicing on buffers still given as guest addresses and lengths, which
+is how bulk disk data travels (kvmpy.virtio.hostio).
 
 What it is not: it validates nothing about guest addresses; the views it gets
 were already bounds-checked by `GuestMemory`.
@@ -14,7 +16,7 @@ from __future__ import annotations
 
 import operator
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Iterator, Sequence
 
 IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
 
@@ -26,19 +28,29 @@ def iov_len(views: Sequence[memoryview]) -> int:
 _nbytes = operator.attrgetter("nbytes")
 
 
-def iov_slice(views: Sequence[memoryview], start: int, end: int | None = None) -> list[memoryview]:
-    """Views covering bytes [start, end) of the stream (clipped to its length)."""
-    out: list[memoryview] = []
+def _pieces(lengths: Sequence[int], start: int, end: int | None) -> Iterator[tuple[int, int, int]]:
+    """(i, lo, hi) for each buffer that bytes [start, end) of the stream touch."""
     pos = 0
-    for v in views:
-        n = v.nbytes
+    for i, n in enumerate(lengths):
         lo, hi = max(start - pos, 0), n if end is None else min(end - pos, n)
         if lo < hi:
-            out.append(v if lo == 0 and hi == n else v[lo:hi])  # whole views are reused
+            yield i, lo, hi
         pos += n
         if end is not None and pos >= end:
             break
-    return out
+
+
+def iov_slice(views: Sequence[memoryview], start: int, end: int | None = None) -> list[memoryview]:
+    """Views covering bytes [start, end) of the stream (clipped to its length)."""
+    return [views[i] if lo == 0 and hi == views[i].nbytes else views[i][lo:hi]  # whole views
+            for i, lo, hi in _pieces([v.nbytes for v in views], start, end)]  # are reused
+
+
+def span_slice(gpas: Sequence[int], lengths: Sequence[int], start: int,
+               end: int | None = None) -> tuple[list[int], list[int]]:
+    """`iov_slice` for buffers still given as guest addresses and lengths (columns)."""
+    pieces = list(_pieces(lengths, start, end))
+    return [gpas[i] + lo for i, lo, _ in pieces], [hi - lo for _, lo, hi in pieces]
 
 
 def iov_read(views: Sequence[memoryview], start: int, length: int) -> bytes:
@@ -55,34 +67,4 @@ def iov_write(views: Sequence[memoryview], data: bytes | bytearray | memoryview,
         n = v.nbytes
         v[:] = src[done : done + n]
         done += n
-    return done
-
-
-def iov_transfer(op: Callable[[list[memoryview], int], int], views: Sequence[memoryview],
-                 offset: int, total: int | None = None) -> int:
-    """Run `op(views, offset)` (preadv/pwritev) until done or it makes no progress.
-
-    Returns the bytes moved. Short transfers are retried on the remainder;
-    the list is split at IOV_MAX entries. OSError propagates to the caller.
-    `total`, when the caller knows it, is `iov_len(views)`.
-    """
-    # empty buffers have nothing to move (a memoryview is false when empty)
-    pending = list(views) if all(views) else [v for v in views if v]
-    if total is None:
-        total = iov_len(pending)
-    done = first = 0  # bytes moved; index of the first view not wholly moved
-    while done < total:
-        n = op(pending[first : first + IOV_MAX], offset + done)
-        if n <= 0:
-            break
-        done += n
-        if done == total:
-            break
-        while n:  # step over what moved: whole views, then the front of one
-            size = pending[first].nbytes
-            if n < size:
-                pending[first] = pending[first][n:]
-                break
-            n -= size
-            first += 1
     return done

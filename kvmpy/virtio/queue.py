@@ -137,9 +137,10 @@ def _successors(entries: int) -> tuple[int, ...]:
 class DescriptorChain:
     """The descriptors reachable from one available-ring head.
 
-    Nothing is read until the chain is walked (`buffers()`, `descriptors()` or
-    iteration), and a walk validates the whole chain before it returns anything:
-    a bad descriptor at the end is found before any I/O is done for the request.
+    Nothing is read until the chain is walked (`buffers()`, `spans()`,
+    `descriptors()` or iteration), and a walk validates the whole chain before it
+    returns anything: a bad descriptor at the end is found before any I/O is done
+    for the request.
     """
 
     def __init__(
@@ -230,8 +231,14 @@ class DescriptorChain:
                 return r_gpas, r_lens, w_gpas, w_lens
             index = word >> 48
 
-    def _spans(self) -> Spans:
-        """`_walk`, and the chain's byte counts, which §2.7.5.2 bounds below 2^32."""
+    def spans(self) -> Spans:
+        """The whole chain, validated, as columns of guest addresses and lengths:
+        (readable gpas, their lengths, writable gpas, their lengths).
+
+        For a device that moves bulk data with `GuestMemory.iovec` rather than
+        views; the spans are checked against guest RAM when they are used.
+        Sets `readable_bytes` and `writable_bytes`, which §2.7.5.2 bounds below 2^32.
+        """
         spans = self._walk()
         self.readable_bytes, self.writable_bytes = sum(spans[1]), sum(spans[3])
         if self.readable_bytes + self.writable_bytes >= CHAIN_BYTES_MAX:
@@ -251,7 +258,7 @@ class DescriptorChain:
 
     def descriptors(self) -> list[Descriptor]:
         """The whole chain, validated, a `Descriptor` per buffer."""
-        r_gpas, r_lens, w_gpas, w_lens = self._spans()
+        r_gpas, r_lens, w_gpas, w_lens = self.spans()
         return [Descriptor(addr, length, flags, view)
                 for gpas, lens, flags in ((r_gpas, r_lens, 0), (w_gpas, w_lens, VIRTQ_DESC_F_WRITE))
                 for addr, length, view in zip(gpas, lens, self._views(gpas, lens), strict=True)]
@@ -262,7 +269,7 @@ class DescriptorChain:
         What every device calls for a request: zero-copy windows on guest RAM that
         `preadv`/`pwritev` and sockets take as they are.
         """
-        r_gpas, r_lens, w_gpas, w_lens = self._spans()
+        r_gpas, r_lens, w_gpas, w_lens = self.spans()
         return self._views(r_gpas, r_lens), self._views(w_gpas, w_lens)
 
 

@@ -91,6 +91,36 @@ def test_iothread_survives_a_failing_callback() -> None:
     os.close(fd)
 
 
+def test_stop_says_when_a_callback_outlives_it() -> None:
+    """Machine.close keeps guest RAM mapped then: a hung preadv may still write into it."""
+    import threading
+
+    fd = new_eventfd()
+    entered, release = threading.Event(), threading.Event()
+    io = IoThread()
+
+    def hangs() -> None:
+        os.eventfd_read(fd)
+        entered.set()
+        release.wait(10)
+
+    io.add_reader(fd, hangs)
+    io.start()
+    os.eventfd_write(fd, 1)
+    assert entered.wait(5)
+    thread = io._thread
+    assert io.stop(timeout=0.1) is False
+    release.set()
+    assert thread is not None
+    thread.join(5)
+    assert not thread.is_alive()  # it left the loop once the callback returned
+    assert io.close() is True  # nothing left to stop
+    os.close(fd)
+    idle = IoThread()
+    idle.start()
+    assert idle.close() is True
+
+
 def test_eventfd_irq_pulses_the_fd() -> None:
     irq = EventFdIrq()
     irq.set_level(False)

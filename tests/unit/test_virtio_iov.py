@@ -1,11 +1,18 @@
-"""Scatter-gather helpers: a list of views behaves exactly like one byte string."""
+"""Scatter-gather helpers: a list of views behaves exactly like one byte string, and an
+iovec array of guest pages moves file bytes like one buffer (kvmpy.virtio.hostio)."""
 
 from __future__ import annotations
+
+import ctypes
+import os
+from pathlib import Path
 
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kvmpy.virtio.iov import iov_len, iov_read, iov_slice, iov_transfer, iov_write
+from kvmpy.memory import GuestMemory
+from kvmpy.virtio.hostio import iovec_transfer, preadv, pwritev
+from kvmpy.virtio.iov import iov_len, iov_read, iov_slice, iov_write, span_slice
 
 pieces = st.lists(st.binary(max_size=40), max_size=6)
 
@@ -41,15 +48,78 @@ def test_write_scatters_and_reports_short_writes(chunks: list[bytes], data: byte
     assert backing == expected
 
 
+@given(pieces, st.integers(0, 250), st.integers(0, 250))
+def test_span_slice_is_iov_slice_on_addresses(chunks: list[bytes], start: int,
+                                              length: int) -> None:
+    lengths = [len(c) for c in chunks]
+    gpas = [0x1000 * (i + 1) for i in range(len(chunks))]
+    views, _ = views_of(chunks)
+    got = span_slice(gpas, lengths, start, start + length)
+    want = iov_slice(views, start, start + length)
+    assert got[1] == [v.nbytes for v in want]
+    assert all(0x1000 * (i + 1) <= g < 0x1000 * (i + 2) for i, g in
+               zip((gpas.index(g - g % 0x1000) for g in got[0]), got[0], strict=True))
+    assert span_slice(gpas, lengths, start) == \
+        span_slice(gpas, lengths, start, sum(lengths))
+
+
+def _memory_of(chunks: list[bytes]) -> tuple[GuestMemory, list[int], list[int]]:
+    """Guest RAM with one page per chunk, in reverse order, as a driver's pages are."""
+    mem = GuestMemory.from_buffer(bytearray(0x1000 * (len(chunks) + 1)))
+    gpas = [0x1000 * (len(chunks) - i) for i in range(len(chunks))]
+    return mem, gpas, [len(c) for c in chunks]
+
+
+def _gather(mem: GuestMemory, gpas: list[int], lengths: list[int]) -> bytes:
+    return b"".join(mem.read(g, n) for g, n in zip(gpas, lengths, strict=True))
+
+
 @given(pieces, st.integers(1, 50))
 def test_transfer_retries_short_operations(chunks: list[bytes], step: int) -> None:
-    views, backing = views_of(chunks)
+    mem, gpas, lengths = _memory_of(chunks)
     source = bytes(range(256)) * 2
+    calls = []
 
-    def short_read(vs: list[memoryview], offset: int) -> int:  # like a preadv that stops early
-        n = min(step, vs[0].nbytes)
-        vs[0][:n] = source[offset : offset + n]
+    def short_read(fd: int, iov: int, count: int, offset: int) -> int:
+        """A preadv that stops early: at most `step` bytes, into one buffer."""
+        calls.append(count)
+        entries = (ctypes.c_uint64 * (2 * count)).from_address(iov)
+        address, size = next((a, n) for a, n in zip(entries[0::2], entries[1::2], strict=True) if n)
+        n = min(step, size)
+        ctypes.memmove(address, source[offset : offset + n], n)
         return n
 
-    assert iov_transfer(short_read, views, 3) == len(backing)
-    assert bytes(backing) == source[3 : 3 + len(backing)]
+    total = sum(lengths)
+    assert iovec_transfer(short_read, -1, mem.iovec(gpas, lengths), 3, total) == total
+    assert _gather(mem, gpas, lengths) == source[3 : 3 + total]
+    assert len(calls) == sum(-(-n // step) for n in lengths if n)  # empty entries skipped
+
+
+@given(pieces, st.integers(0, 100))
+def test_preadv_and_pwritev_move_file_bytes_to_guest_pages_and_back(
+        tmp_path_factory, chunks: list[bytes], offset: int) -> None:
+    mem, gpas, lengths = _memory_of(chunks)
+    total = sum(lengths)
+    path = tmp_path_factory.mktemp("iov") / "file"
+    content = os.urandom(total + offset + 10)
+    path.write_bytes(content)
+    fd = os.open(path, os.O_RDWR)
+    try:
+        assert iovec_transfer(preadv, fd, mem.iovec(gpas, lengths), offset, total) == total
+        assert _gather(mem, gpas, lengths) == content[offset : offset + total]
+        for g, c in zip(gpas, chunks, strict=True):
+            mem.write(g, c)
+        assert iovec_transfer(pwritev, fd, mem.iovec(gpas, lengths), 5, total) == total
+        assert Path(path).read_bytes()[5 : 5 + total] == b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def test_an_error_is_an_oserror_with_its_errno() -> None:
+    mem = GuestMemory.from_buffer(bytearray(0x1000))
+    try:
+        iovec_transfer(preadv, -1, mem.iovec([0], [16]), 0, 16)
+    except OSError as e:
+        assert e.errno == 9 and e.strerror == os.strerror(9)  # EBADF
+    else:
+        raise AssertionError("preadv on fd -1 did not fail")
