@@ -72,6 +72,7 @@ class GuestMemory:
         self._spans = [(r.gpa, r.gpa + r.size, r.view) for r in self.regions]
         # (start, end, host address of start) per region, for `iovec`
         self._hosts = [(r.gpa, r.gpa + r.size, r.host_address) for r in self.regions]
+        self._iovecs: dict[tuple[tuple[int, ...], tuple[int, ...]], array[int]] = {}
 
     # -- construction -----------------------------------------------------
     @classmethod
@@ -158,7 +159,19 @@ class GuestMemory:
         larger part of the host's work for a 1 MiB disk request in 256 pages. The
         addresses are valid while this memory is open: `Machine.close` stops the I/O
         thread, their only user, before it closes the memory.
+
+        The last few lists are remembered: a guest reading into the same pages again
+        asks for the same list, and the caller gets a fresh copy of it to advance.
         """
+        key = (tuple(gpas), tuple(lengths))  # a tuple is its own tuple: no copy
+        iov = self._iovecs.get(key)
+        if iov is None:
+            iov = self._iovecs[key] = self._iovec(*key)
+            if len(self._iovecs) > IOVEC_MEMO:
+                del self._iovecs[next(iter(self._iovecs))]  # the oldest
+        return iov[:]
+
+    def _iovec(self, gpas: tuple[int, ...], lengths: tuple[int, ...]) -> array[int]:
         start, end, base = self._hosts[0]
         if (gpas and min(gpas) >= start and min(lengths) >= 0
                 and max(gpas) + max(lengths) <= end):
@@ -216,6 +229,7 @@ class GuestMemory:
     def close(self) -> None:
         self._spans = []
         self._hosts = []
+        self._iovecs.clear()
         for r in self.regions:
             r.view.release()
             if isinstance(r.buffer, mmap.mmap):
@@ -223,6 +237,7 @@ class GuestMemory:
 
 
 _NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)
+IOVEC_MEMO = 32  # scatter lists `iovec` remembers
 HUGE_PAGE = 2 << 20
 
 

@@ -99,7 +99,8 @@ class Descriptor(NamedTuple):
 Spans = tuple[Sequence[int], Sequence[int], Sequence[int], Sequence[int]]
 
 
-def _linear_table(table: memoryview) -> Spans | None:
+@functools.lru_cache(maxsize=32)
+def _linear_table(table: bytes) -> Spans | None:
     """The spans of an indirect table laid out as Linux lays them out, or None.
 
     Linux's virtio_ring fills an indirect table in order: entry i names i+1 as
@@ -108,6 +109,12 @@ def _linear_table(table: memoryview) -> Spans | None:
     same rules `_walk` applies entry by entry: no loop is possible, no nested
     INDIRECT, readable before writable); any other table, valid or not, returns
     None and is walked. A 1 MiB disk request is such a table of 258 entries.
+
+    Memoized on the table's bytes, a copy taken once (so the guest cannot change
+    what is checked after the check): a guest that reads into the same pages
+    again (dd's one buffer, a database's O_DIRECT buffer pool) sends the same
+    table with every request, and the same bytes pass the same checks. The
+    columns are tuples, which no caller can change.
     """
     n = len(table) // DESC_SIZE
     fields = _table_struct(n).unpack(table)
@@ -211,7 +218,7 @@ class DescriptorChain:
                     raise VirtqueueError(f"indirect table [{addr:#x}, +{length:#x}) not in RAM")
                 # The WRITE flag of the descriptor naming the table is ignored (§2.7.5.3.2).
                 if not r_gpas and not w_gpas:
-                    spans = _linear_table(self.mem.view(addr, length))
+                    spans = _linear_table(bytes(self.mem.view(addr, length)))
                     if spans is not None:
                         return spans
                 # An indirect table is read whole, so it is unpacked at once.

@@ -126,3 +126,24 @@ def test_views_is_view_for_each_span(spans: list[tuple[int, int]], base: int) ->
     assert list(iov[1::2]) == lengths
     assert [ctypes.string_at(a, n) for a, n in zip(iov[0::2], lengths, strict=True)] == \
         [data for data, _ in expected]
+
+
+def test_iovec_remembers_recent_lists_and_hands_out_copies() -> None:
+    """A guest reading into the same pages again gets the remembered list; the caller
+    may advance its copy (a short preadv) without changing the next one."""
+    from kvmpy.memory import IOVEC_MEMO
+
+    mem = make()
+    first = mem.iovec([0x1000, 0x10000], [16, 32])
+    first[0] += 8
+    again = mem.iovec((0x1000, 0x10000), (16, 32))
+    assert again != first and again[0] == first[0] - 8
+    for i in range(IOVEC_MEMO + 5):
+        mem.iovec([i * 16], [16])
+    assert len(mem._iovecs) == IOVEC_MEMO
+    for _ in range(2):  # a refused list is refused every time, never remembered
+        with pytest.raises(GuestMemoryError):
+            mem.iovec([0x5000], [16])
+    assert len(mem._iovecs) == IOVEC_MEMO
+    mem.close()
+    assert not mem._iovecs

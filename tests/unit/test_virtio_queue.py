@@ -268,3 +268,28 @@ def test_linear_indirect_tables_take_the_shortcut_to_the_same_answer(entries, li
             [[(bytes(v), v.obj) for v in side] for side in expected]
     else:
         assert got == expected
+
+
+def test_a_remembered_table_changed_by_one_flag_is_checked_again() -> None:
+    """The linear-table check is memoized on the table's bytes: the same bytes (dd's
+    buffer, read again) reuse the answer, and any change is a new table."""
+    q, mem, _ = make_queue()
+    import kvmpy.virtio.queue as queue_mod
+
+    entries = [(0x5000, 16, N, 1), (0x6000, 512, N | W, 2), (0x6800, 1, W, 0)]
+    for i, (addr, length, flags, nxt) in enumerate(entries):
+        put_desc(mem, i, addr, length, flags, nxt, table=T)
+    put_desc(mem, 0, T, 16 * len(entries), IND)
+    hits = queue_mod._linear_table.cache_info().hits
+    for _ in range(2):  # the second request is answered from the memo
+        offer(mem, q, 0)
+        chain = q.pop()
+        assert chain is not None
+        assert chain.spans() == ((0x5000,), (16,), (0x6000, 0x6800), (512, 1))
+    assert queue_mod._linear_table.cache_info().hits > hits
+    put_desc(mem, 1, 0x6000, 512, N | W | IND, 2, table=T)  # now an INDIRECT inside
+    offer(mem, q, 0)
+    chain = q.pop()
+    assert chain is not None
+    with pytest.raises(VirtqueueError, match="indirect descriptor inside"):
+        chain.spans()
