@@ -23,6 +23,7 @@ from collections.abc import Iterator, Sequence
 from typing import NamedTuple
 
 from kvmpy.errors import ConfigError, GuestMemoryError
+from kvmpy.recent import Recent
 
 _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
@@ -72,7 +73,7 @@ class GuestMemory:
         self._spans = [(r.gpa, r.gpa + r.size, r.view) for r in self.regions]
         # (start, end, host address of start) per region, for `iovec`
         self._hosts = [(r.gpa, r.gpa + r.size, r.host_address) for r in self.regions]
-        self._iovecs: dict[tuple[tuple[int, ...], tuple[int, ...]], array[int]] = {}
+        self._iovecs: Recent[tuple[tuple[int, ...], tuple[int, ...]], array[int]] = Recent(4)
 
     # -- construction -----------------------------------------------------
     @classmethod
@@ -166,9 +167,8 @@ class GuestMemory:
         key = (tuple(gpas), tuple(lengths))  # a tuple is its own tuple: no copy
         iov = self._iovecs.get(key)
         if iov is None:
-            iov = self._iovecs[key] = self._iovec(*key)
-            if len(self._iovecs) > IOVEC_MEMO:
-                del self._iovecs[next(iter(self._iovecs))]  # the oldest
+            iov = self._iovec(*key)
+            self._iovecs.put(key, iov)
         return iov[:]
 
     def _iovec(self, gpas: tuple[int, ...], lengths: tuple[int, ...]) -> array[int]:
@@ -237,7 +237,6 @@ class GuestMemory:
 
 
 _NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)
-IOVEC_MEMO = 32  # scatter lists `iovec` remembers
 HUGE_PAGE = 2 << 20
 
 

@@ -43,6 +43,7 @@ from typing import NamedTuple
 
 from kvmpy.errors import GuestMemoryError
 from kvmpy.memory import GuestMemory
+from kvmpy.recent import Recent
 
 # §2.7.5 descriptor flags
 VIRTQ_DESC_F_NEXT = 1
@@ -99,7 +100,6 @@ class Descriptor(NamedTuple):
 Spans = tuple[Sequence[int], Sequence[int], Sequence[int], Sequence[int]]
 
 
-@functools.lru_cache(maxsize=32)
 def _linear_table(table: bytes) -> Spans | None:
     """The spans of an indirect table laid out as Linux lays them out, or None.
 
@@ -110,25 +110,38 @@ def _linear_table(table: bytes) -> Spans | None:
     INDIRECT, readable before writable); any other table, valid or not, returns
     None and is walked. A 1 MiB disk request is such a table of 258 entries.
 
-    Memoized on the table's bytes, a copy taken once (so the guest cannot change
-    what is checked after the check): a guest that reads into the same pages
-    again (dd's one buffer, a database's O_DIRECT buffer pool) sends the same
-    table with every request, and the same bytes pass the same checks. The
-    columns are tuples, which no caller can change.
+    `table` is a copy, taken once, so the guest cannot change what is checked
+    after the check. The answer is remembered (`_recent_tables`): a guest that
+    reads into the same pages again (dd's one buffer, a database's O_DIRECT
+    buffer pool) sends the same table with every request, and the same bytes pass
+    the same checks. The columns are tuples, which no caller can change.
     """
+    spans = _recent_tables.get(table)
+    if spans is None:
+        spans = _check_linear_table(table)
+        _recent_tables.put(table, spans)
+    return spans if spans else None
+
+
+def _check_linear_table(table: bytes) -> Spans | tuple[()]:
+    """`_linear_table` without the memo; () where that returns None."""
     n = len(table) // DESC_SIZE
     fields = _table_struct(n).unpack(table)
     addrs, lens, flags, nexts = fields[0::4], fields[1::4], fields[2::4], fields[3::4]
     if nexts[:-1] != _successors(n) or flags[-1] & ~VIRTQ_DESC_F_WRITE:
-        return None  # not chained 0 -> 1 -> ... -> n-1, or the last entry goes on
+        return ()  # not chained 0 -> 1 -> ... -> n-1, or the last entry goes on
     chained = set(flags[:-1])
     if not chained <= {VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_WRITE}:
-        return None  # other flag bits (INDIRECT among them): let the walk judge
+        return ()  # other flag bits (INDIRECT among them): let the walk judge
     write = VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_WRITE
     k = flags.index(write) if write in chained else n - 1 if flags[-1] else n
     if VIRTQ_DESC_F_NEXT in flags[k:-1] or (k < n and not flags[-1]):
-        return None  # a readable buffer after a writable one: the walk names it
+        return ()  # a readable buffer after a writable one: the walk names it
     return addrs[:k], lens[:k], addrs[k:], lens[k:]
+
+
+# the last few indirect tables checked, and what `_check_linear_table` said of each
+_recent_tables: Recent[bytes, Spans | tuple[()]] = Recent(4)
 
 
 @functools.lru_cache(maxsize=64)

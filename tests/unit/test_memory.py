@@ -131,19 +131,19 @@ def test_views_is_view_for_each_span(spans: list[tuple[int, int]], base: int) ->
 def test_iovec_remembers_recent_lists_and_hands_out_copies() -> None:
     """A guest reading into the same pages again gets the remembered list; the caller
     may advance its copy (a short preadv) without changing the next one."""
-    from kvmpy.memory import IOVEC_MEMO
-
     mem = make()
     first = mem.iovec([0x1000, 0x10000], [16, 32])
     first[0] += 8
+    hits = mem._iovecs.hits
     again = mem.iovec((0x1000, 0x10000), (16, 32))
+    assert mem._iovecs.hits == hits + 1
     assert again != first and again[0] == first[0] - 8
-    for i in range(IOVEC_MEMO + 5):
+    for i in range(10):
         mem.iovec([i * 16], [16])
-    assert len(mem._iovecs) == IOVEC_MEMO
+    assert len(mem._iovecs.items) == mem._iovecs.size
     for _ in range(2):  # a refused list is refused every time, never remembered
         with pytest.raises(GuestMemoryError):
             mem.iovec([0x5000], [16])
-    assert len(mem._iovecs) == IOVEC_MEMO
+    assert all(key != ((0x5000,), (16,)) for key, _ in mem._iovecs.items)
     mem.close()
-    assert not mem._iovecs
+    assert not mem._iovecs.items

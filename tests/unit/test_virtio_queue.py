@@ -280,13 +280,13 @@ def test_a_remembered_table_changed_by_one_flag_is_checked_again() -> None:
     for i, (addr, length, flags, nxt) in enumerate(entries):
         put_desc(mem, i, addr, length, flags, nxt, table=T)
     put_desc(mem, 0, T, 16 * len(entries), IND)
-    hits = queue_mod._linear_table.cache_info().hits
+    hits = queue_mod._recent_tables.hits
     for _ in range(2):  # the second request is answered from the memo
         offer(mem, q, 0)
         chain = q.pop()
         assert chain is not None
         assert chain.spans() == ((0x5000,), (16,), (0x6000, 0x6800), (512, 1))
-    assert queue_mod._linear_table.cache_info().hits > hits
+    assert queue_mod._recent_tables.hits > hits
     put_desc(mem, 1, 0x6000, 512, N | W | IND, 2, table=T)  # now an INDIRECT inside
     offer(mem, q, 0)
     chain = q.pop()
