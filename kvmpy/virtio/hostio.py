@@ -5,7 +5,7 @@ array as `GuestMemory.iovec` builds it, and `iovec_transfer`, which repeats
 one of them until a request's bytes have all moved. Python's `os.preadv`
 wants a buffer object per entry; for a 1 MiB request in 256 guest pages,
 making those memoryviews and having `os.preadv` unpack them again was the largest
-part of kvmpy's own work per request (README, "Not done yet").
+part of kvmpy's own work per request (README, "Measured").
 
 What it is not: a bounds check. The addresses must come from
 `GuestMemory.iovec`, which checked every (gpa, length) against guest RAM.
