@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from kvmpy.cpu.registers import (
     CR0_CD,
@@ -297,34 +297,35 @@ def _canonical(addr: int) -> bool:
 # -- the diagnosis --------------------------------------------------------------
 def diagnose(snap: Snapshot, memory: GuestMemory) -> Diagnosis:
     at = _at_rip(snap, memory)
-    space, bits, _, code, host = at
-    insn = disasm.one(code, snap.regs.rip, bits) if code else None
-    cause = _cause(snap, memory, space, insn, code, host)
+    insn = disasm.one(at.code, snap.regs.rip, at.bits) if at.code else None
+    cause = _cause(snap, memory, at, insn)
     return Diagnosis(cause, _report(snap, memory, at, _exit_lines(snap)))
 
 
-# address space, code bits, linear RIP, code there, and (RIP unmapped) what the host has there
-_AtRip = tuple[vmem.AddressSpace, int, int, bytes, str | None]
+class _AtRip(NamedTuple):
+    """Where the vCPU is, worked out once for both the cause and the report."""
+
+    space: vmem.AddressSpace  # how the vCPU translates addresses
+    bits: int  # code size
+    linear: int  # CS.base + RIP
+    gpa: int | None  # where that is in guest-physical memory; None: not mapped
+    code: bytes  # up to 16 bytes there (none if not in guest RAM)
+    host: str | None  # RIP not mapped: the host kernel's symbol there, if it is one
 
 
 def _at_rip(snap: Snapshot, memory: GuestMemory) -> _AtRip:
-    """How the vCPU translates addresses, its code size, linear RIP and the bytes there;
-    for a RIP the guest's tables do not map, whether it is the host kernel's (asked once:
-    both the cause and the report say it)."""
     space = vmem.AddressSpace.from_sregs(snap.sregs)
-    rip_linear = (snap.sregs.cs.base + snap.regs.rip) & MASK64
-    code = vmem.read(memory, space, rip_linear, 16)
-    unmapped = not code and vmem.to_physical(memory, space, rip_linear) is None
-    return (space, disasm.code_bits(snap.sregs), rip_linear, code,
-            _host_rip(snap.regs.rip) if unmapped else None)
+    linear = (snap.sregs.cs.base + snap.regs.rip) & MASK64
+    gpa = vmem.to_physical(memory, space, linear)
+    code = vmem.read(memory, space, linear, 16)
+    host = _host_rip(snap.regs.rip) if not code and gpa is None else None
+    return _AtRip(space, disasm.code_bits(snap.sregs), linear, gpa, code, host)
 
 
 def _report(snap: Snapshot, memory: GuestMemory, at: _AtRip, middle: list[str]) -> list[str]:
     """State, then `middle` (the exit, or the LAPIC), then code at RIP and the stack."""
-    space, bits, rip_linear, code, host = at
-    return [*_state_lines(snap, space), *middle,
-            *_code_lines(snap, memory, space, bits, rip_linear, code, host),
-            *_stack_lines(snap, memory, space, bits)]
+    return [*_state_lines(snap, at.space), *middle, *_code_lines(snap, memory, at),
+            *_stack_lines(snap, memory, at.space, at.bits)]
 
 
 def _state_lines(snap: Snapshot, space: vmem.AddressSpace) -> list[str]:
@@ -379,9 +380,8 @@ def _exit_lines(snap: Snapshot) -> list[str]:
     return []
 
 
-def _code_lines(snap: Snapshot, memory: GuestMemory, space: vmem.AddressSpace, bits: int,
-                rip_linear: int, code: bytes, host: str | None) -> list[str]:
-    gpa = vmem.to_physical(memory, space, rip_linear)
+def _code_lines(snap: Snapshot, memory: GuestMemory, at: _AtRip) -> list[str]:
+    space, bits, rip_linear, gpa, code, host = at
     if not code or gpa is None:
         where = "not mapped" if gpa is None else f"gpa {gpa:#x}, not in guest RAM"
         return [f"  code at RIP: {where}", *([f"  RIP is {host}"] if host else [])]
@@ -445,9 +445,9 @@ def _suberror(suberror: int) -> str:
 
 
 # -- the most likely cause ----------------------------------------------------
-def _cause(snap: Snapshot, memory: GuestMemory, space: vmem.AddressSpace, insn: Insn | None,
-           code: bytes, host: str | None) -> str:
+def _cause(snap: Snapshot, memory: GuestMemory, at: _AtRip, insn: Insn | None) -> str:
     regs, sregs, reason = snap.regs, snap.sregs, snap.exit_reason
+    space = at.space
     problems = check_entry_state(sregs, regs, memory)
     if reason == ExitReason.FAIL_ENTRY:
         return problems[0] if problems else "the vCPU state is invalid for its mode " \
@@ -458,7 +458,7 @@ def _cause(snap: Snapshot, memory: GuestMemory, space: vmem.AddressSpace, insn: 
                 "fault, so the faulting state is lost")
     if problems and reason == ExitReason.SHUTDOWN:
         return f"{problems[0]} (the vCPU state is invalid for its mode)"
-    fetch = _fetch_problem(snap, memory, space, code, host)
+    fetch = _fetch_problem(snap, at)
     if reason == ExitReason.INTERNAL_ERROR:
         if fetch:
             return f"{fetch}: the CPU tried to execute code that is not there"
@@ -507,19 +507,16 @@ def _reason_name(reason: int | None) -> str:
         return str(reason)
 
 
-def _fetch_problem(snap: Snapshot, memory: GuestMemory, space: vmem.AddressSpace,
-                   code: bytes, host: str | None) -> str | None:
+def _fetch_problem(snap: Snapshot, at: _AtRip) -> str | None:
     regs, sregs = snap.regs, snap.sregs
-    if code:
+    if at.code:
         return None
     if sregs.efer & EFER_LMA and sregs.cs.l and not _canonical(regs.rip):
         return f"RIP {regs.rip:#x} is not canonical"
-    linear = (sregs.cs.base + regs.rip) & MASK64
-    gpa = vmem.to_physical(memory, space, linear)
-    if gpa is None:
+    if at.gpa is None:
         return f"RIP {regs.rip:#x} is not mapped by the page tables" + \
-            (f"; it is {host}" if host else "")
-    return f"RIP points outside guest RAM ({regs.rip:#x} is guest-physical {gpa:#x})"
+            (f"; it is {at.host}" if at.host else "")
+    return f"RIP points outside guest RAM ({regs.rip:#x} is guest-physical {at.gpa:#x})"
 
 
 _REG64 = ["rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi"]
