@@ -145,12 +145,17 @@ class GuestMemory:
         hole, where a guest's buffers usually are) its bounds are checked once, from
         the columns' extremes; otherwise span by span with `view`.
         """
-        start, end, low = self._spans[0]
-        if (gpas and min(gpas) >= start and min(lengths) >= 0
-                and max(gpas) + max(lengths) <= end):
+        if self._in_first_region(gpas, lengths):
+            start, _, low = self._spans[0]
             return [low[gpa - start : gpa - start + n]
                     for gpa, n in zip(gpas, lengths, strict=True)]
         return [self.view(gpa, n) for gpa, n in zip(gpas, lengths, strict=True)]
+
+    def _in_first_region(self, gpas: Sequence[int], lengths: Sequence[int]) -> bool:
+        """Plainly all inside the first region, judged from the columns' extremes."""
+        start, end, _ = self._spans[0]
+        return bool(gpas) and min(gpas) >= start and min(lengths) >= 0 and \
+            max(gpas) + max(lengths) <= end
 
     def iovec(self, gpas: Sequence[int], lengths: Sequence[int]) -> array[int]:
         """The same scatter list as `views`, as host (address, length) pairs: a
@@ -172,9 +177,8 @@ class GuestMemory:
         return iov[:]
 
     def _iovec(self, gpas: tuple[int, ...], lengths: tuple[int, ...]) -> array[int]:
-        start, end, base = self._hosts[0]
-        if (gpas and min(gpas) >= start and min(lengths) >= 0
-                and max(gpas) + max(lengths) <= end):
+        if self._in_first_region(gpas, lengths):
+            start, _, base = self._hosts[0]
             shift = base - start
             addresses = [shift + gpa for gpa in gpas]
         else:

@@ -116,32 +116,32 @@ def _linear_table(table: bytes) -> Spans | None:
     buffer pool) sends the same table with every request, and the same bytes pass
     the same checks. The columns are tuples, which no caller can change.
     """
-    spans = _recent_tables.get(table)
-    if spans is None:
-        spans = _check_linear_table(table)
-        _recent_tables.put(table, spans)
-    return spans if spans else None
+    remembered = _recent_tables.get(table)
+    if remembered is None:
+        remembered = (_check_linear_table(table),)  # boxed: "not linear" is remembered too
+        _recent_tables.put(table, remembered)
+    return remembered[0]
 
 
-def _check_linear_table(table: bytes) -> Spans | tuple[()]:
-    """`_linear_table` without the memo; () where that returns None."""
+def _check_linear_table(table: bytes) -> Spans | None:
+    """`_linear_table` without the memo."""
     n = len(table) // DESC_SIZE
     fields = _table_struct(n).unpack(table)
     addrs, lens, flags, nexts = fields[0::4], fields[1::4], fields[2::4], fields[3::4]
     if nexts[:-1] != _successors(n) or flags[-1] & ~VIRTQ_DESC_F_WRITE:
-        return ()  # not chained 0 -> 1 -> ... -> n-1, or the last entry goes on
+        return None  # not chained 0 -> 1 -> ... -> n-1, or the last entry goes on
     chained = set(flags[:-1])
     if not chained <= {VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_WRITE}:
-        return ()  # other flag bits (INDIRECT among them): let the walk judge
+        return None  # other flag bits (INDIRECT among them): let the walk judge
     write = VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_WRITE
     k = flags.index(write) if write in chained else n - 1 if flags[-1] else n
     if VIRTQ_DESC_F_NEXT in flags[k:-1] or (k < n and not flags[-1]):
-        return ()  # a readable buffer after a writable one: the walk names it
+        return None  # a readable buffer after a writable one: the walk names it
     return addrs[:k], lens[:k], addrs[k:], lens[k:]
 
 
 # the last few indirect tables checked, and what `_check_linear_table` said of each
-_recent_tables: Recent[bytes, Spans | tuple[()]] = Recent(4)
+_recent_tables: Recent[bytes, tuple[Spans | None]] = Recent(4)
 
 
 @functools.lru_cache(maxsize=64)
