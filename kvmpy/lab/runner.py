@@ -54,7 +54,7 @@ DEFAULT_BOOT_TIMEOUT = float(os.environ.get("KVMPY_LAB_BOOT_TIMEOUT", "180"))
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 INSIDE_ENV = "KVMPY_IN_LAB"  # set to 1 in every command the lab runs
 # init_on_free=1: the lab kernel zeroes pages as they are freed. Without it, a page that
-# held a guest's code still has TCG translations attached, and the next process to fault
+# held a guest's code can still have TCG translations attached, and the next process to fault
 # it in (its first write, mostly zeroing a 2 MiB huge page) pays for invalidating them:
 # up to a second, landing on whichever VMM came next (docs/lab.md, "Timing in the lab").
 KERNEL_CMDLINE = "console=ttyS0 panic=-1 quiet mitigations=off init_on_free=1"
