@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -30,12 +30,13 @@ def median(values: list[float]) -> float:
     return s[len(s) // 2]
 
 
-def in_linux_capable_place(script: str, measure: Callable[[], dict[str, object]]
-                           ) -> dict[str, object]:
+def in_linux_capable_place(script: str, measure: Callable[[], dict[str, object]],
+                           lab_kernel_args: Sequence[str] = ()) -> dict[str, object]:
     """Run `measure` here if /dev/kvm boots Linux, else run `script RESULT` in one lab session.
 
     The script, run with a path, calls `measure()` and writes its JSON there (see
-    `write_result`); the lab shares the result's directory back.
+    `write_result`); the lab shares the result's directory back. `lab_kernel_args` go on
+    the lab kernel's command line (`kvmpy.lab.run_in_lab`).
     """
     from kvmpy.lab import LabError, can_boot_linux
     from kvmpy.lab.runner import LabStalled
@@ -43,18 +44,18 @@ def in_linux_capable_place(script: str, measure: Callable[[], dict[str, object]]
     if can_boot_linux():
         return measure()
     try:
-        return _in_lab(script)
+        return _in_lab(script, lab_kernel_args)
     except LabStalled as e:  # QEMU's TCG stops now and then (kvmpy/lab/monitor.py): once more
         stalled = str(e)
     try:
-        data = _in_lab(script)
+        data = _in_lab(script, lab_kernel_args)
     except LabError as e:
         return {"error": str(e), "stalled_before": stalled}
     data["stalled_before"] = stalled  # the figures are from a second lab session
     return data
 
 
-def _in_lab(script: str) -> dict[str, object]:
+def _in_lab(script: str, kernel_args: Sequence[str]) -> dict[str, object]:
     """`script RESULT` in one lab session; its JSON, or {"error"}; raises LabStalled."""
     from kvmpy.lab import LabError, run_in_lab
     from kvmpy.lab.runner import LabStalled
@@ -65,7 +66,7 @@ def _in_lab(script: str) -> dict[str, object]:
         # five silent minutes is a stalled lab
         try:
             status = run_in_lab([sys.executable, os.path.abspath(script), str(result)], rw=[out],
-                                quiet_timeout=300)
+                                quiet_timeout=300, kernel_args=kernel_args)
         except LabStalled:
             raise
         except LabError as e:

@@ -53,11 +53,14 @@ MiB = 1 << 20
 DEFAULT_BOOT_TIMEOUT = float(os.environ.get("KVMPY_LAB_BOOT_TIMEOUT", "180"))
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 INSIDE_ENV = "KVMPY_IN_LAB"  # set to 1 in every command the lab runs
-# init_on_free=1: the lab kernel zeroes pages as they are freed. Without it, a page that
-# held a guest's code can still have TCG translations attached, and the next process to fault
-# it in (its first write, mostly zeroing a 2 MiB huge page) pays for invalidating them:
-# up to a second, landing on whichever VMM came next (docs/lab.md, "Timing in the lab").
-KERNEL_CMDLINE = "console=ttyS0 panic=-1 quiet mitigations=off init_on_free=1"
+KERNEL_CMDLINE = "console=ttyS0 panic=-1 quiet mitigations=off"
+# For timing VM start-up (`run_in_lab(..., kernel_args=[ZERO_FREED_PAGES])`): the lab kernel
+# zeroes pages as they are freed. Without it, a page that held a guest's code can still
+# have TCG translations attached, and the next process to fault it in (its first write,
+# zeroing a 2 MiB huge page) pays for invalidating them: up to a second, on whichever VMM
+# came next. Not the default: zeroing every freed page under TCG costs page-cache-heavy
+# work 12-15% and the test suite 5% (docs/lab.md, "Timing in the lab").
+ZERO_FREED_PAGES = "init_on_free=1"
 # QEMU's human monitor, for looking into a lab that stopped making progress:
 # connect any Unix-socket client (socat) to /tmp/kvmpy-lab-*/monitor.sock, `info registers -a`.
 MONITOR_SOCKET = "monitor.sock"
@@ -83,12 +86,13 @@ def command_script(argv: Sequence[str], cwd: str, env: Mapping[str, str]) -> str
 
 
 def qemu_argv(image: LabImage, job: Path, rw: Sequence[Path], mem: int, cpus: int,
-              fds: Mapping[str, int], interactive: bool = False) -> list[str]:
+              fds: Mapping[str, int], interactive: bool = False,
+              kernel_args: Sequence[str] = ()) -> list[str]:
     """The QEMU command line of one lab run (`fds`: chardev id -> fd QEMU inherits)."""
     argv = [
         QEMU, "-accel", "tcg,thread=multi", "-cpu", "max", "-smp", str(cpus),
         "-m", f"{mem // MiB}M", "-kernel", str(image.kernel), "-initrd", str(image.initramfs),
-        "-append", KERNEL_CMDLINE,
+        "-append", " ".join([KERNEL_CMDLINE, *kernel_args]),
         "-display", "none", "-monitor", f"unix:{job / MONITOR_SOCKET},server=on,wait=off",
         "-nodefaults", "-no-user-config", "-no-reboot",
         "-virtfs", f"local,path=/,mount_tag={ROOT_TAG},security_model=none,readonly=on,"
@@ -170,7 +174,8 @@ def run_in_lab(argv: Sequence[str], *, rw: Sequence[str | os.PathLike[str]] = ()
                cwd: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None,
                stdout: Output = 1, stderr: Output = 2, timeout: float | None = None,
                boot_timeout: float = DEFAULT_BOOT_TIMEOUT, verbose: bool = False,
-               interactive: bool = False, quiet_timeout: float | None = None) -> int:
+               interactive: bool = False, quiet_timeout: float | None = None,
+               kernel_args: Sequence[str] = ()) -> int:
     """Run `argv` in the lab and return its exit status; raise LabError if the lab fails.
 
     `stdout`/`stderr` are fds or binary files, written as output arrives. `cwd` and
@@ -178,6 +183,7 @@ def run_in_lab(argv: Sequence[str], *, rw: Sequence[str | os.PathLike[str]] = ()
     `interactive` passes this process's stdin to the command (else it reads /dev/null).
     `quiet_timeout`: a command that prints nothing for this long, once started, is
     taken for a lab that stopped making progress: LabStalled, with the CPUs' state.
+    `kernel_args` are added to the lab kernel's command line (e.g. `ZERO_FREED_PAGES`).
     """
     ok, why = lab_status()
     if not ok:
@@ -215,7 +221,8 @@ def run_in_lab(argv: Sequence[str], *, rw: Sequence[str | os.PathLike[str]] = ()
                 readers[cid], writers[cid] = os.pipe()
             with open(job / "qemu.log", "wb") as qemu_log:
                 proc = subprocess.Popen(
-                    qemu_argv(image, job, rw_dirs, mem, cpus, writers, interactive),
+                    qemu_argv(image, job, rw_dirs, mem, cpus, writers, interactive,
+                              kernel_args),
                     stdin=None if interactive else subprocess.DEVNULL,
                     stdout=qemu_log, stderr=qemu_log,
                     pass_fds=list(writers.values()), preexec_fn=_die_with_parent)

@@ -17,7 +17,13 @@ from kvmpy.lab.debian import LabError, _version_key, deb_version
 from kvmpy.lab.host import linux_kvm_status
 from kvmpy.lab.image import LabImage
 from kvmpy.lab.monitor import describe
-from kvmpy.lab.runner import _failure_reason, command_script, qemu_argv
+from kvmpy.lab.runner import (
+    KERNEL_CMDLINE,
+    ZERO_FREED_PAGES,
+    _failure_reason,
+    command_script,
+    qemu_argv,
+)
 
 
 def machine(tmp_path: Path, modules: list[str], flags: str) -> tuple[Path, Path, Path]:
@@ -91,6 +97,14 @@ def test_qemu_argv_shares_root_read_only_and_rw_dirs_read_write(tmp_path: Path) 
     assert "path=/a,mount_tag=kvmpyrw0" in joined and "path=/a/b,mount_tag=kvmpyrw1" in joined
     assert "file,id=out,path=/proc/self/fd/8,append=on" in joined
     assert "virtserialport,bus=vser.0,chardev=err,name=kvmpy.stderr" in joined
+    assert argv[argv.index("-append") + 1] == KERNEL_CMDLINE
+
+
+def test_qemu_argv_adds_kernel_args_to_the_labs_command_line(tmp_path: Path) -> None:
+    image = LabImage(tmp_path, tmp_path / "vmlinux", tmp_path / "initrd", "6.1")
+    argv = qemu_argv(image, tmp_path / "job", [], 1 << 30, 2, {},
+                     kernel_args=[ZERO_FREED_PAGES, "loglevel=4"])
+    assert argv[argv.index("-append") + 1] == f"{KERNEL_CMDLINE} init_on_free=1 loglevel=4"
 
 
 def test_failure_reason_prefers_the_labs_own_words(tmp_path: Path) -> None:
