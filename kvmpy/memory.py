@@ -69,10 +69,9 @@ class GuestMemory:
             self.regions.append(Region(gpa, size, buf, view, offset))
         if not self.regions:
             raise ConfigError("guest memory needs at least one region")
-        # (start, end, view) per region: the lookup every guest access makes, kept flat
-        self._spans = [(r.gpa, r.gpa + r.size, r.view) for r in self.regions]
-        # (start, end, host address of start) per region, for `iovec`
-        self._hosts = [(r.gpa, r.gpa + r.size, r.host_address) for r in self.regions]
+        # (start, end, view, host address of start) per region: the lookup every guest
+        # access makes (`view`, `iovec`), kept flat
+        self._spans = [(r.gpa, r.gpa + r.size, r.view, r.host_address) for r in self.regions]
         self._iovecs: Recent[tuple[tuple[int, ...], tuple[int, ...]], array[int]] = Recent(4)
 
     # -- construction -----------------------------------------------------
@@ -133,7 +132,7 @@ class GuestMemory:
     def view(self, gpa: int, length: int) -> memoryview:
         """A zero-copy window on [gpa, gpa+length); it must lie in one region."""
         if gpa >= 0 and length >= 0:
-            for start, end, view in self._spans:
+            for start, end, view, _ in self._spans:
                 if start <= gpa and gpa + length <= end:
                     return view[gpa - start : gpa - start + length]
         raise GuestMemoryError(f"guest access [{gpa:#x}, +{length:#x}) is outside guest RAM")
@@ -146,14 +145,14 @@ class GuestMemory:
         the columns' extremes; otherwise span by span with `view`.
         """
         if self._in_first_region(gpas, lengths):
-            start, _, low = self._spans[0]
+            start, _, low, _ = self._spans[0]
             return [low[gpa - start : gpa - start + n]
                     for gpa, n in zip(gpas, lengths, strict=True)]
         return [self.view(gpa, n) for gpa, n in zip(gpas, lengths, strict=True)]
 
     def _in_first_region(self, gpas: Sequence[int], lengths: Sequence[int]) -> bool:
         """Plainly all inside the first region, judged from the columns' extremes."""
-        start, end, _ = self._spans[0]
+        start, end, _, _ = self._spans[0]
         return bool(gpas) and min(gpas) >= start and min(lengths) >= 0 and \
             max(gpas) + max(lengths) <= end
 
@@ -178,7 +177,7 @@ class GuestMemory:
 
     def _iovec(self, gpas: tuple[int, ...], lengths: tuple[int, ...]) -> array[int]:
         if self._in_first_region(gpas, lengths):
-            start, _, base = self._hosts[0]
+            start, _, _, base = self._spans[0]
             shift = base - start
             addresses = [shift + gpa for gpa in gpas]
         else:
@@ -190,7 +189,7 @@ class GuestMemory:
 
     def _host_address(self, gpa: int, length: int) -> int:
         if gpa >= 0 and length >= 0:
-            for start, end, base in self._hosts:
+            for start, end, _, base in self._spans:
                 if start <= gpa and gpa + length <= end:
                     return base + gpa - start
         raise GuestMemoryError(f"guest access [{gpa:#x}, +{length:#x}) is outside guest RAM")
@@ -232,7 +231,6 @@ class GuestMemory:
 
     def close(self) -> None:
         self._spans = []
-        self._hosts = []
         self._iovecs.clear()
         for r in self.regions:
             r.view.release()
