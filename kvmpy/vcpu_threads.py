@@ -10,10 +10,13 @@ because only the thread in KVM_RUN may read its vCPU's registers.
 With the in-kernel irqchip, `hlt` never leaves KVM_RUN. A guest whose every
 vCPU halted with interrupts off (Linux after "System halted") would hang the
 VMM forever, as it does QEMU's and kvmtool's. The supervisor here kicks the
-vCPUs once a second and ends the run when all of them are in that state. A
+vCPUs every quarter second and ends the run when all of them are in that state. A
 vCPU that came back to us since the last check is plainly not halted, so it
 is left alone: only quiet vCPUs are kicked, which keeps kicks away from a
-guest that is busy booting.
+guest that is busy booting. The interval is how late a halted guest's run ends:
+up to two of them, since the first look after the guest's last exit still sees
+that exit. A kick costs the guest one trip out of KVM_RUN, so four a second
+cost an idle guest nothing it would notice.
 
 `sample()` uses the same kick to ask every vCPU where it is, for a guest that
 went quiet: each vCPU thread describes itself (registers, code, stack) between
@@ -32,7 +35,7 @@ from kvmpy.kvm.vcpu import MP_STATE_HALTED, MP_STATE_RUNNABLE, MP_STATE_SIPI_REC
 from kvmpy.stop import Stop, StopKind
 
 KICK_SIGNAL = signal.SIGUSR1
-HALT_CHECK_INTERVAL_S = 1.0
+HALT_CHECK_INTERVAL_S = 0.25
 
 
 class VcpuThreads:

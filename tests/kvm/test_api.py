@@ -36,6 +36,15 @@ def test_debug_exit_status_comes_back(guest_dir: Path) -> None:
     assert g.output.startswith("sum=0x")
 
 
+def test_a_guest_halted_with_interrupts_off_ends_its_run(guest_dir: Path) -> None:
+    # with the irqchip its `hlt` never leaves KVM_RUN: only the supervisor's kicks see it
+    with Guest(flat=FlatConfig(guest_dir / "hello_real.bin", Mode.REAL, irqchip=True)) as g:
+        stop = g.wait(30)
+    assert stop is not None and stop.kind is StopKind.HALTED, stop
+    assert "every vCPU halted with interrupts disabled" in stop.reason
+    assert g.output == "Hello from real mode\n"
+
+
 def test_a_quiet_guest_is_reported_where_it_spins(guest_dir: Path) -> None:
     # irqchip: the vCPU runs on its own thread, as a Linux guest's do
     with Guest(flat=FlatConfig(guest_dir / "spin.bin", Mode.REAL, irqchip=True)) as g:
