@@ -9,14 +9,15 @@ because only the thread in KVM_RUN may read its vCPU's registers.
 
 With the in-kernel irqchip, `hlt` never leaves KVM_RUN. A guest whose every
 vCPU halted with interrupts off (Linux after "System halted") would hang the
-VMM forever, as it does QEMU's and kvmtool's. The supervisor here kicks the
-vCPUs every quarter second and ends the run when all of them are in that state. A
-vCPU that came back to us since the last check is plainly not halted, so it
-is left alone: only quiet vCPUs are kicked, which keeps kicks away from a
-guest that is busy booting. The interval is how late a halted guest's run ends:
-up to two of them, since the first look after the guest's last exit still sees
-that exit. A kick costs the guest one trip out of KVM_RUN, so four a second
-cost an idle guest nothing it would notice.
+VMM forever, as it does QEMU's and kvmtool's. The supervisor here looks every
+quarter second. A vCPU that came back to us since the last look is plainly not
+halted, so it is left alone. When every vCPU has gone quiet, it kicks them and
+ends the run if all are halted with interrupts off. It does so at the first
+quiet look after the guest last exited (a guest that halts usually says so
+first, on its console), so such a run ends within about half a second; while
+the guest stays quiet it looks again only once a second, because a guest busy
+without exits to us (virtio traffic through eventfds, its own timers) pays
+each kick with a trip out of KVM_RUN.
 
 `sample()` uses the same kick to ask every vCPU where it is, for a guest that
 went quiet: each vCPU thread describes itself (registers, code, stack) between
@@ -35,7 +36,8 @@ from kvmpy.kvm.vcpu import MP_STATE_HALTED, MP_STATE_RUNNABLE, MP_STATE_SIPI_REC
 from kvmpy.stop import Stop, StopKind
 
 KICK_SIGNAL = signal.SIGUSR1
-HALT_CHECK_INTERVAL_S = 0.25
+HALT_CHECK_INTERVAL_S = 0.25  # how often the supervisor looks
+QUIET_LOOK_INTERVAL_S = 1.0  # how often it kicks a guest that stays quiet
 
 
 class VcpuThreads:
@@ -139,24 +141,30 @@ class VcpuThreads:
 
         deadline = None if timeout is None else time.monotonic() + timeout
         last_seen = [-1] * len(self.loops)
+        talked = True  # some vCPU exited to us since the last kicks
+        last_kicks = 0.0
         while not self.done.wait(HALT_CHECK_INTERVAL_S):
-            if deadline is not None and time.monotonic() > deadline:
+            now = time.monotonic()
+            if deadline is not None and now > deadline:
                 return None
-            if halt_detection:
-                seen = [loop.exits_seen for loop in self.loops]
-                quiet = [i for i, n in enumerate(seen) if n == last_seen[i]]
-                last_seen = seen
-                if len(quiet) < len(self.loops):
-                    continue  # someone is still talking to us: not all halted
-                self._parked = [False] * len(self.loops)
-                self.kick(quiet)
-                if self.done.wait(0.05):
-                    break
-                last_seen = [loop.exits_seen for loop in self.loops]  # the kicks' own exits
-                if all(self._parked):
-                    self.finish(Stop(StopKind.HALTED, "every vCPU halted with interrupts "
-                                     "disabled: the guest can never continue"))
-                    break
+            if not halt_detection:
+                continue
+            seen = [loop.exits_seen for loop in self.loops]
+            if seen != last_seen:
+                last_seen, talked = seen, True
+                continue  # someone is still talking to us: not all halted
+            if not talked and now - last_kicks < QUIET_LOOK_INTERVAL_S:
+                continue  # kicked this quiet guest lately, and it said nothing since
+            talked, last_kicks = False, now
+            self._parked = [False] * len(self.loops)
+            self.kick_all()
+            if self.done.wait(0.05):
+                break
+            last_seen = [loop.exits_seen for loop in self.loops]  # the kicks' own exits
+            if all(self._parked):
+                self.finish(Stop(StopKind.HALTED, "every vCPU halted with interrupts "
+                                 "disabled: the guest can never continue"))
+                break
         for t in self._threads:
             t.join(timeout=2)
         return self.stop
