@@ -77,6 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="the kernel's /lib/modules/<release> tree: boot an initramfs that "
                           "loads its virtio modules (a distribution kernel); implies ACPI "
                           "with --acpi auto")
+    run.add_argument("--unpack", choices=["on", "off"], default="on",
+                     help="boot a bzImage from its kernel as unpacked on the host by its first "
+                          "boot and kept in the cache, skipping the guest's decompressor (and "
+                          "its KASLR); off: the decompressor every time (default on)")
     run.add_argument("--entry64", action="store_true",
                      help="enter a vmlinux at its 64-bit entry even if it has a PVH note")
     run.add_argument("--disk", action="append", default=[], metavar="PATH[,ro]",
@@ -159,7 +163,8 @@ def linux_config(args: argparse.Namespace) -> LinuxConfig:
     choice = choose_acpi(args.acpi, kernel, args.modules)
     get_logger(__name__).info("%s", choice.reason)
     return LinuxConfig(kernel=kernel, initrd=initrd, append=args.append,
-                       acpi=choice.acpi, prefer_pvh=not args.entry64)
+                       acpi=choice.acpi, prefer_pvh=not args.entry64,
+                       unpack=args.unpack == "on")
 
 
 def _modules_initrd(args: argparse.Namespace) -> Path:

@@ -35,6 +35,7 @@ from kvmpy.devices.testdev import TestDevice
 from kvmpy.errors import ConfigError
 from kvmpy.exitloop import VcpuLoop
 from kvmpy.kvm import Kvm, Vcpu
+from kvmpy.log import get_logger
 from kvmpy.memory import GuestMemory
 from kvmpy.stop import Stop, StopKind
 from kvmpy.vcpu_threads import VcpuThreads
@@ -103,6 +104,9 @@ class LinuxConfig(NamedTuple):
     append: str = ""
     acpi: bool = False  # ACPI tables instead of MP table + command-line devices
     prefer_pvh: bool = True
+    # a bzImage boots from its kernel unpacked by an earlier boot, and its first boot
+    # unpacks one on the side (kvmpy.boot.unpack); False: its decompressor every time
+    unpack: bool = True
 
 
 class ConsoleSink(Protocol):
@@ -157,6 +161,7 @@ class KvmIrq:
 
 
 MAX_CPUS = 32
+UNPACK_WAIT_S = 30  # how long close() waits for a first boot's kernel to be unpacked
 KVM_CAP_TSC_DEADLINE_TIMER = 72  # <linux/kvm.h>
 # Local APIC LVT registers (Intel SDM Vol. 3A §11.5.1): LINT0 delivers the
 # 8259's ExtINT, LINT1 delivers NMI, as a PC's firmware leaves them.
@@ -253,6 +258,8 @@ class Machine:
         self.threads: VcpuThreads | None = None
         # 6. boot
         self.linux_boot: LinuxBoot | None = None
+        self._unpack_later: Path | None = None
+        self._unpacking: threading.Thread | None = None  # see start() and close()
         if config.flat is not None:
             from kvmpy.flat import load_flat, start_flat
 
@@ -334,9 +341,15 @@ class Machine:
         # kernel parameters first; the user's may end with `-- init arguments`
         cmdline = " ".join(filter(None, [BASE_CMDLINE, *devices, console, no_acpi,
                                          linux.append]))
-        return boot_linux(self.memory, self.vcpus[0], kernel=linux.kernel, initrd=linux.initrd,
+        boot = boot_linux(self.memory, self.vcpus[0], kernel=linux.kernel, initrd=linux.initrd,
                           cmdline=cmdline, n_cpus=len(self.vcpus), prefer_pvh=linux.prefer_pvh,
-                          acpi=acpi)
+                          unpack=linux.unpack, acpi=acpi)
+        if boot.kernel.unpacked:
+            get_logger(__name__).info("%s: its kernel as unpacked by an earlier boot",
+                                      linux.kernel)
+        elif linux.unpack and boot.kernel.protocol == "bzimage":
+            self._unpack_later = linux.kernel  # once the guest runs: see start()
+        return boot
 
     def irq(self, gsi: int) -> IrqLine:
         """The interrupt line for `gsi`: the in-kernel irqchip's, or nowhere without one."""
@@ -371,6 +384,10 @@ class Machine:
         """Start one thread per vCPU; returns at once."""
         self.threads = VcpuThreads(self.loops, on_stop=lambda _: self.serial.flush())
         self.threads.start()
+        if self._unpack_later is not None:  # a bzImage's first boot: unpack it for the next
+            from kvmpy.boot.unpack import unpack_in_background
+
+            self._unpacking = unpack_in_background(self._unpack_later)
 
     def wait(self, timeout: float | None = None) -> Stop | None:
         """Supervise the running VM until it stops (or `timeout` passes)."""
@@ -425,6 +442,8 @@ class Machine:
                 "unhandled_mmio": {f"{a:#x}": n for a, n in self.mmio.unhandled.items()}}
 
     def close(self) -> None:
+        if self._unpacking is not None:  # a run shorter than the unpacking: finish it once
+            self._unpacking.join(UNPACK_WAIT_S)
         if self.gdb is not None:
             self.gdb.close()  # tells a waiting gdb how the VM ended
         io_stopped = True

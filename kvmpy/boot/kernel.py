@@ -7,7 +7,9 @@ enter it:
 
 - "bzimage": long mode at `entry_gpa`, RSI = zero page (`params.py`).
 - "elf64":   long mode at `entry_gpa` (startup_64), RSI = zero page built
-             without a setup header.
+             without a setup header; or, for a bzImage whose kernel an earlier
+             boot unpacked (`unpack.py`, `unpack=True`), that ELF with the
+             bzImage's setup header.
 - "pvh":     32-bit protected mode, paging off, at `entry_gpa`, EBX =
              hvm_start_info (`pvh.py`). Chosen for a vmlinux with the PVH note
              unless `prefer_pvh=False`.
@@ -24,7 +26,7 @@ from pathlib import Path
 from typing import Literal, NamedTuple
 
 from kvmpy.boot import bootparam as bp
-from kvmpy.boot.bzimage import SetupHeader, load_bzimage
+from kvmpy.boot.bzimage import SetupHeader, check_64bit_capable, load_bzimage, parse_setup_header
 from kvmpy.boot.cmdline import DEFAULT_MAX_LEN
 from kvmpy.boot.elf import ELF_MAGIC, load_elf
 from kvmpy.errors import LoaderError
@@ -54,6 +56,7 @@ class LoadedKernel(NamedTuple):
     end_gpa: int  # one past the last byte the kernel needs; the initrd goes above it
     setup_header: SetupHeader | None = None  # bzImage only
     entry64_gpa: int | None = None  # an ELF's 64-bit entry, also when booting it by PVH
+    unpacked: bool = False  # a bzImage booted from its unpacked kernel (no decompressor)
 
     @property
     def cmdline_max(self) -> int:
@@ -83,22 +86,28 @@ def describe(data: bytes) -> str:
     return f"unknown data starting {head[:8].hex(' ')}"
 
 
-def load_kernel(memory: GuestMemory, path: str | Path, *, prefer_pvh: bool = True) -> LoadedKernel:
+def load_kernel(memory: GuestMemory, path: str | Path, *, prefer_pvh: bool = True,
+                unpack: bool = False) -> LoadedKernel:
     """Load the kernel at `path` into `memory`; LoaderError if it is not one kvmpy can boot."""
     try:
         data = Path(path).read_bytes()
     except OSError as e:
         raise LoaderError(f"cannot read kernel {path}: {e.strerror or e}") from None
     try:
-        return load_kernel_bytes(memory, data, prefer_pvh=prefer_pvh)
+        return load_kernel_bytes(memory, data, prefer_pvh=prefer_pvh, unpack=unpack)
     except LoaderError as e:
         raise LoaderError(f"kernel {path}: {e}") from None
 
 
 def load_kernel_bytes(
-    memory: GuestMemory, data: bytes | bytearray | memoryview, *, prefer_pvh: bool = True
+    memory: GuestMemory, data: bytes | bytearray | memoryview, *, prefer_pvh: bool = True,
+    unpack: bool = False,
 ) -> LoadedKernel:
     """`load_kernel` for an image already in memory (tests, fuzzers)."""
+    if unpack and bytes(data[0x202:0x206]) == bp.SETUP_HEADER_MAGIC:
+        loaded = _load_unpacked(memory, bytes(data))
+        if loaded is not None:
+            return loaded
     if bytes(data[:4]) == ELF_MAGIC:
         elf = load_elf(memory, data)
         if prefer_pvh and elf.pvh_entry_gpa is not None:
@@ -126,3 +135,18 @@ def load_kernel_bytes(
         f"not a kernel: {describe(bytes(data[:0x440]))}; "
         "expected an ELF vmlinux or a bzImage ('HdrS' at 0x202)"
     )
+
+
+def _load_unpacked(memory: GuestMemory, image: bytes) -> LoadedKernel | None:
+    """The bzImage `image` booted from its kernel as unpacked by an earlier boot, if kept."""
+    from kvmpy.boot import unpack
+
+    header = parse_setup_header(image)
+    check_64bit_capable(header)
+    vmlinux = unpack.cached(image)
+    if vmlinux is None:
+        return None
+    elf = load_elf(memory, vmlinux)
+    return LoadedKernel(protocol="elf64", entry_gpa=elf.entry_gpa, load_gpa=elf.load_gpa,
+                        end_gpa=elf.end_gpa, setup_header=header, entry64_gpa=elf.entry_gpa,
+                        unpacked=True)

@@ -52,14 +52,15 @@ class LinuxBoot(NamedTuple):
 
 
 def boot_linux(memory: GuestMemory, bsp: Any, *, kernel: Path, initrd: Path | None,
-               cmdline: str, n_cpus: int, prefer_pvh: bool = True,
+               cmdline: str, n_cpus: int, prefer_pvh: bool = True, unpack: bool = False,
                acpi: tuple[int, int, int] | None = None) -> LinuxBoot:
     """Load and configure everything; leave `bsp` at the kernel's entry.
 
     `acpi` is (rsdp_gpa, start, end) when ACPI tables were written; without
     it the kernel finds CPUs in the MP table and devices on the command line.
+    `unpack`: boot a bzImage from its unpacked kernel if one was kept (`unpack.py`).
     """
-    loaded = load_kernel(memory, kernel, prefer_pvh=prefer_pvh)
+    loaded = load_kernel(memory, kernel, prefer_pvh=prefer_pvh, unpack=unpack)
     rd = None
     if initrd is not None:
         rd = load_initrd(memory, initrd, kernel_end=loaded.end_gpa,

@@ -47,12 +47,17 @@ def make_bzimage(
     cmdline_size: int = 2047,
     initrd_addr_max: int = 0x7FFF_FFFF,
     header_end: int = HEADER_END,
+    payload: bytes = b"",
 ) -> bytes:
     """A bzImage whose protected-mode part is `kernel`, padded to whole paragraphs.
 
     Shaped like a real one (arch/x86/boot/header.S and tools/build.c): the boot
-    sector and setup sectors, then the kernel, `syssize` covering it.
+    sector and setup sectors, then the kernel, `syssize` covering it. A `payload`
+    (a compressed vmlinux, as `kvmpy.boot.unpack` reads it) follows `kernel`, and
+    payload_offset / payload_length locate it.
     """
+    if payload:
+        kernel, payload_offset = kernel + payload, len(kernel)
     setup_size = ((setup_sects or 4) + 1) * 512
     syssize = (len(kernel) + 15) // 16
     image = bytearray(setup_size)
@@ -72,6 +77,8 @@ def make_bzimage(
         "pref_address": pref_address,
         "init_size": init_size if init_size is not None else 2 * syssize * 16 + 0x10_0000,
     }
+    if payload:
+        put |= {"payload_offset": payload_offset, "payload_length": len(payload)}
     for name, value in put.items():
         bp.put(image, name, value)
     image[0x202:0x206] = bp.SETUP_HEADER_MAGIC

@@ -19,6 +19,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from kvmpy.cachedir import cache_dir as cache_dir  # re-exported: it lived here first
 from kvmpy.errors import KvmpyError
 
 
@@ -26,12 +27,6 @@ class LabError(KvmpyError):
     """The lab or a guest asset cannot be built or booted; the message says why in one line."""
 
     exit_status = 125  # like `env`/`timeout`: the command itself never ran
-
-
-def cache_dir() -> Path:
-    """`$KVMPY_CACHE`, default ~/.cache/kvmpy: everything built or fetched lives here."""
-    env = os.environ.get("KVMPY_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "kvmpy"
 
 
 def require_tool(tool: str, package: str) -> str:

@@ -19,6 +19,8 @@ from pathlib import Path
 import pytest
 
 from kvmpy.api import Guest
+from kvmpy.boot.bzimage import parse_setup_header
+from kvmpy.boot.unpack import unpack_to_cache
 from kvmpy.initramfs import INIT_MARKER
 from kvmpy.machine import LinuxConfig
 from kvmpy.stop import StopKind
@@ -34,14 +36,21 @@ def dmesg_e820(log: str) -> list[tuple[int, int, str]]:
             re.findall(r"BIOS-e820: \[mem 0x([0-9a-f]+)-0x([0-9a-f]+)\] (\w+)", log)]
 
 
-@pytest.mark.parametrize("image", ["bzimage", "vmlinux"])
+@pytest.mark.parametrize("image", ["bzimage", "unpacked", "vmlinux"])
 @pytest.mark.parametrize("cpus", [1, 2])
-def test_kernel_sees_what_kvmpy_gave_it(kernel, initrd: Path, image: str, cpus: int) -> None:
-    path = kernel.bzimage if image == "bzimage" else kernel.vmlinux
+def test_kernel_sees_what_kvmpy_gave_it(kernel, initrd: Path, image: str, cpus: int,
+                                        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # bzimage: through its own decompressor; unpacked: the same file, from the kernel an
+    # earlier boot unpacked into the cache (kvmpy.boot.unpack), entered at startup_64
+    path = kernel.vmlinux if image == "vmlinux" else kernel.bzimage
+    if image == "unpacked":
+        monkeypatch.setenv("KVMPY_CACHE", str(tmp_path))  # the lab's own cache is read-only
+        data = path.read_bytes()
+        assert unpack_to_cache(data, parse_setup_header(data)) is not None
     # the kernel splits its command line on spaces, honouring double quotes only
     append = f'{MARK}=yes -- sh -c "dmesg; echo cpus=$(grep -c ^processor /proc/cpuinfo)"'
-    with Guest(linux=LinuxConfig(kernel=path, initrd=initrd, append=append), cpus=cpus,
-               mem_size=256 << 20) as g:
+    config = LinuxConfig(kernel=path, initrd=initrd, append=append, unpack=image == "unpacked")
+    with Guest(linux=config, cpus=cpus, mem_size=256 << 20) as g:
         g.expect(INIT_MARKER, 120)
         g.expect(r"kvmpy-guest: exit status 0", 60)
         stop = g.wait(60)
@@ -66,7 +75,9 @@ def test_kernel_sees_what_kvmpy_gave_it(kernel, initrd: Path, image: str, cpus: 
         assert f"smp: Brought up 1 node, {cpus} CPUs" in log
     # the protocol kvmpy chose for the file: a vmlinux with a PVH note is entered by it
     assert boot is not None
-    assert boot.kernel.protocol == ("bzimage" if image == "bzimage" else "pvh")
+    assert boot.kernel.protocol == {"bzimage": "bzimage", "unpacked": "elf64",
+                                    "vmlinux": "pvh"}[image]
+    assert boot.kernel.unpacked == (image == "unpacked")
     # the i8042 is there for reboot=k only: the kernel probed no keyboard (i8042.nokbd)
     assert "i8042.nokbd" in cmdline.group(1) and "AT Translated Set 2 keyboard" not in log
     assert "Kernel panic" not in log and "BUG:" not in log
@@ -129,3 +140,22 @@ def test_kvmpy_run_cli_status_and_sigterm(kernel, initrd: Path) -> None:
     assert proc.returncode == 143, err
     assert "stopped by signal 15" in err
     assert "Traceback" not in err
+
+
+def test_kvmpy_run_unpacks_a_bzimage_on_its_first_boot_for_the_next(
+        kernel, initrd: Path, tmp_path: Path) -> None:
+    """The first `kvmpy run` of a bzImage runs its decompressor and keeps an unpacked
+    copy; the second boots that copy. The guest's answer is the same both times."""
+    run = [sys.executable, "-m", "kvmpy", "-v", "run", "--kernel", str(kernel.bzimage),
+           "--initrd", str(initrd), "--append", "-- uname -r"]
+    env = dict(os.environ, KVMPY_CACHE=str(tmp_path))  # the lab's own cache is read-only
+    first, second = (subprocess.run(run, capture_output=True, text=True, env=env,
+                                    stdin=subprocess.DEVNULL, timeout=180) for _ in range(2))
+    for done in (first, second):
+        assert done.returncode == StopKind.HALTED.value, done.stderr
+        assert "kvmpy-guest: exit status 0" in done.stdout, done.stdout[-2000:]
+    assert "as unpacked by an earlier boot" not in first.stderr
+    assert len(list((tmp_path / "unpacked").glob("*.elf"))) == 1
+    assert "as unpacked by an earlier boot" in second.stderr, second.stderr
+    release = re.search(r"^(\d+\.\d+\.\d+\S*)\s*$", first.stdout, re.M)
+    assert release and release.group(0) in second.stdout.splitlines()
