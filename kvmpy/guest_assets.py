@@ -5,7 +5,9 @@ Three assets, all in `$KVMPY_CACHE` (default ~/.cache/kvmpy), never in the repo:
 - kvmpy's minimal kernel, built from Debian's `linux-source-6.1` with `make tinyconfig`
   plus `guests/linux/kvmpy.config`, in `kernel/<source version>-<config hash>/`
   (`bzImage`, `vmlinux` with its symbol table, `config`). A new source version or an
-  edited fragment is a new directory; an existing one is never rebuilt.
+  edited fragment is a new directory; an existing one is never rebuilt. `make
+  guest-kernel` also unpacks the bzImage's kernel into `unpacked/` (kvmpy.boot.unpack),
+  as its first boot would: in the lab the cache is read-only.
 - the default initramfs (`initramfs/default-<hash>.cpio.gz`): busybox, proc/sys/devtmpfs
   mounted, a shell on the console, `poweroff -f` when the shell exits.
 - Debian's cloud kernel (`linux-image-cloud-amd64`) with its modules, unpacked, for the
@@ -243,6 +245,12 @@ def main(argv: list[str]) -> int:
         if what == "guest-kernel":
             k = build_kernel()
             print(f"{k.bzimage} ({k.bzimage.stat().st_size} bytes)\n{k.vmlinux}")
+            # what its first boot would do: the lab cannot write the cache, so do it here
+            from kvmpy.boot.bzimage import parse_setup_header
+            from kvmpy.boot.unpack import unpack_to_cache
+
+            bz = k.bzimage.read_bytes()
+            print(unpack_to_cache(bz, parse_setup_header(bz)) or "(not unpacked)")
         elif what == "guest":
             print(build_initramfs())
         elif what == "lab":

@@ -16,7 +16,7 @@ a copy into `$KVMPY_CACHE/unpacked/`; the boots after it load that ELF's segment
 enter its 64-bit entry (startup_64) with the bzImage's own setup header in boot_params,
 which is where and how the decompressor would have entered it. A copy is named by a
 hash of the whole bzImage, so a changed file never boots a stale kernel, and it gets its
-name only when complete (O_TMPFILE, then linked), so a VMM killed mid-way leaves nothing.
+name only when complete, so no boot ever reads half of one.
 
 What changes for the guest: the decompressor is also what randomises where the kernel
 runs (KASLR). An unpacked kernel runs at its link address, as a vmlinux booted by PVH,
@@ -76,30 +76,30 @@ def decompress(data: bytes) -> bytes | None:
     """The vmlinux compressed in `data`, or None: a format left to the kernel, or bad data.
 
     The build appends the uncompressed size as four bytes after the stream
-    (scripts/Makefile.lib, size_append), which is how a truncated stream is told
-    from a whole one.
+    (scripts/Makefile.lib, size_append). The output is held to that size, so a
+    truncated stream is told from a whole one and a hostile one cannot fill memory.
     """
     fmt = next((name for magic, name in _FORMATS if data.startswith(magic)), None)
+    if fmt is None or len(data) < 8:
+        return None
+    (size,) = struct.unpack_from("<I", data, len(data) - 4)
     try:
         if fmt == "gzip":
             gz = zlib.decompressobj(16 + zlib.MAX_WBITS)
-            out, done = gz.decompress(data), gz.eof
-        elif fmt in ("xz", "lzma"):
-            import lzma
-
-            xz = lzma.LZMADecompressor()
-            out, done = xz.decompress(data), xz.eof
+            out, done = gz.decompress(data, size + 1), gz.eof
         elif fmt == "bzip2":
             import bz2
 
             bz = bz2.BZ2Decompressor()
-            out, done = bz.decompress(data), bz.eof
+            out, done = bz.decompress(data, size + 1), bz.eof
         else:
-            return None
+            import lzma
+
+            xz = lzma.LZMADecompressor()
+            out, done = xz.decompress(data, size + 1), xz.eof
     except Exception as e:  # zlib.error, lzma.LZMAError, OSError, EOFError, MemoryError
         log.info("payload does not decompress (%s): %s", fmt, e)
         return None
-    (size,) = struct.unpack_from("<I", data, len(data) - 4)
     if not done or len(out) != size or not out.startswith(ELF_MAGIC):
         return None
     return out

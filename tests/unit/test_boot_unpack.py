@@ -143,3 +143,9 @@ def test_without_o_tmpfile_a_renamed_file_and_nothing_left_over(
     broken = bzimage(payload=b"\x1f\x8b" + b"\xff" * 64)
     assert unpack.unpack_to_cache(broken, parse_setup_header(broken)) is None
     assert sorted(p.name for p in (cache / "unpacked").iterdir()) == [kept.name]
+
+
+def test_a_stream_larger_than_its_stated_size_is_refused_without_being_inflated() -> None:
+    bomb = lzma.compress(b"\0" * (8 * MiB)) + struct.pack("<I", len(VMLINUX))
+    assert unpack.decompress(bomb) is None
+    assert unpack.decompress(b"\x1f\x8b\x08") is None  # shorter than the size it should end with
