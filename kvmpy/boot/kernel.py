@@ -22,6 +22,7 @@ What it is not: it writes no boot parameters and touches no vCPU.
 
 from __future__ import annotations
 
+import mmap
 from pathlib import Path
 from typing import Literal, NamedTuple
 
@@ -143,10 +144,13 @@ def _load_unpacked(memory: GuestMemory, image: bytes) -> LoadedKernel | None:
 
     header = parse_setup_header(image)
     check_64bit_capable(header)
-    vmlinux = unpack.cached(image)
-    if vmlinux is None:
+    path = unpack.cached(image)
+    if path is None:
         return None
-    elf = load_elf(memory, vmlinux)
+    # mapped, not read: the segments go from the page cache straight into guest RAM
+    with path.open("rb") as f, mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as mapped:
+        with memoryview(mapped) as vmlinux:
+            elf = load_elf(memory, vmlinux)
     return LoadedKernel(protocol="elf64", entry_gpa=elf.entry_gpa, load_gpa=elf.load_gpa,
                         end_gpa=elf.end_gpa, setup_header=header, entry64_gpa=elf.entry_gpa,
                         unpacked=True)

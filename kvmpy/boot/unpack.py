@@ -105,12 +105,10 @@ def decompress(data: bytes) -> bytes | None:
     return out
 
 
-def cached(image: bytes) -> bytes | None:
-    """The unpacked kernel of `image` if an earlier boot kept one, else None."""
-    try:
-        return (unpacked_dir() / _name(image)).read_bytes()
-    except OSError:
-        return None
+def cached(image: bytes) -> Path | None:
+    """Where the unpacked kernel of `image` is, if an earlier boot kept one."""
+    path = unpacked_dir() / _name(image)
+    return path if path.is_file() else None
 
 
 def unpack_to_cache(image: bytes, header: SetupHeader) -> Path | None:

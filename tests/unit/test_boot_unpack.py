@@ -124,7 +124,8 @@ def test_the_background_unpack_keeps_the_kernel(tmp_path: Path) -> None:
     path = tmp_path / "bzImage"
     path.write_bytes(bzimage())
     unpack.unpack_in_background(path).join(10)
-    assert unpack.cached(path.read_bytes()) == VMLINUX
+    kept = unpack.cached(path.read_bytes())
+    assert kept is not None and kept.read_bytes() == VMLINUX
 
 
 def test_without_o_tmpfile_a_renamed_file_and_nothing_left_over(
