@@ -102,12 +102,10 @@ def _unpacked(kernel: str) -> bool:
 
 def main() -> dict[str, object]:
     from kvmpy import guest_assets
-    from kvmpy.boot.bzimage import parse_setup_header
-    from kvmpy.boot.unpack import unpack_to_cache
+    from kvmpy.boot.unpack import unpack_file
     from kvmpy.lab.runner import ZERO_FREED_PAGES
 
-    image = guest_assets.kernel_path().bzimage.read_bytes()
-    if unpack_to_cache(image, parse_setup_header(image)) is None:
+    if unpack_file(guest_assets.kernel_path().bzimage) is None:
         raise RuntimeError("cannot unpack kvmpy's minimal kernel into its cache")
     # without it a second of TCG's, now and then, lands on either VMM (docs/lab.md)
     return in_linux_capable_place(__file__, measure, lab_kernel_args=[ZERO_FREED_PAGES])

@@ -246,11 +246,9 @@ def main(argv: list[str]) -> int:
             k = build_kernel()
             print(f"{k.bzimage} ({k.bzimage.stat().st_size} bytes)\n{k.vmlinux}")
             # what its first boot would do: the lab cannot write the cache, so do it here
-            from kvmpy.boot.bzimage import parse_setup_header
-            from kvmpy.boot.unpack import unpack_to_cache
+            from kvmpy.boot.unpack import unpack_file
 
-            bz = k.bzimage.read_bytes()
-            print(unpack_to_cache(bz, parse_setup_header(bz)) or "(not unpacked)")
+            print(unpack_file(k.bzimage) or "(not unpacked)")
         elif what == "guest":
             print(build_initramfs())
         elif what == "lab":

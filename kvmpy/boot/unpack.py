@@ -176,17 +176,23 @@ def _new_file(target: Path) -> Iterator[tuple[BinaryIO, Callable[[], None]]]:
         os.close(dir_fd)
 
 
+def unpack_file(path: Path) -> Path | None:
+    """`unpack_to_cache` for the bzImage at `path` (LoaderError if it is not one)."""
+    from kvmpy.boot.bzimage import parse_setup_header
+
+    image = path.read_bytes()
+    return unpack_to_cache(image, parse_setup_header(image))
+
+
 def unpack_in_background(path: Path) -> threading.Thread:
     """Unpack the bzImage at `path` into the cache on a daemon thread (which it returns).
 
     The decompressors release the GIL, so the thread runs beside the guest's vCPUs.
     """
-    from kvmpy.boot.bzimage import parse_setup_header
 
     def work() -> None:
         try:
-            image = path.read_bytes()
-            unpack_to_cache(image, parse_setup_header(image))
+            unpack_file(path)
         except Exception as e:  # a cache is an optimisation: never let it take the VMM down
             log.info("unpacking %s failed: %s", path, e)
 
