@@ -258,7 +258,6 @@ class Machine:
         self.threads: VcpuThreads | None = None
         # 6. boot
         self.linux_boot: LinuxBoot | None = None
-        self._unpack_later: Path | None = None
         self._unpacking: threading.Thread | None = None  # see start() and close()
         if config.flat is not None:
             from kvmpy.flat import load_flat, start_flat
@@ -347,8 +346,6 @@ class Machine:
         if boot.kernel.unpacked:
             get_logger(__name__).info("%s: its kernel as unpacked by an earlier boot",
                                       linux.kernel)
-        elif linux.unpack and boot.kernel.protocol == "bzimage":
-            self._unpack_later = linux.kernel  # once the guest runs: see start()
         return boot
 
     def irq(self, gsi: int) -> IrqLine:
@@ -384,10 +381,12 @@ class Machine:
         """Start one thread per vCPU; returns at once."""
         self.threads = VcpuThreads(self.loops, on_stop=lambda _: self.serial.flush())
         self.threads.start()
-        if self._unpack_later is not None:  # a bzImage's first boot: unpack it for the next
+        linux, boot = self.config.linux, self.linux_boot
+        if linux and linux.unpack and boot and boot.kernel.protocol == "bzimage":
+            # the bzImage's decompressor runs this time: unpack it for the next boot
             from kvmpy.boot.unpack import unpack_in_background
 
-            self._unpacking = unpack_in_background(self._unpack_later)
+            self._unpacking = unpack_in_background(linux.kernel)
 
     def wait(self, timeout: float | None = None) -> Stop | None:
         """Supervise the running VM until it stops (or `timeout` passes)."""

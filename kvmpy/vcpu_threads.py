@@ -86,11 +86,9 @@ class VcpuThreads:
         self.done.set()
 
     def kick_all(self) -> None:
-        self.kick(range(len(self.loops)))
-
-    def kick(self, indices: range | list[int]) -> None:
-        for i in indices:
-            loop, thread = self.loops[i], self._threads[i]
+        # not strict: a vCPU that stops the run while start() is still starting threads
+        # kicks only those started; the rest see their loop's stop before their first entry
+        for loop, thread in zip(self.loops, self._threads, strict=False):
             loop.vcpu.set_immediate_exit(True)
             if thread.is_alive() and thread.ident is not None:
                 try:

@@ -105,10 +105,6 @@ def load_kernel_bytes(
     unpack: bool = False,
 ) -> LoadedKernel:
     """`load_kernel` for an image already in memory (tests, fuzzers)."""
-    if unpack and bytes(data[0x202:0x206]) == bp.SETUP_HEADER_MAGIC:
-        loaded = _load_unpacked(memory, bytes(data))
-        if loaded is not None:
-            return loaded
     if bytes(data[:4]) == ELF_MAGIC:
         elf = load_elf(memory, data)
         if prefer_pvh and elf.pvh_entry_gpa is not None:
@@ -124,6 +120,10 @@ def load_kernel_bytes(
             entry64_gpa=elf.entry_gpa,
         )
     if bytes(data[0x202:0x206]) == bp.SETUP_HEADER_MAGIC:
+        if unpack:
+            unpacked = _load_unpacked(memory, bytes(data))
+            if unpacked is not None:
+                return unpacked
         bz = load_bzimage(memory, data)
         return LoadedKernel(
             protocol="bzimage",

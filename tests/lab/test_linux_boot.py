@@ -19,8 +19,7 @@ from pathlib import Path
 import pytest
 
 from kvmpy.api import Guest
-from kvmpy.boot.bzimage import parse_setup_header
-from kvmpy.boot.unpack import unpack_to_cache
+from kvmpy.boot.unpack import unpack_file
 from kvmpy.initramfs import INIT_MARKER
 from kvmpy.machine import LinuxConfig
 from kvmpy.stop import StopKind
@@ -45,8 +44,7 @@ def test_kernel_sees_what_kvmpy_gave_it(kernel, initrd: Path, image: str, cpus: 
     path = kernel.vmlinux if image == "vmlinux" else kernel.bzimage
     if image == "unpacked":
         monkeypatch.setenv("KVMPY_CACHE", str(tmp_path))  # the lab's own cache is read-only
-        data = path.read_bytes()
-        assert unpack_to_cache(data, parse_setup_header(data)) is not None
+        assert unpack_file(path) is not None
     # the kernel splits its command line on spaces, honouring double quotes only
     append = f'{MARK}=yes -- sh -c "dmesg; echo cpus=$(grep -c ^processor /proc/cpuinfo)"'
     config = LinuxConfig(kernel=path, initrd=initrd, append=append, unpack=image == "unpacked")
