@@ -28,7 +28,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tarfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -159,8 +158,11 @@ def _unpack_source(deb: Path, work: Path, log) -> Path:
     tarballs = list((pkg / "usr" / "src").glob("linux-source-*.tar.xz"))
     if len(tarballs) != 1:
         raise LabError(f"{deb.name} has no single /usr/src/linux-source-*.tar.xz")
-    with tarfile.open(tarballs[0]) as tar:
-        tar.extractall(work, filter="tar")
+    # GNU tar, not tarfile: `extractall(filter=...)` is missing from Python < 3.11.4
+    # (Debian 12's 3.11.2), and tar unpacks the 138 MB .tar.xz faster.
+    require_tool("tar", "tar")
+    subprocess.run(["tar", "-xf", str(tarballs[0]), "-C", str(work),
+                    "--no-same-owner", "--no-same-permissions"], check=True)
     shutil.rmtree(pkg)
     (src,) = [d for d in work.iterdir() if d.is_dir() and d.name.startswith("linux-source")]
     return src
