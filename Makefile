@@ -13,7 +13,9 @@ PYTHON ?= $(shell /usr/bin/python3 -c 'import sys; sys.exit(sys.version_info < (
 PYTHON := $(PYTHON)
 VENV := .venv
 PY := $(VENV)/bin/python
-CACHE ?= $(HOME)/.cache/kvmpy
+# Build outputs: $KVMPY_CACHE when set (CI points it at an empty directory), else the
+# user's cache.
+CACHE ?= $(or $(KVMPY_CACHE),$(HOME)/.cache/kvmpy)
 export KVMPY_CACHE := $(CACHE)
 
 .PHONY: all venv build deps test test-unit test-kvm bench run guests lint clean
@@ -23,13 +25,17 @@ all: build
 DEB_PACKAGES := gcc binutils qemu-system-x86 busybox-static cpio acpica-tools \
 	flex bison bc libelf-dev libssl-dev e2fsprogs xz-utils iproute2 gdb \
 	python3-venv
-# (checked every time: a dpkg query per package, well under a second)
+# (checked every time: a dpkg query per package, well under a second; the package lists
+# are fetched when missing too, since the lab and kernel recipes `apt-get download`)
 deps:
 	@mkdir -p $(CACHE)
 	@missing=$$(for p in $(sort $(DEB_PACKAGES)); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ] || ! ls /var/lib/apt/lists/*_Packages >/dev/null 2>&1; then \
+		apt-get update -qq; \
+	fi; \
 	if [ -n "$$missing" ]; then \
 		echo "installing Debian packages:" $$missing; \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	fi
 
 # (the stamp names the interpreter: choosing another one makes a new venv)

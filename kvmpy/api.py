@@ -1,18 +1,25 @@
-"""Script a VM from Python: create, boot, wait for console output, type, stop.
+r"""Script a VM from Python: create, boot, wait for console output, type, stop.
 
     from kvmpy.api import Guest
-    with Guest(kernel=..., initrd=..., cpus=2) as g:
+    with Guest(kernel="bzImage", initrd="initramfs.cpio.gz", cpus=2) as g:
         g.expect(r"/ # ")
         g.send("uname -r\n")
-        g.expect(r"\\d+\\.\\d+")
+        g.expect(r"\d+\.\d+")
 
-The guest runs in background threads (one per vCPU); the console transcript
-is kept so `expect` can search it. `stop()` ends the VM and returns its Stop.
+`Guest(...)` takes what `kvmpy run` takes, by the same names (`append`, `cpus`, `mem`,
+`disks=["disk.img,ro"]`, `nets=["tap=tap0"]`, `rng`, `console`, `acpi`, `modules`;
+`kvmpy.options.linux_machine`); with no kernel it boots kvmpy's minimal kernel and
+busybox initramfs. `Guest.flat(path, mode="long", ...)` runs a raw binary guest
+(`kvmpy.options.flat_machine`), `Guest.from_config(MachineConfig(...))` anything a
+MachineConfig can say. The guest runs in background threads (one per vCPU); the
+console transcript is kept so `expect` can search it. `stop()` ends the VM and
+returns its Stop.
 """
 
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Any
 
 from kvmpy.console import ConsoleOutput
@@ -26,11 +33,38 @@ class ExpectTimeout(KvmpyError):
 
 
 class Guest:
-    def __init__(self, echo: bool = False, **config: Any) -> None:
+    """A running VM and its console. `echo=True` also copies the console to stdout;
+    `trace`, `gdb` and `stats` are MachineConfig's (a Tracer, a GdbConfig, a bool)."""
+
+    def __init__(self, kernel: str | Path | None = None, initrd: str | Path | None = None,
+                 *, echo: bool = False, trace: Any = None, gdb: Any = None,
+                 stats: bool = False, **options: Any) -> None:
+        from kvmpy.options import linux_machine
+
+        config = linux_machine(kernel, initrd, **options)
+        self._start(config._replace(trace=trace, gdb=gdb, stats=stats), echo)
+
+    @classmethod
+    def flat(cls, path: str | Path, *, echo: bool = False, trace: Any = None, gdb: Any = None,
+             stats: bool = False, **options: Any) -> Guest:
+        """A raw binary guest: `mode`, `entry`, `cpl`, `irqchip`, `cpus`, `mem`, devices."""
+        from kvmpy.options import flat_machine
+
+        config = flat_machine(path, **options)
+        return cls.from_config(config._replace(trace=trace, gdb=gdb, stats=stats), echo=echo)
+
+    @classmethod
+    def from_config(cls, config: MachineConfig, *, echo: bool = False) -> Guest:
+        """Any machine a MachineConfig describes (its `console` is replaced)."""
+        guest = cls.__new__(cls)
+        guest._start(config, echo)
+        return guest
+
+    def _start(self, config: MachineConfig, echo: bool) -> None:
         import sys
 
         self.console = ConsoleOutput(forward=sys.stdout.buffer if echo else None)
-        self.machine = Machine(MachineConfig(console=self.console, **config))
+        self.machine = Machine(config._replace(console=self.console))
         self._mark = 0
         self.machine.start()
 

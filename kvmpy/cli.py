@@ -17,15 +17,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kvmpy import layout
+from kvmpy.checks import MAX_CPUS
 from kvmpy.cpu.modes import Mode
-from kvmpy.errors import ConfigError, KvmpyError, KvmUnavailable
-from kvmpy.log import configure_cli, get_logger
+from kvmpy.errors import ConfigError, KvmpyError
+from kvmpy.log import configure_cli
 from kvmpy.stop import Stop, StopKind
-from kvmpy.units import parse_address, parse_size
+from kvmpy.units import parse_address
 
 if TYPE_CHECKING:
     from kvmpy.gdb.stub import GdbConfig
-    from kvmpy.machine import DiskConfig, LinuxConfig, NetConfig
+    from kvmpy.machine import MachineConfig
     from kvmpy.trace.tracer import Tracer
 
 
@@ -56,19 +57,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run a guest")
     run.add_argument("--flat", type=Path, metavar="FILE", help="a raw binary guest")
-    run.add_argument("--mode", choices=[m.value for m in Mode], default="real",
+    run.add_argument("--mode", choices=[m.value for m in Mode],
                      help="CPU mode a flat guest starts in (default: real)")
-    run.add_argument("--entry", default=hex(layout.FLAT_LOAD),
+    run.add_argument("--entry",
                      help=f"entry address of a flat guest (default {layout.FLAT_LOAD:#x})")
-    run.add_argument("--cpl", type=int, choices=[0, 3], default=0,
-                     help="privilege level a long-mode flat guest starts at")
+    run.add_argument("--cpl", type=int, choices=[0, 3],
+                     help="privilege level a long-mode flat guest starts at (default 0)")
     run.add_argument("--kernel", type=Path, metavar="PATH",
                      help="Linux bzImage or vmlinux (default: kvmpy's minimal kernel)")
     run.add_argument("--initrd", type=Path, metavar="PATH",
                      help="initramfs (default: kvmpy's busybox initramfs with the default kernel)")
-    run.add_argument("--append", default="", metavar="STR", help="extra kernel command line")
-    run.add_argument("--cpus", type=int, default=1, help="vCPUs (default 1)")
-    run.add_argument("--acpi", choices=["auto", "on", "off"], default="auto",
+    run.add_argument("--append", metavar="STR", help="extra kernel command line")
+    run.add_argument("--cpus", type=int, default=1, help=f"vCPUs (default 1, at most {MAX_CPUS})")
+    run.add_argument("--acpi", choices=["auto", "on", "off"],
                      help="describe the machine with ACPI tables instead of an MP table and "
                           "command-line devices; auto (default) picks ACPI with --modules or "
                           "when the kernel's config (beside it) lacks X86_MPPARSE or "
@@ -77,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="the kernel's /lib/modules/<release> tree: boot an initramfs that "
                           "loads its virtio modules (a distribution kernel); implies ACPI "
                           "with --acpi auto")
-    run.add_argument("--unpack", choices=["on", "off"], default="on",
+    run.add_argument("--unpack", choices=["on", "off"],
                      help="boot a bzImage from its kernel as unpacked on the host by its first "
                           "boot and kept in the cache, skipping the guest's decompressor (and "
                           "its KASLR); off: the decompressor every time (default on)")
@@ -90,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--rng", choices=["on", "off"], default=None,
                      help="virtio-rng fed by the host's getrandom() (default: on for the "
                           "default guest)")
-    run.add_argument("--console", choices=["serial", "virtio"], default="serial",
+    run.add_argument("--console", choices=["serial", "virtio"],
                      help="guest console: the 16550 UART (ttyS0) or virtio-console (hvc0)")
     run.add_argument("--mem", default=None,
                      help="guest RAM (default 128M for flat guests, 256M for Linux)")
@@ -116,119 +117,82 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def parse_disk(text: str) -> DiskConfig:
-    """`PATH` or `PATH,ro`."""
-    from kvmpy.machine import DiskConfig
-
-    path, _, opts = text.partition(",")
-    if opts not in ("", "ro"):
-        raise ConfigError(f"--disk {text}: the only option is ',ro'")
-    return DiskConfig(Path(path), read_only=opts == "ro")
+# Options that only one kind of guest takes: giving them to the other is an error, not
+# something to ignore. (argparse leaves each None or False unless the user gave it.)
+FLAT_ONLY = ("mode", "entry", "cpl")
+LINUX_ONLY = ("kernel", "initrd", "append", "modules", "acpi", "unpack", "entry64")
 
 
-def parse_net(text: str) -> NetConfig:
-    """`tap=NAME[,mac=MAC]`."""
-    from kvmpy.machine import NetConfig
-
-    fields = dict(item.partition("=")[::2] for item in text.split(",") if item)
-    unknown = set(fields) - {"tap", "mac"}
-    if unknown:
-        raise ConfigError(f"--net {text}: unknown option {sorted(unknown)[0]!r} "
-                          "(use tap=NAME[,mac=MAC])")
-    return NetConfig(tap=fields.get("tap", ""), mac=fields.get("mac"))
+def _given(args: argparse.Namespace, names: tuple[str, ...]) -> list[str]:
+    return ["--" + n for n in names if getattr(args, n) not in (None, False)]
 
 
-def linux_config(args: argparse.Namespace) -> LinuxConfig:
-    """The kernel and initrd to boot: the user's, or kvmpy's default guest."""
-    from kvmpy.lab.host import linux_kvm_status
-    from kvmpy.machine import LinuxConfig
+def machine_config(args: argparse.Namespace) -> MachineConfig:
+    """The MachineConfig the options describe; `Machine` checks it before building."""
+    from kvmpy import options
 
-    can_boot, why = linux_kvm_status()
-    if not can_boot:
-        raise KvmUnavailable(f"cannot boot Linux here: {why} (`make run` boots it in the lab)")
-    kernel, initrd = args.kernel, args.initrd
-    if args.modules is not None:
-        initrd = _modules_initrd(args)
-    if kernel is None:
-        from kvmpy import guest_assets
-
-        kernel = guest_assets.kernel_path().bzimage
-        if initrd is None:
-            initrd = guest_assets.initramfs_path()
-    for what, path in (("kernel", kernel), ("initrd", initrd)):
-        if path is not None and not path.is_file():
-            raise ConfigError(f"{what} {path}: no such file")
-    from kvmpy.acpi.choice import choose_acpi
-
-    choice = choose_acpi(args.acpi, kernel, args.modules)
-    get_logger(__name__).info("%s", choice.reason)
-    return LinuxConfig(kernel=kernel, initrd=initrd, append=args.append,
-                       acpi=choice.acpi, prefer_pvh=not args.entry64,
-                       unpack=args.unpack == "on")
-
-
-def _modules_initrd(args: argparse.Namespace) -> Path:
-    """kvmpy's default guest plus the kernel's virtio modules (built once, cached)."""
-    from kvmpy import initramfs
-    from kvmpy.acpi.choice import kernel_release
-    from kvmpy.lab.debian import cache_dir
-
-    if args.kernel is None or args.initrd is not None:
-        raise ConfigError("--modules needs --kernel (the modules' kernel) and no --initrd: "
-                          "it builds the initramfs")
-    if not args.kernel.is_file():
-        raise ConfigError(f"kernel {args.kernel}: no such file")
-    tree = initramfs.find_modules_dir(args.modules, kernel_release(args.kernel))
-    return initramfs.modules_guest_initramfs_path(tree, cache_dir() / "initramfs")
+    devices = {"disks": args.disk, "nets": args.net, "console": args.console or "serial"}
+    if args.flat is not None:
+        wrong = _given(args, LINUX_ONLY)
+        if wrong:
+            raise ConfigError(f"{', '.join(wrong)}: for Linux guests, not a --flat image")
+        config = options.flat_machine(
+            args.flat, mode=args.mode or Mode.REAL,
+            entry=parse_address(args.entry) if args.entry else layout.FLAT_LOAD,
+            cpl=args.cpl or 0, cpus=args.cpus, mem=args.mem or options.DEFAULT_FLAT_MEM,
+            rng=args.rng == "on", **devices)
+    else:
+        wrong = _given(args, FLAT_ONLY)
+        if wrong:
+            raise ConfigError(f"{', '.join(wrong)}: for --flat images; a Linux guest "
+                              "starts where its kernel says")
+        config = options.linux_machine(
+            args.kernel, args.initrd, append=args.append or "", cpus=args.cpus,
+            mem=args.mem or options.DEFAULT_LINUX_MEM,
+            rng=None if args.rng is None else args.rng == "on", acpi=args.acpi or "auto",
+            modules=args.modules, unpack=args.unpack != "off", prefer_pvh=not args.entry64,
+            **devices)
+    return config._replace(stats=args.stats)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     from kvmpy.console import StdinPump
-    from kvmpy.machine import FlatConfig, Machine, MachineConfig
+    from kvmpy.machine import Machine
 
     started = time.perf_counter()
-    if args.flat is not None:
-        flat = FlatConfig(path=args.flat, mode=Mode(args.mode),
-                          entry=parse_address(args.entry), cpl=args.cpl)
-        config = MachineConfig(mem_size=parse_size(args.mem or "128M"), flat=flat,
-                               stats=args.stats, cpus=args.cpus)
-    else:
-        rng = args.rng == "on" if args.rng else (args.kernel is None or bool(args.modules))
-        config = MachineConfig(mem_size=parse_size(args.mem or "256M"),
-                               linux=linux_config(args), stats=args.stats, cpus=args.cpus,
-                               disks=[parse_disk(d) for d in args.disk],
-                               nets=[parse_net(n) for n in args.net], rng=rng,
-                               virtio_console=args.console == "virtio")
+    config = machine_config(args)
     trace, gdb = _seeing_inside(args)
     config = config._replace(trace=trace, gdb=gdb)
     machine = Machine(config)
-    pump = None
-    if config.linux is not None:
-        pump = StdinPump(machine.console_input, on_quit=lambda: machine.request_stop(
-            Stop(StopKind.SIGINT, "quit from the console (Ctrl-A x)")))
-        pump.start()
     try:
-        stop = machine.run()
+        pump = None
+        if config.linux is not None:
+            pump = StdinPump(machine.console_input, on_quit=lambda: machine.request_stop(
+                Stop(StopKind.SIGINT, "quit from the console (Ctrl-A x)")))
+            pump.start()
+        try:
+            stop = machine.run()
+        finally:
+            if pump is not None:
+                pump.stop()
+        if stop.details or stop.kind.value not in (0, -1):
+            print(f"kvmpy: {stop.reason}", file=sys.stderr)
+            if stop.details:
+                print(stop.details, file=sys.stderr)
+        if args.stats:
+            import json
+
+            from kvmpy.trace.stats import format_table
+
+            stats = machine.stats()
+            stats["process_s"] = round(time.perf_counter() - started, 6)
+            stats["stop"] = stop.reason
+            print(format_table(stats), file=sys.stderr)
+            print(json.dumps(stats), file=sys.stderr)
     finally:
-        if pump is not None:
-            pump.stop()
-    if stop.details or stop.kind.value not in (0, -1):
-        print(f"kvmpy: {stop.reason}", file=sys.stderr)
-        if stop.details:
-            print(stop.details, file=sys.stderr)
-    if args.stats:
-        import json
-
-        from kvmpy.trace.stats import format_table
-
-        stats = machine.stats()
-        stats["process_s"] = round(time.perf_counter() - started, 6)
-        stats["stop"] = stop.reason
-        print(format_table(stats), file=sys.stderr)
-        print(json.dumps(stats), file=sys.stderr)
-    machine.close()
-    if config.trace is not None and config.trace.out is not sys.stderr:
-        config.trace.out.close()
+        machine.close()
+        if config.trace is not None and config.trace.out is not sys.stderr:
+            config.trace.out.close()
     return stop.exit_status
 
 

@@ -11,6 +11,7 @@ Learned from Firecracker's arch/x86_64/layout.rs.
 KiB = 1024
 MiB = 1024 * KiB
 GiB = 1024 * MiB
+PAGE_SIZE = 4 * KiB  # x86's base page: KVM memory slots and guest RAM come in these
 
 # --- low memory: boot structures kvmpy writes before the first instruction ---
 BOOT_GDT = 0x500  # GDT kvmpy installs for protected/long mode entry

@@ -23,6 +23,7 @@ from kvmpy import layout
 from kvmpy.boot.cpuid import boot_msrs, normalize_cpuid
 from kvmpy.boot.linux import BASE_CMDLINE, LinuxBoot, boot_linux
 from kvmpy.bus import Bus, IrqLine, NullIrq
+from kvmpy.checks import check_config
 from kvmpy.cpu.modes import Mode
 from kvmpy.devices.debug_exit import DebugExit
 from kvmpy.devices.i8042 import I8042
@@ -32,13 +33,13 @@ from kvmpy.devices.rtc import PORT_SPAN as RTC_SPAN
 from kvmpy.devices.rtc import Rtc
 from kvmpy.devices.serial import Serial
 from kvmpy.devices.testdev import TestDevice
-from kvmpy.errors import ConfigError
 from kvmpy.exitloop import VcpuLoop
 from kvmpy.kvm import Kvm, Vcpu
+from kvmpy.kvm.detect import require_linux_kvm
 from kvmpy.log import get_logger
 from kvmpy.memory import GuestMemory
 from kvmpy.stop import Stop, StopKind
-from kvmpy.vcpu_threads import VcpuThreads
+from kvmpy.vcpu_threads import VcpuThreads, run_guarded
 
 if TYPE_CHECKING:
     from kvmpy.gdb.stub import GdbConfig, GdbStub
@@ -160,7 +161,6 @@ class KvmIrq:
         self.vm.irq_line(self.gsi, False)
 
 
-MAX_CPUS = 32
 UNPACK_WAIT_S = 30  # how long close() waits for a first boot's kernel to be unpacked
 KVM_CAP_TSC_DEADLINE_TIMER = 72  # <linux/kvm.h>
 # Local APIC LVT registers (Intel SDM Vol. 3A §11.5.1): LINT0 delivers the
@@ -188,6 +188,11 @@ def _prepare_for_linux(vcpu: Vcpu) -> None:
 
 class Machine:
     def __init__(self, config: MachineConfig, kvm: Kvm | None = None) -> None:
+        # 0. every option checked, and this /dev/kvm able to run the guest, before
+        #    anything is built (kvmpy.checks: one-line errors naming the option)
+        check_config(config)
+        if config.linux is not None:
+            require_linux_kvm()
         self.config = config
         self.console: ConsoleSink = config.console or sys.stdout.buffer
         self._own_kvm = kvm is None  # a /dev/kvm fd this machine opened, and closes
@@ -208,8 +213,6 @@ class Machine:
         elif config.flat is not None and config.flat.irqchip:
             self.vm.create_irqchip()
         # 4. vCPUs, each with its CPUID (APIC id, topology, hypervisor leaves)
-        if not 1 <= config.cpus <= MAX_CPUS:
-            raise ConfigError(f"--cpus {config.cpus}: kvmpy supports 1 to {MAX_CPUS} vCPUs")
         self.vcpus = [self.vm.create_vcpu(i) for i in range(config.cpus)]
         supported = self.kvm.supported_cpuid()
         tsc_deadline = bool(self.kvm.check_extension(KVM_CAP_TSC_DEADLINE_TIMER))
@@ -426,7 +429,7 @@ class Machine:
         """Run until the VM stops. A single vCPU without irqchip runs on this thread."""
         if len(self.loops) == 1 and not self.vm.irqchip:
             try:
-                return self.loops[0].run()
+                return run_guarded(self.loops[0])
             finally:
                 self.serial.flush()
         with _host_signals(self.request_stop, self.describe_vcpus):

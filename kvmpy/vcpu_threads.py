@@ -40,6 +40,33 @@ HALT_CHECK_INTERVAL_S = 0.25  # how often the supervisor looks
 QUIET_LOOK_INTERVAL_S = 1.0  # how often it kicks a guest that stays quiet
 
 
+def run_guarded(loop: VcpuLoop) -> Stop:
+    """`loop.run()`, with a host-side exception (a device bug) turned into the run's Stop.
+
+    The VM must stop, and say in one line what failed and where, instead of hanging
+    or ending the process in a traceback that skips closing the machine.
+    """
+    try:
+        return loop.run()
+    except Exception as e:
+        return Stop(StopKind.ERROR, f"vCPU {loop.vcpu.index}: {host_failure(e)}")
+
+
+def host_failure(e: BaseException) -> str:
+    """'ValueError: boom (kvmpy/devices/serial.py:120, in write)': the innermost kvmpy frame."""
+    import traceback
+    from pathlib import Path
+
+    package = Path(__file__).resolve().parent
+    where = ""
+    for frame in reversed(traceback.extract_tb(e.__traceback__)):
+        path = Path(frame.filename).resolve()
+        if path.is_relative_to(package):
+            where = f" ({path.relative_to(package.parent)}:{frame.lineno}, in {frame.name})"
+            break
+    return f"{type(e).__name__}: {e}{where}"
+
+
 class VcpuThreads:
     def __init__(self, loops: list[VcpuLoop], on_stop: Callable[[Stop], None]) -> None:
         self.loops = loops
@@ -67,11 +94,7 @@ class VcpuThreads:
             t.start()
 
     def _run(self, loop: VcpuLoop) -> None:
-        try:
-            stop = loop.run()
-        except Exception as e:  # a host bug must still stop the VM, not hang it
-            stop = Stop(StopKind.ERROR, f"vCPU {loop.vcpu.index} thread failed: {e!r}")
-        self.finish(stop)
+        self.finish(run_guarded(loop))
 
     def finish(self, stop: Stop) -> None:
         """End the run (first caller wins) and get every vCPU out of the guest."""

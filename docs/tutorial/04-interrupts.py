@@ -19,9 +19,7 @@ import argparse
 import sys
 
 from kvmpy.api import Guest
-from kvmpy.cpu.modes import Mode
 from kvmpy.lab.debian import cache_dir
-from kvmpy.machine import FlatConfig
 from kvmpy.trace.filter import TraceFilter
 from kvmpy.trace.tracer import Tracer
 
@@ -34,9 +32,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trace", nargs="?", const="", default=None, metavar="FILTER")
     args = parser.parse_args(argv)
     tracer = Tracer(TraceFilter.parse(args.trace)) if args.trace is not None else None
-    flat = FlatConfig(GUEST, mode=Mode.LONG, irqchip=True)
     # echo=True: the guest's console goes to our stdout as well as to g.output
-    with Guest(echo=True, flat=flat, mem_size=16 << 20, trace=tracer) as g:
+    with Guest.flat(GUEST, mode="long", irqchip=True, mem="16M", echo=True,
+                    trace=tracer) as g:
         g.expect(r"vector 0x30", timeout=10)  # the LAPIC timer fired
         g.expect(r"pin 5 routed", timeout=10)
         print(f"host: raising GSI {DEVICE_GSI}", flush=True)

@@ -19,7 +19,6 @@ from typing import TextIO
 from kvmpy import guest_assets
 from kvmpy.api import Guest
 from kvmpy.initramfs import INIT_MARKER
-from kvmpy.machine import LinuxConfig
 from kvmpy.stop import Stop
 from kvmpy.trace.filter import TraceFilter
 from kvmpy.trace.tracer import Tracer
@@ -32,10 +31,9 @@ APPEND = '-- sh -c "head -c 16 /dev/hwrng | od -An -tx1"'
 def boot(trace_out: TextIO, echo: bool = False) -> tuple[Stop | None, str]:
     """Boot, run the command, wait for the guest to halt; (its Stop, the console text)."""
     kernel = guest_assets.kernel_path()  # built by `make guest-kernel`
-    linux = LinuxConfig(kernel=kernel.vmlinux, initrd=guest_assets.initramfs_path(),
-                        append=APPEND)
     tracer = Tracer(TraceFilter.parse("mmio"), trace_out)
-    with Guest(echo=echo, linux=linux, rng=True, trace=tracer) as g:
+    with Guest(kernel.vmlinux, guest_assets.initramfs_path(), append=APPEND, rng=True,
+               echo=echo, trace=tracer) as g:
         g.expect(INIT_MARKER, timeout=180)  # the kernel found the initramfs and ran /init
         g.expect(r"kvmpy-guest: exit status \d+", timeout=60)
         stop = g.wait(timeout=60)  # /init runs `poweroff -f`: without ACPI the CPU halts

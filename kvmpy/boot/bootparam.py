@@ -18,6 +18,12 @@ arch/x86/include/uapi/asm/bootparam.h. Learned from rust-vmm linux-loader
 from __future__ import annotations
 
 import struct
+from mmap import mmap
+from typing import TypeAlias
+
+# A kernel image as the parsers take it: in memory, or a read-only mapping of the file
+# (`kernel.check_kernel_file` reads only the header pages that way).
+Image: TypeAlias = bytes | bytearray | memoryview | mmap
 
 # --- struct setup_header (boot.rst, "The real-mode kernel header") ----------
 # name -> (offset in the image and in boot_params, struct format); the protocol
@@ -109,7 +115,7 @@ E820_MAX_ENTRIES_ZEROPAGE = 128
 E820_ENTRY = struct.Struct("<QQI")  # addr, size, type: packed, 20 bytes (bootparam.h)
 
 
-def get(buf: bytes | bytearray | memoryview, name: str) -> int:
+def get(buf: Image, name: str) -> int:
     """Read one boot_params/setup_header field, by name, at its documented offset."""
     offset, fmt = BOOT_PARAMS_FIELDS[name]
     return int(struct.unpack_from("<" + fmt, buf, offset)[0])

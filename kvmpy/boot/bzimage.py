@@ -106,7 +106,7 @@ class LoadedBzImage(NamedTuple):
         return self.header.version
 
 
-def parse_setup_header(image: bytes | bytearray | memoryview) -> SetupHeader:
+def parse_setup_header(image: bp.Image) -> SetupHeader:
     """Parse and validate the setup header at 0x1f1; raise `LoaderError` naming the fault."""
     n = len(image)
     if n < _VERSION_END:

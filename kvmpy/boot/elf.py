@@ -29,6 +29,7 @@ import struct
 from typing import NamedTuple
 
 from kvmpy import layout
+from kvmpy.boot.bootparam import Image
 from kvmpy.errors import LoaderError
 from kvmpy.memory import GuestMemory
 
@@ -91,7 +92,7 @@ def _align_up(value: int, align: int) -> int:
 
 
 def _notes(
-    image: bytes | bytearray | memoryview, ph: ProgramHeader, index: int
+    image: Image, ph: ProgramHeader, index: int
 ) -> list[tuple[bytes, int, bytes]]:
     """(name, type, desc) of each note in a PT_NOTE segment (gABI "Note Section")."""
     # Linux emits 4-byte aligned notes (ELFNOTE in include/linux/elfnote.h); a segment
@@ -113,7 +114,7 @@ def _notes(
     return notes
 
 
-def _pvh_entry(image: bytes | bytearray | memoryview, ph: ProgramHeader, index: int) -> int | None:
+def _pvh_entry(image: Image, ph: ProgramHeader, index: int) -> int | None:
     for name, ntype, desc in _notes(image, ph, index):
         if name == XEN_NOTE_NAME and ntype == XEN_ELFNOTE_PHYS32_ENTRY:
             # Linux writes it with _ASM_PTR (8 bytes on x86-64); the value is 32-bit.
@@ -126,7 +127,7 @@ def _pvh_entry(image: bytes | bytearray | memoryview, ph: ProgramHeader, index: 
     return None
 
 
-def parse_elf(image: bytes | bytearray | memoryview) -> ElfImage:
+def parse_elf(image: Image) -> ElfImage:
     """Validate an ELF64 x86-64 executable and read its program headers and PVH note."""
     n = len(image)
     if n < EHDR.size:

@@ -23,13 +23,14 @@ What it is not: it writes no boot parameters and touches no vCPU.
 from __future__ import annotations
 
 import mmap
+import os
 from pathlib import Path
 from typing import Literal, NamedTuple
 
 from kvmpy.boot import bootparam as bp
 from kvmpy.boot.bzimage import SetupHeader, check_64bit_capable, load_bzimage, parse_setup_header
 from kvmpy.boot.cmdline import DEFAULT_MAX_LEN
-from kvmpy.boot.elf import ELF_MAGIC, load_elf
+from kvmpy.boot.elf import ELF_MAGIC, load_elf, parse_elf
 from kvmpy.errors import LoaderError
 from kvmpy.memory import GuestMemory
 
@@ -87,6 +88,12 @@ def describe(data: bytes) -> str:
     return f"unknown data starting {head[:8].hex(' ')}"
 
 
+def not_a_kernel(head: bytes) -> LoaderError:
+    """The error for a file that is neither kind, saying what it looks like instead."""
+    return LoaderError(f"not a kernel: {describe(head)}; "
+                       "expected an ELF vmlinux or a bzImage ('HdrS' at 0x202)")
+
+
 def load_kernel(memory: GuestMemory, path: str | Path, *, prefer_pvh: bool = True,
                 unpack: bool = False) -> LoadedKernel:
     """Load the kernel at `path` into `memory`; LoaderError if it is not one kvmpy can boot."""
@@ -96,6 +103,33 @@ def load_kernel(memory: GuestMemory, path: str | Path, *, prefer_pvh: bool = Tru
         raise LoaderError(f"cannot read kernel {path}: {e.strerror or e}") from None
     try:
         return load_kernel_bytes(memory, data, prefer_pvh=prefer_pvh, unpack=unpack)
+    except LoaderError as e:
+        raise LoaderError(f"kernel {path}: {e}") from None
+
+
+def check_kernel_file(path: str | Path) -> tuple[Protocol, int]:
+    """(how it boots, its command-line limit) for the kernel at `path`, reading only headers.
+
+    The checks `load_kernel` makes before it copies anything, on a read-only mapping
+    of the file (only the header pages are read): `kvmpy.checks` calls it to refuse a
+    file that is not a kernel before any VM exists. PVH is assumed wherever the note
+    is; the loader decides for real.
+    """
+    try:
+        with open(path, "rb") as f:
+            if os.fstat(f.fileno()).st_size == 0:
+                raise not_a_kernel(b"")
+            with mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as image:
+                if image[:4] == ELF_MAGIC:
+                    elf = parse_elf(image)
+                    return ("pvh" if elf.pvh_entry is not None else "elf64"), DEFAULT_MAX_LEN
+                if image[0x202:0x206] == bp.SETUP_HEADER_MAGIC:
+                    header = parse_setup_header(image)
+                    check_64bit_capable(header)
+                    return "bzimage", header.cmdline_size or DEFAULT_MAX_LEN
+                raise not_a_kernel(image[:0x440])
+    except OSError as e:
+        raise LoaderError(f"cannot read kernel {path}: {e.strerror or e}") from None
     except LoaderError as e:
         raise LoaderError(f"kernel {path}: {e}") from None
 
@@ -132,10 +166,7 @@ def load_kernel_bytes(
             end_gpa=bz.end_gpa,
             setup_header=bz.header,
         )
-    raise LoaderError(
-        f"not a kernel: {describe(bytes(data[:0x440]))}; "
-        "expected an ELF vmlinux or a bzImage ('HdrS' at 0x202)"
-    )
+    raise not_a_kernel(bytes(data[:0x440]))
 
 
 def _load_unpacked(memory: GuestMemory, image: bytes) -> LoadedKernel | None:

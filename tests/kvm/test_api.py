@@ -7,15 +7,13 @@ from pathlib import Path
 import pytest
 
 from kvmpy.api import ExpectTimeout, Guest
-from kvmpy.cpu.modes import Mode
-from kvmpy.machine import FlatConfig
 from kvmpy.stop import StopKind
 
 pytestmark = pytest.mark.kvm
 
 
 def test_guest_runs_in_the_background_and_is_expected(guest_dir: Path) -> None:
-    with Guest(flat=FlatConfig(guest_dir / "modes.bin", Mode.REAL)) as g:
+    with Guest.flat(guest_dir / "modes.bin") as g:
         g.expect(r"protected mode\n", 30)
         g.expect(r"long mode\n", 30)
         stop = g.wait(30)
@@ -24,13 +22,13 @@ def test_guest_runs_in_the_background_and_is_expected(guest_dir: Path) -> None:
 
 
 def test_expect_reports_what_the_console_showed(guest_dir: Path) -> None:
-    with Guest(flat=FlatConfig(guest_dir / "hello_real.bin", Mode.REAL)) as g:
+    with Guest.flat(guest_dir / "hello_real.bin") as g:
         with pytest.raises(ExpectTimeout, match="Hello from real mode"):
             g.expect(r"never printed", 2)
 
 
 def test_debug_exit_status_comes_back(guest_dir: Path) -> None:
-    with Guest(flat=FlatConfig(guest_dir / "cpl3_loop.bin", Mode.LONG, cpl=3)) as g:
+    with Guest.flat(guest_dir / "cpl3_loop.bin", mode="long", cpl=3) as g:
         stop = g.wait(60)
     assert stop is not None and stop.kind is StopKind.DEBUG_EXIT and stop.exit_status == 0
     assert g.output.startswith("sum=0x")
@@ -38,7 +36,7 @@ def test_debug_exit_status_comes_back(guest_dir: Path) -> None:
 
 def test_a_guest_halted_with_interrupts_off_ends_its_run(guest_dir: Path) -> None:
     # with the irqchip its `hlt` never leaves KVM_RUN: only the supervisor's kicks see it
-    with Guest(flat=FlatConfig(guest_dir / "hello_real.bin", Mode.REAL, irqchip=True)) as g:
+    with Guest.flat(guest_dir / "hello_real.bin", irqchip=True) as g:
         stop = g.wait(30)
     assert stop is not None and stop.kind is StopKind.HALTED, stop
     assert "every vCPU halted with interrupts disabled" in stop.reason
@@ -47,7 +45,7 @@ def test_a_guest_halted_with_interrupts_off_ends_its_run(guest_dir: Path) -> Non
 
 def test_a_quiet_guest_is_reported_where_it_spins(guest_dir: Path) -> None:
     # irqchip: the vCPU runs on its own thread, as a Linux guest's do
-    with Guest(flat=FlatConfig(guest_dir / "spin.bin", Mode.REAL, irqchip=True)) as g:
+    with Guest.flat(guest_dir / "spin.bin", irqchip=True) as g:
         with pytest.raises(ExpectTimeout) as e:
             g.expect(r"never printed", 1)
         assert g.running()  # looking did not stop it
@@ -70,8 +68,8 @@ def test_closing_a_guest_closes_every_fd_it_opened(guest_dir: Path) -> None:
 
     before = fds()
     for _ in range(2):
-        with Guest(flat=FlatConfig(guest_dir / "spin.bin", Mode.REAL, irqchip=True),
-                   virtio_console=True, rng=True) as g:
+        with Guest.flat(guest_dir / "spin.bin", irqchip=True, console="virtio",
+                        rng=True) as g:
             opened = len(fds() - before)
             assert g.running()
     assert opened >= 8  # /dev/kvm, VM, vCPU, 3 ioeventfds, 2 irqfds, the I/O thread's

@@ -90,8 +90,8 @@ def test_hello_process_start_to_exit_is_quick(guest_dir: Path) -> None:
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--flat", "/nonexistent.bin"], "cannot read flat image /nonexistent.bin"),
-    (["--flat", "/dev/null"], "is empty"),
+    (["--flat", "/nonexistent.bin"], "--flat image /nonexistent.bin: No such file"),
+    (["--flat", "/dev/null"], "not a regular file"),
     (["--flat", "{big}"], "must end below"),
     (["--flat", "x.bin", "--mem", "12Q"], "bad size"),
     (["--flat", "x.bin", "--mem", "1000"], "multiple of 4 KiB"),
@@ -105,3 +105,27 @@ def test_bad_input_is_one_line(args: list[str], message: str, tmp_path: Path) ->
     assert r.returncode != 0
     assert message in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_a_device_that_raises_stops_the_vm_in_one_line(
+        guest_dir: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str],
+) -> None:
+    """A bug in a legacy device (here the UART's write raising) on a single-vCPU flat
+    guest, which runs on the main thread: one line saying what and where, status 1, and
+    the machine closed (no fd left behind), not a traceback."""
+    import os
+
+    from kvmpy.cli import main
+    from kvmpy.devices.serial import Serial
+
+    def broken(self: Serial, offset: int, data: bytes) -> None:
+        raise ValueError("planted device bug")
+
+    monkeypatch.setattr(Serial, "write", broken)
+    before = set(os.listdir("/proc/self/fd"))
+    status = main(["run", "--flat", str(guest_dir / "hello_real.bin")])
+    err = capfd.readouterr().err
+    assert status == 1
+    assert err.count("\n") == 1, err
+    assert err.startswith("kvmpy: vCPU 0: ValueError: planted device bug (kvmpy/"), err
+    assert set(os.listdir("/proc/self/fd")) == before

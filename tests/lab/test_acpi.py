@@ -18,7 +18,6 @@ import pytest
 from kvmpy.acpi.linuxlog import acpi_complaints
 from kvmpy.api import Guest
 from kvmpy.initramfs import INIT_MARKER
-from kvmpy.machine import LinuxConfig
 from kvmpy.stop import StopKind
 
 pytestmark = pytest.mark.lab
@@ -34,8 +33,7 @@ REPORT = ('-- sh -c "echo cpus=$(nproc); '
 def test_acpi_boot_finds_cpus_and_devices_and_powers_off(kernel, initrd: Path, image: str,
                                                          cpus: int) -> None:
     path = kernel.bzimage if image == "bzimage" else kernel.vmlinux  # vmlinux: PVH entry
-    config = LinuxConfig(kernel=path, initrd=initrd, append=REPORT, acpi=True)
-    with Guest(linux=config, cpus=cpus, rng=True) as g:
+    with Guest(path, initrd, append=REPORT, acpi="on", cpus=cpus, rng=True) as g:
         g.expect(INIT_MARKER, 120)
         g.expect(r"kvmpy-guest: exit status 0", 60)
         stop = g.wait(60)
@@ -58,8 +56,7 @@ def test_acpi_boot_finds_cpus_and_devices_and_powers_off(kernel, initrd: Path, i
 
 def test_acpi_shell_exit_powers_off(kernel, initrd: Path) -> None:
     """The interactive guest: `exit` at the prompt -> /init's poweroff -f -> status 0."""
-    config = LinuxConfig(kernel=kernel.bzimage, initrd=initrd, acpi=True)
-    with Guest(linux=config, cpus=2) as g:
+    with Guest(kernel.bzimage, initrd, acpi="on", cpus=2) as g:
         g.expect(r"/ # ", 120)
         g.send("nproc\n")
         g.expect(r"\r?\n2\r?\n", 30)
@@ -75,9 +72,8 @@ def test_acpi_shell_exit_powers_off(kernel, initrd: Path) -> None:
 @pytest.mark.parametrize("how", ["k", "acpi"])
 def test_acpi_reboot_ends_with_the_reboot_status(kernel, initrd: Path, how: str) -> None:
     """reboot=k pulses the i8042's reset line; reboot=acpi writes the FADT's RESET_REG."""
-    config = LinuxConfig(kernel=kernel.bzimage, initrd=initrd,
-                         append=f"reboot={how} -- reboot -f", acpi=True)
-    with Guest(linux=config, cpus=2) as g:
+    with Guest(kernel.bzimage, initrd, append=f"reboot={how} -- reboot -f", acpi="on",
+               cpus=2) as g:
         stop = g.wait(120)
         log = g.output
         requests = g.machine.pm.requests

@@ -21,7 +21,6 @@ import pytest
 from kvmpy.api import Guest
 from kvmpy.boot.unpack import unpack_file
 from kvmpy.initramfs import INIT_MARKER
-from kvmpy.machine import LinuxConfig
 from kvmpy.stop import StopKind
 
 pytestmark = pytest.mark.lab
@@ -47,8 +46,8 @@ def test_kernel_sees_what_kvmpy_gave_it(kernel, initrd: Path, image: str, cpus: 
         assert unpack_file(path) is not None
     # the kernel splits its command line on spaces, honouring double quotes only
     append = f'{MARK}=yes -- sh -c "dmesg; echo cpus=$(grep -c ^processor /proc/cpuinfo)"'
-    config = LinuxConfig(kernel=path, initrd=initrd, append=append, unpack=image == "unpacked")
-    with Guest(linux=config, cpus=cpus, mem_size=256 << 20) as g:
+    with Guest(path, initrd, append=append, unpack=image == "unpacked", cpus=cpus,
+               mem=256 << 20) as g:
         g.expect(INIT_MARKER, 120)
         g.expect(r"kvmpy-guest: exit status 0", 60)
         stop = g.wait(60)
@@ -82,7 +81,7 @@ def test_kernel_sees_what_kvmpy_gave_it(kernel, initrd: Path, image: str, cpus: 
 
 
 def test_console_shell_answers_typed_commands(kernel, initrd: Path) -> None:
-    with Guest(linux=LinuxConfig(kernel=kernel.bzimage, initrd=initrd), cpus=2) as g:
+    with Guest(kernel.bzimage, initrd, cpus=2) as g:
         g.expect(r"/ # ", 120)
         g.send("echo $((6 * 7)) && uname -r\n")
         g.expect(r"\r?\n42\r?\n", 30)
@@ -94,7 +93,7 @@ def test_console_shell_answers_typed_commands(kernel, initrd: Path) -> None:
 
 def test_reboot_ends_the_vmm_with_the_reboot_status(kernel, initrd: Path) -> None:
     append = "-- reboot -f"
-    with Guest(linux=LinuxConfig(kernel=kernel.bzimage, initrd=initrd, append=append)) as g:
+    with Guest(kernel.bzimage, initrd, append=append) as g:
         stop = g.wait(120)
     assert stop is not None and stop.kind is StopKind.REBOOT, g.output[-1000:]
     assert stop.exit_status == 5

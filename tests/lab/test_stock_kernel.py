@@ -25,7 +25,7 @@ from kvmpy.acpi.linuxlog import acpi_complaints
 from kvmpy.api import Guest
 from kvmpy.lab import LabError
 from kvmpy.lab.debian import cache_dir
-from kvmpy.machine import DiskConfig, LinuxConfig
+from kvmpy.machine import DiskConfig
 from kvmpy.stop import StopKind
 
 pytestmark = pytest.mark.lab
@@ -65,8 +65,8 @@ def test_stock_kernel_two_cpus_virtio_devices_and_poweroff(stock, initrd: Path,
                                                            tmp_path: Path) -> None:
     disk = tmp_path / "disk.img"
     disk.write_bytes(DISK_MARKER.ljust(1 << 20, b"\0"))
-    config = LinuxConfig(kernel=stock.vmlinuz, initrd=initrd, append=REPORT, acpi=True)
-    with Guest(linux=config, cpus=2, rng=True, disks=[DiskConfig(disk, read_only=True)]) as g:
+    with Guest(stock.vmlinuz, initrd, append=REPORT, acpi="on", cpus=2, rng=True,
+               disks=[DiskConfig(disk, read_only=True)]) as g:
         g.expect(r"kvmpy-guest: exit status 0", 180)
         stop = g.wait(60)
         log = g.output
@@ -90,8 +90,7 @@ def test_stock_kernel_two_cpus_virtio_devices_and_poweroff(stock, initrd: Path,
 
 def test_stock_kernel_shell_on_the_virtio_console(stock, initrd: Path) -> None:
     """hvc0 is a module here: the init reopens /dev/console once virtio_console is in."""
-    config = LinuxConfig(kernel=stock.vmlinuz, initrd=initrd, acpi=True)
-    with Guest(linux=config, cpus=2, virtio_console=True) as g:
+    with Guest(stock.vmlinuz, initrd, acpi="on", cpus=2, console="virtio") as g:
         g.expect(r"/ # ", 180)
         g.send("nproc; cat /proc/consoles\n")
         g.expect(r"\r?\n2\r?\n", 30)

@@ -30,7 +30,6 @@ import pytest
 from kvmpy import guest_assets
 from kvmpy.api import ExpectTimeout, Guest
 from kvmpy.initramfs import INIT_MARKER
-from kvmpy.machine import DiskConfig, LinuxConfig
 from kvmpy.stop import StopKind
 from tests.lab.virtio_kit import KvmpyProcess, guest_initrd, netns
 
@@ -113,8 +112,7 @@ def initrd(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def run_script(kernel: Path, initrd: Path, script: str, **config: Any) -> str:
     """Boot with `/init` running `sh /script`; the transcript, once the guest has stopped."""
-    linux = LinuxConfig(kernel=kernel, initrd=initrd, append=f"-- sh /{script}")
-    with Guest(linux=linux, **config) as g:
+    with Guest(kernel, initrd, append=f"-- sh /{script}", **config) as g:
         g.expect(INIT_MARKER, 120)
         g.expect(r"kvmpy-guest: exit status \d+", 240)
         stop = g.wait(60)
@@ -140,7 +138,7 @@ def test_guest_makes_ext4_and_the_host_reads_its_files(kernel: Path, initrd: Pat
     image = tmp_path / "disk.img"
     with open(image, "wb") as f:
         f.truncate(64 << 20)
-    log = run_script(kernel, initrd, "ext4.sh", disks=[DiskConfig(image)])
+    log = run_script(kernel, initrd, "ext4.sh", disks=[image])
     assert EXIT_OK in log, log[-3000:]
     assert "virtio_blk" in log and "[vda] 131072 512-byte logical blocks" in log
     assert re.search(r"/dev/vda /mnt ext4 rw", log)
@@ -216,8 +214,7 @@ def test_hwrng_gives_random_bytes(kernel: Path, initrd: Path) -> None:
 
 def test_hvc0_is_the_console_both_ways(kernel: Path) -> None:
     """The default guest with console=hvc0: /init's marker, a shell, typed commands."""
-    linux = LinuxConfig(kernel=kernel, initrd=guest_assets.initramfs_path())
-    with Guest(linux=linux, virtio_console=True) as g:
+    with Guest(kernel, guest_assets.initramfs_path(), console="virtio") as g:
         try:
             g.expect(INIT_MARKER, 120)
         except ExpectTimeout as e:

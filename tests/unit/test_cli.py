@@ -4,8 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from kvmpy.cli import parse_disk, parse_net
 from kvmpy.errors import ConfigError
+from kvmpy.options import disk_config as parse_disk
+from kvmpy.options import net_config as parse_net
 
 
 def test_disk_options():

@@ -1,0 +1,151 @@
+"""A user's choices, from the command line or `kvmpy.api.Guest(...)`, as a MachineConfig.
+
+What it is: the few decisions both faces of kvmpy make the same way — which kernel and
+initrd when none is named (kvmpy's minimal kernel and busybox initramfs), ACPI or an
+MP table (`kvmpy.acpi.choice`), an initramfs that loads a distribution kernel's
+modules, the `PATH[,ro]` and `tap=NAME[,mac=MAC]` device syntax, sizes given as
+"256M" — so `kvmpy run --kernel K --disk D,ro` and `Guest(kernel=K, disks=["D,ro"])`
+describe the same machine.
+
+What it is not: the checks (`kvmpy.checks`, run by `Machine` before it builds
+anything) or the machine itself. It builds nothing but configuration records.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from kvmpy import layout
+from kvmpy.checks import regular_file
+from kvmpy.cpu.modes import Mode
+from kvmpy.errors import ConfigError
+from kvmpy.log import get_logger
+from kvmpy.units import parse_size
+
+if TYPE_CHECKING:
+    from kvmpy.machine import DiskConfig, LinuxConfig, MachineConfig, NetConfig
+
+DEFAULT_LINUX_MEM = "256M"
+DEFAULT_FLAT_MEM = "128M"
+
+
+def size(value: int | str) -> int:
+    """Bytes from 268435456 or "256M"."""
+    return value if isinstance(value, int) else parse_size(value)
+
+
+def virtio_console(console: str) -> bool:
+    """Whether the console is virtio-console (hvc0) rather than the UART (ttyS0)."""
+    if console not in ("serial", "virtio"):
+        raise ConfigError(f"--console {console}: serial (ttyS0) or virtio (hvc0)")
+    return console == "virtio"
+
+
+def disk_config(spec: str | Path | DiskConfig) -> DiskConfig:
+    """`PATH` or `PATH,ro` (or a DiskConfig, as it is)."""
+    from kvmpy.machine import DiskConfig
+
+    if isinstance(spec, DiskConfig):
+        return spec
+    if isinstance(spec, Path):
+        return DiskConfig(spec)
+    path, _, opts = spec.partition(",")
+    if opts not in ("", "ro"):
+        raise ConfigError(f"--disk {spec}: the only option is ',ro'")
+    return DiskConfig(Path(path), read_only=opts == "ro")
+
+
+def net_config(spec: str | NetConfig) -> NetConfig:
+    """`tap=NAME[,mac=MAC]` (or a NetConfig, as it is)."""
+    from kvmpy.machine import NetConfig
+
+    if isinstance(spec, NetConfig):
+        return spec
+    fields = dict(item.partition("=")[::2] for item in spec.split(",") if item)
+    unknown = set(fields) - {"tap", "mac"}
+    if unknown:
+        raise ConfigError(f"--net {spec}: unknown option {sorted(unknown)[0]!r} "
+                          "(use tap=NAME[,mac=MAC])")
+    return NetConfig(tap=fields.get("tap", ""), mac=fields.get("mac"))
+
+
+def linux_config(kernel: str | Path | None = None, initrd: str | Path | None = None, *,
+                 append: str = "", acpi: str = "auto", modules: str | Path | None = None,
+                 unpack: bool = True, prefer_pvh: bool = True) -> LinuxConfig:
+    """The kernel and initrd to boot: the ones named, or kvmpy's default guest."""
+    from kvmpy.acpi.choice import choose_acpi
+    from kvmpy.machine import LinuxConfig
+
+    kernel_path = Path(kernel) if kernel is not None else None
+    initrd_path = Path(initrd) if initrd is not None else None
+    modules_dir = Path(modules) if modules is not None else None
+    if modules_dir is not None:
+        initrd_path = _modules_initrd(kernel_path, initrd_path, modules_dir)
+    if kernel_path is None:
+        from kvmpy import guest_assets
+
+        kernel_path = guest_assets.kernel_path().bzimage
+        if initrd_path is None:
+            initrd_path = guest_assets.initramfs_path()
+    regular_file(kernel_path, "kernel")  # before choose_acpi reads it: never a FIFO
+    choice = choose_acpi(acpi, kernel_path, modules_dir)
+    get_logger(__name__).info("%s", choice.reason)
+    return LinuxConfig(kernel=kernel_path, initrd=initrd_path, append=append,
+                       acpi=choice.acpi, prefer_pvh=prefer_pvh, unpack=unpack)
+
+
+def _modules_initrd(kernel: Path | None, initrd: Path | None, modules: Path) -> Path:
+    """kvmpy's default guest plus the kernel's virtio modules (built once, cached)."""
+    from kvmpy import initramfs
+    from kvmpy.acpi.choice import kernel_release
+    from kvmpy.cachedir import cache_dir
+
+    if kernel is None or initrd is not None:
+        raise ConfigError("--modules needs --kernel (the modules' kernel) and no --initrd: "
+                          "it builds the initramfs")
+    regular_file(kernel, "kernel")
+    tree = initramfs.find_modules_dir(modules, kernel_release(kernel))
+    return initramfs.modules_guest_initramfs_path(tree, cache_dir() / "initramfs")
+
+
+def linux_machine(kernel: str | Path | None = None, initrd: str | Path | None = None, *,
+                  append: str = "", cpus: int = 1, mem: int | str = DEFAULT_LINUX_MEM,
+                  disks: Sequence[str | Path | DiskConfig] = (),
+                  nets: Sequence[str | NetConfig] = (), rng: bool | None = None,
+                  console: str = "serial", acpi: str = "auto",
+                  modules: str | Path | None = None, unpack: bool = True,
+                  prefer_pvh: bool = True) -> MachineConfig:
+    """A Linux guest, as `kvmpy run` describes one. virtio-rng is on by default for
+    kvmpy's own guest and for distribution kernels (`modules`), which seed from it."""
+    from kvmpy.machine import MachineConfig
+
+    linux = linux_config(kernel, initrd, append=append, acpi=acpi, modules=modules,
+                         unpack=unpack, prefer_pvh=prefer_pvh)
+    return MachineConfig(mem_size=size(mem), cpus=cpus, linux=linux,
+                         disks=[disk_config(d) for d in disks],
+                         nets=[net_config(n) for n in nets],
+                         rng=(kernel is None or modules is not None) if rng is None else rng,
+                         virtio_console=virtio_console(console))
+
+
+def flat_machine(path: str | Path, *, mode: str | Mode = Mode.REAL,
+                 entry: int = layout.FLAT_LOAD, cpl: int = 0, cpus: int = 1,
+                 mem: int | str = DEFAULT_FLAT_MEM,
+                 disks: Sequence[str | Path | DiskConfig] = (),
+                 nets: Sequence[str | NetConfig] = (), rng: bool = False,
+                 console: str = "serial", irqchip: bool = False) -> MachineConfig:
+    """A raw binary guest, as `kvmpy run --flat` describes one (virtio devices allowed:
+    a flat guest can drive them itself, as the tutorial's virtqueue chapter does)."""
+    from kvmpy.machine import FlatConfig, MachineConfig
+
+    try:
+        cpu_mode = Mode(mode)
+    except ValueError:
+        raise ConfigError(f"--mode {mode}: real, protected or long") from None
+    flat = FlatConfig(path=Path(path), mode=cpu_mode, entry=entry, cpl=cpl, irqchip=irqchip)
+    return MachineConfig(mem_size=size(mem), cpus=cpus, flat=flat,
+                         disks=[disk_config(d) for d in disks],
+                         nets=[net_config(n) for n in nets], rng=rng,
+                         virtio_console=virtio_console(console))
