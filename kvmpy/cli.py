@@ -70,10 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--append", metavar="STR", help="extra kernel command line")
     run.add_argument("--cpus", type=int, default=1, help=f"vCPUs (default 1, at most {MAX_CPUS})")
     run.add_argument("--acpi", choices=["auto", "on", "off"],
-                     help="describe the machine with ACPI tables instead of an MP table and "
-                          "command-line devices; auto (default) picks ACPI with --modules or "
-                          "when the kernel's config (beside it) lacks X86_MPPARSE or "
-                          "VIRTIO_MMIO_CMDLINE_DEVICES")
+                     help="describe the machine with ACPI tables (the guest can power off) "
+                          "or an MP table and command-line devices; auto (default) picks ACPI "
+                          "with --modules or when the kernel's config (beside it) has ACPI")
     run.add_argument("--modules", type=Path, metavar="DIR",
                      help="the kernel's /lib/modules/<release> tree: boot an initramfs that "
                           "loads its virtio modules (a distribution kernel); implies ACPI "

@@ -1,7 +1,7 @@
 """The README's runnable examples, found by the `<!-- snippet: NAME -->` line before them.
 
 The README promises commands a user can paste; tests run the marked ones as written
-(`tests/kvm/test_readme.py`, `tests/lab/test_readme.py`), so an example that stops
+(`tests/kvm/test_readme_flat.py`, `tests/lab/test_readme_api.py`), so an example that stops
 working fails the suite instead of misleading its reader.
 """
 

@@ -32,8 +32,9 @@ def boot(trace_out: TextIO, echo: bool = False) -> tuple[Stop | None, str]:
     """Boot, run the command, wait for the guest to halt; (its Stop, the console text)."""
     kernel = guest_assets.kernel_path()  # built by `make guest-kernel`
     tracer = Tracer(TraceFilter.parse("mmio"), trace_out)
+    # acpi="off": the MP table and command-line devices, the description this chapter shows
     with Guest(kernel.vmlinux, guest_assets.initramfs_path(), append=APPEND, rng=True,
-               echo=echo, trace=tracer) as g:
+               acpi="off", echo=echo, trace=tracer) as g:
         g.expect(INIT_MARKER, timeout=180)  # the kernel found the initramfs and ran /init
         g.expect(r"kvmpy-guest: exit status \d+", timeout=60)
         stop = g.wait(timeout=60)  # /init runs `poweroff -f`: without ACPI the CPU halts

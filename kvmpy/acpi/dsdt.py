@@ -35,7 +35,7 @@ What it is not: PCI, hotplug, GED, power buttons, or any method with logic.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from kvmpy import layout
 from kvmpy.acpi import aml
@@ -52,8 +52,7 @@ I8042_KBD_IRQ = 1  # ISA IRQ 1, which KVM's default routing sends to GSI 1
 RTC_IO_LEN = 2
 
 
-@dataclass(frozen=True)
-class VirtioMmio:
+class VirtioMmio(NamedTuple):
     """One virtio-mmio window: where it is and which GSI it raises."""
 
     gpa: int

@@ -20,8 +20,7 @@ command line; the loader does, with what this returns.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from kvmpy import layout
 from kvmpy.acpi import dsdt as dsdt_mod
@@ -39,14 +38,15 @@ class MemoryWriter(Protocol):
     def write(self, gpa: int, data: bytes) -> None: ...
 
 
-@dataclass(frozen=True)
-class AcpiTables:
+# NamedTuples, not dataclasses: `dataclasses` (with inspect, ast, dis) is most of this
+# package's import time, which a boot with ACPI pays at start-up (docs/performance.md).
+class AcpiTables(NamedTuple):
     """Where `build_acpi` put the tables."""
 
     rsdp_gpa: int
     start: int  # [start, end): every byte written; reserve it as ACPI data in the e820 map
     end: int
-    tables: dict[str, int] = field(default_factory=dict)  # signature -> gpa, for logs and tests
+    tables: dict[str, int]  # signature -> gpa, for logs and tests
 
 
 def _align(value: int, alignment: int = ALIGNMENT) -> int:

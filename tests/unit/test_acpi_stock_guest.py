@@ -72,7 +72,7 @@ def test_config_found_in_kvmpy_and_debian_layouts(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("config", "modules", "expected"), [
     (CLOUD_CONFIG, False, True),  # no MP-table parser: only the MADT shows the CPUs
     ("CONFIG_ACPI=y\nCONFIG_X86_MPPARSE=y\n", False, True),  # no cmdline virtio devices
-    (MINIMAL_CONFIG, False, False),  # kvmpy's kernel: the MP table is enough
+    (MINIMAL_CONFIG, False, True),  # kvmpy's kernel: ACPI, so that it can power off
     (MINIMAL_CONFIG, True, True),  # --modules: a modular kernel
     ("# CONFIG_ACPI is not set\n", False, False),  # tables it could not read
     (None, False, False),  # nothing known: the MP table
