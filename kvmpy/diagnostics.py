@@ -22,10 +22,10 @@ through vCPU ioctls; it is only ever called on a stopping vCPU's own thread.
 
 from __future__ import annotations
 
-import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+from kvmpy.cpu import lapic
 from kvmpy.cpu.registers import (
     CR0_CD,
     CR0_NW,
@@ -39,14 +39,20 @@ from kvmpy.cpu.registers import (
     RFLAGS_IF,
 )
 from kvmpy.errors import KvmpyError
-from kvmpy.kvm.exits import RUN_EXIT_REASON, RUN_UNION, ExitReason, InternalError
-from kvmpy.kvm.vcpu import (
-    MP_STATE_HALTED,
-    MP_STATE_INIT_RECEIVED,
-    MP_STATE_RUNNABLE,
-    MP_STATE_SIPI_RECEIVED,
-    MP_STATE_UNINITIALIZED,
+from kvmpy.kvm.exits import (
+    Debug,
+    FailEntry,
+    GuestException,
+    InternalError,
+    Shutdown,
+    Suberror,
+    SystemEvent,
+    VcpuExit,
+    decode,
+    reason_name,
+    reason_of,
 )
+from kvmpy.kvm.vcpu import MpState
 from kvmpy.memory import GuestMemory
 from kvmpy.trace import disasm, vmem
 from kvmpy.trace.disasm import Insn
@@ -81,13 +87,6 @@ UNEMULATED = frozenset({"int", "int3", "into", "int1", "xrstor", "xrstors", "xsa
 PRIVILEGED = frozenset({"hlt", "cli", "lgdt", "lidt", "lldt", "ltr", "clts", "invd", "wbinvd",
                         "invlpg", "rdmsr", "wrmsr", "lmsw", "swapgs"})
 
-# struct kvm_run exit payloads (<linux/kvm.h>)
-_FAIL_ENTRY = struct.Struct("<QI")  # hardware_entry_failure_reason, cpu
-_INTERNAL = struct.Struct("<II")  # suberror, ndata; then u64 data[16]
-_EXCEPTION = struct.Struct("<II")  # exception, error_code
-_DEBUG = struct.Struct("<IIQQQ")  # exception, pad, pc, dr6, dr7
-_U32 = struct.Struct("<I")
-
 # VMX basic exit reasons for failed entries (SDM Vol. 3D Appendix C).
 VMX_ENTRY_FAILURES = {33: "invalid guest state", 34: "MSR loading", 41: "machine-check event"}
 MASK64 = (1 << 64) - 1
@@ -100,8 +99,7 @@ class Snapshot:
     index: int
     regs: Any
     sregs: Any
-    exit_reason: int | None = None
-    exit_info: dict[str, Any] = field(default_factory=dict)
+    exit: VcpuExit | None = None  # None: a live vCPU, not one that stopped
 
 
 @dataclass
@@ -114,44 +112,25 @@ class Diagnosis:
 
 
 # -- reading the vCPU ------------------------------------------------------
-def exit_info(run_page: Any, reason: int) -> dict[str, Any]:
-    """Decode the kvm_run payload of the exits that end a run."""
-    if reason == ExitReason.FAIL_ENTRY:
-        hw, cpu = _FAIL_ENTRY.unpack_from(run_page, RUN_UNION)
-        return {"hardware_entry_failure_reason": hw, "cpu": cpu}
-    if reason == ExitReason.INTERNAL_ERROR:
-        suberror, ndata = _INTERNAL.unpack_from(run_page, RUN_UNION)
-        n = min(ndata, 16)
-        data = list(struct.unpack_from(f"<{n}Q", run_page, RUN_UNION + 8))
-        return {"suberror": suberror, "data": data}
-    if reason == ExitReason.EXCEPTION:
-        vector, error_code = _EXCEPTION.unpack_from(run_page, RUN_UNION)
-        return {"exception": vector, "error_code": error_code}
-    if reason == ExitReason.DEBUG:
-        vector, _, pc, dr6, dr7 = _DEBUG.unpack_from(run_page, RUN_UNION)
-        return {"exception": vector, "pc": pc, "dr6": dr6, "dr7": dr7}
-    return {}
+def snapshot(vcpu: Any, exit: VcpuExit | None = None) -> Snapshot:
+    """Registers and the last exit of `vcpu` (call on its own thread, outside KVM_RUN);
+    the exit is read from its kvm_run page unless given."""
+    return Snapshot(vcpu.index, vcpu.get_regs(), vcpu.get_sregs(),
+                    decode(vcpu.run_page) if exit is None else exit)
 
 
-def snapshot(vcpu: Any) -> Snapshot:
-    """Registers and the last exit of `vcpu` (call on its own thread, outside KVM_RUN)."""
-    reason = _U32.unpack_from(vcpu.run_page, RUN_EXIT_REASON)[0]
-    return Snapshot(vcpu.index, vcpu.get_regs(), vcpu.get_sregs(), reason,
-                    exit_info(vcpu.run_page, reason))
-
-
-def describe_vcpu(vcpu: Any, memory: GuestMemory) -> str:
+def describe_vcpu(vcpu: Any, memory: GuestMemory, exit: VcpuExit | None = None) -> str:
     """The full report for a stopping vCPU, as printed under a fatal Stop."""
     try:
-        snap = snapshot(vcpu)
+        snap = snapshot(vcpu, exit)
     except KvmpyError as e:
         return f"  (vCPU state unavailable: {e})"
     return diagnose(snap, memory).render()
 
 
-_MP_STATES = {MP_STATE_RUNNABLE: "runnable", MP_STATE_UNINITIALIZED: "uninitialized",
-              MP_STATE_INIT_RECEIVED: "INIT received", MP_STATE_HALTED: "halted",
-              MP_STATE_SIPI_RECEIVED: "SIPI received"}
+_MP_STATES = {MpState.RUNNABLE: "runnable", MpState.UNINITIALIZED: "uninitialized",
+              MpState.INIT_RECEIVED: "INIT received", MpState.HALTED: "halted",
+              MpState.SIPI_RECEIVED: "SIPI received"}
 
 
 def describe_running(vcpu: Any, memory: GuestMemory) -> str:
@@ -175,14 +154,9 @@ def _lapic_lines(vcpu: Any) -> list[str]:
         page = vcpu.get_lapic()
     except KvmpyError:
         return []
-
-    def vectors(base: int) -> str:  # eight 32-bit registers, 16 bytes apart (SDM 11.8.4)
-        found = [32 * i + b for i in range(8)
-                 for b in range(32) if _U32.unpack_from(page, base + 16 * i)[0] >> b & 1]
-        return " ".join(map(str, found)) or "none"
-
-    tpr = _U32.unpack_from(page, 0x80)[0]
-    return [f"  LAPIC: in service {vectors(0x100)}; requested {vectors(0x200)}; TPR {tpr:#x}"]
+    isr = " ".join(map(str, lapic.vectors(page, lapic.ISR))) or "none"
+    irr = " ".join(map(str, lapic.vectors(page, lapic.IRR))) or "none"
+    return [f"  LAPIC: in service {isr}; requested {irr}; TPR {lapic.read_u32(page, lapic.TPR):#x}"]
 
 
 # -- words for numbers ------------------------------------------------------
@@ -363,20 +337,20 @@ def _state_lines(snap: Snapshot, space: vmem.AddressSpace) -> list[str]:
 
 
 def _exit_lines(snap: Snapshot) -> list[str]:
-    info, reason = snap.exit_info, snap.exit_reason
-    if reason == ExitReason.FAIL_ENTRY:
-        hw = info["hardware_entry_failure_reason"]
+    exit = snap.exit
+    if isinstance(exit, FailEntry):
+        hw = exit.hardware_reason
         return [f"  entry failure: hardware reason {hw:#x} ({_entry_failure(hw)}), "
-                f"host cpu {info['cpu']}"]
-    if reason == ExitReason.INTERNAL_ERROR:
-        words = " ".join(f"{d:#x}" for d in info["data"])
-        return [f"  internal error: {_suberror(info['suberror'])}; data [{words}]"]
-    if reason == ExitReason.EXCEPTION:
-        return [f"  exception: {vector_name(info['exception'])}, error code "
-                f"{info['error_code']:#x}"]
-    if reason == ExitReason.DEBUG:
-        return [f"  debug exit: {vector_name(info['exception'])} at {info['pc']:#x}, "
-                f"DR6 {info['dr6']:#x} DR7 {info['dr7']:#x}"]
+                f"host cpu {exit.cpu}"]
+    if isinstance(exit, InternalError):
+        words = " ".join(f"{d:#x}" for d in exit.data)
+        return [f"  internal error: {_suberror(exit.suberror)}; data [{words}]"]
+    if isinstance(exit, GuestException):
+        return [f"  exception: {vector_name(exit.exception)}, error code "
+                f"{exit.error_code:#x}"]
+    if isinstance(exit, Debug):
+        return [f"  debug exit: {vector_name(exit.exception)} at {exit.pc:#x}, "
+                f"DR6 {exit.dr6:#x} DR7 {exit.dr7:#x}"]
     return []
 
 
@@ -439,46 +413,45 @@ def _entry_failure(hw: int) -> str:
 
 def _suberror(suberror: int) -> str:
     try:
-        return InternalError(suberror).name.lower().replace("_", " ")
+        return Suberror(suberror).name.lower().replace("_", " ")
     except ValueError:
         return f"suberror {suberror}"
 
 
 # -- the most likely cause ----------------------------------------------------
 def _cause(snap: Snapshot, memory: GuestMemory, at: _AtRip, insn: Insn | None) -> str:
-    regs, sregs, reason = snap.regs, snap.sregs, snap.exit_reason
+    regs, sregs, exit = snap.regs, snap.sregs, snap.exit
     space = at.space
     problems = check_entry_state(sregs, regs, memory)
-    if reason == ExitReason.FAIL_ENTRY:
+    if isinstance(exit, FailEntry):
         return problems[0] if problems else "the vCPU state is invalid for its mode " \
             "(no rule kvmpy knows is broken; see the entry failure reason)"
-    if reason == ExitReason.SHUTDOWN and _in_init_state(regs, sregs):
+    if isinstance(exit, Shutdown) and _in_init_state(regs, sregs):
         return ("the registers are the vCPU's INIT state (real mode, CS:IP f000:fff0), not "
                 "where it died: KVM on AMD SVM resets a vCPU when it reports its triple "
                 "fault, so the faulting state is lost")
-    if problems and reason == ExitReason.SHUTDOWN:
+    if problems and isinstance(exit, Shutdown):
         return f"{problems[0]} (the vCPU state is invalid for its mode)"
     fetch = _fetch_problem(snap, at)
-    if reason == ExitReason.INTERNAL_ERROR:
+    if isinstance(exit, InternalError):
         if fetch:
             return f"{fetch}: the CPU tried to execute code that is not there"
-        if snap.exit_info.get("suberror") == InternalError.EMULATION and insn is not None:
+        if exit.suberror == Suberror.EMULATION and insn is not None:
             if insn.mnemonic in UNEMULATED:
                 return (f"KVM's instruction emulator cannot execute `{insn.text}` at "
                         f"{regs.rip:#x} (on PVM every CPL0 instruction is emulated)")
             return f"KVM's instruction emulator could not execute `{insn.text}` at {regs.rip:#x}"
-        return f"KVM could not handle the vCPU ({_suberror(snap.exit_info.get('suberror', 0))})"
-    if reason == ExitReason.EXCEPTION:
-        vector = snap.exit_info["exception"]
+        return f"KVM could not handle the vCPU ({_suberror(exit.suberror)})"
+    if isinstance(exit, GuestException):
         first = _first_exception(snap, memory, space, insn, fetch)
-        what = f"unhandled guest exception {vector_name(vector)}"
-        return f"{what}: {first[1]}" if first and first[0] == vector else what
-    if reason == ExitReason.DEBUG:
+        what = f"unhandled guest exception {vector_name(exit.exception)}"
+        return f"{what}: {first[1]}" if first and first[0] == exit.exception else what
+    if isinstance(exit, Debug):
         return "a debug exception reached the VMM with no debugger attached"
-    if reason == ExitReason.SYSTEM_EVENT:
+    if isinstance(exit, SystemEvent):
         return "the guest reported a crash (KVM_SYSTEM_EVENT_CRASH)"
-    if reason != ExitReason.SHUTDOWN:
-        return f"unexpected exit {_reason_name(reason)}"
+    if not isinstance(exit, Shutdown):
+        return f"unexpected exit {reason_name(reason_of(exit)) if exit is not None else 'none'}"
     # a triple fault: which exception, and why it could not be delivered
     first = _first_exception(snap, memory, space, insn, fetch)
     vector = first[0] if first else None
@@ -498,13 +471,6 @@ def _in_init_state(regs: Any, sregs: Any) -> bool:
     after a SHUTDOWN intercept")."""
     return (regs.rip == 0xFFF0 and sregs.cs.selector == 0xF000
             and sregs.cs.base == 0xFFFF0000 and not sregs.cr0 & CR0_PE)
-
-
-def _reason_name(reason: int | None) -> str:
-    try:
-        return ExitReason(reason).name if reason is not None else "none"
-    except ValueError:
-        return str(reason)
 
 
 def _fetch_problem(snap: Snapshot, at: _AtRip) -> str | None:

@@ -37,7 +37,7 @@ import select
 import socket
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TextIO
 
@@ -52,7 +52,8 @@ from .debugregs import HwPoint, NoSlot
 from .protocol import PacketReader, frame, hex_to_bytes, parse_hex
 
 if TYPE_CHECKING:
-    from kvmpy.exitloop import VcpuLoop
+    from kvmpy.exitloop import ExitObserver
+    from kvmpy.kvm.vcpu import Vcpu
     from kvmpy.memory import GuestMemory
 
 PACKET_SIZE = 0x4000
@@ -85,9 +86,9 @@ class _Detach(Exception):
 class GdbStub:
     """Serves one gdb at a time; the VM's vCPUs start stopped."""
 
-    def __init__(self, loops: list[VcpuLoop], memory: GuestMemory, config: GdbConfig, *,
+    def __init__(self, vcpus: Sequence[Vcpu], memory: GuestMemory, config: GdbConfig, *,
                  irqchip: bool, request_stop: Callable[[Stop], None],
-                 log: TextIO | None = None) -> None:
+                 stopped: Callable[[], Stop | None], log: TextIO | None = None) -> None:
         self.memory = memory
         self.request_stop = request_stop
         self.log = log or sys.stderr
@@ -95,7 +96,8 @@ class GdbStub:
         os.set_blocking(self._wake_w, False)
         # Z0: int3 with hardware virtualization (swbreak.py); the debug registers on PVM,
         # whose emulator cannot run int3 (debugregs.py)
-        self.control = DebugControl(loops, memory, irqchip=irqchip, on_change=self._wake,
+        self.control = DebugControl(vcpus, memory, irqchip=irqchip, stopped=stopped,
+                                    on_change=self._wake,
                                     software_breakpoints=kvm_kind() is KvmKind.HARDWARE)
         try:
             self.listener = socket.create_server((config.host, config.port), reuse_port=False)
@@ -109,9 +111,9 @@ class GdbStub:
         # the register layout gdb is told about, fixed for the VM's life: i386 for a guest
         # that starts in real mode (so that gdb may `set architecture i8086`), x86-64 for
         # the rest, kernels entered in 32-bit mode included. Read before the vCPU runs.
-        real_mode = not loops[0].vcpu.get_sregs().cr0 & 1
+        real_mode = not vcpus[0].get_sregs().cr0 & 1
         self.layout = registers.I386 if real_mode else registers.X86_64
-        self.control.install()
+        self.control.stop_at_start()
         self._closing = False
         self._conn: socket.socket | None = None
         self._reset_session()
@@ -122,6 +124,10 @@ class GdbStub:
         if real_mode:
             self._say("gdb: the guest starts in real mode, described as i386 with $pc = "
                       "CS.base + IP; in gdb, `set architecture i8086` before `target remote`")
+
+    def observer(self, index: int) -> ExitObserver:
+        """What vCPU `index`'s exit loop calls around each of its exits."""
+        return self.control.observer(index)
 
     # -- lifetime ---------------------------------------------------------------
     def close(self) -> None:
@@ -274,7 +280,7 @@ class GdbStub:
         self._send(conn, self._stop_reply(index, event))
 
     def _report_end(self, conn: socket.socket) -> None:
-        stop = next((d.loop.stop for d in self.control.vcpus if d.loop.stop is not None), None)
+        stop = self.control.stopped()
         status = stop.exit_status & 0xFF if stop is not None else 0
         self.running = False
         self.ended_reported = True

@@ -8,15 +8,13 @@ from hypothesis import strategies as st
 from test_trace_fakes import CODE, STACK, FakeVcpu, machine
 
 from kvmpy.diagnostics import (
-    Snapshot,
     check_entry_state,
     describe_vcpu,
     diagnose,
-    exit_info,
     snapshot,
 )
 from kvmpy.errors import KvmIoctlError
-from kvmpy.kvm.exits import ExitReason, InternalError
+from kvmpy.kvm.exits import ExitReason, Suberror
 
 pytest.importorskip("capstone")
 SHUTDOWN, FAIL_ENTRY = ExitReason.SHUTDOWN, ExitReason.FAIL_ENTRY
@@ -104,7 +102,7 @@ def test_page_fault_on_data_names_cr2() -> None:
 
 def test_emulation_failure_outside_ram() -> None:
     vcpu, memory, _ = died("long", b"", 0x40000000 - CODE, INTERNAL, "<II",
-                           InternalError.EMULATION, 0)
+                           Suberror.EMULATION, 0)
     d = diagnose(snapshot(vcpu), memory)
     assert d.cause.startswith("RIP points outside guest RAM (0x40000000 is guest-physical "
                               "0x40000000)")
@@ -112,7 +110,7 @@ def test_emulation_failure_outside_ram() -> None:
 
 
 def test_emulation_failure_on_an_instruction_pvm_cannot_emulate() -> None:
-    vcpu, memory, _ = died("long", b"\xcc", 0, INTERNAL, "<IIQ", InternalError.EMULATION, 1, 5)
+    vcpu, memory, _ = died("long", b"\xcc", 0, INTERNAL, "<IIQ", Suberror.EMULATION, 1, 5)
     d = diagnose(snapshot(vcpu), memory)
     assert d.cause.startswith("KVM's instruction emulator cannot execute `int3` at 0x10000")
     assert "internal error: emulation; data [0x5]" in d.render()
@@ -176,14 +174,6 @@ def test_non_canonical_rip() -> None:
         "RIP 0x8000000000000000 is not canonical")
 
 
-def test_exit_info_decodes_each_payload() -> None:
-    vcpu = FakeVcpu()
-    vcpu.set_exit(INTERNAL, "<II3Q", 1, 3, 1, 2, 3)
-    assert exit_info(vcpu.run_page, INTERNAL) == {"suberror": 1, "data": [1, 2, 3]}
-    vcpu.set_exit(ExitReason.DEBUG, "<IIQQQ", 1, 0, 0x1000, 0xFFFF4FF0, 0x400)
-    assert exit_info(vcpu.run_page, ExitReason.DEBUG)["dr6"] == 0xFFFF4FF0
-
-
 def test_state_that_cannot_be_read_is_said_so() -> None:
     class Broken(FakeVcpu):
         def get_regs(self):  # type: ignore[no-untyped-def]
@@ -209,10 +199,9 @@ def test_any_guest_state_gets_a_diagnosis(code: bytes, rip: int, rsp: int, cr2: 
     sregs.cr2, sregs.idt.base, sregs.idt.limit, sregs.gdt.limit = cr2, idt_base, idt_limit, \
         gdt_limit
     vcpu.set_sregs(sregs)
+    vcpu.set_exit(reason)
     vcpu.page[32:96] = garbage  # whatever the exit payload holds
-    snap = Snapshot(0, vcpu.get_regs(), vcpu.get_sregs(), reason,
-                    exit_info(vcpu.run_page, reason))
-    d = diagnose(snap, memory)
+    d = diagnose(snapshot(vcpu), memory)
     assert d.cause and "most likely cause" in d.render()
 
 
