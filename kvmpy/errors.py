@@ -45,6 +45,13 @@ class LoaderError(ConfigError):
     """A kernel, initrd or flat image that cannot be loaded, with the reason."""
 
 
+class AssetError(KvmpyError):
+    """A guest asset (kvmpy's kernel, its initramfs, a Debian package) is missing or cannot
+    be built; the message says why and how to get it, in one line."""
+
+    exit_status = 125  # like `env`/`timeout`: what was asked for never ran
+
+
 class GuestFault(KvmpyError):
     """The guest stopped in a way that ends the VM (triple fault, failed entry...)."""
 

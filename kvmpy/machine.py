@@ -212,8 +212,8 @@ class Machine:
         supported = self.kvm.supported_cpuid()
         tsc_deadline = bool(self.kvm.check_extension("KVM_CAP_TSC_DEADLINE_TIMER"))
         for vcpu in self.vcpus:
-            vcpu.set_cpuid2([tuple(e) for e in normalize_cpuid(
-                supported, vcpu.index, config.cpus, tsc_deadline=tsc_deadline)])
+            vcpu.set_cpuid2(normalize_cpuid(supported, vcpu.index, config.cpus,
+                                            tsc_deadline=tsc_deadline))
             if config.linux is not None:
                 _prepare_for_linux(vcpu)
         # 5. devices

@@ -26,7 +26,7 @@ import enum
 import struct
 from typing import Any, NamedTuple
 
-from kvmpy._kvm import ffi, lib
+from kvmpy.kvm.ioctl import ffi, lib
 
 
 class ExitReason(enum.IntEnum):

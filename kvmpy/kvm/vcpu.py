@@ -11,6 +11,7 @@ import enum
 import errno
 import mmap
 import os
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from kvmpy.errors import KvmIoctlError
@@ -104,7 +105,7 @@ class Vcpu:
             bad = values[n][0]
             raise KvmIoctlError(f"KVM_SET_MSRS (MSR {bad:#x} refused)", 22)
 
-    def set_cpuid2(self, entries: list[tuple[int, int, int, int, int, int, int]]) -> None:
+    def set_cpuid2(self, entries: Sequence[tuple[int, int, int, int, int, int, int]]) -> None:
         """Entries are (function, index, flags, eax, ebx, ecx, edx)."""
         entry_size = ffi.sizeof("struct kvm_cpuid_entry2")
         size = ffi.sizeof("struct kvm_cpuid2") + len(entries) * entry_size

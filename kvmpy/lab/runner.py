@@ -34,7 +34,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
-from kvmpy.lab.debian import LabError
+from kvmpy.lab.errors import LabError
 from kvmpy.lab.host import DEFAULT_CPUS, DEFAULT_MEM, QEMU, lab_status
 from kvmpy.lab.image import (
     ERROR_PREFIX,
