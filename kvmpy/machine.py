@@ -47,6 +47,7 @@ if TYPE_CHECKING:
     from kvmpy.gdb.stub import GdbConfig, GdbStub
     from kvmpy.trace.stats import ExitStats
     from kvmpy.trace.tracer import Tracer
+    from kvmpy.virtio.console import Console as VirtioConsole
     from kvmpy.virtio.device import VirtioDevice
     from kvmpy.virtio.iothread import EventFdWiring, IoThread
     from kvmpy.virtio.mmio import VirtioMmioTransport
@@ -243,6 +244,7 @@ class Machine:
         self.virtio: list[tuple[VirtioMmioTransport, int, int]] = []  # (transport, gpa, gsi)
         self._wirings: list[EventFdWiring] = []  # their ioeventfds and irqfds, closed at the end
         self.iothread: IoThread | None = None
+        self.hvc: VirtioConsole | None = None  # the console, with `virtio_console`
         devices = self._virtio_devices()
         if devices:
             from kvmpy.virtio.iothread import IoThread
@@ -428,7 +430,7 @@ class Machine:
 
     def console_input(self, data: bytes) -> None:
         """Give the guest console input, waiting while its receive buffer is full."""
-        if self.config.virtio_console:
+        if self.hvc is not None:
             self.hvc.enqueue_input(data)
             return
         while data and self.stopped is None:

@@ -86,6 +86,15 @@ class _Detach(Exception):
 class GdbStub:
     """Serves one gdb at a time; the VM's vCPUs start stopped."""
 
+    # one gdb session's state, set afresh by `_reset_session`
+    no_ack: bool  # QStartNoAckMode
+    running: bool  # the vCPUs were resumed and gdb waits for a stop reply
+    ended_reported: bool  # gdb has been told how the VM ended
+    current_g: int  # the vCPU `Hg` selected (registers, memory)
+    current_c: int  # the vCPU `Hc` selected (continue, step)
+    features: set[str]  # what gdb's qSupported offered
+    last_reply: bytes  # sent again when gdb asks with `-`
+
     def __init__(self, vcpus: Sequence[Vcpu], memory: GuestMemory, config: GdbConfig, *,
                  irqchip: bool, request_stop: Callable[[Stop], None],
                  stopped: Callable[[], Stop | None], log: TextIO | None = None) -> None:
@@ -157,7 +166,7 @@ class GdbStub:
         self.running = False
         self.ended_reported = False
         self.current_g = self.current_c = 0
-        self.features: set[str] = set()
+        self.features = set()
         self.last_reply = b""
 
     # -- the server thread ----------------------------------------------------------

@@ -27,7 +27,6 @@ Learned from Firecracker's devices/virtio/block and QEMU's hw/block/virtio-blk.c
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 import stat
@@ -36,9 +35,10 @@ from array import array
 from collections.abc import Callable, Sequence
 
 from kvmpy.errors import ConfigError
+from kvmpy.libc import fallocate, preadv, pwritev
 from kvmpy.memory import GuestMemory
 from kvmpy.virtio.device import VIRTIO_ID_BLOCK, VirtioDevice, bit
-from kvmpy.virtio.hostio import IovecOp, iovec_transfer, preadv, pwritev
+from kvmpy.virtio.hostio import IovecOp, iovec_transfer
 from kvmpy.virtio.iov import iov_read, iov_write, span_slice
 from kvmpy.virtio.queue import DescriptorChain, VirtqueueError
 
@@ -86,18 +86,7 @@ FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
 FALLOC_FL_ZERO_RANGE = 0x10
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-_libc.fallocate.restype = ctypes.c_int
-
 _ZEROES = bytes(1 << 20)
-
-
-def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
-    """fallocate(2) with a mode (os.posix_fallocate has none); raises OSError."""
-    if _libc.fallocate(fd, mode, offset, length) != 0:
-        e = ctypes.get_errno()
-        raise OSError(e, os.strerror(e))
 
 
 def can_punch_holes(fd: int, size: int) -> bool:

@@ -13,9 +13,6 @@ What it is not: a bounds check. The addresses must come from
 
 from __future__ import annotations
 
-import ctypes
-import errno
-import os
 from array import array
 from collections.abc import Callable
 
@@ -25,28 +22,8 @@ from kvmpy.virtio.iov import IOV_MAX
 IovecOp = Callable[[int, int, int, int], int]
 
 
-def _iovec_call(name: str) -> IovecOp:
-    fn = getattr(_libc, name)
-    fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int64]
-    fn.restype = ctypes.c_ssize_t
-
-    def call(fd: int, iov: int, count: int, offset: int) -> int:
-        while (n := fn(fd, iov, count, offset)) < 0:
-            if (e := ctypes.get_errno()) != errno.EINTR:  # os.preadv would retry EINTR too
-                raise OSError(e, os.strerror(e))
-        return n
-
-    call.__name__ = name
-    return call
-
-
-_libc = ctypes.CDLL(None, use_errno=True)
-preadv = _iovec_call("preadv")
-pwritev = _iovec_call("pwritev")
-
-
 def iovec_transfer(op: IovecOp, fd: int, iov: array[int], offset: int, total: int) -> int:
-    """`op(fd, iovec address, count, offset)` (`preadv`/`pwritev` above) over `iov`, an
+    """`op(fd, iovec address, count, offset)` (`kvmpy.libc.preadv`/`pwritev`) over `iov`, an
     iovec array from `GuestMemory.iovec`, until `total` bytes moved or no progress.
 
     Returns the bytes moved. A short transfer is retried on the remainder (the

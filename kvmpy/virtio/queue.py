@@ -301,6 +301,19 @@ class Virtqueue:
     and the negotiated ring features once the driver sets DRIVER_OK.
     """
 
+    # the driver's configuration and the device's cursors: what `reset` sets
+    size: int
+    ready: bool
+    desc_table: int
+    avail_ring: int
+    used_ring: int
+    next_avail: int
+    next_used: int
+    signalled_used: int | None  # used.idx at the last interrupt (EVENT_IDX)
+    event_idx: bool
+    indirect: bool
+    mem: GuestMemory | None  # bound by `activate`
+
     def __init__(self, max_size: int = DEFAULT_QUEUE_SIZE) -> None:
         if not 0 < max_size <= QUEUE_SIZE_MAX or max_size & (max_size - 1):
             raise ValueError(f"queue size {max_size} is not a power of two <= 32768")
@@ -316,10 +329,10 @@ class Virtqueue:
         self.used_ring = 0
         self.next_avail = 0
         self.next_used = 0
-        self.signalled_used: int | None = None
+        self.signalled_used = None
         self.event_idx = False
         self.indirect = False
-        self.mem: GuestMemory | None = None
+        self.mem = None
 
     # -- configuration ----------------------------------------------------------
     def check(self, mem: GuestMemory) -> str | None:

@@ -10,8 +10,9 @@ from pathlib import Path
 from hypothesis import given
 from hypothesis import strategies as st
 
+from kvmpy.libc import preadv, pwritev
 from kvmpy.memory import GuestMemory
-from kvmpy.virtio.hostio import iovec_transfer, preadv, pwritev
+from kvmpy.virtio.hostio import iovec_transfer
 from kvmpy.virtio.iov import iov_len, iov_read, iov_slice, iov_write, span_slice
 
 pieces = st.lists(st.binary(max_size=40), max_size=6)
