@@ -24,9 +24,13 @@ from kvmpy.log import configure_cli
 from kvmpy.stop import Stop, StopKind
 from kvmpy.units import parse_address
 
+UNPACK_WAIT_S = 30  # how long a run waits at its end for its kernel to be unpacked
+
 if TYPE_CHECKING:
+    import threading
+
     from kvmpy.gdb.stub import GdbConfig
-    from kvmpy.machine import MachineConfig
+    from kvmpy.machine import Machine, MachineConfig
     from kvmpy.trace.tracer import Tracer
 
 
@@ -164,6 +168,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     trace, gdb = _seeing_inside(args)
     config = config._replace(trace=trace, gdb=gdb)
     machine = Machine(config)
+    unpacking = _unpack_for_next_boot(config, machine)
     try:
         pump = None
         if config.linux is not None:
@@ -191,9 +196,22 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(json.dumps(stats), file=sys.stderr)
     finally:
         machine.close()
+        if unpacking is not None:  # a run shorter than the unpacking: finish it once
+            unpacking.join(UNPACK_WAIT_S)
         if config.trace is not None and config.trace.out is not sys.stderr:
             config.trace.out.close()
     return stop.exit_status
+
+
+def _unpack_for_next_boot(config: MachineConfig, machine: Machine) -> threading.Thread | None:
+    """A bzImage booting through its decompressor: unpack its kernel on the host meanwhile,
+    for the next run (kvmpy.boot.unpack)."""
+    linux, boot = config.linux, machine.linux_boot
+    if linux is None or not linux.unpack or boot is None or boot.kernel.protocol != "bzimage":
+        return None
+    from kvmpy.boot.unpack import unpack_in_background
+
+    return unpack_in_background(linux.kernel)
 
 
 def _seeing_inside(args: argparse.Namespace) -> tuple[Tracer | None, GdbConfig | None]:

@@ -109,8 +109,8 @@ class LinuxConfig(NamedTuple):
     append: str = ""
     acpi: bool = False  # ACPI tables instead of MP table + command-line devices
     prefer_pvh: bool = True
-    # a bzImage boots from its kernel unpacked by an earlier boot, and its first boot
-    # unpacks one on the side (kvmpy.boot.unpack); False: its decompressor every time
+    # a bzImage boots from its kernel as unpacked by an earlier run, if one was kept
+    # (kvmpy.boot.unpack); False: its decompressor every time
     unpack: bool = True
 
 
@@ -165,7 +165,6 @@ class KvmIrq:
         self.vm.irq_line(self.gsi, False)
 
 
-UNPACK_WAIT_S = 30  # how long close() waits for a first boot's kernel to be unpacked
 
 
 def _prepare_for_linux(vcpu: Vcpu) -> None:
@@ -256,7 +255,6 @@ class Machine:
         self.threads: VcpuThreads | None = None
         # 6. boot
         self.linux_boot: LinuxBoot | None = None
-        self._unpacking: threading.Thread | None = None  # see start() and close()
         if config.flat is not None:
             from kvmpy.flat import load_flat, start_flat
 
@@ -354,9 +352,15 @@ class Machine:
         # kernel parameters first; the user's may end with `-- init arguments`
         cmdline = " ".join(filter(None, [BASE_CMDLINE, *devices, console, no_acpi,
                                          linux.append]))
+        # a bzImage whose kernel an earlier run unpacked on the host boots from that
+        # copy, without its decompressor (imported here: hashlib is start-up a flat
+        # guest need not pay)
+        from kvmpy.boot import unpack
+
+        unpacked = unpack.kept(linux.kernel) if linux.unpack else None
         boot = boot_linux(self.memory, self.vcpus[0], kernel=linux.kernel, initrd=linux.initrd,
                           cmdline=cmdline, n_cpus=len(self.vcpus), prefer_pvh=linux.prefer_pvh,
-                          unpack=linux.unpack, acpi=acpi)
+                          unpacked=unpacked, acpi=acpi)
         if boot.kernel.unpacked:
             get_logger(__name__).info("%s: its kernel as unpacked by an earlier boot",
                                       linux.kernel)
@@ -398,12 +402,6 @@ class Machine:
         """Start one thread per vCPU; returns at once."""
         self.threads = VcpuThreads(self.loops, on_stop=lambda _: self.serial.flush())
         self.threads.start()
-        linux, boot = self.config.linux, self.linux_boot
-        if linux and linux.unpack and boot and boot.kernel.protocol == "bzimage":
-            # the bzImage's decompressor runs this time: unpack it for the next boot
-            from kvmpy.boot.unpack import unpack_in_background
-
-            self._unpacking = unpack_in_background(linux.kernel)
 
     def wait(self, timeout: float | None = None) -> Stop | None:
         """Supervise the running VM until it stops (or `timeout` passes)."""
@@ -459,8 +457,6 @@ class Machine:
                 "unhandled_mmio": {f"{a:#x}": n for a, n in self.mmio.unhandled.items()}}
 
     def close(self) -> None:
-        if self._unpacking is not None:  # a run shorter than the unpacking: finish it once
-            self._unpacking.join(UNPACK_WAIT_S)
         if self.gdb is not None:
             self.gdb.close()  # tells a waiting gdb how the VM ended
         io_stopped = True
