@@ -8,6 +8,8 @@ that leaves a device: devices handle it as their spec says and the VM goes on.
 catch it at its own boundary and fail the request it was serving.
 """
 
+import os
+
 
 class KvmpyError(Exception):
     """Base class: anything kvmpy reports to the user as a one-line error."""
@@ -31,8 +33,6 @@ class KvmIoctlError(KvmpyError, OSError):
     """An ioctl failed; carries errno and the ioctl's name."""
 
     def __init__(self, name: str, errno_: int) -> None:
-        import os
-
         OSError.__init__(self, errno_, f"{name}: {os.strerror(errno_)}")
         self.ioctl = name
 

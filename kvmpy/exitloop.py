@@ -33,12 +33,12 @@ from kvmpy.kvm.exits import (
     MmioRead,
     MmioWrite,
     Shutdown,
-    Suberror,
     SystemEvent,
     SystemEventType,
     VcpuExit,
     reason_name,
     reason_of,
+    suberror_name,
 )
 from kvmpy.portcache import PortCache
 from kvmpy.stop import Stop, StopKind
@@ -196,12 +196,8 @@ class VcpuLoop:
                           f"cpu {exit.cpu}): the vCPU state is invalid for its mode", exit)
 
     def on_internal_error(self, exit: InternalError) -> Stop:
-        try:
-            what = Suberror(exit.suberror).name.lower().replace("_", " ")
-        except ValueError:
-            what = f"suberror {exit.suberror}"
-        return self.fatal(f"KVM internal error: {what} (KVM could not handle an instruction)",
-                          exit)
+        return self.fatal(f"KVM internal error: {suberror_name(exit.suberror)} (KVM could not "
+                          "handle an instruction)", exit)
 
     def on_system_event(self, exit: SystemEvent) -> Stop:
         if exit.type == SystemEventType.RESET:

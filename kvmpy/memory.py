@@ -21,6 +21,8 @@ import struct
 from collections.abc import Iterator, Sequence
 from typing import NamedTuple
 
+import _cffi_backend
+
 from kvmpy.errors import ConfigError, GuestMemoryError
 
 _U16 = struct.Struct("<H")
@@ -205,8 +207,6 @@ def _huge_page_offset(buf: mmap.mmap | bytearray) -> int:
 
 def _address_of(buf: mmap.mmap | bytearray) -> int:
     """Host virtual address of `buf`'s first byte (cffi's, lighter to import than ctypes')."""
-    import _cffi_backend
-
     ffi = _cffi_backend.FFI()
     anchor = ffi.from_buffer(buf)
     address = int(ffi.cast("uintptr_t", anchor))

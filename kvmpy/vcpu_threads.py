@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import signal
 import threading
+import time
 from collections.abc import Callable
 
 from kvmpy.cpu.registers import RFLAGS_IF
@@ -158,8 +159,6 @@ class VcpuThreads:
 
     def wait(self, timeout: float | None = None, halt_detection: bool = True) -> Stop | None:
         """Supervise until the run ends (or `timeout`); returns the Stop, if any."""
-        import time
-
         deadline = None if timeout is None else time.monotonic() + timeout
         last_seen = [-1] * len(self.loops)
         talked = True  # some vCPU exited to us since the last kicks

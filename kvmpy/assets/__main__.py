@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 
+from kvmpy import initramfs
 from kvmpy.assets.guest import (
     build_initramfs,
     build_kernel,
@@ -12,6 +13,7 @@ from kvmpy.assets.guest import (
     kernel_path,
     stock_kernel_path,
 )
+from kvmpy.boot.unpack import unpack_file
 from kvmpy.cachedir import cache_dir
 from kvmpy.errors import AssetError
 
@@ -25,14 +27,10 @@ def main(argv: list[str]) -> int:
             k = build_kernel()
             print(f"{k.bzimage} ({k.bzimage.stat().st_size} bytes)\n{k.vmlinux}")
             # what its first boot would do: the lab cannot write the cache, so do it here
-            from kvmpy.boot.unpack import unpack_file
-
             print(unpack_file(k.bzimage) or "(not unpacked)")
         elif what == "guest":
             print(build_initramfs())
         elif what == "stock-kernel":
-            from kvmpy import initramfs
-
             s = fetch_stock_kernel()
             # its initramfs too, so a lab session does not build it under emulation
             tree = initramfs.find_modules_dir(s.modules, s.release)

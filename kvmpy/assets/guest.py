@@ -33,6 +33,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from kvmpy import initramfs
 from kvmpy.assets.debian import (
     deb_version,
     download,
@@ -193,8 +194,6 @@ def _configure(src: Path, fragment: Path, log) -> None:
 
 def initramfs_path(cache: Path | None = None) -> Path:
     """The default guest initramfs (busybox + shell + poweroff), built by `make guest`."""
-    from kvmpy import initramfs
-
     name = f"default-{initramfs.default_recipe_hash()}.cpio.gz"
     path = (cache or cache_dir()) / "initramfs" / name
     if not path.exists():
@@ -204,8 +203,6 @@ def initramfs_path(cache: Path | None = None) -> Path:
 
 def build_initramfs(cache: Path | None = None) -> Path:
     """Build (or find) the default initramfs; it takes well under a second."""
-    from kvmpy import initramfs
-
     cache = cache or cache_dir()
     path = cache / "initramfs" / f"default-{initramfs.default_recipe_hash()}.cpio.gz"
     if not path.exists():

@@ -43,7 +43,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-from kvmpy.boot.bzimage import SetupHeader
+from kvmpy.boot.bzimage import SetupHeader, parse_setup_header
 from kvmpy.boot.elf import ELF_MAGIC
 from kvmpy.cachedir import cache_dir
 from kvmpy.log import get_logger
@@ -196,8 +196,6 @@ def _new_file(target: Path) -> Iterator[tuple[BinaryIO, Callable[[], None]]]:
 
 def unpack_file(path: Path) -> Path | None:
     """`unpack_to_cache` for the bzImage at `path` (LoaderError if it is not one)."""
-    from kvmpy.boot.bzimage import parse_setup_header
-
     image = path.read_bytes()
     return unpack_to_cache(image, parse_setup_header(image))
 

@@ -45,6 +45,7 @@ from kvmpy.errors import ConfigError, KvmpyError
 from kvmpy.kvm.detect import KvmKind, kvm_kind
 from kvmpy.stop import Stop, StopKind
 from kvmpy.trace import vmem
+from kvmpy.trace.disasm import mode_name
 
 from . import registers
 from .control import SIGINT, SIGTRAP, DebugControl, NotStopped, StopEvent
@@ -426,8 +427,6 @@ class GdbStub:
             return "E01"
 
         def describe(vcpu: Any) -> str:
-            from kvmpy.trace.disasm import mode_name
-
             return mode_name(vcpu.get_sregs())
 
         try:

@@ -72,6 +72,14 @@ class Suberror(enum.IntEnum):
     UNEXPECTED_EXIT_REASON = lib.KVM_INTERNAL_ERROR_UNEXPECTED_EXIT_REASON
 
 
+def suberror_name(suberror: int) -> str:
+    """"emulation", "simul ex"...; "suberror N" for one kvmpy has no name for."""
+    try:
+        return Suberror(suberror).name.lower().replace("_", " ")
+    except ValueError:
+        return f"suberror {suberror}"
+
+
 class SystemEventType(enum.IntEnum):
     """KVM_SYSTEM_EVENT_* (kvm_run.system_event.type)."""
 

@@ -190,14 +190,10 @@ def _same_port(insn: disasm.Insn, regs: Any, port: int | None) -> bool:
     """Does this `in`/`out` at RIP address `port` (immediate or DX)?"""
     if port is None:
         return True
-    ops = insn.operands.replace(" ", "").split(",")
-    target = ops[0] if insn.mnemonic.startswith("out") else ops[-1]
-    if target == "dx":
-        return regs.rdx & 0xFFFF == port
-    try:
-        return int(target, 0) == port
-    except ValueError:
+    target = insn.port
+    if target is None:
         return False
+    return (regs.rdx & 0xFFFF if target.kind == "reg" else target.imm) == port
 
 
 def _count(count: int) -> str:
