@@ -57,10 +57,14 @@ class ExitReason(enum.IntEnum):
 
 def reason_name(reason: int) -> str:
     """"IO", "SHUTDOWN"...; the number itself for a reason kvmpy has no name for."""
+    return _name(ExitReason, reason) or str(reason)
+
+
+def _name(kind: type[enum.IntEnum], value: int) -> str | None:
     try:
-        return ExitReason(reason).name
+        return kind(value).name
     except ValueError:
-        return str(reason)
+        return None
 
 
 class Suberror(enum.IntEnum):
@@ -74,10 +78,8 @@ class Suberror(enum.IntEnum):
 
 def suberror_name(suberror: int) -> str:
     """"emulation", "simul ex"...; "suberror N" for one kvmpy has no name for."""
-    try:
-        return Suberror(suberror).name.lower().replace("_", " ")
-    except ValueError:
-        return f"suberror {suberror}"
+    name = _name(Suberror, suberror)
+    return name.lower().replace("_", " ") if name else f"suberror {suberror}"
 
 
 class SystemEventType(enum.IntEnum):
