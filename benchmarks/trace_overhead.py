@@ -36,10 +36,10 @@ ROUNDS = 9
 
 def reference_run(loop: VcpuLoop) -> Stop:
     """The exit loop with tracing absent: enter, look the handler up, call it. Nothing else."""
-    run, handlers, unexpected = loop.vcpu.run, loop.handlers, loop.on_unexpected
+    run, handlers = loop.vcpu.run, loop.handlers
     while loop.stop is None:
         exit = run()
-        stop = handlers.get(type(exit), unexpected)(exit)
+        stop = handlers[type(exit)](exit)
         if stop is not None and loop.stop is None:
             loop.stop = stop
     return loop.stop

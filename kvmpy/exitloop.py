@@ -51,6 +51,18 @@ if TYPE_CHECKING:
 Handler = Callable[[Any], "Stop | None"]
 
 
+class HandlerTable(dict[type, Handler]):
+    """Exit type -> handler; an exit type without one gets `unexpected` (`table[kind]`
+    is one C-level lookup, the exit path's own)."""
+
+    def __init__(self, handlers: dict[type, Handler], unexpected: Handler) -> None:
+        super().__init__(handlers)
+        self.unexpected = unexpected
+
+    def __missing__(self, kind: type) -> Handler:
+        return self.unexpected
+
+
 class ExitObserver(Protocol):
     """Something that watches a loop's exits: a tracer, statistics, a debugger.
 
@@ -81,7 +93,7 @@ class VcpuLoop:
         # called on the vCPU's own thread after a kick (KVM_RUN returned EINTR)
         self.on_kick: Callable[[], None] | None = None
         self.ports = PortCache(pio)
-        self.handlers: dict[type, Handler] = {
+        self.handlers = HandlerTable({
             IoOut: self.on_io_out,
             IoIn: self.on_io_in,
             MmioWrite: self.on_mmio_write,
@@ -93,11 +105,11 @@ class VcpuLoop:
             FailEntry: self.on_fail_entry,
             InternalError: self.on_internal_error,
             SystemEvent: self.on_system_event,
-        }
+        }, self.on_unexpected)
 
     # -- the loop ---------------------------------------------------------
     def run(self) -> Stop:
-        run, handlers, unexpected = self.vcpu.run, self.handlers, self.on_unexpected
+        run, handlers = self.vcpu.run, self.handlers
         observed = bool(self.observers)
         while self.stop is None:
             exit = run()
@@ -105,7 +117,7 @@ class VcpuLoop:
             if observed:
                 stop = self.handle(exit)
             else:  # `handle` without observers, written out: this is the hot path
-                stop = handlers.get(type(exit), unexpected)(exit)
+                stop = handlers[type(exit)](exit)
             if stop is not None and self.stop is None:
                 self.stop = stop
         return self.stop
@@ -113,7 +125,7 @@ class VcpuLoop:
     def handle(self, exit: VcpuExit) -> Stop | None:
         """Everything `run` does with one exit: the observers' `before` in order, the
         handler unless one of them took the exit, their `after` in reverse order."""
-        handler = self.handlers.get(type(exit), self.on_unexpected)
+        handler = self.handlers[type(exit)]
         if not self.observers:
             return handler(exit)
         called = []
