@@ -6,10 +6,11 @@ and §2.2: in IA-32e mode CS.L selects 64-bit code; otherwise CS.D selects
 32-bit; real mode is 16-bit), and a small wrapper around capstone that
 decodes a few instructions at an address, or the one that ends at an
 address (an instruction the CPU already executed, as an emulated `out`
-leaves RIP after it). Each instruction carries its operands as capstone's
-detail mode decodes them (`Operand`: a register by name, an immediate, or a
-memory reference, with its size), so callers reason about what an
-instruction touches without reading its text.
+leaves RIP after it). An instruction's operands come as capstone's detail
+mode decodes them (`Insn.ops`, `Operand`: a register by name, an immediate,
+or a memory reference, with its size), so callers reason about what an
+instruction touches without reading its text. Detail mode costs time, so an
+instruction is decoded again with it only when its operands are asked for.
 
 What it is not: a reader of guest memory. Callers hand it bytes. capstone is
 optional at run time: without it every instruction is shown as `.byte` hex.
@@ -43,7 +44,12 @@ class Insn:
     raw: bytes
     mnemonic: str
     operands: str  # as text, for people
-    ops: tuple[Operand, ...] = ()  # as data, for rules
+    bits: int = 64  # the width it was decoded in
+
+    @property
+    def ops(self) -> tuple[Operand, ...]:
+        """The operands as data, for rules (capstone's detail mode, on first use)."""
+        return _detail(self.raw, self.address, self.bits)
 
     @property
     def text(self) -> str:
@@ -101,15 +107,15 @@ def mode_name(sregs: Any) -> str:
     return f"{code_bits(sregs)}-bit protected mode"
 
 
-@lru_cache(maxsize=3)
-def _capstone(bits: int) -> Any:
+@lru_cache(maxsize=6)
+def _capstone(bits: int, detail: bool = False) -> Any:
     try:  # imported on first use: capstone is start-up a run without a dying vCPU never pays
         import capstone
     except ImportError:
         return None
     mode = {16: capstone.CS_MODE_16, 32: capstone.CS_MODE_32, 64: capstone.CS_MODE_64}[bits]
     md = capstone.Cs(capstone.CS_ARCH_X86, mode)
-    md.detail = True
+    md.detail = detail
     return md
 
 
@@ -118,6 +124,15 @@ def _kinds() -> dict[int, str]:
     from capstone import x86
 
     return {x86.X86_OP_REG: "reg", x86.X86_OP_IMM: "imm", x86.X86_OP_MEM: "mem"}
+
+
+@lru_cache(maxsize=1024)
+def _detail(raw: bytes, address: int, bits: int) -> tuple[Operand, ...]:
+    """The operands of the instruction `raw` at `address`. Remembered: detail mode costs
+    several times a plain decode, and a trace meets the same few instructions again."""
+    md = _capstone(bits, detail=True)
+    decoded = next(md.disasm(raw, address, 1), None) if md is not None else None
+    return _operands(decoded) if decoded is not None else ()
 
 
 def _operands(insn: Any) -> tuple[Operand, ...]:
@@ -139,11 +154,10 @@ def disassemble(code: bytes, address: int, bits: int, count: int = 1) -> list[In
     """
     md = _capstone(bits)
     if md is None:
-        return [Insn(address, code[:1], ".byte", f"{code[0]:#04x}")] if code else []
+        return [Insn(address, code[:1], ".byte", f"{code[0]:#04x}", bits)] if code else []
     out = []
     for insn in md.disasm(code, address, count):
-        out.append(Insn(insn.address, bytes(insn.bytes), insn.mnemonic, insn.op_str,
-                        _operands(insn)))
+        out.append(Insn(insn.address, bytes(insn.bytes), insn.mnemonic, insn.op_str, bits))
     return out
 
 
