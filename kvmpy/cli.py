@@ -24,13 +24,9 @@ from kvmpy.log import configure_cli
 from kvmpy.stop import Stop, StopKind
 from kvmpy.units import parse_address
 
-UNPACK_WAIT_S = 30  # how long a run waits at its end for its kernel to be unpacked
-
 if TYPE_CHECKING:
-    import threading
-
     from kvmpy.gdb.stub import GdbConfig
-    from kvmpy.machine import Machine, MachineConfig
+    from kvmpy.machine import MachineConfig
     from kvmpy.trace.tracer import Tracer
 
 
@@ -161,14 +157,14 @@ def machine_config(args: argparse.Namespace) -> MachineConfig:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from kvmpy.console import StdinPump
-    from kvmpy.machine import Machine
+    from kvmpy.machine import UNPACK_WAIT_S, Machine
 
     started = time.perf_counter()
     config = machine_config(args)
     trace, gdb = _seeing_inside(args)
     config = config._replace(trace=trace, gdb=gdb)
     machine = Machine(config)
-    unpacking = _unpack_for_next_boot(config, machine)
+    unpacking = machine.unpack_for_next_boot()
     try:
         pump = None
         if config.linux is not None:
@@ -201,17 +197,6 @@ def cmd_run(args: argparse.Namespace) -> int:
         if config.trace is not None and config.trace.out is not sys.stderr:
             config.trace.out.close()
     return stop.exit_status
-
-
-def _unpack_for_next_boot(config: MachineConfig, machine: Machine) -> threading.Thread | None:
-    """A bzImage booting through its decompressor: unpack its kernel on the host meanwhile,
-    for the next run (kvmpy.boot.unpack)."""
-    linux, boot = config.linux, machine.linux_boot
-    if linux is None or not linux.unpack or boot is None or boot.kernel.protocol != "bzimage":
-        return None
-    from kvmpy.boot.unpack import unpack_in_background
-
-    return unpack_in_background(linux.kernel)
 
 
 def _seeing_inside(args: argparse.Namespace) -> tuple[Tracer | None, GdbConfig | None]:

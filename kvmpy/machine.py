@@ -167,6 +167,9 @@ class KvmIrq:
 
 
 
+UNPACK_WAIT_S = 30  # how long a run waits at its end for `unpack_for_next_boot`'s thread
+
+
 def _prepare_for_linux(vcpu: Vcpu) -> None:
     """MSRs, FPU and LAPIC as firmware would leave them before a kernel starts."""
     vcpu.set_msrs(boot_msrs())
@@ -402,6 +405,18 @@ class Machine:
         """Start one thread per vCPU; returns at once."""
         self.threads = VcpuThreads(self.loops, on_stop=lambda _: self.serial.flush())
         self.threads.start()
+
+    def unpack_for_next_boot(self) -> threading.Thread | None:
+        """A bzImage booting through its decompressor (`LinuxConfig.unpack`, and no copy
+        kept): unpack its kernel on the host meanwhile, on a thread (which it returns,
+        for the caller to wait for), so that the next run boots the copy
+        (kvmpy.boot.unpack). None when there is nothing to unpack."""
+        linux, boot = self.config.linux, self.linux_boot
+        if linux is None or not linux.unpack or boot is None or boot.kernel.protocol != "bzimage":
+            return None
+        from kvmpy.boot.unpack import unpack_in_background
+
+        return unpack_in_background(linux.kernel)
 
     def wait(self, timeout: float | None = None) -> Stop | None:
         """Supervise the running VM until it stops (or `timeout` passes)."""

@@ -18,8 +18,9 @@ path, as two explicit steps:
   enters its 64-bit entry (startup_64) with the bzImage's own setup header in
   boot_params, which is where and how the decompressor would have entered it.
 - `unpack_in_background(path)`: a thread that unpacks a copy into
-  `$KVMPY_CACHE/unpacked/`. `kvmpy run` starts it when a bzImage boots through its
-  decompressor, and waits for it at the end; `make guest-kernel` runs `unpack_file`.
+  `$KVMPY_CACHE/unpacked/`. `Machine.unpack_for_next_boot()` starts it when a bzImage
+  boots through its decompressor; `kvmpy run` and `Guest` call that, and wait for the
+  thread at the end; `make guest-kernel` runs `unpack_file`.
 
 A copy is named by a hash of the whole bzImage, so a changed file never boots a stale
 kernel, and it gets its name only when complete, so no boot ever reads half of one.
