@@ -125,18 +125,16 @@ class VcpuLoop:
     def handle(self, exit: VcpuExit) -> Stop | None:
         """Everything `run` does with one exit: the observers' `before` in order, the
         handler unless one of them took the exit, their `after` in reverse order."""
-        handler = self.handlers[type(exit)]
-        if not self.observers:
+        handler, observers = self.handlers[type(exit)], self.observers
+        if not observers:
             return handler(exit)
-        called = []
         stop = None
-        for observer in self.observers:
-            called.append(observer)
+        for last, observer in enumerate(observers):
             if observer.before(self, exit):
-                break
+                break  # it took the exit: no handler, no later observer
         else:
             stop = handler(exit)
-        for observer in reversed(called):
+        for observer in observers[last::-1]:
             observer.after(self, exit, stop)
         return stop
 

@@ -52,35 +52,33 @@ class ExitStats:
         return False
 
     def after(self, loop: VcpuLoop, exit: VcpuExit, stop: Stop | None) -> None:
-        now = time.perf_counter_ns()
+        self.last_ns = now = time.perf_counter_ns()
         dt = now - self._started
         if not self.first_ns:
             self.first_ns = self._started
-        self.last_ns = now
         reason = reason_of(exit)
         self.exits[reason] += 1
         self.reason_ns[reason] += dt
         kind = type(exit)
         if kind is IoOut or kind is IoIn:
-            bus, addr = "pio", exit.port  # type: ignore[union-attr]
-            key = ("pio", addr)
+            key = ("pio", exit.port)  # type: ignore[union-attr]
         elif kind is MmioWrite or kind is MmioRead:
-            bus, addr = "mmio", exit.gpa  # type: ignore[union-attr]
-            key = ("mmio", addr & ~0xFFF)
+            key = ("mmio", exit.gpa)  # type: ignore[union-attr]
         else:
             return
+        label = self._labels.get(key) or self._label(loop, key)
+        if key[0] == "mmio":
+            key = ("mmio", key[1] & ~0xFFF)  # counted by page
         self.io_exits[key] += 1
         self.address_ns[key] += dt
-        label = self._label(loop, bus, addr)
         self.device_exits[label] += 1
         self.device_ns[label] += dt
 
-    def _label(self, loop: VcpuLoop, bus: str, addr: int) -> str:
-        key = (bus, addr)
-        label = self._labels.get(key)
-        if label is None:
-            hit = (loop.pio if bus == "pio" else loop.mmio).lookup(addr)
-            label = self._labels[key] = hit[2] if hit else NO_DEVICE
+    def _label(self, loop: VcpuLoop, key: tuple[str, int]) -> str:
+        """The device at ("pio", port) or ("mmio", gpa), as the bus names it; remembered."""
+        bus, addr = key
+        hit = (loop.pio if bus == "pio" else loop.mmio).lookup(addr)
+        label = self._labels[key] = hit[2] if hit else NO_DEVICE
         return label
 
     # -- reading -----------------------------------------------------------
