@@ -128,13 +128,14 @@ class VcpuLoop:
         handler, observers = self.handlers[type(exit)], self.observers
         if not observers:
             return handler(exit)
-        stop = None
-        for last, observer in enumerate(observers):
+        stop, seen = None, 0
+        for observer in observers:
+            seen += 1
             if observer.before(self, exit):
                 break  # it took the exit: no handler, no later observer
         else:
             stop = handler(exit)
-        for observer in observers[last::-1]:
+        for observer in observers[seen - 1 :: -1]:
             observer.after(self, exit, stop)
         return stop
 
