@@ -99,6 +99,7 @@ class VcpuDebug:
     stepping: bool = False  # resumed with single-step for gdb
     stepping_over: bool = False  # single-stepping off a breakpoint, then continue
     step_from: int = 0  # RIP when that step began
+    took: bool = False  # `before` handled the current exit itself (a breakpoint)
 
 
 class DebugControl:
@@ -138,17 +139,20 @@ class DebugControl:
     def before(self, dbg: VcpuDebug, exit: VcpuExit) -> bool:
         kind = type(exit)
         if kind is Debug:
+            dbg.took = True
             self.on_debug(dbg, exit)  # type: ignore[arg-type]
             return True
         if kind is IoIn and self.sw is not None and self.sw.trap == IN_AL_DX:
-            return self._trap(dbg, exit)  # type: ignore[arg-type]
+            dbg.took = self._trap(dbg, exit)  # type: ignore[arg-type]
+            return dbg.took
         what = _FATAL.get(kind)
         if what is not None and self.attached and not self.closed:
             self.report(dbg, StopEvent(SIGSEGV, "fault", what=what))  # park, then die
         return False
 
     def after(self, dbg: VcpuDebug, loop: VcpuLoop, exit: VcpuExit, stop: Stop | None) -> None:
-        if stop is not None or loop.stop is not None:
+        took, dbg.took = dbg.took, False
+        if took or stop is not None or loop.stop is not None:
             return
         if type(exit) is Interrupted:
             if self.stop_requested:
