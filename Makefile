@@ -62,9 +62,9 @@ bytecode:
 
 include mk/*.mk
 
-# Unit, kvm and lab tests in one pytest run; lab tests go to one lab session
-# when this machine's /dev/kvm cannot boot Linux (tests/lab_plugin.py).
-test: deps build guests tutorial-guests lab-assets
+# Lint first (seconds), then unit, kvm and lab tests in one pytest run; lab tests go
+# to one lab session when this machine's /dev/kvm cannot boot Linux (tests/lab_plugin.py).
+test: deps build guests tutorial-guests lab-assets lint
 	$(PY) -m pytest tests
 
 test-unit: build
@@ -87,7 +87,7 @@ run: deps build lab-assets
 	fi
 
 lint: build
-	$(VENV)/bin/ruff check kvmpy tests benchmarks
+	$(VENV)/bin/ruff check kvmpy tests benchmarks fuzz docs/tutorial
 	$(VENV)/bin/mypy kvmpy
 
 clean:

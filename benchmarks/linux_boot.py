@@ -48,12 +48,12 @@ def _time_to_marker(argv: list[str], marker: bytes, timeout: float = 180) -> flo
 
 def measure() -> dict[str, object]:
     """Inside a place where Linux boots: both VMMs, alternately."""
-    from kvmpy import guest_assets
+    from kvmpy import assets
     from kvmpy.boot.linux import BASE_CMDLINE
     from kvmpy.initramfs import INIT_MARKER
 
-    kernel = str(guest_assets.kernel_path().bzimage)
-    initrd = str(guest_assets.initramfs_path())
+    kernel = str(assets.kernel_path().bzimage)
+    initrd = str(assets.initramfs_path())
     marker = INIT_MARKER.encode()
     # the `kvmpy` command a user types (pip's entry-point script beside this Python)
     kvmpy = [str(Path(sys.executable).with_name("kvmpy")), "run", "--kernel", kernel,
@@ -101,11 +101,11 @@ def _unpacked(kernel: str) -> bool:
 
 
 def main() -> dict[str, object]:
-    from kvmpy import guest_assets
+    from kvmpy import assets
     from kvmpy.boot.unpack import unpack_file
     from kvmpy.lab.runner import ZERO_FREED_PAGES
 
-    if unpack_file(guest_assets.kernel_path().bzimage) is None:
+    if unpack_file(assets.kernel_path().bzimage) is None:
         raise RuntimeError("cannot unpack kvmpy's minimal kernel into its cache")
     # without it a second of TCG's, now and then, lands on either VMM (docs/lab.md)
     return in_linux_capable_place(__file__, measure, lab_kernel_args=[ZERO_FREED_PAGES])

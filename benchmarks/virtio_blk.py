@@ -90,10 +90,10 @@ def _run_guest(name: str, argv: list[str], timeout: float = 300) -> dict[str, fl
 
 def measure() -> dict[str, object]:
     """Inside a place where Linux boots: both VMMs on the same image, alternately."""
-    from kvmpy import guest_assets
+    from kvmpy import assets
     from kvmpy.boot.linux import BASE_CMDLINE
 
-    kernel = str(guest_assets.kernel_path().bzimage)
+    kernel = str(assets.kernel_path().bzimage)
     where = "/dev/shm" if os.path.isdir("/dev/shm") else None
     with tempfile.TemporaryDirectory(dir=where) as tmp:
         initrd = str(_bench_initrd(Path(tmp) / "blkbench.cpio.gz"))

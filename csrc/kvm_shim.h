@@ -31,12 +31,3 @@ static inline long kvmpy_run(int fd)
     long r = ioctl(fd, KVM_RUN, 0);
     return r < 0 ? -errno : r;
 }
-
-/* Offsets into struct kvm_run (its exit union is anonymous, which cffi cannot
- * name): Python unpacks the shared page at these offsets. */
-#include <stddef.h>
-#define KVMPY_RUN_EXIT_REASON offsetof(struct kvm_run, exit_reason)
-#define KVMPY_RUN_IF_FLAG offsetof(struct kvm_run, if_flag)
-#define KVMPY_RUN_IMMEDIATE_EXIT offsetof(struct kvm_run, immediate_exit)
-#define KVMPY_RUN_UNION offsetof(struct kvm_run, io)
-#define KVMPY_RUN_SIZE sizeof(struct kvm_run)

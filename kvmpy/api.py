@@ -24,7 +24,7 @@ from typing import Any
 
 from kvmpy.console import ConsoleOutput
 from kvmpy.errors import KvmpyError
-from kvmpy.machine import Machine, MachineConfig
+from kvmpy.machine import UNPACK_WAIT_S, Machine, MachineConfig
 from kvmpy.stop import Stop, StopKind
 
 
@@ -66,6 +66,7 @@ class Guest:
         self.console = ConsoleOutput(forward=sys.stdout.buffer if echo else None)
         self.machine = Machine(config._replace(console=self.console))
         self._mark = 0
+        self._unpacking = self.machine.unpack_for_next_boot()  # for the next Guest's boot
         self.machine.start()
 
     # -- console ----------------------------------------------------------
@@ -106,6 +107,8 @@ class Guest:
         if self.running():
             self.stop()
         self.machine.close()
+        if self._unpacking is not None:  # a run shorter than the unpacking: finish it once
+            self._unpacking.join(UNPACK_WAIT_S)
 
     def __enter__(self) -> Guest:
         return self

@@ -1,7 +1,7 @@
 """Where kvmpy keeps what it builds, fetches or unpacks: one directory, `$KVMPY_CACHE`.
 
 Its own module because the boot path needs it (unpacked kernels, `kvmpy.boot.unpack`)
-and every module costs start-up under emulation; `kvmpy.lab.debian` re-exports it.
+and every module costs start-up under emulation.
 """
 
 from __future__ import annotations

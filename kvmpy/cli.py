@@ -156,13 +156,14 @@ def machine_config(args: argparse.Namespace) -> MachineConfig:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from kvmpy.console import StdinPump
-    from kvmpy.machine import Machine
+    from kvmpy.machine import UNPACK_WAIT_S, Machine
 
     started = time.perf_counter()
     config = machine_config(args)
     trace, gdb = _seeing_inside(args)
     config = config._replace(trace=trace, gdb=gdb)
     machine = Machine(config)
+    unpacking = machine.unpack_for_next_boot()
     try:
         pump = None
         if config.linux is not None:
@@ -190,6 +191,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(json.dumps(stats), file=sys.stderr)
     finally:
         machine.close()
+        if unpacking is not None:  # a run shorter than the unpacking: finish it once
+            unpacking.join(UNPACK_WAIT_S)
         if config.trace is not None and config.trace.out is not sys.stderr:
             config.trace.out.close()
     return stop.exit_status

@@ -8,6 +8,8 @@ that leaves a device: devices handle it as their spec says and the VM goes on.
 catch it at its own boundary and fail the request it was serving.
 """
 
+import os
+
 
 class KvmpyError(Exception):
     """Base class: anything kvmpy reports to the user as a one-line error."""
@@ -31,8 +33,6 @@ class KvmIoctlError(KvmpyError, OSError):
     """An ioctl failed; carries errno and the ioctl's name."""
 
     def __init__(self, name: str, errno_: int) -> None:
-        import os
-
         OSError.__init__(self, errno_, f"{name}: {os.strerror(errno_)}")
         self.ioctl = name
 
@@ -43,6 +43,13 @@ class GuestMemoryError(KvmpyError):
 
 class LoaderError(ConfigError):
     """A kernel, initrd or flat image that cannot be loaded, with the reason."""
+
+
+class AssetError(KvmpyError):
+    """A guest asset (kvmpy's kernel, its initramfs, a Debian package) is missing or cannot
+    be built; the message says why and how to get it, in one line."""
+
+    exit_status = 125  # like `env`/`timeout`: what was asked for never ran
 
 
 class GuestFault(KvmpyError):

@@ -2,9 +2,10 @@
 
     memory -> VM and its memory slots -> platform (irqchip, PIT) -> vCPUs
            -> devices on the buses -> boot (flat image or Linux kernel)
+           -> an exit loop per vCPU, with whoever watches its exits
 
 Reading `Machine.__init__` top to bottom is reading how kvmpy makes a VM.
-Running it hands each vCPU to a `VcpuLoop` and waits for a `Stop`.
+Running it runs each vCPU's `VcpuLoop` and waits for a `Stop`.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from kvmpy.boot.cpuid import boot_msrs, normalize_cpuid
 from kvmpy.boot.linux import BASE_CMDLINE, LinuxBoot, boot_linux
 from kvmpy.bus import Bus, IrqLine, NullIrq
 from kvmpy.checks import check_config
+from kvmpy.cpu import lapic
 from kvmpy.cpu.modes import Mode
 from kvmpy.devices.debug_exit import DebugExit
 from kvmpy.devices.i8042 import I8042
@@ -33,7 +35,7 @@ from kvmpy.devices.rtc import PORT_SPAN as RTC_SPAN
 from kvmpy.devices.rtc import Rtc
 from kvmpy.devices.serial import Serial
 from kvmpy.devices.testdev import TestDevice
-from kvmpy.exitloop import VcpuLoop
+from kvmpy.exitloop import ExitObserver, VcpuLoop
 from kvmpy.kvm import Kvm, Vcpu
 from kvmpy.kvm.detect import require_linux_kvm
 from kvmpy.log import get_logger
@@ -43,7 +45,9 @@ from kvmpy.vcpu_threads import VcpuThreads, run_guarded
 
 if TYPE_CHECKING:
     from kvmpy.gdb.stub import GdbConfig, GdbStub
+    from kvmpy.trace.stats import ExitStats
     from kvmpy.trace.tracer import Tracer
+    from kvmpy.virtio.console import Console as VirtioConsole
     from kvmpy.virtio.device import VirtioDevice
     from kvmpy.virtio.iothread import EventFdWiring, IoThread
     from kvmpy.virtio.mmio import VirtioMmioTransport
@@ -105,8 +109,8 @@ class LinuxConfig(NamedTuple):
     append: str = ""
     acpi: bool = False  # ACPI tables instead of MP table + command-line devices
     prefer_pvh: bool = True
-    # a bzImage boots from its kernel unpacked by an earlier boot, and its first boot
-    # unpacks one on the side (kvmpy.boot.unpack); False: its decompressor every time
+    # a bzImage boots from its kernel as unpacked by an earlier run, if one was kept
+    # (kvmpy.boot.unpack); False: its decompressor every time
     unpack: bool = True
 
 
@@ -161,14 +165,9 @@ class KvmIrq:
         self.vm.irq_line(self.gsi, False)
 
 
-UNPACK_WAIT_S = 30  # how long close() waits for a first boot's kernel to be unpacked
-KVM_CAP_TSC_DEADLINE_TIMER = 72  # <linux/kvm.h>
-# Local APIC LVT registers (Intel SDM Vol. 3A §11.5.1): LINT0 delivers the
-# 8259's ExtINT, LINT1 delivers NMI, as a PC's firmware leaves them.
-APIC_LVT_LINT0 = 0x350
-APIC_LVT_LINT1 = 0x360
-APIC_DM_EXTINT = 0x700
-APIC_DM_NMI = 0x400
+
+
+UNPACK_WAIT_S = 30  # how long a run waits at its end for `unpack_for_next_boot`'s thread
 
 
 def _prepare_for_linux(vcpu: Vcpu) -> None:
@@ -178,12 +177,11 @@ def _prepare_for_linux(vcpu: Vcpu) -> None:
     fpu.fcw = 0x37F  # x87 default control word (FNINIT)
     fpu.mxcsr = 0x1F80  # SSE default: all exceptions masked
     vcpu.set_fpu(fpu)
-    lapic = bytearray(vcpu.get_lapic())
-    for reg, mode in ((APIC_LVT_LINT0, APIC_DM_EXTINT), (APIC_LVT_LINT1, APIC_DM_NMI)):
-        value = int.from_bytes(lapic[reg : reg + 4], "little")
-        value = (value & ~0x700) | mode
-        lapic[reg : reg + 4] = value.to_bytes(4, "little")
-    vcpu.set_lapic(bytes(lapic))
+    # LINT0 delivers the 8259's ExtINT, LINT1 delivers NMI, as a PC's firmware leaves them
+    page = bytearray(vcpu.get_lapic())
+    for reg, mode in ((lapic.LVT_LINT0, lapic.DM_EXTINT), (lapic.LVT_LINT1, lapic.DM_NMI)):
+        lapic.write_u32(page, reg, lapic.read_u32(page, reg) & ~lapic.LVT_DELIVERY_MODE | mode)
+    vcpu.set_lapic(bytes(page))
 
 
 class Machine:
@@ -215,17 +213,15 @@ class Machine:
         # 4. vCPUs, each with its CPUID (APIC id, topology, hypervisor leaves)
         self.vcpus = [self.vm.create_vcpu(i) for i in range(config.cpus)]
         supported = self.kvm.supported_cpuid()
-        tsc_deadline = bool(self.kvm.check_extension(KVM_CAP_TSC_DEADLINE_TIMER))
+        tsc_deadline = bool(self.kvm.check_extension("KVM_CAP_TSC_DEADLINE_TIMER"))
         for vcpu in self.vcpus:
-            vcpu.set_cpuid2([tuple(e) for e in normalize_cpuid(
-                supported, vcpu.index, config.cpus, tsc_deadline=tsc_deadline)])
+            vcpu.set_cpuid2(normalize_cpuid(supported, vcpu.index, config.cpus,
+                                            tsc_deadline=tsc_deadline))
             if config.linux is not None:
                 _prepare_for_linux(vcpu)
         # 5. devices
         self.pio = Bus("pio")
         self.mmio = Bus("mmio")
-        self.loops = [VcpuLoop(v, self.memory, self.pio, self.mmio, irqchip=self.vm.irqchip,
-                               stats=config.stats) for v in self.vcpus]
         self.serial = Serial(self.irq(layout.COM1_IRQ), self._console_out)
         self.pio.insert(layout.COM1_PORT, 8, self.serial, "serial0")
         self.postcode = PostCode()
@@ -250,6 +246,7 @@ class Machine:
         self.virtio: list[tuple[VirtioMmioTransport, int, int]] = []  # (transport, gpa, gsi)
         self._wirings: list[EventFdWiring] = []  # their ioeventfds and irqfds, closed at the end
         self.iothread: IoThread | None = None
+        self.hvc: VirtioConsole | None = None  # the console, with `virtio_console`
         devices = self._virtio_devices()
         if devices:
             from kvmpy.virtio.iothread import IoThread
@@ -261,7 +258,6 @@ class Machine:
         self.threads: VcpuThreads | None = None
         # 6. boot
         self.linux_boot: LinuxBoot | None = None
-        self._unpacking: threading.Thread | None = None  # see start() and close()
         if config.flat is not None:
             from kvmpy.flat import load_flat, start_flat
 
@@ -271,17 +267,33 @@ class Machine:
                        **(flat.gprs or {}))
         elif config.linux is not None:
             self.linux_boot = self._boot_linux(config.linux)
-        # 7. seeing inside: a gdb stub takes over the debug exits, then a tracer wraps
-        #    every exit handler (both only when asked: the plain loop never checks)
+        # 7. an exit loop per vCPU, and whoever watches its exits (only when asked: a
+        #    loop without observers makes no call for them), outermost first: the
+        #    tracer, the gdb stub (it parks vCPUs and takes the debug exits), statistics
+        self.loops: list[VcpuLoop] = []  # (the gdb stub may ask `stopped` from now on)
         self.gdb: GdbStub | None = None
         if config.gdb is not None:
             from kvmpy.gdb.stub import GdbStub
 
-            self.gdb = GdbStub(self.loops, self.memory, config.gdb, irqchip=self.vm.irqchip,
-                               request_stop=self.request_stop)
-        if config.trace is not None:
-            for loop in self.loops:
-                config.trace.install(loop)
+            self.gdb = GdbStub(self.vcpus, self.memory, config.gdb, irqchip=self.vm.irqchip,
+                               request_stop=self.request_stop, stopped=lambda: self.stopped)
+        self.exit_stats: list[ExitStats] = []
+        if config.stats:
+            from kvmpy.trace.stats import ExitStats
+
+            self.exit_stats = [ExitStats(v.index) for v in self.vcpus]
+        self.loops = [VcpuLoop(v, self.memory, self.pio, self.mmio,
+                               observers=self._observers(v.index)) for v in self.vcpus]
+
+    def _observers(self, index: int) -> list[ExitObserver]:
+        observers: list[ExitObserver] = []
+        if self.config.trace is not None:
+            observers.append(self.config.trace)
+        if self.gdb is not None:
+            observers.append(self.gdb.observer(index))
+        if self.exit_stats:
+            observers.append(self.exit_stats[index])
+        return observers
 
     def _virtio_devices(self) -> list[VirtioDevice]:
         # each imported only when asked for: a VM without virtio devices (or with one
@@ -343,9 +355,15 @@ class Machine:
         # kernel parameters first; the user's may end with `-- init arguments`
         cmdline = " ".join(filter(None, [BASE_CMDLINE, *devices, console, no_acpi,
                                          linux.append]))
+        # a bzImage whose kernel an earlier run unpacked on the host boots from that
+        # copy, without its decompressor (imported here: hashlib is start-up a flat
+        # guest need not pay)
+        from kvmpy.boot import unpack
+
+        unpacked = unpack.kept(linux.kernel) if linux.unpack else None
         boot = boot_linux(self.memory, self.vcpus[0], kernel=linux.kernel, initrd=linux.initrd,
                           cmdline=cmdline, n_cpus=len(self.vcpus), prefer_pvh=linux.prefer_pvh,
-                          unpack=linux.unpack, acpi=acpi)
+                          unpacked=unpacked, acpi=acpi)
         if boot.kernel.unpacked:
             get_logger(__name__).info("%s: its kernel as unpacked by an earlier boot",
                                       linux.kernel)
@@ -378,18 +396,27 @@ class Machine:
     # -- running ----------------------------------------------------------
     @property
     def stopped(self) -> Stop | None:
-        return self.threads.stop if self.threads else None
+        """How the VM stopped, once it has (None while it runs or before it starts)."""
+        if self.threads is not None:
+            return self.threads.stop
+        return next((loop.stop for loop in self.loops if loop.stop is not None), None)
 
     def start(self) -> None:
         """Start one thread per vCPU; returns at once."""
         self.threads = VcpuThreads(self.loops, on_stop=lambda _: self.serial.flush())
         self.threads.start()
-        linux, boot = self.config.linux, self.linux_boot
-        if linux and linux.unpack and boot and boot.kernel.protocol == "bzimage":
-            # the bzImage's decompressor runs this time: unpack it for the next boot
-            from kvmpy.boot.unpack import unpack_in_background
 
-            self._unpacking = unpack_in_background(linux.kernel)
+    def unpack_for_next_boot(self) -> threading.Thread | None:
+        """A bzImage booting through its decompressor (`LinuxConfig.unpack`, and no copy
+        kept): unpack its kernel on the host meanwhile, on a thread (which it returns,
+        for the caller to wait for), so that the next run boots the copy
+        (kvmpy.boot.unpack). None when there is nothing to unpack."""
+        linux, boot = self.config.linux, self.linux_boot
+        if linux is None or not linux.unpack or boot is None or boot.kernel.protocol != "bzimage":
+            return None
+        from kvmpy.boot.unpack import unpack_in_background
+
+        return unpack_in_background(linux.kernel)
 
     def wait(self, timeout: float | None = None) -> Stop | None:
         """Supervise the running VM until it stops (or `timeout` passes)."""
@@ -416,7 +443,7 @@ class Machine:
 
     def console_input(self, data: bytes) -> None:
         """Give the guest console input, waiting while its receive buffer is full."""
-        if self.config.virtio_console:
+        if self.hvc is not None:
             self.hvc.enqueue_input(data)
             return
         while data and self.stopped is None:
@@ -439,13 +466,12 @@ class Machine:
         return stop
 
     def stats(self) -> dict[str, object]:
-        return {"vcpus": [loop.stats() for loop in self.loops],
+        """Exit statistics (`MachineConfig.stats`), per vCPU, and the unclaimed accesses."""
+        return {"vcpus": [s.snapshot() for s in self.exit_stats],
                 "unhandled_pio": {f"{p:#x}": n for p, n in self.pio.unhandled.items()},
                 "unhandled_mmio": {f"{a:#x}": n for a, n in self.mmio.unhandled.items()}}
 
     def close(self) -> None:
-        if self._unpacking is not None:  # a run shorter than the unpacking: finish it once
-            self._unpacking.join(UNPACK_WAIT_S)
         if self.gdb is not None:
             self.gdb.close()  # tells a waiting gdb how the VM ended
         io_stopped = True

@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import mmap
 import struct
-from array import array
 from collections.abc import Iterator, Sequence
 from typing import NamedTuple
 
+import _cffi_backend
+
 from kvmpy.errors import ConfigError, GuestMemoryError
-from kvmpy.recent import Recent
 
 _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
@@ -70,9 +70,8 @@ class GuestMemory:
         if not self.regions:
             raise ConfigError("guest memory needs at least one region")
         # (start, end, view, host address of start) per region: the lookup every guest
-        # access makes (`view`, `iovec`), kept flat
+        # access makes (`view`, `host_address`), kept flat
         self._spans = [(r.gpa, r.gpa + r.size, r.view, r.host_address) for r in self.regions]
-        self._iovecs: Recent[tuple[tuple[int, ...], tuple[int, ...]], array[int]] = Recent(4)
 
     # -- construction -----------------------------------------------------
     @classmethod
@@ -138,56 +137,16 @@ class GuestMemory:
         raise GuestMemoryError(f"guest access [{gpa:#x}, +{length:#x}) is outside guest RAM")
 
     def views(self, gpas: Sequence[int], lengths: Sequence[int]) -> list[memoryview]:
-        """`view` of each (gpas[i], lengths[i]), in order: a scatter list in one call.
-
-        When the whole list plainly lies in the first region (RAM below the MMIO
-        hole, where a guest's buffers usually are) its bounds are checked once, from
-        the columns' extremes; otherwise span by span with `view`.
-        """
-        if self._in_first_region(gpas, lengths):
-            start, _, low, _ = self._spans[0]
-            return [low[gpa - start : gpa - start + n]
-                    for gpa, n in zip(gpas, lengths, strict=True)]
+        """`view` of each (gpas[i], lengths[i]), in order: a scatter list in one call."""
         return [self.view(gpa, n) for gpa, n in zip(gpas, lengths, strict=True)]
 
-    def _in_first_region(self, gpas: Sequence[int], lengths: Sequence[int]) -> bool:
-        """Plainly all inside the first region, judged from the columns' extremes."""
-        start, end, _, _ = self._spans[0]
-        return bool(gpas) and min(gpas) >= start and min(lengths) >= 0 and \
-            max(gpas) + max(lengths) <= end
+    def host_address(self, gpa: int, length: int) -> int:
+        """The host virtual address of [gpa, gpa+length), checked exactly as `view` is.
 
-    def iovec(self, gpas: Sequence[int], lengths: Sequence[int]) -> array[int]:
-        """The same scatter list as `views`, as host (address, length) pairs: a
-        `struct iovec` array that preadv/pwritev take as it is.
-
-        Checked exactly as `views` is; what it saves is a memoryview per buffer, the
-        larger part of the host's work for a 1 MiB disk request in 256 pages. The
-        addresses are valid while this memory is open: `Machine.close` stops the I/O
-        thread, their only user, before it closes the memory.
-
-        The last few lists are remembered: a guest reading into the same pages again
-        asks for the same list, and the caller gets a fresh copy of it to advance.
+        For system calls that take addresses (preadv: kvmpy.virtio.hostio). The address
+        is valid while this memory is open: `Machine.close` stops the I/O thread, their
+        only user, before it closes the memory.
         """
-        key = (tuple(gpas), tuple(lengths))  # a tuple is its own tuple: no copy
-        iov = self._iovecs.get(key)
-        if iov is None:
-            iov = self._iovec(*key)
-            self._iovecs.put(key, iov)
-        return iov[:]
-
-    def _iovec(self, gpas: tuple[int, ...], lengths: tuple[int, ...]) -> array[int]:
-        if self._in_first_region(gpas, lengths):
-            start, _, _, base = self._spans[0]
-            shift = base - start
-            addresses = [shift + gpa for gpa in gpas]
-        else:
-            addresses = [self._host_address(g, n) for g, n in zip(gpas, lengths, strict=True)]
-        iov = array("Q", bytes(16 * len(addresses)))
-        iov[0::2] = array("Q", addresses)
-        iov[1::2] = array("Q", lengths)
-        return iov
-
-    def _host_address(self, gpa: int, length: int) -> int:
         if gpa >= 0 and length >= 0:
             for start, end, _, base in self._spans:
                 if start <= gpa and gpa + length <= end:
@@ -231,7 +190,6 @@ class GuestMemory:
 
     def close(self) -> None:
         self._spans = []
-        self._iovecs.clear()
         for r in self.regions:
             r.view.release()
             if isinstance(r.buffer, mmap.mmap):
@@ -249,8 +207,6 @@ def _huge_page_offset(buf: mmap.mmap | bytearray) -> int:
 
 def _address_of(buf: mmap.mmap | bytearray) -> int:
     """Host virtual address of `buf`'s first byte (cffi's, lighter to import than ctypes')."""
-    import _cffi_backend
-
     ffi = _cffi_backend.FFI()
     anchor = ffi.from_buffer(buf)
     address = int(ffi.cast("uintptr_t", anchor))

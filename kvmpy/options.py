@@ -84,11 +84,11 @@ def linux_config(kernel: str | Path | None = None, initrd: str | Path | None = N
     if modules_dir is not None:
         initrd_path = _modules_initrd(kernel_path, initrd_path, modules_dir)
     if kernel_path is None:
-        from kvmpy import guest_assets
+        from kvmpy import assets
 
-        kernel_path = guest_assets.kernel_path().bzimage
+        kernel_path = assets.kernel_path().bzimage
         if initrd_path is None:
-            initrd_path = guest_assets.initramfs_path()
+            initrd_path = assets.initramfs_path()
     regular_file(kernel_path, "kernel")  # before choose_acpi reads it: never a FIFO
     choice = choose_acpi(acpi, kernel_path, modules_dir)
     get_logger(__name__).info("%s", choice.reason)

@@ -28,11 +28,12 @@ from __future__ import annotations
 
 import signal
 import threading
+import time
 from collections.abc import Callable
 
 from kvmpy.cpu.registers import RFLAGS_IF
 from kvmpy.exitloop import VcpuLoop
-from kvmpy.kvm.vcpu import MP_STATE_HALTED, MP_STATE_RUNNABLE, MP_STATE_SIPI_RECEIVED
+from kvmpy.kvm.vcpu import MpState
 from kvmpy.stop import Stop, StopKind
 
 KICK_SIGNAL = signal.SIGUSR1
@@ -151,15 +152,13 @@ class VcpuThreads:
     def _check_parked(self, index: int) -> None:
         vcpu = self.loops[index].vcpu
         state = vcpu.get_mp_state()
-        if state == MP_STATE_HALTED:
+        if state == MpState.HALTED:
             self._parked[index] = not vcpu.get_regs().rflags & RFLAGS_IF
         else:
-            self._parked[index] = state not in (MP_STATE_RUNNABLE, MP_STATE_SIPI_RECEIVED)
+            self._parked[index] = state not in (MpState.RUNNABLE, MpState.SIPI_RECEIVED)
 
     def wait(self, timeout: float | None = None, halt_detection: bool = True) -> Stop | None:
         """Supervise until the run ends (or `timeout`); returns the Stop, if any."""
-        import time
-
         deadline = None if timeout is None else time.monotonic() + timeout
         last_seen = [-1] * len(self.loops)
         talked = True  # some vCPU exited to us since the last kicks

@@ -1,4 +1,4 @@
-# The lab and kvmpy's Linux guest assets (kvmpy/lab/, kvmpy/guest_assets.py,
+# The lab and kvmpy's Linux guest assets (kvmpy/lab/, kvmpy/assets/,
 # guests/linux/, guests/stock/). Everything is built into $(CACHE) once and
 # found there afterwards: each target is a cheap check when its output exists.
 #
@@ -17,16 +17,16 @@ DEB_PACKAGES += qemu-system-x86 busybox-static cpio flex bison bc libelf-dev lib
 
 .PHONY: guest-kernel guest lab stock-kernel lab-assets lab-shell
 guest-kernel: deps venv
-	$(PY) -m kvmpy.guest_assets guest-kernel
+	$(PY) -m kvmpy.assets guest-kernel
 
 guest: deps venv
-	$(PY) -m kvmpy.guest_assets guest
+	$(PY) -m kvmpy.assets guest
 
 lab: deps venv
-	$(PY) -m kvmpy.guest_assets lab
+	$(PY) -m kvmpy.lab.image
 
 stock-kernel: deps venv
-	$(PY) -m kvmpy.guest_assets stock-kernel
+	$(PY) -m kvmpy.assets stock-kernel
 
 lab-assets: guest-kernel guest lab stock-kernel
 

@@ -15,22 +15,18 @@ What it is not: kvmpy. Run the same guest with `python -m kvmpy run --flat
 
 from __future__ import annotations
 
-import struct
 import sys
 
 from kvmpy import layout
-from kvmpy.kvm import ExitReason, Kvm
-from kvmpy.kvm.exits import IO_OUT, RUN_UNION
-from kvmpy.lab.debian import cache_dir
+from kvmpy.cachedir import cache_dir
+from kvmpy.kvm import Kvm
+from kvmpy.kvm.exits import Hlt, IoIn, IoOut
 from kvmpy.memory import GuestMemory
 
 GUEST = cache_dir() / "tutorial" / "01-real-mode.bin"
 COM1 = 0x3F8  # 16550 transmit holding register
 COM1_LSR = 0x3FD  # line status register
 LSR_THRE = 0x20  # transmitter holding register empty
-# struct kvm_run's `io` member (<linux/kvm.h>): the bytes moved are in the
-# kvm_run page itself, at `data_offset`
-KVM_RUN_IO = struct.Struct("<BBHIQ")  # direction, size, port, count, data_offset
 
 
 def main() -> int:
@@ -52,26 +48,24 @@ def main() -> int:
     regs.rip, regs.rsp, regs.rflags = 0, 0xFFF0, 0x2  # RFLAGS bit 1 always reads 1
     vcpu.set_regs(regs)  # KVM_SET_REGS
 
-    page, output = vcpu.run_page, bytearray()
+    output = bytearray()
     for n in range(1, 1000):
-        reason = vcpu.run()  # KVM_RUN: the guest runs until it needs us
-        if reason == ExitReason.IO:
-            direction, size, port, _count, offset = KVM_RUN_IO.unpack_from(page, RUN_UNION)
-            if direction == IO_OUT:
-                value = page[offset]
+        exit = vcpu.run()  # KVM_RUN: the guest runs until it needs us, and says why
+        match exit:
+            case IoOut(port, size, data):  # the bytes the guest's `out` wrote
                 if port == COM1:
-                    output.append(value)
-                print(f"exit {n}: IO out port={port:#x} size={size} value={value:#04x}")
-            else:
+                    output += data
+                print(f"exit {n}: IO out port={port:#x} size={size} value={data[0]:#04x}")
+            case IoIn(port, size, data):  # `data` is where the guest's `in` reads from
                 value = LSR_THRE if port == COM1_LSR else 0xFF  # nothing else is plugged in
-                page[offset] = value  # the guest's `in` gets this when KVM_RUN resumes
+                data[0] = value  # the guest's `in` gets this when KVM_RUN resumes
                 print(f"exit {n}: IO in  port={port:#x} size={size} -> {value:#04x}")
-        elif reason == ExitReason.HLT:
-            print(f"exit {n}: HLT at rip={vcpu.get_regs().rip:#x}")
-            break
-        else:
-            print(f"exit {n}: {ExitReason(reason).name}: not handled here")
-            return 1
+            case Hlt():
+                print(f"exit {n}: HLT at rip={vcpu.get_regs().rip:#x}")
+                break
+            case _:
+                print(f"exit {n}: {exit}: not handled here")
+                return 1
     print(f"the guest wrote {bytes(output)!r} to COM1")
     return 0
 

@@ -19,7 +19,7 @@ import argparse
 import sys
 
 from kvmpy.api import Guest
-from kvmpy.lab.debian import cache_dir
+from kvmpy.cachedir import cache_dir
 from kvmpy.trace.filter import TraceFilter
 from kvmpy.trace.tracer import Tracer
 

@@ -21,8 +21,8 @@ import struct
 import sys
 import zlib
 
+from kvmpy.cachedir import cache_dir
 from kvmpy.cpu.modes import Mode
-from kvmpy.lab.debian import cache_dir
 from kvmpy.machine import FlatConfig, Machine, MachineConfig
 from kvmpy.trace.filter import TraceFilter
 from kvmpy.trace.stats import format_table

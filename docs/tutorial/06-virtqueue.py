@@ -20,8 +20,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from kvmpy.cachedir import cache_dir
 from kvmpy.cpu.modes import Mode
-from kvmpy.lab.debian import cache_dir
 from kvmpy.machine import FlatConfig, Machine, MachineConfig
 from kvmpy.trace.filter import TraceFilter
 from kvmpy.trace.tracer import Tracer

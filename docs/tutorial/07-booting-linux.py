@@ -16,7 +16,7 @@ from __future__ import annotations
 import sys
 from typing import TextIO
 
-from kvmpy import guest_assets
+from kvmpy import assets
 from kvmpy.api import Guest
 from kvmpy.initramfs import INIT_MARKER
 from kvmpy.stop import Stop
@@ -30,10 +30,10 @@ APPEND = '-- sh -c "head -c 16 /dev/hwrng | od -An -tx1"'
 
 def boot(trace_out: TextIO, echo: bool = False) -> tuple[Stop | None, str]:
     """Boot, run the command, wait for the guest to halt; (its Stop, the console text)."""
-    kernel = guest_assets.kernel_path()  # built by `make guest-kernel`
+    kernel = assets.kernel_path()  # built by `make guest-kernel`
     tracer = Tracer(TraceFilter.parse("mmio"), trace_out)
     # acpi="off": the MP table and command-line devices, the description this chapter shows
-    with Guest(kernel.vmlinux, guest_assets.initramfs_path(), append=APPEND, rng=True,
+    with Guest(kernel.vmlinux, assets.initramfs_path(), append=APPEND, rng=True,
                acpi="off", echo=echo, trace=tracer) as g:
         g.expect(INIT_MARKER, timeout=180)  # the kernel found the initramfs and ran /init
         g.expect(r"kvmpy-guest: exit status \d+", timeout=60)

@@ -1,7 +1,7 @@
 """A kernel build configuration (`.config` or a config fragment) as a dict.
 
 What it is: the one parser kvmpy has for Kconfig output, used where the kernel is built
-(`kvmpy.guest_assets`) and where kvmpy decides how to describe the machine to a kernel
+(`kvmpy.assets`) and where kvmpy decides how to describe the machine to a kernel
 (`kvmpy.acpi.choice`). What it is not: Kconfig; dependencies and defaults are the
 kernel's business.
 """

@@ -7,9 +7,9 @@ enter it:
 
 - "bzimage": long mode at `entry_gpa`, RSI = zero page (`params.py`).
 - "elf64":   long mode at `entry_gpa` (startup_64), RSI = zero page built
-             without a setup header; or, for a bzImage whose kernel an earlier
-             boot unpacked (`unpack.py`, `unpack=True`), that ELF with the
-             bzImage's setup header.
+             without a setup header; or, for a bzImage given with its kernel
+             as unpacked on the host (`unpacked=`, kvmpy.boot.unpack), that ELF
+             with the bzImage's setup header.
 - "pvh":     32-bit protected mode, paging off, at `entry_gpa`, EBX =
              hvm_start_info (`pvh.py`). Chosen for a vmlinux with the PVH note
              unless `prefer_pvh=False`.
@@ -95,14 +95,18 @@ def not_a_kernel(head: bytes) -> LoaderError:
 
 
 def load_kernel(memory: GuestMemory, path: str | Path, *, prefer_pvh: bool = True,
-                unpack: bool = False) -> LoadedKernel:
-    """Load the kernel at `path` into `memory`; LoaderError if it is not one kvmpy can boot."""
+                unpacked: Path | None = None) -> LoadedKernel:
+    """Load the kernel at `path` into `memory`; LoaderError if it is not one kvmpy can boot.
+
+    `unpacked`: for a bzImage, the ELF its kernel was unpacked to on the host
+    (kvmpy.boot.unpack), loaded instead of the decompressor.
+    """
     try:
         data = Path(path).read_bytes()
     except OSError as e:
         raise LoaderError(f"cannot read kernel {path}: {e.strerror or e}") from None
     try:
-        return load_kernel_bytes(memory, data, prefer_pvh=prefer_pvh, unpack=unpack)
+        return load_kernel_bytes(memory, data, prefer_pvh=prefer_pvh, unpacked=unpacked)
     except LoaderError as e:
         raise LoaderError(f"kernel {path}: {e}") from None
 
@@ -136,7 +140,7 @@ def check_kernel_file(path: str | Path) -> tuple[Protocol, int]:
 
 def load_kernel_bytes(
     memory: GuestMemory, data: bytes | bytearray | memoryview, *, prefer_pvh: bool = True,
-    unpack: bool = False,
+    unpacked: Path | None = None,
 ) -> LoadedKernel:
     """`load_kernel` for an image already in memory (tests, fuzzers)."""
     if bytes(data[:4]) == ELF_MAGIC:
@@ -154,10 +158,8 @@ def load_kernel_bytes(
             entry64_gpa=elf.entry_gpa,
         )
     if bytes(data[0x202:0x206]) == bp.SETUP_HEADER_MAGIC:
-        if unpack:
-            unpacked = _load_unpacked(memory, bytes(data))
-            if unpacked is not None:
-                return unpacked
+        if unpacked is not None:
+            return _load_unpacked(memory, data, unpacked)
         bz = load_bzimage(memory, data)
         return LoadedKernel(
             protocol="bzimage",
@@ -169,19 +171,18 @@ def load_kernel_bytes(
     raise not_a_kernel(bytes(data[:0x440]))
 
 
-def _load_unpacked(memory: GuestMemory, image: bytes) -> LoadedKernel | None:
-    """The bzImage `image` booted from its kernel as unpacked by an earlier boot, if kept."""
-    from kvmpy.boot import unpack
-
+def _load_unpacked(memory: GuestMemory, image: bytes | bytearray | memoryview,
+                   path: Path) -> LoadedKernel:
+    """The bzImage `image` booted from its kernel as unpacked into the ELF at `path`."""
     header = parse_setup_header(image)
     check_64bit_capable(header)
-    path = unpack.cached(image)
-    if path is None:
-        return None
     # mapped, not read: the segments go from the page cache straight into guest RAM
-    with path.open("rb") as f, mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as mapped:
-        with memoryview(mapped) as vmlinux:
-            elf = load_elf(memory, vmlinux)
+    try:
+        with path.open("rb") as f, mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as mapped:
+            with memoryview(mapped) as vmlinux:
+                elf = load_elf(memory, vmlinux)
+    except OSError as e:
+        raise LoaderError(f"cannot read its unpacked kernel {path}: {e.strerror or e}") from None
     return LoadedKernel(protocol="elf64", entry_gpa=elf.entry_gpa, load_gpa=elf.load_gpa,
                         end_gpa=elf.end_gpa, setup_header=header, entry64_gpa=elf.entry_gpa,
                         unpacked=True)

@@ -52,15 +52,17 @@ class LinuxBoot(NamedTuple):
 
 
 def boot_linux(memory: GuestMemory, bsp: Any, *, kernel: Path, initrd: Path | None,
-               cmdline: str, n_cpus: int, prefer_pvh: bool = True, unpack: bool = False,
+               cmdline: str, n_cpus: int, prefer_pvh: bool = True,
+               unpacked: Path | None = None,
                acpi: tuple[int, int, int] | None = None) -> LinuxBoot:
     """Load and configure everything; leave `bsp` at the kernel's entry.
 
     `acpi` is (rsdp_gpa, start, end) when ACPI tables were written; without
     it the kernel finds CPUs in the MP table and devices on the command line.
-    `unpack`: boot a bzImage from its unpacked kernel if one was kept (`unpack.py`).
+    `unpacked`: the ELF a bzImage's kernel was unpacked to (`unpack.py`), booted
+    instead of its decompressor.
     """
-    loaded = load_kernel(memory, kernel, prefer_pvh=prefer_pvh, unpack=unpack)
+    loaded = load_kernel(memory, kernel, prefer_pvh=prefer_pvh, unpacked=unpacked)
     rd = None
     if initrd is not None:
         rd = load_initrd(memory, initrd, kernel_end=loaded.end_gpa,

@@ -11,12 +11,19 @@ locate the compressed vmlinux, and its magic number names the format
 How: Python's standard library decompresses gzip, xz, lzma and bzip2 (lz4, lzo and zstd
 kernels keep their own decompressor). Doing it at boot would cost more than it saves
 (xz takes a second under emulation), so it happens once per image and off the boot's
-path: the first boot of a bzImage runs its decompressor as usual while a thread unpacks
-a copy into `$KVMPY_CACHE/unpacked/`; the boots after it load that ELF's segments and
-enter its 64-bit entry (startup_64) with the bzImage's own setup header in boot_params,
-which is where and how the decompressor would have entered it. A copy is named by a
-hash of the whole bzImage, so a changed file never boots a stale kernel, and it gets its
-name only when complete, so no boot ever reads half of one.
+path, as two explicit steps:
+
+- `kept(path)`: the ELF an earlier run unpacked from the bzImage at `path`, if any. The
+  machine boots it (`LinuxConfig.unpack`): the loader loads that ELF's segments and
+  enters its 64-bit entry (startup_64) with the bzImage's own setup header in
+  boot_params, which is where and how the decompressor would have entered it.
+- `unpack_in_background(path)`: a thread that unpacks a copy into
+  `$KVMPY_CACHE/unpacked/`. `Machine.unpack_for_next_boot()` starts it when a bzImage
+  boots through its decompressor; `kvmpy run` and `Guest` call that, and wait for the
+  thread at the end; `make guest-kernel` runs `unpack_file`.
+
+A copy is named by a hash of the whole bzImage, so a changed file never boots a stale
+kernel, and it gets its name only when complete, so no boot ever reads half of one.
 
 What changes for the guest: the decompressor is also what randomises where the kernel
 runs (KASLR). An unpacked kernel runs at its link address, as a vmlinux booted by PVH,
@@ -37,7 +44,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-from kvmpy.boot.bzimage import SetupHeader
+from kvmpy.boot.bzimage import SetupHeader, parse_setup_header
 from kvmpy.boot.elf import ELF_MAGIC
 from kvmpy.cachedir import cache_dir
 from kvmpy.log import get_logger
@@ -111,6 +118,18 @@ def cached(image: bytes) -> Path | None:
     return path if path.is_file() else None
 
 
+def kept(path: Path) -> Path | None:
+    """The unpacked kernel of the bzImage at `path`, if an earlier run kept one.
+
+    None for anything else, an unreadable file included: loading it says what is wrong.
+    """
+    try:
+        image = path.read_bytes()
+    except OSError:
+        return None
+    return cached(image) if image[0x202:0x206] == b"HdrS" else None
+
+
 def unpack_to_cache(image: bytes, header: SetupHeader) -> Path | None:
     """Unpack `image`'s kernel into the cache; its path, or None if it cannot be done.
 
@@ -178,8 +197,6 @@ def _new_file(target: Path) -> Iterator[tuple[BinaryIO, Callable[[], None]]]:
 
 def unpack_file(path: Path) -> Path | None:
     """`unpack_to_cache` for the bzImage at `path` (LoaderError if it is not one)."""
-    from kvmpy.boot.bzimage import parse_setup_header
-
     image = path.read_bytes()
     return unpack_to_cache(image, parse_setup_header(image))
 

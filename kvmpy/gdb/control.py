@@ -7,9 +7,10 @@ So a stopped vCPU's thread does not return to the guest: it *parks* in
 server thread hands it (read the registers, set guest debug) until it is told
 to resume. The server thread never touches a vCPU fd itself.
 
-A vCPU parks when:
+Each vCPU's exit loop has a `DebugObserver` (kvmpy.exitloop.ExitObserver),
+which sees its exits before and after the loop's handler. A vCPU parks when:
 - KVM_EXIT_DEBUG reports a breakpoint, watchpoint or finished single step
-  (`on_debug`, installed as the loop's DEBUG handler);
+  (`on_debug`; the observer takes the exit, the loop has no handler for it);
 - it was kicked out of KVM_RUN (signal + immediate_exit, as
   kvmpy.vcpu_threads does) while a stop is requested: Ctrl-C, the start of
   the run, or another vCPU stopping (gdb's all-stop mode);
@@ -25,13 +26,23 @@ from __future__ import annotations
 import itertools
 import queue
 import signal
-import struct
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from kvmpy.kvm.exits import IO_IN, RUN_UNION, ExitReason
+from kvmpy.kvm.exits import (
+    Debug,
+    FailEntry,
+    InternalError,
+    Interrupted,
+    IoIn,
+    IoOut,
+    MmioRead,
+    MmioWrite,
+    Shutdown,
+    VcpuExit,
+)
 from kvmpy.kvm.ioctl import lib
 from kvmpy.trace import disasm, vmem
 from kvmpy.vcpu_threads import KICK_SIGNAL
@@ -41,10 +52,10 @@ from .swbreak import BP_VECTOR, IN_AL_DX, INT3, SoftBreakpoints, int3_intercepte
 
 if TYPE_CHECKING:
     from kvmpy.exitloop import VcpuLoop
+    from kvmpy.kvm.vcpu import Vcpu
     from kvmpy.memory import GuestMemory
+    from kvmpy.stop import Stop
 
-_IO_HEAD = struct.Struct("<BBHIQ")  # kvm_run.io: direction, size, port, count, data_offset
-_DEBUG = struct.Struct("<IIQQQ")  # kvm_run.debug.arch: exception, pad, pc, dr6, dr7
 SIGINT, SIGTRAP, SIGSEGV = 2, 5, 11
 REQUEST_TIMEOUT_S = 10.0
 MASK64 = (1 << 64) - 1
@@ -72,10 +83,15 @@ class _Resume:
 RESUME = _Resume()
 
 
+_ACCESSES = (IoOut, IoIn, MmioWrite, MmioRead)
+_FATAL = {Shutdown: "triple fault", FailEntry: "VM entry failed",
+          InternalError: "KVM internal error"}
+
+
 @dataclass
 class VcpuDebug:
     index: int
-    loop: VcpuLoop
+    vcpu: Vcpu
     requests: queue.Queue[Any]
     parked: bool = False
     event: StopEvent | None = None
@@ -83,23 +99,25 @@ class VcpuDebug:
     stepping: bool = False  # resumed with single-step for gdb
     stepping_over: bool = False  # single-stepping off a breakpoint, then continue
     step_from: int = 0  # RIP when that step began
+    took: bool = False  # `before` handled the current exit itself (a breakpoint)
 
 
 class DebugControl:
     """All-stop control of a VM's vCPUs for one debugger."""
 
-    def __init__(self, loops: list[VcpuLoop], memory: GuestMemory, *, irqchip: bool,
-                 on_change: Callable[[], None] = lambda: None,
+    def __init__(self, vcpus: Sequence[Vcpu], memory: GuestMemory, *, irqchip: bool,
+                 stopped: Callable[[], Stop | None], on_change: Callable[[], None] = lambda: None,
                  software_breakpoints: bool = False) -> None:
         self.memory = memory
         self.irqchip = irqchip
+        self.stopped = stopped  # how the VM stopped, once it has: then no vCPU stays parked
         self.on_change = on_change  # wakes the server thread: a vCPU parked
         self.points = DebugRegisters()
         # Z0 as int3 (hardware KVM, swbreak.py); None: Z0 in the debug registers (PVM)
         self.sw: SoftBreakpoints | None = None
         if software_breakpoints:
             self.sw = SoftBreakpoints(memory, INT3 if int3_intercepted() else IN_AL_DX)
-        self.vcpus = [VcpuDebug(i, loop, queue.Queue()) for i, loop in enumerate(loops)]
+        self.vcpus = [VcpuDebug(i, vcpu, queue.Queue()) for i, vcpu in enumerate(vcpus)]
         self.cond = threading.Condition()
         self.stop_requested = False
         self.attached = False  # a debugger is connected: fatal exits park first
@@ -107,35 +125,42 @@ class DebugControl:
         self._seq = itertools.count(1)
         self._can_signal = _ensure_kick_handler()
 
-    # -- installation (before the loops run) --------------------------------
-    def install(self) -> None:
-        """Put the debug handlers in every loop's table and stop at the first instruction."""
-        for dbg in self.vcpus:
-            handlers = dbg.loop.handlers
-            handlers[ExitReason.INTR] = self._wrap_intr(dbg, handlers[ExitReason.INTR])
-            handlers[ExitReason.DEBUG] = lambda dbg=dbg: self.on_debug(dbg)  # type: ignore[misc]
-            for reason in (ExitReason.IO, ExitReason.MMIO):
-                handlers[reason] = self._wrap_access(dbg, handlers[reason])
-            if self.sw is not None and self.sw.trap == IN_AL_DX:
-                handlers[ExitReason.IO] = self._wrap_trap(dbg, handlers[ExitReason.IO])
-            for reason, what in ((ExitReason.SHUTDOWN, "triple fault"),
-                                 (ExitReason.FAIL_ENTRY, "VM entry failed"),
-                                 (ExitReason.INTERNAL_ERROR, "KVM internal error")):
-                handlers[reason] = self._wrap_fatal(dbg, handlers[reason], what)
+    def observer(self, index: int) -> DebugObserver:
+        """What vCPU `index`'s exit loop calls around each exit."""
+        return DebugObserver(self, self.vcpus[index])
+
+    def stop_at_start(self) -> None:
+        """Before the loops run: every vCPU parks before its first instruction."""
         self.stop_requested = True
         for dbg in self.vcpus:
-            dbg.loop.vcpu.set_immediate_exit(True)  # the first KVM_RUN returns at once
+            dbg.vcpu.set_immediate_exit(True)  # the first KVM_RUN returns at once
 
-    def _wrap_intr(self, dbg: VcpuDebug, inner: Callable[[], Any]) -> Callable[[], Any]:
-        def on_intr() -> Any:
-            stop = inner()
-            if stop is None and self.stop_requested and dbg.loop.stop is None:
+    # -- around the exits, on the vCPU's thread -------------------------------
+    def before(self, dbg: VcpuDebug, exit: VcpuExit) -> bool:
+        kind = type(exit)
+        if kind is Debug:
+            dbg.took = True
+            self.on_debug(dbg, exit)  # type: ignore[arg-type]
+            return True
+        if kind is IoIn and self.sw is not None and self.sw.trap == IN_AL_DX:
+            dbg.took = self._trap(dbg, exit)  # type: ignore[arg-type]
+            return dbg.took
+        what = _FATAL.get(kind)
+        if what is not None and self.attached and not self.closed:
+            self.report(dbg, StopEvent(SIGSEGV, "fault", what=what))  # park, then die
+        return False
+
+    def after(self, dbg: VcpuDebug, loop: VcpuLoop, exit: VcpuExit, stop: Stop | None) -> None:
+        took, dbg.took = dbg.took, False
+        if took or stop is not None or loop.stop is not None:
+            return
+        if type(exit) is Interrupted:
+            if self.stop_requested:
                 self.park(dbg, None)
-            return stop
+        elif isinstance(exit, _ACCESSES) and (dbg.stepping or dbg.stepping_over):
+            self._access_done(dbg)
 
-        return on_intr
-
-    def _wrap_access(self, dbg: VcpuDebug, inner: Callable[[], Any]) -> Callable[[], Any]:
+    def _access_done(self, dbg: VcpuDebug) -> None:
         """A port or MMIO write KVM emulated can end a single step with no DEBUG exit.
 
         Measured on PVM: after an emulated `out` (or MMIO write) KVM has already moved
@@ -146,16 +171,10 @@ class DebugControl:
         moved while stepping, the step is over. (With hardware fast PIO RIP has not
         moved yet, and the DEBUG exit comes as it should.)
         """
-        def on_access() -> Any:
-            stop = inner()
-            if (dbg.stepping or dbg.stepping_over) and stop is None and dbg.loop.stop is None:
-                if dbg.loop.vcpu.get_regs().rip != dbg.step_from:
-                    self._step_done(dbg)
-            return stop
+        if dbg.vcpu.get_regs().rip != dbg.step_from:
+            self._step_done(dbg)
 
-        return on_access
-
-    def _wrap_trap(self, dbg: VcpuDebug, inner: Callable[[], Any]) -> Callable[[], Any]:
+    def _trap(self, dbg: VcpuDebug, exit: IoIn) -> bool:
         """A port read from a patched `in al, dx` is a breakpoint hit, not I/O.
 
         KVM exits for the read with RIP still on the instruction and completes it
@@ -163,24 +182,21 @@ class DebugControl:
         single-step so the guest runs nothing more, and the registers put back: the
         vCPU then stands on the breakpoint as after an int3 that was intercepted.
         """
-        def on_io() -> Any:
-            sw = self.sw
-            assert sw is not None
-            vcpu = dbg.loop.vcpu
-            direction, size, _, count, _ = _IO_HEAD.unpack_from(vcpu.run_page, RUN_UNION)
-            if direction == IO_IN and size == 1 and count == 1 and sw.patched:
-                regs, sregs = vcpu.get_regs(), vcpu.get_sregs()
-                linear = (sregs.cs.base + regs.rip) & MASK64
-                if linear in sw.patched and sw.memory.read_u8(sw.patched[linear][0]) == IN_AL_DX:
-                    vcpu.set_guest_debug(lib.KVM_GUESTDBG_ENABLE | lib.KVM_GUESTDBG_SINGLESTEP)
-                    vcpu.set_immediate_exit(False)
-                    vcpu.run()  # completes the read; the single step exits before the guest
-                    vcpu.set_regs(regs)
-                    self.report(dbg, StopEvent(SIGTRAP, "swbreak"))
-                    return None
-            return inner()
-
-        return on_io
+        sw = self.sw
+        assert sw is not None
+        if exit.size != 1 or len(exit.data) != 1 or not sw.patched:
+            return False
+        vcpu = dbg.vcpu
+        regs, sregs = vcpu.get_regs(), vcpu.get_sregs()
+        linear = (sregs.cs.base + regs.rip) & MASK64
+        if linear not in sw.patched or sw.memory.read_u8(sw.patched[linear][0]) != IN_AL_DX:
+            return False
+        vcpu.set_guest_debug(lib.KVM_GUESTDBG_ENABLE | lib.KVM_GUESTDBG_SINGLESTEP)
+        vcpu.set_immediate_exit(False)
+        vcpu.run()  # completes the read; the single step exits before the guest goes on
+        vcpu.set_regs(regs)
+        self.report(dbg, StopEvent(SIGTRAP, "swbreak"))
+        return True
 
     def _step_done(self, dbg: VcpuDebug) -> None:
         if dbg.stepping_over:
@@ -190,25 +206,16 @@ class DebugControl:
             else:
                 if self.sw is not None and self.sw.active:
                     # put back the int3 this vCPU stepped off
-                    self.sw.patch(vmem.AddressSpace.from_sregs(dbg.loop.vcpu.get_sregs()))
+                    self.sw.patch(vmem.AddressSpace.from_sregs(dbg.vcpu.get_sregs()))
                 self._apply_debug(dbg, step=False)
         else:
             self._apply_debug(dbg, step=False)
             self.report(dbg, StopEvent(SIGTRAP, "step"))
 
-    def _wrap_fatal(self, dbg: VcpuDebug, inner: Callable[[], Any],
-                    what: str) -> Callable[[], Any]:
-        def on_fatal() -> Any:
-            if self.attached and not self.closed:
-                self.report(dbg, StopEvent(SIGSEGV, "fault", what=what))
-            return inner()
-
-        return on_fatal
-
     # -- the vCPU's side ----------------------------------------------------
-    def on_debug(self, dbg: VcpuDebug) -> None:
+    def on_debug(self, dbg: VcpuDebug, exit: Debug) -> None:
         """KVM_EXIT_DEBUG: a breakpoint, watchpoint, or the end of a single step."""
-        exception, _, pc, dr6, _ = _DEBUG.unpack_from(dbg.loop.vcpu.run_page, RUN_UNION)
+        exception, pc, dr6 = exit.exception, exit.pc, exit.dr6
         if dbg.stepping_over:
             # stepped off a breakpoint: put the breakpoints back and carry on, unless
             # the debugger wants everyone stopped meanwhile (no reason of our own, then)
@@ -238,7 +245,7 @@ class DebugControl:
         it is set back, so that gdb sees the breakpoint address and resumes there.
         """
         assert self.sw is not None
-        vcpu = dbg.loop.vcpu
+        vcpu = dbg.vcpu
         regs, sregs = vcpu.get_regs(), vcpu.get_sregs()
         linear = (sregs.cs.base + regs.rip) & MASK64
         if linear in self.sw:
@@ -273,7 +280,7 @@ class DebugControl:
                 try:
                     request = dbg.requests.get(timeout=0.2)
                 except queue.Empty:
-                    if dbg.loop.stop is not None or self.closed:
+                    if self.stopped() is not None or self.closed:
                         return
                     continue
                 if request is RESUME:
@@ -291,7 +298,7 @@ class DebugControl:
                 self.kick(dbg)
 
     def kick(self, dbg: VcpuDebug) -> None:
-        dbg.loop.vcpu.set_immediate_exit(True)
+        dbg.vcpu.set_immediate_exit(True)
         if dbg.thread is not None and self._can_signal:
             try:
                 signal.pthread_kill(dbg.thread, KICK_SIGNAL)
@@ -308,7 +315,7 @@ class DebugControl:
         return all(d.parked for d in self.vcpus)
 
     def vm_ended(self) -> bool:
-        return any(d.loop.stop is not None for d in self.vcpus)
+        return self.stopped() is not None
 
     def wait_all_parked(self, timeout: float) -> bool:
         with self.cond:
@@ -334,7 +341,7 @@ class DebugControl:
 
         def request() -> None:
             try:
-                box["value"] = fn(dbg.loop.vcpu)
+                box["value"] = fn(dbg.vcpu)
             except Exception as e:  # handed back to the caller's thread
                 box["error"] = e
             finally:
@@ -416,7 +423,7 @@ class DebugControl:
 
     # -- on the vCPU thread, at resume -----------------------------------------
     def _prepare(self, dbg: VcpuDebug, step: bool) -> None:
-        vcpu = dbg.loop.vcpu
+        vcpu = dbg.vcpu
         # a stale kick need not cost an exit, but a stop asked for meanwhile must stay
         vcpu.set_immediate_exit(self.stop_requested)
         regs, sregs = vcpu.get_regs(), vcpu.get_sregs()
@@ -457,7 +464,21 @@ class DebugControl:
 
     @staticmethod
     def _set_debug(dbg: VcpuDebug, control: int, debugreg: list[int] | None) -> None:
-        dbg.loop.vcpu.set_guest_debug(control, debugreg)
+        dbg.vcpu.set_guest_debug(control, debugreg)
+
+
+class DebugObserver:
+    """One vCPU's exit loop, seen by the debugger: `DebugControl.before` / `after`."""
+
+    def __init__(self, control: DebugControl, dbg: VcpuDebug) -> None:
+        self.control = control
+        self.dbg = dbg
+
+    def before(self, loop: VcpuLoop, exit: VcpuExit) -> bool:
+        return self.control.before(self.dbg, exit)
+
+    def after(self, loop: VcpuLoop, exit: VcpuExit, stop: Stop | None) -> None:
+        self.control.after(self.dbg, loop, exit, stop)
 
 
 def _ensure_kick_handler() -> bool:

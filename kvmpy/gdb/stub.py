@@ -37,7 +37,7 @@ import select
 import socket
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TextIO
 
@@ -45,6 +45,7 @@ from kvmpy.errors import ConfigError, KvmpyError
 from kvmpy.kvm.detect import KvmKind, kvm_kind
 from kvmpy.stop import Stop, StopKind
 from kvmpy.trace import vmem
+from kvmpy.trace.disasm import mode_name
 
 from . import registers
 from .control import SIGINT, SIGTRAP, DebugControl, NotStopped, StopEvent
@@ -52,7 +53,8 @@ from .debugregs import HwPoint, NoSlot
 from .protocol import PacketReader, frame, hex_to_bytes, parse_hex
 
 if TYPE_CHECKING:
-    from kvmpy.exitloop import VcpuLoop
+    from kvmpy.exitloop import ExitObserver
+    from kvmpy.kvm.vcpu import Vcpu
     from kvmpy.memory import GuestMemory
 
 PACKET_SIZE = 0x4000
@@ -85,9 +87,18 @@ class _Detach(Exception):
 class GdbStub:
     """Serves one gdb at a time; the VM's vCPUs start stopped."""
 
-    def __init__(self, loops: list[VcpuLoop], memory: GuestMemory, config: GdbConfig, *,
+    # one gdb session's state, set afresh by `_reset_session`
+    no_ack: bool  # QStartNoAckMode
+    running: bool  # the vCPUs were resumed and gdb waits for a stop reply
+    ended_reported: bool  # gdb has been told how the VM ended
+    current_g: int  # the vCPU `Hg` selected (registers, memory)
+    current_c: int  # the vCPU `Hc` selected (continue, step)
+    features: set[str]  # what gdb's qSupported offered
+    last_reply: bytes  # sent again when gdb asks with `-`
+
+    def __init__(self, vcpus: Sequence[Vcpu], memory: GuestMemory, config: GdbConfig, *,
                  irqchip: bool, request_stop: Callable[[Stop], None],
-                 log: TextIO | None = None) -> None:
+                 stopped: Callable[[], Stop | None], log: TextIO | None = None) -> None:
         self.memory = memory
         self.request_stop = request_stop
         self.log = log or sys.stderr
@@ -95,7 +106,8 @@ class GdbStub:
         os.set_blocking(self._wake_w, False)
         # Z0: int3 with hardware virtualization (swbreak.py); the debug registers on PVM,
         # whose emulator cannot run int3 (debugregs.py)
-        self.control = DebugControl(loops, memory, irqchip=irqchip, on_change=self._wake,
+        self.control = DebugControl(vcpus, memory, irqchip=irqchip, stopped=stopped,
+                                    on_change=self._wake,
                                     software_breakpoints=kvm_kind() is KvmKind.HARDWARE)
         try:
             self.listener = socket.create_server((config.host, config.port), reuse_port=False)
@@ -109,9 +121,9 @@ class GdbStub:
         # the register layout gdb is told about, fixed for the VM's life: i386 for a guest
         # that starts in real mode (so that gdb may `set architecture i8086`), x86-64 for
         # the rest, kernels entered in 32-bit mode included. Read before the vCPU runs.
-        real_mode = not loops[0].vcpu.get_sregs().cr0 & 1
+        real_mode = not vcpus[0].get_sregs().cr0 & 1
         self.layout = registers.I386 if real_mode else registers.X86_64
-        self.control.install()
+        self.control.stop_at_start()
         self._closing = False
         self._conn: socket.socket | None = None
         self._reset_session()
@@ -122,6 +134,10 @@ class GdbStub:
         if real_mode:
             self._say("gdb: the guest starts in real mode, described as i386 with $pc = "
                       "CS.base + IP; in gdb, `set architecture i8086` before `target remote`")
+
+    def observer(self, index: int) -> ExitObserver:
+        """What vCPU `index`'s exit loop calls around each of its exits."""
+        return self.control.observer(index)
 
     # -- lifetime ---------------------------------------------------------------
     def close(self) -> None:
@@ -151,7 +167,7 @@ class GdbStub:
         self.running = False
         self.ended_reported = False
         self.current_g = self.current_c = 0
-        self.features: set[str] = set()
+        self.features = set()
         self.last_reply = b""
 
     # -- the server thread ----------------------------------------------------------
@@ -274,7 +290,7 @@ class GdbStub:
         self._send(conn, self._stop_reply(index, event))
 
     def _report_end(self, conn: socket.socket) -> None:
-        stop = next((d.loop.stop for d in self.control.vcpus if d.loop.stop is not None), None)
+        stop = self.control.stopped()
         status = stop.exit_status & 0xFF if stop is not None else 0
         self.running = False
         self.ended_reported = True
@@ -411,8 +427,6 @@ class GdbStub:
             return "E01"
 
         def describe(vcpu: Any) -> str:
-            from kvmpy.trace.disasm import mode_name
-
             return mode_name(vcpu.get_sregs())
 
         try:

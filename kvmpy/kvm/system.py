@@ -5,8 +5,9 @@ from __future__ import annotations
 import os
 
 from kvmpy.errors import KvmUnavailable
-from kvmpy.kvm.detect import KVM_PATH, KvmKind, describe, kvm_kind
+from kvmpy.kvm.detect import KVM_PATH, KvmKind, describe
 from kvmpy.kvm.ioctl import ffi, ioctl, ioctl_val, lib
+from kvmpy.kvm.vm import Vm
 
 KVM_API_VERSION = 12
 MAX_CPUID_ENTRIES = 256
@@ -22,7 +23,6 @@ class Kvm:
             raise KvmUnavailable(describe(KvmKind.MISSING, path)) from None
         except PermissionError:
             raise KvmUnavailable(describe(KvmKind.NO_ACCESS, path)) from None
-        self.kind = kvm_kind(path)
         version = self.api_version()
         if version != KVM_API_VERSION:
             raise KvmUnavailable(
@@ -67,7 +67,5 @@ class Kvm:
         ioctl(self.fd, "KVM_GET_MSR_INDEX_LIST", lst)
         return [lst.indices[i] for i in range(lst.nmsrs)]
 
-    def create_vm(self):  # -> Vm (import cycle kept out of the signature)
-        from kvmpy.kvm.vm import Vm
-
+    def create_vm(self) -> Vm:
         return Vm(self, ioctl_val(self.fd, "KVM_CREATE_VM", 0))

@@ -1,34 +1,38 @@
 """A vCPU file descriptor, its shared kvm_run page, and one method per ioctl.
 
 Register sets come back as cffi structs (`regs.rip`, `sregs.cs.base`): read
-them, change fields, hand them back. `run()` enters the guest and returns the
-exit reason; the exit's details are in `self.run_page` at the offsets in
-`kvmpy.kvm.exits`, which the exit loop unpacks without copying.
+them, change fields, hand them back. `run()` enters the guest and returns why
+it came back, as a typed exit (`kvmpy.kvm.exits`).
 """
 
 from __future__ import annotations
 
+import enum
+import errno
 import mmap
 import os
-import struct
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from kvmpy.errors import KvmIoctlError
-from kvmpy.kvm.exits import RUN_EXIT_REASON, RUN_IMMEDIATE_EXIT
+from kvmpy.kvm.exits import INTERRUPTED, RUN_IMMEDIATE_EXIT, VcpuExit, decode
 from kvmpy.kvm.ioctl import ffi, ioctl, lib
 
 if TYPE_CHECKING:
     from kvmpy.kvm.vm import Vm
 
-_U32 = struct.Struct("<I")
 _run = lib.kvmpy_run
+_EAGAIN, _EINTR = -errno.EAGAIN, -errno.EINTR
 
-# KVM_MP_STATE_* (Documentation/virt/kvm/api.rst, KVM_GET_MP_STATE)
-MP_STATE_RUNNABLE = 0
-MP_STATE_UNINITIALIZED = 1
-MP_STATE_INIT_RECEIVED = 2
-MP_STATE_HALTED = 3
-MP_STATE_SIPI_RECEIVED = 4
+
+class MpState(enum.IntEnum):
+    """KVM_MP_STATE_* (Documentation/virt/kvm/api.rst, KVM_GET_MP_STATE)."""
+
+    RUNNABLE = lib.KVM_MP_STATE_RUNNABLE
+    UNINITIALIZED = lib.KVM_MP_STATE_UNINITIALIZED
+    INIT_RECEIVED = lib.KVM_MP_STATE_INIT_RECEIVED
+    HALTED = lib.KVM_MP_STATE_HALTED
+    SIPI_RECEIVED = lib.KVM_MP_STATE_SIPI_RECEIVED
 
 
 class Vcpu:
@@ -46,19 +50,19 @@ class Vcpu:
         os.close(self.fd)
 
     # -- running ----------------------------------------------------------
-    def run(self) -> int:
-        """KVM_RUN: enter the guest (GIL released) until the next exit; returns its reason.
+    def run(self) -> VcpuExit:
+        """KVM_RUN: enter the guest (GIL released) until the next exit; returns that exit.
 
-        EINTR (a signal, or `immediate_exit`) returns ExitReason.INTR (10).
+        EINTR (a signal, or `immediate_exit`) returns `Interrupted`.
         """
         r = _run(self.fd)
-        while r == -11:  # EAGAIN: an AP just left wait-for-SIPI; KVM asks us to enter again
+        while r == _EAGAIN:  # an AP just left wait-for-SIPI; KVM asks us to enter again
             r = _run(self.fd)
         if r < 0:
-            if r == -4:  # EINTR
-                return 10
+            if r == _EINTR:
+                return INTERRUPTED
             raise KvmIoctlError("KVM_RUN", -r)
-        return _U32.unpack_from(self.run_page, RUN_EXIT_REASON)[0]
+        return decode(self.run_page)
 
     def set_immediate_exit(self, value: bool) -> None:
         """Ask the next (or current, after a signal) KVM_RUN to return at once."""
@@ -101,7 +105,7 @@ class Vcpu:
             bad = values[n][0]
             raise KvmIoctlError(f"KVM_SET_MSRS (MSR {bad:#x} refused)", 22)
 
-    def set_cpuid2(self, entries: list[tuple[int, int, int, int, int, int, int]]) -> None:
+    def set_cpuid2(self, entries: Sequence[tuple[int, int, int, int, int, int, int]]) -> None:
         """Entries are (function, index, flags, eax, ebx, ecx, edx)."""
         entry_size = ffi.sizeof("struct kvm_cpuid_entry2")
         size = ffi.sizeof("struct kvm_cpuid2") + len(entries) * entry_size
@@ -133,6 +137,7 @@ class Vcpu:
         ioctl(self.fd, "KVM_SET_XCRS", xcrs)
 
     def get_mp_state(self) -> int:
+        """KVM_GET_MP_STATE: an `MpState` (or a number kvmpy has no name for)."""
         state = ffi.new("struct kvm_mp_state *")
         ioctl(self.fd, "KVM_GET_MP_STATE", state)
         return int(state.mp_state)

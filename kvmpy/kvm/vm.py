@@ -6,10 +6,10 @@ import os
 from typing import TYPE_CHECKING
 
 from kvmpy.kvm.ioctl import ffi, ioctl, ioctl_val, lib
+from kvmpy.kvm.vcpu import Vcpu
 
 if TYPE_CHECKING:
     from kvmpy.kvm.system import Kvm
-    from kvmpy.kvm.vcpu import Vcpu
     from kvmpy.memory import GuestMemory
 
 
@@ -111,6 +111,4 @@ class Vm:
 
     # -- vCPUs ------------------------------------------------------------
     def create_vcpu(self, index: int) -> Vcpu:
-        from kvmpy.kvm.vcpu import Vcpu
-
         return Vcpu(self, index, ioctl_val(self.fd, "KVM_CREATE_VCPU", index))

@@ -6,8 +6,10 @@ and offers a real /dev/kvm. `run_in_lab` runs one command there over the host's 
 tree and returns its exit status; `kvmpy lab -- COMMAND` is the same from the shell.
 
 - `run_in_lab(argv, rw=..., mem=..., cpus=...) -> int`: `kvmpy.lab.runner`
-- `can_boot_linux() -> bool`, `linux_kvm_status()`, `lab_status()`: `kvmpy.lab.host`
-- `build_lab_image()`: `kvmpy.lab.image` (cached in $KVMPY_CACHE/lab)
+- `lab_status()`: `kvmpy.lab.host`; whether Linux boots without the lab
+  (`can_boot_linux()`, `linux_kvm_status()`) is `kvmpy.kvm.detect`'s question
+- `build_lab_image()`: `kvmpy.lab.image` (cached in $KVMPY_CACHE/lab), from the guest
+  assets' parts (`kvmpy.assets`)
 
 The package is not a sandbox and not a general VM launcher.
 """
@@ -19,10 +21,10 @@ from kvmpy.lazy import lazy_exports
 # Names are imported on first use: `kvmpy run` registers the `lab` subcommand on every
 # start and should not pay for QEMU plumbing it won't use.
 _EXPORTS = {
-    "LabError": "kvmpy.lab.debian",
-    "can_boot_linux": "kvmpy.lab.host",
+    "LabError": "kvmpy.lab.errors",
+    "can_boot_linux": "kvmpy.kvm.detect",
     "lab_status": "kvmpy.lab.host",
-    "linux_kvm_status": "kvmpy.lab.host",
+    "linux_kvm_status": "kvmpy.kvm.detect",
     "LabImage": "kvmpy.lab.image",
     "build_lab_image": "kvmpy.lab.image",
     "lab_image_path": "kvmpy.lab.image",

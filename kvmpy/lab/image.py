@@ -37,7 +37,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kvmpy import initramfs
-from kvmpy.lab.debian import LabError, cache_dir, fetch_kernel_image
+from kvmpy.assets import build_lock
+from kvmpy.assets.debian import fetch_kernel_image
+from kvmpy.cachedir import cache_dir
+from kvmpy.errors import KvmpyError
+from kvmpy.lab.errors import LabError
 
 KERNEL_META = "linux-image-amd64"
 # What the lab needs from the kernel, by module name; their dependencies
@@ -202,8 +206,6 @@ def lab_image_path(cache: Path | None = None) -> LabImage | None:
 
 def build_lab_image(cache: Path | None = None, log=sys.stderr) -> LabImage:
     """The lab image, built on first use (downloads the kernel package, ~100 MB)."""
-    from kvmpy.guest_assets import build_lock
-
     cache = cache or cache_dir()
     found = lab_image_path(cache)
     if found:
@@ -247,3 +249,12 @@ def _prune_stale_images(current: Path) -> None:
     for d in current.parent.iterdir():
         if d != current and d.is_dir() and ".partial-" not in d.name:
             shutil.rmtree(d, ignore_errors=True)
+
+
+if __name__ == "__main__":  # `make lab`
+    try:
+        image = build_lab_image()
+    except KvmpyError as e:
+        print(f"kvmpy: {e}", file=sys.stderr)
+        sys.exit(e.exit_status)
+    print(f"{image.kernel}\n{image.initramfs}")

@@ -19,7 +19,6 @@ directories are written for real.
 
 from __future__ import annotations
 
-import ctypes
 import os
 import shlex
 import shutil
@@ -34,7 +33,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
-from kvmpy.lab.debian import LabError
+from kvmpy.lab.errors import LabError
 from kvmpy.lab.host import DEFAULT_CPUS, DEFAULT_MEM, QEMU, lab_status
 from kvmpy.lab.image import (
     ERROR_PREFIX,
@@ -47,11 +46,11 @@ from kvmpy.lab.image import (
     build_lab_image,
 )
 from kvmpy.lab.monitor import cpu_states
+from kvmpy.libc import set_parent_death_signal
 
 MiB = 1 << 20
 # TCG on 2 loaded cores: the chroot is normally ready in ~4 s; allow for a busy machine.
 DEFAULT_BOOT_TIMEOUT = float(os.environ.get("KVMPY_LAB_BOOT_TIMEOUT", "180"))
-PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 INSIDE_ENV = "KVMPY_IN_LAB"  # set to 1 in every command the lab runs
 KERNEL_CMDLINE = "console=ttyS0 panic=-1 quiet mitigations=off"
 # For timing VM start-up (`run_in_lab(..., kernel_args=[ZERO_FREED_PAGES])`): the lab kernel
@@ -255,8 +254,7 @@ def run_in_lab(argv: Sequence[str], *, rw: Sequence[str | os.PathLike[str]] = ()
 
 def _die_with_parent() -> None:
     """In the QEMU child: SIGKILL it if we die (a killed `kvmpy lab` leaves no VM spinning)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    set_parent_death_signal(signal.SIGKILL)
 
 
 class LabStalled(LabError):

@@ -6,7 +6,7 @@
 - `kvmpy.trace.disasm`: capstone in the width the vCPU is executing.
 - `kvmpy.trace.vmem`: guest linear addresses through the guest's page tables.
 
-Nothing here is on the exit loop's path unless it is switched on: tracing and
-statistics replace entries in the loop's handler table with wrapping
-handlers at construction, so the plain loop runs the same code as without them.
+Nothing here is on the exit loop's path unless it is switched on: the tracer and
+the statistics are observers (kvmpy.exitloop.ExitObserver) a loop is given at
+construction, and a loop without observers makes no call for them.
 """

@@ -6,7 +6,11 @@ and §2.2: in IA-32e mode CS.L selects 64-bit code; otherwise CS.D selects
 32-bit; real mode is 16-bit), and a small wrapper around capstone that
 decodes a few instructions at an address, or the one that ends at an
 address (an instruction the CPU already executed, as an emulated `out`
-leaves RIP after it).
+leaves RIP after it). An instruction's operands come as capstone's detail
+mode decodes them (`Insn.ops`, `Operand`: a register by name, an immediate,
+or a memory reference, with its size), so callers reason about what an
+instruction touches without reading its text. Detail mode costs time, so an
+instruction is decoded again with it only when its operands are asked for.
 
 What it is not: a reader of guest memory. Callers hand it bytes. capstone is
 optional at run time: without it every instruction is shown as `.byte` hex.
@@ -16,7 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any
+from typing import Any, NamedTuple
 
 from kvmpy.cpu.registers import CR0_PE, EFER_LMA
 
@@ -25,12 +29,27 @@ IO_MNEMONICS = frozenset({"in", "out", "insb", "insw", "insd", "outsb", "outsw",
 MAX_INSN = 15  # the longest x86 instruction (SDM Vol. 2 §2.1)
 
 
+class Operand(NamedTuple):
+    """One operand as capstone's detail mode decodes it."""
+
+    kind: str  # "reg", "imm" or "mem"
+    size: int  # bytes it holds or moves
+    reg: str = ""  # a "reg" operand's register, as capstone names it ("eax", "cr0", "dx")
+    imm: int = 0  # an "imm" operand's value
+
+
 @dataclass(frozen=True)
 class Insn:
     address: int
     raw: bytes
     mnemonic: str
-    operands: str
+    operands: str  # as text, for people
+    bits: int = 64  # the width it was decoded in
+
+    @property
+    def ops(self) -> tuple[Operand, ...]:
+        """The operands as data, for rules (capstone's detail mode, on first use)."""
+        return _detail(self.raw, self.address, self.bits)
 
     @property
     def text(self) -> str:
@@ -42,7 +61,7 @@ class Insn:
 
     @property
     def accesses_memory(self) -> bool:
-        return "[" in self.operands
+        return any(op.kind == "mem" for op in self.ops)
 
     @property
     def is_io(self) -> bool:
@@ -53,20 +72,20 @@ class Insn:
         return self.is_io and self.mnemonic.split()[-1].startswith("out")
 
     @property
+    def port(self) -> Operand | None:
+        """An `in`/`out`'s port: the immediate, or DX (`ins`/`outs` always use DX)."""
+        if not self.is_io or not self.ops:
+            return None
+        return next((op for op in self.ops if op.kind == "imm" or op.reg == "dx"), None)
+
+    @property
     def access_size(self) -> int | None:
-        """Bytes moved by the memory or port access, when the text says."""
-        for word, size in (("qword ptr", 8), ("dword ptr", 4), ("xmmword ptr", 16),
-                           ("byte ptr", 1), ("word ptr", 2)):
-            if word in self.operands:
-                return size
-        if self.is_io:
-            last = self.mnemonic.split()[-1]
-            if last[-1] in "bwd" and last[:-1] in ("ins", "outs"):
-                return {"b": 1, "w": 2, "d": 4}[last[-1]]
-            regs = {r.strip() for r in self.operands.split(",")}
-            for reg, size in (("al", 1), ("ax", 2), ("eax", 4)):
-                if reg in regs:
-                    return size
+        """Bytes moved by the memory or port access."""
+        memory = next((op for op in self.ops if op.kind == "mem"), None)
+        if memory is not None:
+            return memory.size
+        if self.is_io:  # the accumulator (al, ax, eax): the operand that is not the port
+            return next((op.size for op in self.ops if op is not self.port), None)
         return None
 
 
@@ -88,14 +107,39 @@ def mode_name(sregs: Any) -> str:
     return f"{code_bits(sregs)}-bit protected mode"
 
 
-@lru_cache(maxsize=3)
-def _capstone(bits: int) -> Any:
-    try:
+@lru_cache(maxsize=6)
+def _capstone(bits: int, detail: bool = False) -> Any:
+    try:  # imported on first use: capstone is start-up a run without a dying vCPU never pays
         import capstone
     except ImportError:
         return None
     mode = {16: capstone.CS_MODE_16, 32: capstone.CS_MODE_32, 64: capstone.CS_MODE_64}[bits]
-    return capstone.Cs(capstone.CS_ARCH_X86, mode)
+    md = capstone.Cs(capstone.CS_ARCH_X86, mode)
+    md.detail = detail
+    return md
+
+
+@lru_cache(maxsize=1)
+def _kinds() -> dict[int, str]:
+    from capstone import x86
+
+    return {x86.X86_OP_REG: "reg", x86.X86_OP_IMM: "imm", x86.X86_OP_MEM: "mem"}
+
+
+@lru_cache(maxsize=1024)
+def _detail(raw: bytes, address: int, bits: int) -> tuple[Operand, ...]:
+    """The operands of the instruction `raw` at `address`. Remembered: detail mode costs
+    several times a plain decode, and a trace meets the same few instructions again."""
+    md = _capstone(bits, detail=True)
+    decoded = next(md.disasm(raw, address, 1), None) if md is not None else None
+    return _operands(decoded) if decoded is not None else ()
+
+
+def _operands(insn: Any) -> tuple[Operand, ...]:
+    kinds = _kinds()
+    return tuple(Operand(kind, op.size, insn.reg_name(op.reg) if kind == "reg" else "",
+                         op.imm if kind == "imm" else 0)
+                 for op in insn.operands if (kind := kinds.get(op.type)) is not None)
 
 
 def available() -> bool:
@@ -110,10 +154,10 @@ def disassemble(code: bytes, address: int, bits: int, count: int = 1) -> list[In
     """
     md = _capstone(bits)
     if md is None:
-        return [Insn(address, code[:1], ".byte", f"{code[0]:#04x}")] if code else []
+        return [Insn(address, code[:1], ".byte", f"{code[0]:#04x}", bits)] if code else []
     out = []
     for insn in md.disasm(code, address, count):
-        out.append(Insn(insn.address, bytes(insn.bytes), insn.mnemonic, insn.op_str))
+        out.append(Insn(insn.address, bytes(insn.bytes), insn.mnemonic, insn.op_str, bits))
     return out
 
 

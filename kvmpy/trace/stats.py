@@ -1,11 +1,11 @@
 """Exit statistics: how many exits of each kind, and how long kvmpy spent handling them.
 
-What it is: `ExitStats.install(loop)` replaces each entry of a `VcpuLoop`'s
-handler table with a wrapper that counts the exit and times the handler
-(`time.perf_counter_ns` around it), keyed by exit reason, by port or MMIO
-page, and by the device (bus label) that owns the address. Counting is chosen
-at construction: a loop without statistics runs its handlers unwrapped, so
-the plain exit path pays nothing for this module existing.
+What it is: `ExitStats`, an observer of one `VcpuLoop` (kvmpy.exitloop.ExitObserver)
+that counts every exit and times the loop's handler for it (`time.perf_counter_ns`
+in `before` and `after`), keyed by exit reason, by port or MMIO page, and by the
+device (bus label) that owns the address. The machine gives a loop one only when
+statistics are asked for, as its innermost observer, so the time is the handler's
+own; a loop without statistics pays nothing for this module existing.
 
 The counters are plain dicts updated by the vCPU's own thread; `snapshot()`
 copies them (a dict copy is atomic under the GIL), so `Machine.stats()` can be
@@ -18,128 +18,85 @@ KVM's own work) is only visible as the wall time between exits.
 
 from __future__ import annotations
 
-import struct
 import time
 from collections import Counter
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from kvmpy.kvm.exits import RUN_UNION, ExitReason
+from kvmpy.kvm.exits import IoIn, IoOut, MmioRead, MmioWrite, VcpuExit, reason_name, reason_of
 
 if TYPE_CHECKING:
     from kvmpy.exitloop import VcpuLoop
+    from kvmpy.stop import Stop
 
-_IO_PORT = struct.Struct("<2xH")  # kvm_run.io: direction, size, port
-_MMIO_GPA = struct.Struct("<Q")  # kvm_run.mmio.phys_addr
 NO_DEVICE = "(none)"
-Handler = Callable[[], Any]
-
-
-def reason_name(reason: int) -> str:
-    try:
-        return ExitReason(reason).name
-    except ValueError:
-        return str(reason)
 
 
 class ExitStats:
-    """Counters and handler time for one vCPU loop."""
+    """Counters and handler time for the loop of vCPU `index`."""
 
-    def __init__(self, loop: VcpuLoop) -> None:
-        # the loop's own Counters, so VcpuLoop.stats() keeps its keys
-        self.exits: Counter[int] = loop.exits
-        self.io_exits: Counter[tuple[str, int]] = loop.io_exits
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.exits: Counter[int] = Counter()  # by KVM_EXIT_* reason
         self.reason_ns: Counter[int] = Counter()
+        self.io_exits: Counter[tuple[str, int]] = Counter()  # by ("pio", port), ("mmio", page)
         self.address_ns: Counter[tuple[str, int]] = Counter()
         self.device_exits: Counter[str] = Counter()
         self.device_ns: Counter[str] = Counter()
+        self.first_ns = self.last_ns = 0  # when the first exit came, and the latest ended
+        self._started = 0  # the current handler's start
         self._labels: dict[tuple[str, int], str] = {}
 
-    @classmethod
-    def install(cls, loop: VcpuLoop) -> ExitStats:
-        """Wrap every handler in `loop.handlers`; later additions are not counted."""
-        stats = cls(loop)
-        for reason, handler in list(loop.handlers.items()):
-            if reason == ExitReason.IO:
-                loop.handlers[reason] = stats._wrap_io(loop, handler)
-            elif reason == ExitReason.MMIO:
-                loop.handlers[reason] = stats._wrap_mmio(loop, handler)
-            else:
-                loop.handlers[reason] = stats._wrap(reason, handler)
-        return stats
+    # -- the observer ------------------------------------------------------
+    def before(self, loop: VcpuLoop, exit: VcpuExit) -> bool:
+        self._started = time.perf_counter_ns()
+        return False
 
-    def _wrap(self, reason: int, handler: Handler) -> Handler:
-        exits, reason_ns, clock = self.exits, self.reason_ns, time.perf_counter_ns
+    def after(self, loop: VcpuLoop, exit: VcpuExit, stop: Stop | None) -> None:
+        self.last_ns = now = time.perf_counter_ns()
+        dt = now - self._started
+        if not self.first_ns:
+            self.first_ns = self._started
+        reason = reason_of(exit)
+        self.exits[reason] += 1
+        self.reason_ns[reason] += dt
+        kind = type(exit)
+        if kind is IoOut or kind is IoIn:
+            key = ("pio", exit.port)  # type: ignore[union-attr]
+        elif kind is MmioWrite or kind is MmioRead:
+            key = ("mmio", exit.gpa)  # type: ignore[union-attr]
+        else:
+            return
+        label = self._labels.get(key) or self._label(loop, key)
+        if key[0] == "mmio":
+            key = ("mmio", key[1] & ~0xFFF)  # counted by page
+        self.io_exits[key] += 1
+        self.address_ns[key] += dt
+        self.device_exits[label] += 1
+        self.device_ns[label] += dt
 
-        def counted() -> Any:
-            t = clock()
-            stop = handler()
-            reason_ns[reason] += clock() - t
-            exits[reason] += 1
-            return stop
-
-        return counted
-
-    def _label(self, loop: VcpuLoop, bus: str, addr: int) -> str:
-        key = (bus, addr)
-        label = self._labels.get(key)
-        if label is None:
-            hit = (loop.pio if bus == "pio" else loop.mmio).lookup(addr)
-            label = self._labels[key] = hit[2] if hit else NO_DEVICE
+    def _label(self, loop: VcpuLoop, key: tuple[str, int]) -> str:
+        """The device at ("pio", port) or ("mmio", gpa), as the bus names it; remembered."""
+        bus, addr = key
+        hit = (loop.pio if bus == "pio" else loop.mmio).lookup(addr)
+        label = self._labels[key] = hit[2] if hit else NO_DEVICE
         return label
 
-    def _wrap_io(self, loop: VcpuLoop, handler: Handler) -> Handler:
-        page, clock = loop.vcpu.run_page, time.perf_counter_ns
-        exits, io_exits, reason_ns, address_ns = (self.exits, self.io_exits, self.reason_ns,
-                                                  self.address_ns)
-        device_exits, device_ns = self.device_exits, self.device_ns
-        unpack = _IO_PORT.unpack_from
-        reason = int(ExitReason.IO)
-
-        def counted_io() -> Any:
-            key = ("pio", unpack(page, RUN_UNION)[0])
-            t = clock()
-            stop = handler()
-            dt = clock() - t
-            exits[reason] += 1
-            reason_ns[reason] += dt
-            io_exits[key] += 1
-            address_ns[key] += dt
-            label = self._label(loop, *key)
-            device_exits[label] += 1
-            device_ns[label] += dt
-            return stop
-
-        return counted_io
-
-    def _wrap_mmio(self, loop: VcpuLoop, handler: Handler) -> Handler:
-        page, clock = loop.vcpu.run_page, time.perf_counter_ns
-        unpack = _MMIO_GPA.unpack_from
-        reason = int(ExitReason.MMIO)
-
-        def counted_mmio() -> Any:
-            gpa = unpack(page, RUN_UNION)[0]
-            t = clock()
-            stop = handler()
-            dt = clock() - t
-            key = ("mmio", gpa & ~0xFFF)
-            self.exits[reason] += 1
-            self.reason_ns[reason] += dt
-            self.io_exits[key] += 1
-            self.address_ns[key] += dt
-            label = self._label(loop, "mmio", gpa)
-            self.device_exits[label] += 1
-            self.device_ns[label] += dt
-            return stop
-
-        return counted_mmio
-
+    # -- reading -----------------------------------------------------------
     def snapshot(self) -> dict[str, Any]:
-        """The handler-time part of `VcpuLoop.stats()` (copied: safe while running)."""
+        """Everything counted so far, for `Machine.stats()` (copied: safe while running)."""
+        exits, io_exits = dict(self.exits), dict(self.io_exits)
         reason_ns, address_ns = dict(self.reason_ns), dict(self.address_ns)
         device_exits, device_ns = dict(self.device_exits), dict(self.device_ns)
+        total = sum(exits.values())
+        wall = (self.last_ns - self.first_ns) / 1e9
         return {
-            "by_device": dict(sorted(device_exits.items(), key=lambda kv: -kv[1])),
+            "vcpu": self.index,
+            "exits": total,
+            "by_reason": {reason_name(r): n for r, n in _desc(exits)},
+            "by_address": {f"{bus}:{addr:#x}": n for (bus, addr), n in _desc(io_exits)},
+            "wall_s": round(wall, 6),  # from the first exit to the end of the latest
+            "mean_exit_us": round(wall / (total - 1) * 1e6, 3) if total > 1 else None,
+            "by_device": dict(_desc(device_exits)),
             "handler_us": {
                 "by_reason": {reason_name(r): _us(ns) for r, ns in _desc(reason_ns)},
                 "by_address": {f"{bus}:{addr:#x}": _us(ns) for (bus, addr), ns in

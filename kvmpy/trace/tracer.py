@@ -4,13 +4,14 @@
     0.004530 vcpu0 MMIO read addr=0xe0000000 size=4 value=0x7e57dev0 dev=testdev+0x0 | ...
     0.004700 vcpu0 HLT | 0x1001d: hlt
 
-What it is: `Tracer.install(loop)` wraps each handler in a `VcpuLoop`'s
-handler table. The wrapper lets the real handler run, then reads what the
-exit was (kvm_run's io/mmio payload: direction, port or address, size, the
-value moved, which after an IN or an MMIO read is the value the device
-returned), asks the bus which device owns the address, reads RIP and the
-segment registers (two ioctls) and disassembles the instruction with
-capstone in the width the vCPU is executing.
+What it is: an observer of every `VcpuLoop` (kvmpy.exitloop.ExitObserver), given
+to the loops as their outermost one. Around each exit it lets the real handler
+run, then writes what the exit was (direction, port or address, size, the value
+moved, which after an IN or an MMIO read is the value the device returned),
+which device owns the address, and the instruction: it reads RIP and the
+segment registers (two ioctls) and disassembles with capstone in the width the
+vCPU is executing. Other exits are described before their handler runs (a fatal
+one may end the run; a debugger may park the vCPU) and written after it.
 
 Which instruction: KVM leaves RIP *at* the instruction for port/MMIO reads
 (it finishes them on the next KVM_RUN) and, when it emulated a write, *after*
@@ -19,34 +20,45 @@ if it is the matching I/O instruction (hardware fast PIO), otherwise the one
 that ends at RIP.
 
 What it is not: free. It costs two ioctls and a disassembly per traced exit,
-and is only ever installed when asked for. A loop without a tracer has no
-tracing code on its path at all, not even an `if`.
+and is only ever given to the loops when asked for. A loop without a tracer
+has no tracing code on its path at all.
 """
 
 from __future__ import annotations
 
-import struct
 import sys
 import threading
 import time
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import TYPE_CHECKING, Any, NamedTuple, TextIO
 
 from kvmpy.errors import KvmpyError
-from kvmpy.kvm.exits import IO_OUT, RUN_UNION, ExitReason
+from kvmpy.kvm.exits import (
+    Debug,
+    Hlt,
+    IoIn,
+    IoOut,
+    MmioRead,
+    MmioWrite,
+    SystemEvent,
+    VcpuExit,
+    reason_name,
+    reason_of,
+)
 from kvmpy.trace import disasm, vmem
 from kvmpy.trace.filter import TraceFilter
-from kvmpy.trace.stats import reason_name
 
 if TYPE_CHECKING:
     from kvmpy.exitloop import VcpuLoop
+    from kvmpy.stop import Stop
 
-_IO = struct.Struct("<BBHIQ")  # kvm_run.io: direction, size, port, count, data_offset
-_MMIO = struct.Struct("<Q8sIB")  # kvm_run.mmio: phys_addr, data[8], len, is_write
-_DEBUG = struct.Struct("<IIQQQ")  # kvm_run.debug.arch: exception, pad, pc, dr6, dr7
-_SYSTEM_EVENT = struct.Struct("<I")  # kvm_run.system_event.type
-Handler = Callable[[], Any]
 MASK64 = (1 << 64) - 1
+
+
+class _Pending(NamedTuple):
+    """What `before` decided about a traced exit, for `after` to finish."""
+
+    line: str  # the whole line (other exits), or "" for an access, described after
+    device: tuple[str, int] | None  # an access's device label and offset
 
 
 class Tracer:
@@ -60,82 +72,49 @@ class Tracer:
         self.lines = 0
         self._lock = threading.Lock()
         self._t0 = time.perf_counter()
+        self._pending: dict[int, _Pending] = {}  # per vCPU index: the exit being handled
 
-    def install(self, loop: VcpuLoop) -> None:
-        """Wrap every handler now in `loop.handlers` (install after everything else)."""
-        for reason, handler in list(loop.handlers.items()):
-            if reason == ExitReason.IO:
-                loop.handlers[reason] = self._wrap_io(loop, handler)
-            elif reason == ExitReason.MMIO:
-                loop.handlers[reason] = self._wrap_mmio(loop, handler)
-            else:
-                loop.handlers[reason] = self._wrap_other(loop, int(reason), handler)
-
-    # -- wrappers ---------------------------------------------------------
-    def _wrap_io(self, loop: VcpuLoop, handler: Handler) -> Handler:
-        page, matches = loop.vcpu.run_page, self.filter.matches
-        labels: dict[int, tuple[str, int] | None] = {}
-
-        def traced_io() -> Any:
-            direction, size, port, count, offset = _IO.unpack_from(page, RUN_UNION)
-            if port not in labels:
-                hit = loop.pio.lookup(port)
-                labels[port] = (hit[2], hit[1]) if hit else None
-            dev = labels[port]
-            if not matches(ExitReason.IO, "pio", port, dev[0] if dev else None):
-                return handler()
-            stop = handler()
-            data = bytes(page[offset : offset + size * count])
-            what = "out" if direction == IO_OUT else "in"
-            text = (f"IO {what} port={port:#x} size={size}{_count(count)} "
-                    f"value={_value(data, size)} dev={_device(dev)}")
-            self._emit(loop, text, "io-out" if direction == IO_OUT else "io", port,
-                       after=direction == IO_OUT, size=size)
-            return stop
-
-        return traced_io
-
-    def _wrap_mmio(self, loop: VcpuLoop, handler: Handler) -> Handler:
-        page, matches = loop.vcpu.run_page, self.filter.matches
-
-        def traced_mmio() -> Any:
-            gpa, _, length, is_write = _MMIO.unpack_from(page, RUN_UNION)
+    # -- the observer -----------------------------------------------------
+    def before(self, loop: VcpuLoop, exit: VcpuExit) -> bool:
+        index = loop.vcpu.index
+        kind = type(exit)
+        if kind is IoOut or kind is IoIn:
+            port = exit.port  # type: ignore[union-attr]
+            hit = loop.pio.lookup(port)
+            if self.filter.matches(reason_of(exit), "pio", port, hit[2] if hit else None):
+                self._pending[index] = _Pending("", (hit[2], hit[1]) if hit else None)
+        elif kind is MmioWrite or kind is MmioRead:
+            gpa = exit.gpa  # type: ignore[union-attr]
             hit = loop.mmio.lookup(gpa)
-            dev = (hit[2], hit[1]) if hit else None
-            if not matches(ExitReason.MMIO, "mmio", gpa, dev[0] if dev else None):
-                return handler()
-            stop = handler()
-            data = _MMIO.unpack_from(page, RUN_UNION)[1][:length]  # a read's value lands here
-            what = "write" if is_write else "read"
-            text = (f"MMIO {what} addr={gpa:#x} size={length} value={_value(data, length)} "
-                    f"dev={_device(dev)}")
-            self._emit(loop, text, "memory", None, after=bool(is_write), size=length)
-            return stop
-
-        return traced_mmio
-
-    def _wrap_other(self, loop: VcpuLoop, reason: int, handler: Handler) -> Handler:
-        page = loop.vcpu.run_page
-        if not self.filter.matches(reason):  # no address or device: decided once
-            return handler
-        name = reason_name(reason)
-
-        def traced() -> Any:
-            text = name
-            if reason == ExitReason.DEBUG:
-                exc, _, pc, dr6, _ = _DEBUG.unpack_from(page, RUN_UNION)
-                text += f" exception={exc} pc={pc:#x} dr6={dr6:#x}"
-            elif reason == ExitReason.SYSTEM_EVENT:
-                text += f" type={_SYSTEM_EVENT.unpack_from(page, RUN_UNION)[0]}"
-            # read state before the handler: a fatal handler may end the run
+            if self.filter.matches(reason_of(exit), "mmio", gpa, hit[2] if hit else None):
+                self._pending[index] = _Pending("", (hit[2], hit[1]) if hit else None)
+        elif self.filter.matches(reason_of(exit)):
             # KVM skips a `hlt` before it exits: the instruction is the one before RIP
-            kind = "hlt" if reason == ExitReason.HLT else "any"
-            line = self._format(loop, text, kind, None, after=reason == ExitReason.HLT)
-            stop = handler()
-            self._write(line)
-            return stop
+            is_hlt = kind is Hlt
+            line = self._format(loop, _describe(exit), "hlt" if is_hlt else "any", None,
+                                after=is_hlt)
+            self._pending[index] = _Pending(line, None)
+        return False
 
-        return traced
+    def after(self, loop: VcpuLoop, exit: VcpuExit, stop: Stop | None) -> None:
+        pending = self._pending.pop(loop.vcpu.index, None)
+        if pending is None:
+            return
+        if pending.line:
+            self._write(pending.line)
+        elif isinstance(exit, IoOut | IoIn):
+            out = isinstance(exit, IoOut)
+            port, size, data = exit
+            text = (f"IO {'out' if out else 'in'} port={port:#x} size={size}"
+                    f"{_count(len(data) // size)} value={_value(bytes(data), size)} "
+                    f"dev={_device(pending.device)}")
+            self._emit(loop, text, "io-out" if out else "io", port, after=out, size=size)
+        elif isinstance(exit, MmioWrite | MmioRead):
+            write = isinstance(exit, MmioWrite)
+            gpa, data = exit
+            text = (f"MMIO {'write' if write else 'read'} addr={gpa:#x} size={len(data)} "
+                    f"value={_value(bytes(data), len(data))} dev={_device(pending.device)}")
+            self._emit(loop, text, "memory", None, after=write, size=len(data))
 
     # -- lines ------------------------------------------------------------
     def _emit(self, loop: VcpuLoop, text: str, kind: str, port: int | None,
@@ -190,6 +169,16 @@ class Tracer:
         return f"{_where(sregs, insn.address)}: {insn.text}"
 
 
+def _describe(exit: VcpuExit) -> str:
+    """An exit other than an access, in words: its reason and what KVM said about it."""
+    text = reason_name(reason_of(exit))
+    if isinstance(exit, Debug):
+        text += f" exception={exit.exception} pc={exit.pc:#x} dr6={exit.dr6:#x}"
+    elif isinstance(exit, SystemEvent):
+        text += f" type={exit.type}"
+    return text
+
+
 def _where(sregs: Any, ip: int) -> str:
     """An instruction address as the CPU sees it: CS:IP in real mode, else the RIP."""
     if not sregs.cr0 & 1:
@@ -201,14 +190,10 @@ def _same_port(insn: disasm.Insn, regs: Any, port: int | None) -> bool:
     """Does this `in`/`out` at RIP address `port` (immediate or DX)?"""
     if port is None:
         return True
-    ops = insn.operands.replace(" ", "").split(",")
-    target = ops[0] if insn.mnemonic.startswith("out") else ops[-1]
-    if target == "dx":
-        return regs.rdx & 0xFFFF == port
-    try:
-        return int(target, 0) == port
-    except ValueError:
+    target = insn.port
+    if target is None:
         return False
+    return (regs.rdx & 0xFFFF if target.kind == "reg" else target.imm) == port
 
 
 def _count(count: int) -> str:

@@ -3,7 +3,7 @@
 What it is: one request queue served synchronously. Reads and writes move
 data with preadv/pwritev straight between the image file and the request's
 guest buffers, given to the kernel as an iovec array of host addresses
-(`GuestMemory.iovec`): no intermediate copy, no memoryview per page. FLUSH is
+(kvmpy.virtio.hostio): no intermediate copy, no memoryview per page. FLUSH is
 `fsync`; GET_ID returns a 20-byte serial; DISCARD punches a hole and
 WRITE_ZEROES zeroes a range (fallocate PUNCH_HOLE / ZERO_RANGE, or plain
 zero writes where the file system has no ZERO_RANGE). DISCARD is offered only
@@ -27,7 +27,6 @@ Learned from Firecracker's devices/virtio/block and QEMU's hw/block/virtio-blk.c
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 import stat
@@ -36,9 +35,10 @@ from array import array
 from collections.abc import Callable, Sequence
 
 from kvmpy.errors import ConfigError
+from kvmpy.libc import fallocate, preadv, pwritev
 from kvmpy.memory import GuestMemory
 from kvmpy.virtio.device import VIRTIO_ID_BLOCK, VirtioDevice, bit
-from kvmpy.virtio.hostio import IovecOp, iovec_transfer, preadv, pwritev
+from kvmpy.virtio.hostio import IovecOp, Iovecs, iovec_transfer
 from kvmpy.virtio.iov import iov_read, iov_write, span_slice
 from kvmpy.virtio.queue import DescriptorChain, VirtqueueError
 
@@ -86,18 +86,7 @@ FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
 FALLOC_FL_ZERO_RANGE = 0x10
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-_libc.fallocate.restype = ctypes.c_int
-
 _ZEROES = bytes(1 << 20)
-
-
-def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
-    """fallocate(2) with a mode (os.posix_fallocate has none); raises OSError."""
-    if _libc.fallocate(fd, mode, offset, length) != 0:
-        e = ctypes.get_errno()
-        raise OSError(e, os.strerror(e))
 
 
 def can_punch_holes(fd: int, size: int) -> bool:
@@ -156,6 +145,7 @@ class Block(VirtioDevice):
         ident = serial if serial is not None else os.path.basename(path)
         self.serial = ident.encode("ascii", "replace")[:VIRTIO_BLK_ID_BYTES]
         self.queue_size = queue_size
+        self.iovecs: Iovecs | None = None  # for the guest memory the requests come from
 
     @staticmethod
     def _open(path: str, read_only: bool) -> int:
@@ -253,12 +243,12 @@ class Block(VirtioDevice):
         """Do the request; returns bytes written into data_in; raises BlockIoError."""
         if rtype == VIRTIO_BLK_T_IN:
             offset = self._check_range(sector, in_len)
-            self._transfer(preadv, mem.iovec(*data_in), offset, in_len)
+            self._transfer(preadv, self._iovec(mem, data_in), offset, in_len)
             return in_len
         if rtype == VIRTIO_BLK_T_OUT:
             self._check_writable()
             offset = self._check_range(sector, out_len)
-            self._transfer(pwritev, mem.iovec(*data_out), offset, out_len)
+            self._transfer(pwritev, self._iovec(mem, data_out), offset, out_len)
             return 0
         if rtype == VIRTIO_BLK_T_FLUSH:
             self._os(os.fsync, self.fd)
@@ -269,6 +259,12 @@ class Block(VirtioDevice):
             self._discard_or_zero(rtype, mem.views(*data_out), out_len)
             return 0
         raise BlockIoError(VIRTIO_BLK_S_UNSUPP, f"unsupported request type {rtype}")
+
+    def _iovec(self, mem: GuestMemory, span: Span) -> array[int]:
+        """The buffers of `span` as an iovec array of host addresses (kvmpy.virtio.hostio)."""
+        if self.iovecs is None or self.iovecs.memory is not mem:
+            self.iovecs = Iovecs(mem)
+        return self.iovecs.iovec(*span)
 
     def _check_writable(self) -> None:
         if self.read_only:

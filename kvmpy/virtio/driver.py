@@ -80,6 +80,7 @@ class GuestDriver:
                  heap: tuple[int, int] | None = None) -> None:
         self.t = transport
         self.mem = mem
+        self.acked = 0  # the features `init` acknowledged
         start, end = heap if heap is not None else (mem.regions[0].gpa, mem.end)
         self.heap_start, self.heap_end = start, end
         self.heap = start

@@ -1,53 +1,79 @@
-"""preadv/pwritev on iovec arrays of host addresses: disk data straight into guest RAM.
+"""Disk data straight between a file and guest RAM: `struct iovec` arrays of host
+addresses for preadv/pwritev (kvmpy.libc). A speed trick, behind this one door.
 
-What it is: `preadv` and `pwritev` through libc, taking a `struct iovec`
-array as `GuestMemory.iovec` builds it, and `iovec_transfer`, which repeats
-one of them until a request's bytes have all moved. Python's `os.preadv`
-wants a buffer object per entry; for a 1 MiB request in 256 guest pages,
-making those memoryviews and having `os.preadv` unpack them again was the largest
-part of kvmpy's own work per request (README, "Measured").
+Why: Python's `os.preadv` wants a buffer object per entry; for a 1 MiB request in 256
+guest pages, making those memoryviews and having `os.preadv` unpack them again was the
+largest part of kvmpy's own work per request (README, "Measured"). An iovec array
+hands the kernel the addresses themselves.
 
-What it is not: a bounds check. The addresses must come from
-`GuestMemory.iovec`, which checked every (gpa, length) against guest RAM.
+The plain path is `plain_iovec`: `GuestMemory.host_address(gpa, length)` for each
+buffer, the same bounds check as every guest access. `Iovecs.iovec` adds two
+shortcuts, which tests/unit/test_virtio_hostio.py checks against the plain path for
+any memory layout and buffer list, errors included (hypothesis):
+
+- a list that plainly lies in the first region (RAM below the MMIO hole, where a
+  guest's buffers usually are), judged from the columns' extremes, costs one addition
+  per buffer;
+- the last few lists are remembered: a guest reading into the same pages again (dd's
+  buffer, a database's O_DIRECT pool) asks for the same list. The caller gets a fresh
+  copy to advance (`iovec_transfer` does, after a short transfer).
+
+`iovec_transfer` repeats preadv or pwritev until a request's bytes have all moved.
 """
 
 from __future__ import annotations
 
-import ctypes
-import errno
-import os
 from array import array
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
+from kvmpy.memory import GuestMemory
+from kvmpy.recent import Recent
 from kvmpy.virtio.iov import IOV_MAX
 
 # op(fd, address of the first iovec, entries, file offset) -> bytes moved
 IovecOp = Callable[[int, int, int, int], int]
 
 
-def _iovec_call(name: str) -> IovecOp:
-    fn = getattr(_libc, name)
-    fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int64]
-    fn.restype = ctypes.c_ssize_t
-
-    def call(fd: int, iov: int, count: int, offset: int) -> int:
-        while (n := fn(fd, iov, count, offset)) < 0:
-            if (e := ctypes.get_errno()) != errno.EINTR:  # os.preadv would retry EINTR too
-                raise OSError(e, os.strerror(e))
-        return n
-
-    call.__name__ = name
-    return call
+def plain_iovec(memory: GuestMemory, gpas: Sequence[int], lengths: Sequence[int]) -> array[int]:
+    """The buffers (gpas[i], lengths[i]) as (host address, length) pairs, each checked."""
+    addresses = [memory.host_address(g, n) for g, n in zip(gpas, lengths, strict=True)]
+    return _pairs(addresses, lengths)
 
 
-_libc = ctypes.CDLL(None, use_errno=True)
-preadv = _iovec_call("preadv")
-pwritev = _iovec_call("pwritev")
+def _pairs(addresses: Sequence[int], lengths: Sequence[int]) -> array[int]:
+    iov = array("Q", bytes(16 * len(addresses)))
+    iov[0::2] = array("Q", addresses)
+    iov[1::2] = array("Q", lengths)
+    return iov
+
+
+class Iovecs:
+    """`plain_iovec` for one guest memory, with the shortcuts of the module docstring."""
+
+    def __init__(self, memory: GuestMemory) -> None:
+        self.memory = memory
+        first = memory.regions[0]
+        self._first = first.gpa, first.end, first.host_address - first.gpa
+        self._recent: Recent[tuple[tuple[int, ...], tuple[int, ...]], array[int]] = Recent(4)
+
+    def iovec(self, gpas: Sequence[int], lengths: Sequence[int]) -> array[int]:
+        key = (tuple(gpas), tuple(lengths))  # a tuple is its own tuple: no copy
+        iov = self._recent.get(key)
+        if iov is None:
+            iov = self._build(*key)
+            self._recent.put(key, iov)  # (a refused list raised: never remembered)
+        return iov[:]
+
+    def _build(self, gpas: tuple[int, ...], lengths: tuple[int, ...]) -> array[int]:
+        start, end, shift = self._first
+        if gpas and min(gpas) >= start and min(lengths) >= 0 and max(gpas) + max(lengths) <= end:
+            return _pairs([shift + gpa for gpa in gpas], lengths)
+        return plain_iovec(self.memory, gpas, lengths)
 
 
 def iovec_transfer(op: IovecOp, fd: int, iov: array[int], offset: int, total: int) -> int:
-    """`op(fd, iovec address, count, offset)` (`preadv`/`pwritev` above) over `iov`, an
-    iovec array from `GuestMemory.iovec`, until `total` bytes moved or no progress.
+    """`op(fd, iovec address, count, offset)` (`kvmpy.libc.preadv`/`pwritev`) over `iov`, an
+    iovec array from `Iovecs.iovec`, until `total` bytes moved or no progress.
 
     Returns the bytes moved. A short transfer is retried on the remainder (the
     array is advanced in place); the list goes IOV_MAX entries at a time.

@@ -143,6 +143,13 @@ def cmdline_fragment(base: int, irq: int, size: int = layout.VIRTIO_MMIO_SIZE) -
 class VirtioMmioTransport:
     """One virtio-mmio window presenting `device`; put it on the MMIO bus at its base."""
 
+    # the registers a device reset clears (`_clear`)
+    status: int
+    device_features_sel: int
+    driver_features_sel: int
+    driver_features: int
+    queue_sel: int
+
     def __init__(self, device: VirtioDevice, mem: GuestMemory, irq: IrqLine | None = None,
                  *, label: str | None = None) -> None:
         self.device = device
@@ -224,33 +231,32 @@ class VirtioMmioTransport:
 
     def _read_register(self, offset: int) -> int:
         q = self._selected_queue()
-        match offset:
-            case 0x000:  # MagicValue
-                return MAGIC
-            case 0x004:  # Version
-                return MMIO_VERSION
-            case 0x008:  # DeviceID
-                return self.device.device_id
-            case 0x00C:  # VendorID
-                return VENDOR
-            case 0x010:  # DeviceFeatures
-                if self.device_features_sel > 1:
-                    return 0
-                return self.device_features >> (32 * self.device_features_sel)
-            case 0x034:  # QueueNumMax: 0 means "no such queue"
-                return q.max_size if q is not None else 0
-            case 0x044:  # QueueReady
-                return int(q is not None and q.ready)
-            case 0x060:  # InterruptStatus
-                return self.interrupt_status
-            case 0x070:  # Status
-                return self.status
-            case 0x0B0 | 0x0B4 | 0x0B8 | 0x0BC:  # SHMLen/SHMBase: no regions, all ones
-                return 0xFFFFFFFF
-            case 0x0C0:  # QueueReset: VIRTIO_F_RING_RESET is not offered
+        if offset == MAGIC_VALUE:
+            return MAGIC
+        if offset == VERSION:
+            return MMIO_VERSION
+        if offset == DEVICE_ID:
+            return self.device.device_id
+        if offset == VENDOR_ID:
+            return VENDOR
+        if offset == DEVICE_FEATURES:
+            if self.device_features_sel > 1:
                 return 0
-            case 0x0FC:  # ConfigGeneration
-                return self.config_generation
+            return self.device_features >> (32 * self.device_features_sel)
+        if offset == QUEUE_NUM_MAX:  # 0 means "no such queue"
+            return q.max_size if q is not None else 0
+        if offset == QUEUE_READY:
+            return int(q is not None and q.ready)
+        if offset == INTERRUPT_STATUS:
+            return self.interrupt_status
+        if offset == STATUS:
+            return self.status
+        if offset in (SHM_LEN_LOW, SHM_LEN_HIGH, SHM_BASE_LOW, SHM_BASE_HIGH):
+            return 0xFFFFFFFF  # no shared memory regions: all ones
+        if offset == QUEUE_RESET:
+            return 0  # VIRTIO_F_RING_RESET is not offered
+        if offset == CONFIG_GENERATION:
+            return self.config_generation
         self.warn(f"rd-{offset:#x}", "read of write-only or unknown register %#x", offset)
         return 0
 
@@ -274,28 +280,24 @@ class VirtioMmioTransport:
         if offset in _QUEUE_ADDRESS or offset == QUEUE_NUM:
             self._write_queue_config(q, offset, value)
             return
-        match offset:
-            case 0x014:  # DeviceFeaturesSel
-                self.device_features_sel = value
-            case 0x020:  # DriverFeatures
-                self._write_driver_features(value)
-            case 0x024:  # DriverFeaturesSel
-                self.driver_features_sel = value
-            case 0x030:  # QueueSel
-                self.queue_sel = value
-            case 0x044:  # QueueReady
-                self._write_queue_ready(q, value)
-            case 0x050:  # QueueNotify (no VIRTIO_F_NOTIFICATION_DATA: the value is the index)
-                self._notify(value)
-            case 0x064:  # InterruptACK
-                self._ack_interrupt(value)
-            case 0x070:  # Status
-                self._write_status(value)
-            case 0x0AC | 0x0C0:  # SHMSel, QueueReset: nothing to select or reset
-                pass
-            case _:
-                self.warn(f"wr-{offset:#x}", "write to read-only or unknown register %#x",
-                          offset)
+        if offset == DEVICE_FEATURES_SEL:
+            self.device_features_sel = value
+        elif offset == DRIVER_FEATURES:
+            self._write_driver_features(value)
+        elif offset == DRIVER_FEATURES_SEL:
+            self.driver_features_sel = value
+        elif offset == QUEUE_SEL:
+            self.queue_sel = value
+        elif offset == QUEUE_READY:
+            self._write_queue_ready(q, value)
+        elif offset == QUEUE_NOTIFY:  # no VIRTIO_F_NOTIFICATION_DATA: the value is the index
+            self._notify(value)
+        elif offset == INTERRUPT_ACK:
+            self._ack_interrupt(value)
+        elif offset == STATUS:
+            self._write_status(value)
+        elif offset not in (SHM_SEL, QUEUE_RESET):  # nothing to select or reset there
+            self.warn(f"wr-{offset:#x}", "write to read-only or unknown register %#x", offset)
 
     def _write_driver_features(self, value: int) -> None:
         # §3.1.1: features are written after DRIVER and before FEATURES_OK.

@@ -35,7 +35,6 @@ include/uapi/linux/virtio_ring.h.
 
 from __future__ import annotations
 
-import functools
 import struct
 import threading
 from collections.abc import Iterator, Sequence
@@ -43,21 +42,21 @@ from typing import NamedTuple
 
 from kvmpy.errors import GuestMemoryError
 from kvmpy.memory import GuestMemory
-from kvmpy.recent import Recent
+from kvmpy.virtio import linear_table
+from kvmpy.virtio.ring import (
+    CHAIN_BYTES_MAX,
+    DESC_SIZE,
+    QUEUE_SIZE_MAX,
+    USED_ELEM_SIZE,
+    VIRTQ_AVAIL_F_NO_INTERRUPT,
+    VIRTQ_DESC_F_INDIRECT,
+    VIRTQ_DESC_F_NEXT,
+    VIRTQ_DESC_F_WRITE,
+    VIRTQ_USED_F_NO_NOTIFY,
+    Spans,
+)
 
-# §2.7.5 descriptor flags
-VIRTQ_DESC_F_NEXT = 1
-VIRTQ_DESC_F_WRITE = 2
-VIRTQ_DESC_F_INDIRECT = 4
-# §2.7.6 / §2.7.8 ring flags
-VIRTQ_AVAIL_F_NO_INTERRUPT = 1
-VIRTQ_USED_F_NO_NOTIFY = 1
-
-DESC_SIZE = 16  # struct virtq_desc
-USED_ELEM_SIZE = 8  # struct virtq_used_elem
-QUEUE_SIZE_MAX = 32768  # §2.7: "The maximum Queue Size value is 32768"
 DEFAULT_QUEUE_SIZE = 256
-CHAIN_BYTES_MAX = 1 << 32  # §2.7.5.2: chains shorter than 2^32 bytes in total
 
 _USED_ELEM = struct.Struct("<II")  # id, len
 
@@ -94,64 +93,6 @@ class Descriptor(NamedTuple):
     @property
     def writable(self) -> bool:
         return bool(self.flags & VIRTQ_DESC_F_WRITE)
-
-
-# A chain's buffers as columns: readable gpas, their lengths, writable gpas, their lengths.
-Spans = tuple[Sequence[int], Sequence[int], Sequence[int], Sequence[int]]
-
-
-def _linear_table(table: bytes) -> Spans | None:
-    """The spans of an indirect table laid out as Linux lays them out, or None.
-
-    Linux's virtio_ring fills an indirect table in order: entry i names i+1 as
-    next and has NEXT set, but for the last entry, and the device-readable
-    buffers come first. Such a table is checked a whole column at a time (the
-    same rules `_walk` applies entry by entry: no loop is possible, no nested
-    INDIRECT, readable before writable); any other table, valid or not, returns
-    None and is walked. A 1 MiB disk request is such a table of 258 entries.
-
-    `table` is a copy, taken once, so the guest cannot change what is checked
-    after the check. The answer is remembered (`_recent_tables`): a guest that
-    reads into the same pages again (dd's one buffer, a database's O_DIRECT
-    buffer pool) sends the same table with every request, and the same bytes pass
-    the same checks. The columns are tuples, which no caller can change.
-    """
-    remembered = _recent_tables.get(table)
-    if remembered is None:
-        remembered = (_check_linear_table(table),)  # boxed: "not linear" is remembered too
-        _recent_tables.put(table, remembered)
-    return remembered[0]
-
-
-def _check_linear_table(table: bytes) -> Spans | None:
-    """`_linear_table` without the memo."""
-    n = len(table) // DESC_SIZE
-    fields = _table_struct(n).unpack(table)
-    addrs, lens, flags, nexts = fields[0::4], fields[1::4], fields[2::4], fields[3::4]
-    if nexts[:-1] != _successors(n) or flags[-1] & ~VIRTQ_DESC_F_WRITE:
-        return None  # not chained 0 -> 1 -> ... -> n-1, or the last entry goes on
-    chained = set(flags[:-1])
-    if not chained <= {VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_WRITE}:
-        return None  # other flag bits (INDIRECT among them): let the walk judge
-    write = VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_WRITE
-    k = flags.index(write) if write in chained else n - 1 if flags[-1] else n
-    if VIRTQ_DESC_F_NEXT in flags[k:-1] or (k < n and not flags[-1]):
-        return None  # a readable buffer after a writable one: the walk names it
-    return addrs[:k], lens[:k], addrs[k:], lens[k:]
-
-
-# the last few indirect tables checked, and what `_check_linear_table` said of each
-_recent_tables: Recent[bytes, tuple[Spans | None]] = Recent(4)
-
-
-@functools.lru_cache(maxsize=64)
-def _table_struct(entries: int) -> struct.Struct:
-    return struct.Struct("<" + "QIHH" * entries)
-
-
-@functools.lru_cache(maxsize=64)
-def _successors(entries: int) -> tuple[int, ...]:
-    return tuple(range(1, entries))
 
 
 class DescriptorChain:
@@ -231,7 +172,9 @@ class DescriptorChain:
                     raise VirtqueueError(f"indirect table [{addr:#x}, +{length:#x}) not in RAM")
                 # The WRITE flag of the descriptor naming the table is ignored (§2.7.5.3.2).
                 if not r_gpas and not w_gpas:
-                    spans = _linear_table(bytes(self.mem.view(addr, length)))
+                    # A table laid out as Linux lays them out is checked a column at a
+                    # time, by the rules below (kvmpy.virtio.linear_table; tested to agree)
+                    spans = linear_table.spans(bytes(self.mem.view(addr, length)))
                     if spans is not None:
                         return spans
                 # An indirect table is read whole, so it is unpacked at once.
@@ -301,6 +244,19 @@ class Virtqueue:
     and the negotiated ring features once the driver sets DRIVER_OK.
     """
 
+    # the driver's configuration and the device's cursors: what `reset` sets
+    size: int
+    ready: bool
+    desc_table: int
+    avail_ring: int
+    used_ring: int
+    next_avail: int
+    next_used: int
+    signalled_used: int | None  # used.idx at the last interrupt (EVENT_IDX)
+    event_idx: bool
+    indirect: bool
+    mem: GuestMemory | None  # bound by `activate`
+
     def __init__(self, max_size: int = DEFAULT_QUEUE_SIZE) -> None:
         if not 0 < max_size <= QUEUE_SIZE_MAX or max_size & (max_size - 1):
             raise ValueError(f"queue size {max_size} is not a power of two <= 32768")
@@ -316,10 +272,10 @@ class Virtqueue:
         self.used_ring = 0
         self.next_avail = 0
         self.next_used = 0
-        self.signalled_used: int | None = None
+        self.signalled_used = None
         self.event_idx = False
         self.indirect = False
-        self.mem: GuestMemory | None = None
+        self.mem = None
 
     # -- configuration ----------------------------------------------------------
     def check(self, mem: GuestMemory) -> str | None:
@@ -427,3 +383,9 @@ class Virtqueue:
             mem.write_u16(self.used_ring + 4 + USED_ELEM_SIZE * self.size, self.next_avail)
         full_barrier()
         return self.has_available()
+
+
+__all__ = ["DEFAULT_QUEUE_SIZE", "Descriptor", "DescriptorChain", "Spans", "Virtqueue",
+           "VirtqueueError", "VIRTQ_AVAIL_F_NO_INTERRUPT", "VIRTQ_DESC_F_INDIRECT",
+           "VIRTQ_DESC_F_NEXT", "VIRTQ_DESC_F_WRITE", "VIRTQ_USED_F_NO_NOTIFY", "full_barrier",
+           "vring_need_event"]

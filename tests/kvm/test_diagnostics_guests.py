@@ -18,7 +18,7 @@ import pytest
 
 from kvmpy.cpu.modes import Mode
 from kvmpy.kvm.detect import KvmKind, kvm_kind
-from kvmpy.kvm.exits import ExitReason
+from kvmpy.kvm.exits import SHUTDOWN
 from kvmpy.machine import FlatConfig, Machine, MachineConfig
 
 pytestmark = pytest.mark.kvm
@@ -124,4 +124,4 @@ def test_the_diagnostic_reads_the_exit_from_the_run_page(guest_dir: Path) -> Non
         snap = snapshot(machine.vcpus[0])
     finally:
         machine.close()
-    assert snap.exit_reason == ExitReason.SHUTDOWN and snap.regs.rip == 0x10007
+    assert snap.exit == SHUTDOWN and snap.regs.rip == 0x10007

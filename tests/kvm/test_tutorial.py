@@ -19,10 +19,10 @@ from types import ModuleType
 
 import pytest
 
+from kvmpy.cachedir import cache_dir
 from kvmpy.console import ConsoleOutput
 from kvmpy.cpu.modes import Mode
 from kvmpy.cpu.pagetables import Translation, translate
-from kvmpy.lab.debian import cache_dir
 from kvmpy.machine import FlatConfig, Machine, MachineConfig
 from kvmpy.stop import StopKind
 

@@ -6,14 +6,14 @@ from pathlib import Path
 
 import pytest
 
-from kvmpy import guest_assets
+from kvmpy import assets
 
 
 @pytest.fixture(scope="module")
-def kernel() -> guest_assets.KernelAssets:
-    return guest_assets.kernel_path()
+def kernel() -> assets.KernelAssets:
+    return assets.kernel_path()
 
 
 @pytest.fixture(scope="module")
 def initrd() -> Path:
-    return guest_assets.initramfs_path()
+    return assets.initramfs_path()

@@ -15,14 +15,14 @@ from pathlib import Path
 
 import pytest
 
-from kvmpy import guest_assets
+from kvmpy import assets
 
 pytestmark = pytest.mark.lab
 GDB = shutil.which("gdb")
 
 
 @pytest.mark.skipif(GDB is None, reason="gdb is not installed")
-def test_gdb_breaks_on_start_kernel_by_symbol(kernel: guest_assets.KernelAssets,
+def test_gdb_breaks_on_start_kernel_by_symbol(kernel: assets.KernelAssets,
                                                initrd: Path) -> None:
     vm = subprocess.Popen([sys.executable, "-m", "kvmpy", "run", "--kernel", str(kernel.vmlinux),
                            "--initrd", str(initrd), "--append", "-- true", "--entry64",

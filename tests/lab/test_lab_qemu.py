@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from kvmpy import guest_assets
+from kvmpy.assets import AssetError, initramfs_path, kernel_path
 from kvmpy.initramfs import INIT_MARKER
-from kvmpy.lab import LabError, linux_kvm_status
+from kvmpy.lab import linux_kvm_status
 
 pytestmark = pytest.mark.lab
 
@@ -26,9 +26,9 @@ def assets() -> tuple[Path, Path]:
     ok, why = linux_kvm_status()
     assert ok, f"lab tests must run where Linux can boot on /dev/kvm: {why}"
     try:
-        kernel = guest_assets.kernel_path().bzimage
-        initrd = guest_assets.initramfs_path()
-    except LabError as e:
+        kernel = kernel_path().bzimage
+        initrd = initramfs_path()
+    except AssetError as e:
         pytest.fail(f"{e} (`make test` builds it)")
     return kernel, initrd
 

@@ -19,12 +19,11 @@ from pathlib import Path
 
 import pytest
 
-from kvmpy import guest_assets, initramfs
+from kvmpy import assets, initramfs
 from kvmpy.acpi.choice import choose_acpi
 from kvmpy.acpi.linuxlog import acpi_complaints
 from kvmpy.api import Guest
-from kvmpy.lab import LabError
-from kvmpy.lab.debian import cache_dir
+from kvmpy.cachedir import cache_dir
 from kvmpy.machine import DiskConfig
 from kvmpy.stop import StopKind
 
@@ -44,19 +43,19 @@ REPORT = ('-- sh -c "echo cpus=$(nproc); for d in /sys/bus/virtio/devices/*; do 
 
 
 @pytest.fixture(scope="module")
-def stock() -> guest_assets.StockKernel:
+def stock() -> assets.StockKernel:
     try:
-        return guest_assets.stock_kernel_path()
-    except LabError as e:
+        return assets.stock_kernel_path()
+    except assets.AssetError as e:
         pytest.fail(f"{e} (fetch it on the host first: `make stock-kernel`)")
 
 
 @pytest.fixture(scope="module")
-def initrd(stock: guest_assets.StockKernel) -> Path:
+def initrd(stock: assets.StockKernel) -> Path:
     return initramfs.modules_guest_initramfs_path(stock.modules, cache_dir() / "initramfs")
 
 
-def test_auto_chooses_acpi_for_the_stock_kernel(stock: guest_assets.StockKernel) -> None:
+def test_auto_chooses_acpi_for_the_stock_kernel(stock: assets.StockKernel) -> None:
     assert choose_acpi("auto", stock.vmlinuz).acpi  # from its config: no X86_MPPARSE
     assert choose_acpi("auto", stock.vmlinuz, stock.modules).acpi
 

@@ -27,7 +27,7 @@ from typing import Any
 
 import pytest
 
-from kvmpy import guest_assets
+from kvmpy import assets
 from kvmpy.api import ExpectTimeout, Guest
 from kvmpy.initramfs import INIT_MARKER
 from kvmpy.stop import StopKind
@@ -94,7 +94,7 @@ echo "guest-sent-status=$?"
 
 @pytest.fixture(scope="module")
 def kernel() -> Path:
-    return guest_assets.kernel_path().bzimage
+    return assets.kernel_path().bzimage
 
 
 @pytest.fixture(scope="module")
@@ -216,7 +216,7 @@ def test_hwrng_gives_random_bytes(kernel: Path, initrd: Path) -> None:
 
 def test_hvc0_is_the_console_both_ways(kernel: Path) -> None:
     """The default guest with console=hvc0: /init's marker, a shell, typed commands."""
-    with Guest(kernel, guest_assets.initramfs_path(), console="virtio") as g:
+    with Guest(kernel, assets.initramfs_path(), console="virtio") as g:
         try:
             g.expect(INIT_MARKER, 120)
         except ExpectTimeout as e:

@@ -155,12 +155,11 @@ def test_modules_initramfs_is_built_once_with_the_modules_in_order(tmp_path: Pat
 
 
 def test_debian_cloud_kernel_when_fetched() -> None:
-    from kvmpy import guest_assets
-    from kvmpy.lab import LabError
+    from kvmpy import assets
 
     try:
-        stock = guest_assets.stock_kernel_path()
-    except LabError:
+        stock = assets.stock_kernel_path()
+    except assets.AssetError:
         pytest.skip("Debian's cloud kernel is not fetched (`make stock-kernel`)")
     assert kernel_release(stock.vmlinuz) == stock.release
     assert choose_acpi("auto", stock.vmlinuz).acpi  # its config lacks X86_MPPARSE

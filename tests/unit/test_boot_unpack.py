@@ -78,13 +78,15 @@ def test_a_payload_reaching_past_the_file_is_none() -> None:
 
 def test_first_boot_decompresses_and_unpacks_for_the_next(cache: Path) -> None:
     image = bzimage()
-    first = load_kernel_bytes(memory(), image, unpack=True)
-    assert first.protocol == "bzimage" and not first.unpacked  # nothing kept yet
+    assert unpack.cached(image) is None  # nothing kept yet: the decompressor boots
+    first = load_kernel_bytes(memory(), image)
+    assert first.protocol == "bzimage" and not first.unpacked
     kept = unpack.unpack_to_cache(image, parse_setup_header(image))
     assert kept is not None and kept.parent == cache / "unpacked"
     assert kept.read_bytes() == VMLINUX
+    assert unpack.cached(image) == kept
     mem = memory()
-    second = load_kernel_bytes(mem, image, unpack=True)
+    second = load_kernel_bytes(mem, image, unpacked=kept)
     assert second.unpacked and second.protocol == "elf64"
     assert (second.entry_gpa, second.load_gpa) == (0x100_0000, 0x100_0000)
     assert mem.read(0x100_0000, 3) == b"\x0f\x01\xd9"  # the vmlinux, not the decompressor
@@ -93,22 +95,22 @@ def test_first_boot_decompresses_and_unpacks_for_the_next(cache: Path) -> None:
     page = build_boot_params(e820=build_e820(mem), setup_header=second.setup_header)
     for field in ("version", "xloadflags", "pref_address", "init_size", "payload_length"):
         assert bp.get(page, field) == bp.get(image, field), field
-    # asked not to, it runs the decompressor again
-    assert load_kernel_bytes(memory(), image, unpack=False).protocol == "bzimage"
+    # not given it, it runs the decompressor again
+    assert load_kernel_bytes(memory(), image).protocol == "bzimage"
 
 
 def test_a_changed_image_never_boots_a_stale_kernel() -> None:
     image = bzimage()
     assert unpack.unpack_to_cache(image, parse_setup_header(image)) is not None
     changed = bzimage("gzip")  # same vmlinux, another file: its own entry
-    assert not load_kernel_bytes(memory(), changed, unpack=True).unpacked
+    assert unpack.cached(changed) is None
 
 
 def test_a_cache_it_cannot_write_leaves_the_kernel_to_its_decompressor(cache: Path) -> None:
     (cache / "unpacked").write_text("a file where the directory should be")  # as unwritable
     image = bzimage()
     assert unpack.unpack_to_cache(image, parse_setup_header(image)) is None
-    assert not load_kernel_bytes(memory(), image, unpack=True).unpacked
+    assert unpack.cached(image) is None
 
 
 def test_an_unpacking_thread_that_fails_says_nothing(tmp_path: Path) -> None:
@@ -123,9 +125,14 @@ def test_an_unpacking_thread_that_fails_says_nothing(tmp_path: Path) -> None:
 def test_the_background_unpack_keeps_the_kernel(tmp_path: Path) -> None:
     path = tmp_path / "bzImage"
     path.write_bytes(bzimage())
+    assert unpack.kept(path) is None
     unpack.unpack_in_background(path).join(10)
-    kept = unpack.cached(path.read_bytes())
+    kept = unpack.kept(path)
     assert kept is not None and kept.read_bytes() == VMLINUX
+    assert unpack.kept(tmp_path / "missing") is None
+    elf = tmp_path / "vmlinux"
+    elf.write_bytes(VMLINUX)
+    assert unpack.kept(elf) is None  # not a bzImage
 
 
 def test_without_o_tmpfile_a_renamed_file_and_nothing_left_over(

@@ -40,7 +40,7 @@ def test_the_boot_path_leaves_heavy_modules_unimported():
     import sys
 
     heavy = ["dataclasses", "logging", "shutil", "json", "ctypes", "calendar", "hashlib",
-             "kvmpy.acpi.tables", "kvmpy.virtio.mmio", "kvmpy.guest_assets",
+             "kvmpy.acpi.tables", "kvmpy.virtio.mmio", "kvmpy.assets",
              # a bzImage boot without ACPI or --stats needs none of these
              "kvmpy.trace.stats", "kvmpy.devices.acpi_pm", "kvmpy.flat", "kvmpy.boot.pvh"]
     code = ("import sys, kvmpy.cli, kvmpy.machine, kvmpy.console, kvmpy.acpi.choice, "

@@ -5,11 +5,13 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from test_trace_fakes import CODE, machine
+from test_trace_fakes import CODE, fake_vcpu
 
+from kvmpy.bus import Bus
+from kvmpy.exitloop import VcpuLoop
 from kvmpy.gdb.control import SIGSEGV, SIGTRAP, DebugControl, NotStopped
 from kvmpy.gdb.debugregs import HwPoint
-from kvmpy.kvm.exits import RUN_IMMEDIATE_EXIT, ExitReason
+from kvmpy.kvm.exits import INTERRUPTED, RUN_IMMEDIATE_EXIT, SHUTDOWN, Debug, VcpuExit
 from kvmpy.kvm.ioctl import lib
 
 ENABLE, STEP, HW = lib.KVM_GUESTDBG_ENABLE, lib.KVM_GUESTDBG_SINGLESTEP, lib.KVM_GUESTDBG_USE_HW_BP
@@ -17,15 +19,15 @@ DR6_B0, DR6_BS = 0xFFFF0FF1, 0xFFFF4FF0
 
 
 class VcpuThread:
-    """Runs one exit handler on its own thread, as the vCPU's loop would."""
+    """Handles one exit on its own thread, as the vCPU's loop would."""
 
-    def __init__(self, handler: Callable[[], Any]) -> None:
+    def __init__(self, loop: VcpuLoop, exit: VcpuExit) -> None:
         self.result: Any = None
-        self.thread = threading.Thread(target=self._run, args=(handler,), daemon=True)
+        self.thread = threading.Thread(target=self._run, args=(loop.handle, exit), daemon=True)
         self.thread.start()
 
-    def _run(self, handler: Callable[[], Any]) -> None:
-        self.result = handler()
+    def _run(self, handle: Callable[[VcpuExit], Any], exit: VcpuExit) -> None:
+        self.result = handle(exit)
 
     def join(self) -> Any:
         self.thread.join(5)
@@ -34,21 +36,24 @@ class VcpuThread:
 
 
 def setup(code: bytes = b"\x90\x90\xf4"):  # type: ignore[no-untyped-def]
-    vcpu, memory, loop = machine("long", code)
-    control = DebugControl([loop], memory, irqchip=False)
-    control.install()
-    return vcpu, loop, control
+    vcpu, memory = fake_vcpu("long", code)
+    loops: list[VcpuLoop] = []
+    control = DebugControl([vcpu], memory, irqchip=False,  # type: ignore[list-item]
+                           stopped=lambda: loops[0].stop)
+    loops.append(VcpuLoop(vcpu, memory, Bus("pio"), Bus("mmio"),  # type: ignore[arg-type]
+                          observers=[control.observer(0)]))
+    control.stop_at_start()
+    return vcpu, loops[0], control
 
 
 def debug_exit(vcpu, loop, dr6: int) -> VcpuThread:  # type: ignore[no-untyped-def]
-    vcpu.set_exit(ExitReason.DEBUG, "<IIQQQ", 1, 0, CODE, dr6, 0)
-    return VcpuThread(loop.handlers[ExitReason.DEBUG])
+    return VcpuThread(loop, Debug(1, CODE, dr6, 0))
 
 
 def test_install_stops_every_vcpu_at_its_first_instruction() -> None:
     vcpu, loop, control = setup()
     assert vcpu.page[RUN_IMMEDIATE_EXIT] == 1  # the first KVM_RUN returns at once
-    t = VcpuThread(loop.handlers[ExitReason.INTR])  # ... with EINTR
+    t = VcpuThread(loop, INTERRUPTED)  # ... with EINTR
     assert control.wait_all_parked(5)
     assert control.first_event() is None  # stopped, but for no reason of its own
     assert control.call(0, lambda v: v.get_regs().rip) == CODE
@@ -62,7 +67,7 @@ def test_install_stops_every_vcpu_at_its_first_instruction() -> None:
 
 def test_requests_run_on_the_vcpus_own_thread() -> None:
     _, loop, control = setup()
-    t = VcpuThread(loop.handlers[ExitReason.INTR])
+    t = VcpuThread(loop, INTERRUPTED)
     control.wait_all_parked(5)
     assert control.call(0, lambda v: threading.get_ident()) == t.thread.ident
     with pytest.raises(ZeroDivisionError):  # errors come back to the caller
@@ -91,7 +96,7 @@ def test_breakpoint_then_step_off_it_then_continue() -> None:
 def test_single_step_keeps_breakpoints_elsewhere() -> None:
     vcpu, loop, control = setup()
     control.points.insert(HwPoint("sw", CODE + 1))
-    t = VcpuThread(loop.handlers[ExitReason.INTR])
+    t = VcpuThread(loop, INTERRUPTED)
     control.wait_all_parked(5)
     control.resume({0: "s"})
     t.join()
@@ -106,7 +111,7 @@ def test_single_step_keeps_breakpoints_elsewhere() -> None:
 
 def test_stepping_a_hlt_runs_it_for_real_without_an_irqchip() -> None:
     vcpu, loop, control = setup(b"\xf4")
-    t = VcpuThread(loop.handlers[ExitReason.INTR])
+    t = VcpuThread(loop, INTERRUPTED)
     control.wait_all_parked(5)
     control.resume({0: "s"})
     t.join()
@@ -116,8 +121,7 @@ def test_stepping_a_hlt_runs_it_for_real_without_an_irqchip() -> None:
 def test_a_dying_vcpu_stops_for_the_debugger_first() -> None:
     vcpu, loop, control = setup()
     control.attached = True
-    vcpu.set_exit(ExitReason.SHUTDOWN)
-    t = VcpuThread(loop.handlers[ExitReason.SHUTDOWN])
+    t = VcpuThread(loop, SHUTDOWN)
     control.wait_all_parked(5)
     event = control.first_event()[1]  # type: ignore[index]
     assert (event.signal, event.what) == (SIGSEGV, "triple fault")
@@ -128,7 +132,7 @@ def test_a_dying_vcpu_stops_for_the_debugger_first() -> None:
 
 def test_a_parked_vcpu_leaves_when_the_vm_is_stopped() -> None:
     _, loop, control = setup()
-    t = VcpuThread(loop.handlers[ExitReason.INTR])
+    t = VcpuThread(loop, INTERRUPTED)
     control.wait_all_parked(5)
     from kvmpy.stop import Stop, StopKind
 

@@ -4,12 +4,14 @@ import io
 import threading
 
 import pytest
-from test_trace_fakes import CODE, machine
+from test_trace_fakes import CODE, fake_vcpu
 
+from kvmpy.bus import Bus
 from kvmpy.errors import ConfigError
+from kvmpy.exitloop import VcpuLoop
 from kvmpy.gdb import registers
 from kvmpy.gdb.stub import GdbConfig, GdbStub
-from kvmpy.kvm.exits import ExitReason
+from kvmpy.kvm.exits import INTERRUPTED
 from kvmpy.stop import Stop, StopKind
 
 CODE_BYTES = bytes.fromhex("48 c7 c0 34 12 00 00 f4")
@@ -17,11 +19,15 @@ CODE_BYTES = bytes.fromhex("48 c7 c0 34 12 00 00 f4")
 
 @pytest.fixture
 def stub():  # type: ignore[no-untyped-def]
-    vcpu, memory, loop = machine("long", CODE_BYTES)
+    vcpu, memory = fake_vcpu("long", CODE_BYTES)
     stops: list[Stop] = []
-    stub = GdbStub([loop], memory, GdbConfig(0), irqchip=False, request_stop=stops.append,
-                   log=io.StringIO())
-    parked = threading.Thread(target=loop.handlers[ExitReason.INTR], daemon=True)
+    loops: list[VcpuLoop] = []
+    stub = GdbStub([vcpu], memory, GdbConfig(0), irqchip=False,  # type: ignore[list-item]
+                   request_stop=stops.append, stopped=lambda: loops[0].stop, log=io.StringIO())
+    loop = VcpuLoop(vcpu, memory, Bus("pio"), Bus("mmio"),  # type: ignore[arg-type]
+                    observers=[stub.observer(0)])
+    loops.append(loop)
+    parked = threading.Thread(target=loop.handle, args=(INTERRUPTED,), daemon=True)
     parked.start()  # the first KVM_RUN returned EINTR: the vCPU parks
     assert stub.control.wait_all_parked(5)
     yield stub, vcpu, loop

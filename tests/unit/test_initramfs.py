@@ -241,7 +241,7 @@ def test_resolve_modules_reports_missing_and_cycles(tmp_path: Path) -> None:
 
 
 def test_resolve_debian_lab_modules_when_fetched() -> None:
-    from kvmpy.lab.debian import cache_dir
+    from kvmpy.cachedir import cache_dir
     from kvmpy.lab.image import LAB_MODULES
 
     trees = sorted((cache_dir() / "pkgs").glob("linux-image-*-amd64_*/lib/modules/*"))

@@ -1,4 +1,4 @@
-"""kvmpy.lab without booting it: the Linux-capable-KVM check, the command script, QEMU argv."""
+"""kvmpy.lab without booting it: the command script, QEMU argv, Debian versions."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from kvmpy.assets.debian import deb_version, version_key
 from kvmpy.lab import command
-from kvmpy.lab.debian import LabError, _version_key, deb_version
-from kvmpy.lab.host import linux_kvm_status
+from kvmpy.lab.errors import LabError
 from kvmpy.lab.image import LabImage
 from kvmpy.lab.monitor import describe
 from kvmpy.lab.runner import (
@@ -24,38 +24,6 @@ from kvmpy.lab.runner import (
     command_script,
     qemu_argv,
 )
-
-
-def machine(tmp_path: Path, modules: list[str], flags: str) -> tuple[Path, Path, Path]:
-    dev = tmp_path / "kvm"
-    dev.write_text("")
-    sys_module = tmp_path / "module"
-    for m in modules:
-        (sys_module / m).mkdir(parents=True)
-    sys_module.mkdir(exist_ok=True)
-    cpuinfo = tmp_path / "cpuinfo"
-    cpuinfo.write_text(f"processor\t: 0\nflags\t\t: fpu {flags} lm\n\n")
-    return dev, cpuinfo, sys_module
-
-
-@pytest.mark.parametrize(("modules", "flags", "ok", "says"), [
-    (["kvm", "kvm_pvm"], "", False, "PVM"),
-    (["kvm", "kvm_amd"], "svm", True, "kvm_amd"),
-    (["kvm", "kvm_intel"], "vmx", True, "kvm_intel"),
-    (["kvm", "kvm_intel"], "", False, "no vmx"),
-    (["kvm"], "vmx", False, "neither"),
-])
-def test_linux_kvm_status(tmp_path: Path, modules: list[str], flags: str, ok: bool,
-                          says: str) -> None:
-    dev, cpuinfo, sys_module = machine(tmp_path, modules, flags)
-    got, why = linux_kvm_status(dev, cpuinfo, sys_module)
-    assert got is ok and says in why
-
-
-def test_linux_kvm_status_without_dev_kvm(tmp_path: Path) -> None:
-    got, why = linux_kvm_status(tmp_path / "missing", tmp_path / "c", tmp_path / "m")
-    assert not got and "does not exist" in why
-
 
 _text = st.text(st.characters(blacklist_categories=["Cs"], blacklist_characters="\0"),
                 max_size=20)
@@ -119,7 +87,7 @@ def test_failure_reason_prefers_the_labs_own_words(tmp_path: Path) -> None:
 
 def test_debian_version_order() -> None:
     versions = ["6.1.99-1", "6.1.192-2", "6.1.176-1", "6.1.192-10"]
-    assert sorted(versions, key=_version_key) == ["6.1.99-1", "6.1.176-1", "6.1.192-2",
+    assert sorted(versions, key=version_key) == ["6.1.99-1", "6.1.176-1", "6.1.192-2",
                                                   "6.1.192-10"]
     assert deb_version(Path("linux-source-6.1_6.1.192-2_all.deb")) == "6.1.192-2"
 

@@ -3,18 +3,28 @@
 `FakeVcpu` holds real cffi `kvm_regs`/`kvm_sregs`/`kvm_fpu` structs (the
 shim module loads without /dev/kvm) and a kvm_run page in a bytearray, so
 kvmpy's own mode setup (`kvmpy.cpu.modes`) and the real `VcpuLoop` work on
-it unchanged. Tests put an exit in the run page with `set_exit`.
+it unchanged. Tests hand typed exits to `VcpuLoop.handle`, or put an exit in the
+run page with `set_exit` (by hand-written layouts: a check of kvmpy's decoder).
 """
 
 from __future__ import annotations
 
 import struct
+from collections.abc import Sequence
 from typing import Any
 
 from kvmpy.bus import Bus
 from kvmpy.cpu.modes import setup_long, setup_protected, setup_real
-from kvmpy.exitloop import VcpuLoop
-from kvmpy.kvm.exits import RUN_EXIT_REASON, RUN_IMMEDIATE_EXIT, RUN_UNION, ExitReason
+from kvmpy.exitloop import ExitObserver, VcpuLoop
+from kvmpy.kvm.exits import (
+    RUN_EXIT_REASON,
+    RUN_IMMEDIATE_EXIT,
+    RUN_UNION,
+    ExitReason,
+    IoOut,
+    VcpuExit,
+    decode,
+)
 from kvmpy.kvm.ioctl import ffi
 from kvmpy.memory import GuestMemory
 
@@ -59,6 +69,10 @@ class FakeVcpu:
     def set_immediate_exit(self, value: bool) -> None:
         self.page[RUN_IMMEDIATE_EXIT] = int(value)
 
+    def run(self) -> VcpuExit:
+        """KVM_RUN as far as the page goes: the exit `set_exit` put there."""
+        return decode(self.run_page)
+
     def set_exit(self, reason: int, fmt: str = "", *values: Any) -> None:
         struct.pack_into("<I", self.page, RUN_EXIT_REASON, reason)
         if fmt:
@@ -72,9 +86,9 @@ class FakeVcpu:
         self.set_regs(regs)
 
 
-def machine(mode: str = "long", code: bytes = b"\xf4", mem_size: int = 1 << 20,
-            index: int = 0) -> tuple[FakeVcpu, GuestMemory, VcpuLoop]:
-    """A fake vCPU set up by kvmpy's own mode code, `code` at CODE, and a real VcpuLoop."""
+def fake_vcpu(mode: str = "long", code: bytes = b"\xf4", mem_size: int = 1 << 20,
+              index: int = 0) -> tuple[FakeVcpu, GuestMemory]:
+    """A fake vCPU set up by kvmpy's own mode code, with `code` at CODE in its memory."""
     memory = GuestMemory.from_buffer(bytearray(mem_size))
     memory.write(CODE, code)
     vcpu = FakeVcpu(index)
@@ -84,7 +98,16 @@ def machine(mode: str = "long", code: bytes = b"\xf4", mem_size: int = 1 << 20,
         setup_protected(vcpu, memory, CODE, STACK)
     else:
         setup_real(vcpu, CODE)
-    loop = VcpuLoop(vcpu, memory, Bus("pio"), Bus("mmio"))  # type: ignore[arg-type]
+    return vcpu, memory
+
+
+def machine(mode: str = "long", code: bytes = b"\xf4", mem_size: int = 1 << 20,
+            index: int = 0, observers: Sequence[ExitObserver] = (),
+            ) -> tuple[FakeVcpu, GuestMemory, VcpuLoop]:
+    """`fake_vcpu`, and a real VcpuLoop for it with empty buses."""
+    vcpu, memory = fake_vcpu(mode, code, mem_size, index)
+    loop = VcpuLoop(vcpu, memory, Bus("pio"), Bus("mmio"),  # type: ignore[arg-type]
+                    observers=observers)
     return vcpu, memory, loop
 
 
@@ -107,5 +130,7 @@ def test_fake_vcpu_returns_copies_like_kvm() -> None:
 def test_set_exit_writes_reason_and_payload() -> None:
     vcpu = FakeVcpu()
     vcpu.set_exit(ExitReason.IO, "<BBHIQ", 1, 1, 0x3F8, 1, 0x100)
+    vcpu.page[0x100] = 0x41
     assert struct.unpack_from("<I", vcpu.page, RUN_EXIT_REASON)[0] == ExitReason.IO
     assert struct.unpack_from("<BBH", vcpu.page, RUN_UNION) == (1, 1, 0x3F8)
+    assert vcpu.run() == IoOut(0x3F8, 1, b"A")

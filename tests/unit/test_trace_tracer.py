@@ -5,12 +5,11 @@ import io
 import pytest
 from test_trace_fakes import CODE, machine
 
-from kvmpy.kvm.exits import ExitReason
+from kvmpy.kvm.exits import SHUTDOWN, Hlt, IoIn, IoOut, MmioWrite
 from kvmpy.trace.filter import TraceFilter
 from kvmpy.trace.tracer import Tracer
 
 pytest.importorskip("capstone")
-DATA = 0x200
 # mov dx, 0x3f8; out dx, al; in al, dx; movabs rax, imm64; mov [rbx+0x10], rax; hlt
 CODE_BYTES = bytes.fromhex("66 ba f8 03 ee ec 48 b8 88 77 66 55 44 33 22 11 48 89 43 10 f4")
 OUT, IN, STORE, HLT = CODE + 4, CODE + 5, CODE + 16, CODE + 20
@@ -25,20 +24,20 @@ class Device:
 
 
 def traced(mode: str = "long", filter: str = ""):  # type: ignore[no-untyped-def]
-    vcpu, memory, loop = machine(mode, CODE_BYTES)
-    loop.pio.insert(0x3F8, 8, Device(), "serial0")
-    loop.mmio.insert(0xE0000000, 0x1000, Device(), "testdev")
     out = io.StringIO()
     tracer = Tracer(TraceFilter.parse(filter), out)
-    tracer.install(loop)
+    vcpu, memory, loop = machine(mode, CODE_BYTES, observers=[tracer])
+    loop.pio.insert(0x3F8, 8, Device(), "serial0")
+    loop.mmio.insert(0xE0000000, 0x1000, Device(), "testdev")
     return vcpu, loop, out
 
 
-def io_exit(vcpu, loop, direction: int, rip: int, value: int = 0x41) -> None:  # type: ignore[no-untyped-def]
+def io_exit(vcpu, loop, direction: int, rip: int, value: int = 0x41) -> bytearray:  # type: ignore[no-untyped-def]
+    """An IN (direction 0) or OUT (1) of one byte on port 0x3f8; returns the IN's data."""
     vcpu.set_rip(rip, rdx=0x3F8)
-    vcpu.set_exit(ExitReason.IO, "<BBHIQ", direction, 1, 0x3F8, 1, DATA)
-    vcpu.page[DATA] = value
-    loop.handlers[ExitReason.IO]()
+    data = bytearray([value])
+    loop.handle(IoOut(0x3F8, 1, bytes(data)) if direction else IoIn(0x3F8, 1, memoryview(data)))
+    return data
 
 
 def test_emulated_out_leaves_rip_after_the_instruction() -> None:
@@ -66,9 +65,7 @@ def test_in_shows_the_value_the_device_returned() -> None:
 def test_mmio_write_names_the_whole_instruction() -> None:
     vcpu, loop, out = traced()
     vcpu.set_rip(STORE + 4)
-    vcpu.set_exit(ExitReason.MMIO, "<Q8sIB", 0xE0000010, (0x1122334455667788).to_bytes(8, "little"),
-                  8, 1)
-    loop.handlers[ExitReason.MMIO]()
+    loop.handle(MmioWrite(0xE0000010, (0x1122334455667788).to_bytes(8, "little")))
     line = out.getvalue()
     assert "MMIO write addr=0xe0000010 size=8 value=0x1122334455667788 dev=testdev+0x10" in line
     assert line.rstrip().endswith(f"| {STORE:#x}: mov qword ptr [rbx + 0x10], rax")
@@ -77,8 +74,7 @@ def test_mmio_write_names_the_whole_instruction() -> None:
 def test_hlt_is_found_before_rip() -> None:
     vcpu, loop, out = traced()
     vcpu.set_rip(HLT + 1)
-    vcpu.set_exit(ExitReason.HLT)
-    loop.handlers[ExitReason.HLT]()
+    loop.handle(Hlt(False))
     assert out.getvalue().rstrip().endswith(f"vcpu0 HLT | {HLT:#x}: hlt")
 
 
@@ -91,18 +87,17 @@ def test_real_mode_addresses_are_cs_ip() -> None:
 def test_filtered_out_exits_are_handled_but_not_traced() -> None:
     vcpu, loop, out = traced(filter="mmio")
     before = vcpu.ioctls
-    io_exit(vcpu, loop, 0, IN, value=0)
+    data = io_exit(vcpu, loop, 0, IN, value=0)
     assert out.getvalue() == ""
-    assert vcpu.page[DATA] == 0x21  # the IN still happened
+    assert data[0] == 0x21  # the IN still happened
     assert vcpu.ioctls == before + 1  # set_rip's read only: no registers read for a trace
-    vcpu.set_exit(ExitReason.HLT)
-    assert loop.handlers[ExitReason.HLT] == loop.on_hlt  # decided once: not even wrapped
+    assert loop.handle(Hlt(False)) is not None
+    assert out.getvalue() == "" and vcpu.ioctls == before + 1
 
 
 def test_fatal_exits_are_traced_before_the_handler_reads_state() -> None:
     vcpu, loop, out = traced()
     vcpu.set_rip(CODE)
-    vcpu.set_exit(ExitReason.SHUTDOWN)
-    stop = loop.handlers[ExitReason.SHUTDOWN]()
+    stop = loop.handle(SHUTDOWN)
     assert stop is not None and "triple fault" in stop.reason
     assert "vcpu0 SHUTDOWN |" in out.getvalue()

@@ -10,8 +10,9 @@ from pathlib import Path
 from hypothesis import given
 from hypothesis import strategies as st
 
+from kvmpy.libc import preadv, pwritev
 from kvmpy.memory import GuestMemory
-from kvmpy.virtio.hostio import iovec_transfer, preadv, pwritev
+from kvmpy.virtio.hostio import iovec_transfer, plain_iovec
 from kvmpy.virtio.iov import iov_len, iov_read, iov_slice, iov_write, span_slice
 
 pieces = st.lists(st.binary(max_size=40), max_size=6)
@@ -93,7 +94,7 @@ def test_transfer_retries_short_operations(chunks: list[bytes], step: int) -> No
         return n
 
     total = sum(lengths)
-    assert iovec_transfer(short_read, -1, mem.iovec(gpas, lengths), 3, total) == total
+    assert iovec_transfer(short_read, -1, plain_iovec(mem, gpas, lengths), 3, total) == total
     assert _gather(mem, gpas, lengths) == source[3 : 3 + total]
     assert len(calls) == sum(-(-n // step) for n in lengths if n)  # empty entries skipped
 
@@ -108,11 +109,11 @@ def test_preadv_and_pwritev_move_file_bytes_to_guest_pages_and_back(
     path.write_bytes(content)
     fd = os.open(path, os.O_RDWR)
     try:
-        assert iovec_transfer(preadv, fd, mem.iovec(gpas, lengths), offset, total) == total
+        assert iovec_transfer(preadv, fd, plain_iovec(mem, gpas, lengths), offset, total) == total
         assert _gather(mem, gpas, lengths) == content[offset : offset + total]
         for g, c in zip(gpas, chunks, strict=True):
             mem.write(g, c)
-        assert iovec_transfer(pwritev, fd, mem.iovec(gpas, lengths), 5, total) == total
+        assert iovec_transfer(pwritev, fd, plain_iovec(mem, gpas, lengths), 5, total) == total
         assert Path(path).read_bytes()[5 : 5 + total] == b"".join(chunks)
     finally:
         os.close(fd)
@@ -121,7 +122,7 @@ def test_preadv_and_pwritev_move_file_bytes_to_guest_pages_and_back(
 def test_an_error_is_an_oserror_with_its_errno() -> None:
     mem = GuestMemory.from_buffer(bytearray(0x1000))
     try:
-        iovec_transfer(preadv, -1, mem.iovec([0], [16]), 0, 16)
+        iovec_transfer(preadv, -1, plain_iovec(mem, [0], [16]), 0, 16)
     except OSError as e:
         assert e.errno == 9 and e.strerror == os.strerror(9)  # EBADF
     else:

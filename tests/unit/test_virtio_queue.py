@@ -14,7 +14,6 @@ from kvmpy.virtio.queue import (
     VIRTQ_DESC_F_INDIRECT,
     VIRTQ_DESC_F_NEXT,
     VIRTQ_DESC_F_WRITE,
-    DescriptorChain,
     Virtqueue,
     VirtqueueError,
     vring_need_event,
@@ -219,77 +218,3 @@ def test_hostile_descriptor_tables_never_escape(table, indirect_table, head, ava
     for v in readable + writable:
         assert v.obj is mem.regions[0].buffer
     assert len(readable) + len(writable) <= SIZE + 256 // 16
-
-
-def _general_walk(q: Virtqueue, head: int) -> object:
-    """What the entry-by-entry walk makes of a chain (the linear-table shortcut disabled)."""
-    import kvmpy.virtio.queue as queue_mod
-
-    chain = DescriptorChain(q.mem, q.desc_table, q.size, head, True)  # type: ignore[arg-type]
-    saved = queue_mod._linear_table
-    queue_mod._linear_table = lambda table: None  # type: ignore[assignment]
-    try:
-        return chain.buffers()
-    except VirtqueueError as e:
-        return type(e)
-    finally:
-        queue_mod._linear_table = saved
-
-
-@settings(max_examples=400, suppress_health_check=[HealthCheck.too_slow])
-@given(entries=st.lists(st.tuples(st.sampled_from([0x5000, 0x6000, MEM - 8, 2**63]),
-                                  st.integers(0, 64),
-                                  st.sampled_from([0, N, W, N | W, IND, N | IND, 8, N | 8]),
-                                  st.integers(0, 6)),
-                        min_size=1, max_size=6),
-       linear=st.booleans())
-def test_linear_indirect_tables_take_the_shortcut_to_the_same_answer(entries, linear) -> None:  # type: ignore[no-untyped-def]
-    """Linux-shaped indirect tables are checked a column at a time; the answer (spans or
-    the kind of error) must be the walk's, for every table the strategy makes."""
-    q, mem, _ = make_queue()
-    for i, (addr, length, flags, nxt) in enumerate(entries):
-        if linear:  # Linux's shape: i -> i+1, NEXT on all but the last
-            last = i == len(entries) - 1
-            flags = (flags & ~N) | (0 if last else N)
-            nxt = i + 1
-        put_desc(mem, i, addr, length, flags, nxt, table=T)
-    put_desc(mem, 0, T, 16 * len(entries), IND)
-    offer(mem, q, 0)
-    chain = q.pop()
-    assert chain is not None
-    try:
-        got: object = chain.buffers()
-    except VirtqueueError as e:
-        got = type(e)
-    expected = _general_walk(q, 0)
-    if isinstance(got, tuple):
-        assert isinstance(expected, tuple)
-        assert [[(bytes(v), v.obj) for v in side] for side in got] == \
-            [[(bytes(v), v.obj) for v in side] for side in expected]
-    else:
-        assert got == expected
-
-
-def test_a_remembered_table_changed_by_one_flag_is_checked_again() -> None:
-    """The linear-table check is memoized on the table's bytes: the same bytes (dd's
-    buffer, read again) reuse the answer, and any change is a new table."""
-    q, mem, _ = make_queue()
-    import kvmpy.virtio.queue as queue_mod
-
-    entries = [(0x5000, 16, N, 1), (0x6000, 512, N | W, 2), (0x6800, 1, W, 0)]
-    for i, (addr, length, flags, nxt) in enumerate(entries):
-        put_desc(mem, i, addr, length, flags, nxt, table=T)
-    put_desc(mem, 0, T, 16 * len(entries), IND)
-    hits = queue_mod._recent_tables.hits
-    for _ in range(2):  # the second request is answered from the memo
-        offer(mem, q, 0)
-        chain = q.pop()
-        assert chain is not None
-        assert chain.spans() == ((0x5000,), (16,), (0x6000, 0x6800), (512, 1))
-    assert queue_mod._recent_tables.hits > hits
-    put_desc(mem, 1, 0x6000, 512, N | W | IND, 2, table=T)  # now an INDIRECT inside
-    offer(mem, q, 0)
-    chain = q.pop()
-    assert chain is not None
-    with pytest.raises(VirtqueueError, match="indirect descriptor inside"):
-        chain.spans()

@@ -8,7 +8,7 @@ each once. This module is not a package manager: it resolves one level of
 dependency (a meta-package such as `linux-image-amd64` to the versioned image it
 depends on) and nothing else.
 
-Every failure is a `LabError` with one line saying what is missing and how to get it.
+Every failure is an `AssetError` with one line saying what is missing and how to get it.
 """
 
 from __future__ import annotations
@@ -19,21 +19,15 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from kvmpy.cachedir import cache_dir as cache_dir  # re-exported: it lived here first
-from kvmpy.errors import KvmpyError
-
-
-class LabError(KvmpyError):
-    """The lab or a guest asset cannot be built or booted; the message says why in one line."""
-
-    exit_status = 125  # like `env`/`timeout`: the command itself never ran
+from kvmpy.cachedir import cache_dir
+from kvmpy.errors import AssetError
 
 
 def require_tool(tool: str, package: str) -> str:
-    """The path of `tool`, or a LabError naming the Debian package that provides it."""
+    """The path of `tool`, or an AssetError naming the Debian package that provides it."""
     path = shutil.which(tool)
     if path is None:
-        raise LabError(f"{tool} not found: install the Debian package {package} (`make deps`)")
+        raise AssetError(f"{tool} not found: install the Debian package {package} (`make deps`)")
     return path
 
 
@@ -41,10 +35,10 @@ def _run(argv: list[str], cwd: Path | None = None) -> str:
     try:
         done = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, check=False)
     except FileNotFoundError as e:
-        raise LabError(f"{argv[0]} not found: {e}") from None
+        raise AssetError(f"{argv[0]} not found: {e}") from None
     if done.returncode != 0:
         last = (done.stderr.strip() or done.stdout.strip() or "no output").splitlines()[-1]
-        raise LabError(f"`{' '.join(argv)}` failed: {last}")
+        raise AssetError(f"`{' '.join(argv)}` failed: {last}")
     return done.stdout
 
 
@@ -54,7 +48,7 @@ def depends_of(meta: str) -> list[str]:
     out = _run(["apt-cache", "depends", "--no-recommends", "--no-suggests", meta])
     deps = re.findall(r"^\s+Depends:\s+(\S+)", out, re.MULTILINE)
     if not deps:
-        raise LabError(f"apt-cache knows no dependency of {meta}: run `apt-get update`")
+        raise AssetError(f"apt-cache knows no dependency of {meta}: run `apt-get update`")
     return deps
 
 
@@ -63,13 +57,13 @@ def resolve_image(meta: str, prefix: str = "linux-image-") -> str:
     for dep in depends_of(meta):
         if dep.startswith(prefix) and dep != meta:
             return dep
-    raise LabError(f"{meta} depends on no {prefix}* package")
+    raise AssetError(f"{meta} depends on no {prefix}* package")
 
 
 def cached_debs(package: str, cache: Path | None = None) -> list[Path]:
     """The downloaded .debs of `package`, oldest version first (by Debian version order)."""
     debs = list(((cache or cache_dir()) / "debs").glob(f"{package}_*.deb"))
-    return sorted(debs, key=lambda p: _version_key(deb_version(p)))
+    return sorted(debs, key=lambda p: version_key(deb_version(p)))
 
 
 def deb_version(deb: Path) -> str:
@@ -77,7 +71,8 @@ def deb_version(deb: Path) -> str:
     return deb.name.split("_")[1].replace("%3a", ":")
 
 
-def _version_key(version: str) -> list[tuple[int, object]]:
+def version_key(version: str) -> list[tuple[int, object]]:
+    """A sort key for Debian versions."""
     # Good enough ordering for Debian kernel versions (6.1.192-2 > 6.1.176-1): numbers
     # compare as numbers, the rest as text. Not a full dpkg --compare-versions.
     return [(0, int(t)) if t.isdigit() else (1, t) for t in re.findall(r"\d+|[^\d]+", version)]
@@ -99,7 +94,7 @@ def download(package: str, cache: Path | None = None) -> Path:
         _run(["apt-get", "download", "-q", package], cwd=partial)
         got = list(partial.glob(f"{package}_*.deb"))
         if len(got) != 1:
-            raise LabError(f"apt-get download {package} produced {len(got)} files")
+            raise AssetError(f"apt-get download {package} produced {len(got)} files")
         final = debs / got[0].name
         got[0].rename(final)
     finally:
@@ -126,9 +121,9 @@ def fetch_kernel_image(meta: str, cache: Path | None = None) -> tuple[Path, Path
     root = unpack(download(resolve_image(meta), cache), cache)
     vmlinuzes = sorted((root / "boot").glob("vmlinuz-*"))
     if not vmlinuzes:
-        raise LabError(f"no /boot/vmlinuz-* in the package unpacked at {root}")
+        raise AssetError(f"no /boot/vmlinuz-* in the package unpacked at {root}")
     release = vmlinuzes[-1].name.removeprefix("vmlinuz-")
     modules = root / "lib" / "modules" / release
     if not modules.is_dir():
-        raise LabError(f"no /lib/modules/{release} in the package unpacked at {root}")
+        raise AssetError(f"no /lib/modules/{release} in the package unpacked at {root}")
     return vmlinuzes[-1], modules, release

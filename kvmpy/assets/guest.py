@@ -1,4 +1,4 @@
-"""Where kvmpy's Linux guest assets are, and the recipes that build them once.
+"""kvmpy's Linux guest assets: where they are, and the recipes that build them once.
 
 Three assets, all in `$KVMPY_CACHE` (default ~/.cache/kvmpy), never in the repo:
 
@@ -13,9 +13,9 @@ Three assets, all in `$KVMPY_CACHE` (default ~/.cache/kvmpy), never in the repo:
 - Debian's cloud kernel (`linux-image-cloud-amd64`) with its modules, unpacked, for the
   stock-kernel tests.
 
-The `*_path()` functions only look (cheap, no network) and raise `LabError` naming the
+The `*_path()` functions only look (cheap, no network) and raise `AssetError` naming the
 make target when an asset is missing; the `build_*()` functions make it. `python -m
-kvmpy.guest_assets {guest-kernel,guest,lab,stock-kernel,paths}` is what `make` runs.
+kvmpy.assets {guest-kernel,guest,stock-kernel,paths}` is what `make` runs (`__main__.py`).
 This module does not boot anything.
 """
 
@@ -33,19 +33,19 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from kvmpy.boot.kconfig import parse_kconfig
-from kvmpy.lab.debian import (
-    LabError,
-    _version_key,
-    cache_dir,
-    cached_debs,
+from kvmpy import initramfs
+from kvmpy.assets.debian import (
     deb_version,
     download,
     fetch_kernel_image,
     require_tool,
+    version_key,
 )
+from kvmpy.boot.kconfig import parse_kconfig
+from kvmpy.cachedir import cache_dir
+from kvmpy.errors import AssetError
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parent.parent.parent
 CONFIG_FRAGMENT = REPO / "guests" / "linux" / "kvmpy.config"
 SOURCE_PACKAGE = "linux-source-6.1"
 STOCK_META = "linux-image-cloud-amd64"
@@ -94,7 +94,7 @@ def _kernel_dirs(cache: Path, fragment: Path) -> list[Path]:
     """Built kernels for this fragment, oldest source version first."""
     suffix = f"-{config_hash(fragment)}"
     dirs = [d for d in (cache / "kernel").glob(f"*{suffix}") if (d / "bzImage").exists()]
-    return sorted(dirs, key=lambda d: _version_key(d.name.removesuffix(suffix)))
+    return sorted(dirs, key=lambda d: version_key(d.name.removesuffix(suffix)))
 
 
 def kernel_path(cache: Path | None = None, fragment: Path = CONFIG_FRAGMENT) -> KernelAssets:
@@ -102,7 +102,7 @@ def kernel_path(cache: Path | None = None, fragment: Path = CONFIG_FRAGMENT) -> 
     cache = cache or cache_dir()
     dirs = _kernel_dirs(cache, fragment)
     if not dirs:
-        raise LabError(f"kvmpy's guest kernel is not built for {fragment.name} "
+        raise AssetError(f"kvmpy's guest kernel is not built for {fragment.name} "
                        f"(hash {config_hash(fragment)}): run `make guest-kernel`")
     return _kernel_assets(dirs[-1])
 
@@ -157,7 +157,7 @@ def _unpack_source(deb: Path, work: Path, log) -> Path:
     subprocess.run(["dpkg-deb", "-x", str(deb), str(pkg)], check=True)
     tarballs = list((pkg / "usr" / "src").glob("linux-source-*.tar.xz"))
     if len(tarballs) != 1:
-        raise LabError(f"{deb.name} has no single /usr/src/linux-source-*.tar.xz")
+        raise AssetError(f"{deb.name} has no single /usr/src/linux-source-*.tar.xz")
     # GNU tar, not tarfile: `extractall(filter=...)` is missing from Python < 3.11.4
     # (Debian 12's 3.11.2), and tar unpacks the 138 MB .tar.xz faster.
     require_tool("tar", "tar")
@@ -171,7 +171,7 @@ def _unpack_source(deb: Path, work: Path, log) -> Path:
 def _make(src: Path, args: list[str], log) -> None:
     done = subprocess.run(["make", "-C", str(src), *args], stdout=log, stderr=subprocess.STDOUT)
     if done.returncode != 0:
-        raise LabError(f"kernel `make {' '.join(args)}` failed (status {done.returncode})")
+        raise AssetError(f"kernel `make {' '.join(args)}` failed (status {done.returncode})")
 
 
 def _configure(src: Path, fragment: Path, log) -> None:
@@ -181,32 +181,28 @@ def _configure(src: Path, fragment: Path, log) -> None:
         ["scripts/kconfig/merge_config.sh", "-m", ".config", str(fragment)],
         cwd=src, stdout=log, stderr=subprocess.STDOUT)
     if done.returncode != 0:
-        raise LabError("merge_config.sh failed on the kernel config fragment")
+        raise AssetError("merge_config.sh failed on the kernel config fragment")
     _make(src, ["-s", "olddefconfig"], log)
     final = parse_kconfig((src / ".config").read_text())
     missing = [f"{k}={v}" for k, v in parse_kconfig(fragment.read_text()).items()
                if final.get(k, "n") != v]
     if missing:
-        raise LabError(f"kernel config options not satisfiable: {' '.join(missing)}")
+        raise AssetError(f"kernel config options not satisfiable: {' '.join(missing)}")
 
 
 # --- the default initramfs ------------------------------------------------------------------
 
 def initramfs_path(cache: Path | None = None) -> Path:
     """The default guest initramfs (busybox + shell + poweroff), built by `make guest`."""
-    from kvmpy import initramfs
-
     name = f"default-{initramfs.default_recipe_hash()}.cpio.gz"
     path = (cache or cache_dir()) / "initramfs" / name
     if not path.exists():
-        raise LabError(f"the default initramfs is not built ({path}): run `make guest`")
+        raise AssetError(f"the default initramfs is not built ({path}): run `make guest`")
     return path
 
 
 def build_initramfs(cache: Path | None = None) -> Path:
     """Build (or find) the default initramfs; it takes well under a second."""
-    from kvmpy import initramfs
-
     cache = cache or cache_dir()
     path = cache / "initramfs" / f"default-{initramfs.default_recipe_hash()}.cpio.gz"
     if not path.exists():
@@ -223,71 +219,19 @@ def stock_kernel_path(cache: Path | None = None) -> StockKernel:
     """The unpacked cloud kernel, if `make stock-kernel` fetched it (no network)."""
     cache = cache or cache_dir()
     roots = sorted((cache / "pkgs").glob("linux-image-*-cloud-amd64_*"),
-                   key=lambda d: _version_key(d.name.split("_")[1]))
+                   key=lambda d: version_key(d.name.split("_")[1]))
     for root in reversed(roots):
         vmlinuz = sorted((root / "boot").glob("vmlinuz-*"))
         if (root / ".unpacked").exists() and vmlinuz:
             release = vmlinuz[-1].name.removeprefix("vmlinuz-")
             return StockKernel(vmlinuz[-1], root / "lib" / "modules" / release, release)
-    raise LabError("Debian's cloud kernel is not fetched: run `make stock-kernel`")
+    raise AssetError("Debian's cloud kernel is not fetched: run `make stock-kernel`")
 
 
 def fetch_stock_kernel(cache: Path | None = None) -> StockKernel:
     cache = cache or cache_dir()
-    with contextlib.suppress(LabError):
+    with contextlib.suppress(AssetError):
         return stock_kernel_path(cache)
     with build_lock("stock-kernel", cache):
         vmlinuz, modules, release = fetch_kernel_image(STOCK_META, cache)
     return StockKernel(vmlinuz, modules, release)
-
-
-def main(argv: list[str]) -> int:
-    what = argv[0] if argv else "paths"
-    try:
-        if what == "guest-kernel":
-            k = build_kernel()
-            print(f"{k.bzimage} ({k.bzimage.stat().st_size} bytes)\n{k.vmlinux}")
-            # what its first boot would do: the lab cannot write the cache, so do it here
-            from kvmpy.boot.unpack import unpack_file
-
-            print(unpack_file(k.bzimage) or "(not unpacked)")
-        elif what == "guest":
-            print(build_initramfs())
-        elif what == "lab":
-            from kvmpy.lab.image import build_lab_image
-
-            image = build_lab_image()
-            print(f"{image.kernel}\n{image.initramfs}")
-        elif what == "stock-kernel":
-            from kvmpy import initramfs
-
-            s = fetch_stock_kernel()
-            # its initramfs too, so a lab session does not build it under emulation
-            tree = initramfs.find_modules_dir(s.modules, s.release)
-            initrd = initramfs.modules_guest_initramfs_path(tree, cache_dir() / "initramfs")
-            print(f"{s.vmlinuz}\n{s.modules}\n{initrd}")
-        elif what == "paths":
-            for name, fn in (("kernel", lambda: kernel_path().bzimage),
-                             ("vmlinux", lambda: kernel_path().vmlinux),
-                             ("initramfs", initramfs_path),
-                             ("stock", lambda: stock_kernel_path().vmlinuz)):
-                try:
-                    print(f"{name}: {fn()}")
-                except LabError as e:
-                    print(f"{name}: missing ({e})")
-        else:
-            print("usage: python -m kvmpy.guest_assets {guest-kernel,guest,lab,stock-kernel,paths}",
-                  file=sys.stderr)
-            return 2
-    except LabError as e:
-        print(f"kvmpy: {e}", file=sys.stderr)
-        return e.exit_status
-    return 0
-
-
-# Referenced so the helper stays importable from one place for the tests.
-__all__ = ["KernelAssets", "StockKernel", "build_initramfs", "build_kernel", "cached_debs",
-           "fetch_stock_kernel", "initramfs_path", "kernel_path", "stock_kernel_path"]
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
