@@ -27,20 +27,20 @@ This module builds files; it starts no VM.
 from __future__ import annotations
 
 import hashlib
-import lzma
 import os
 import shutil
-import struct
 import sys
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 from kvmpy import initramfs
 from kvmpy.assets import build_lock
 from kvmpy.assets.debian import fetch_kernel_image
+from kvmpy.boot import unpack
+from kvmpy.boot.bzimage import parse_setup_header
+from kvmpy.boot.elf import parse_elf
 from kvmpy.cachedir import cache_dir
-from kvmpy.errors import KvmpyError
+from kvmpy.errors import KvmpyError, LoaderError
 from kvmpy.lab.errors import LabError
 
 KERNEL_META = "linux-image-amd64"
@@ -139,50 +139,17 @@ class LabImage:
     release: str
 
 
-# bzImage setup header (Documentation/x86/boot.rst): setup_sects at 0x1f1, the boot
-# protocol version at 0x206, payload_offset/payload_length (protocol 2.08+) at 0x248.
-def extract_vmlinux(bzimage: bytes) -> bytes | None:
-    """The ELF vmlinux inside a bzImage (gzip or xz payload), or None if not extractable."""
-    if len(bzimage) < 0x250 or bzimage[0x202:0x206] != b"HdrS":
-        return None
-    if struct.unpack_from("<H", bzimage, 0x206)[0] < 0x208:
-        return None
-    setup_sects = bzimage[0x1F1] or 4
-    offset, length = struct.unpack_from("<II", bzimage, 0x248)
-    start = (setup_sects + 1) * 512 + offset
-    payload = bzimage[start:start + length]
-    try:
-        if payload[:6] == b"\xfd7zXZ\x00":
-            elf = lzma.LZMADecompressor().decompress(payload)  # ignores the size trailer
-        elif payload[:2] == b"\x1f\x8b":
-            elf = zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(payload)
-        else:
-            return None  # LZ4/zstd/...: the stdlib cannot, boot the bzImage instead
-    except (lzma.LZMAError, zlib.error, EOFError):
-        return None
-    return elf if elf[:4] == b"\x7fELF" else None
+def pvh_vmlinux(vmlinuz: bytes) -> bytes | None:
+    """The ELF vmlinux inside a bzImage if it has a PVH entry, else None (boot the bzImage).
 
-
-def has_pvh_note(elf: bytes) -> bool:
-    """Whether an ELF64 kernel carries XEN_ELFNOTE_PHYS32_ENTRY (18), QEMU's PVH entry."""
+    The loader's own parsers: the setup header locates the payload, boot.unpack
+    decompresses it (formats the stdlib lacks give None), the ELF parser finds the note.
+    """
     try:
-        (shoff,) = struct.unpack_from("<Q", elf, 0x28)
-        shentsize, shnum = struct.unpack_from("<HH", elf, 0x3A)
-        for i in range(shnum):
-            at = shoff + i * shentsize
-            sh_type, _f, _a, off, size = struct.unpack_from("<IQQQQ", elf, at + 4)
-            if sh_type != 7:  # SHT_NOTE
-                continue
-            pos = off
-            while pos + 12 <= off + size:
-                namesz, descsz, ntype = struct.unpack_from("<III", elf, pos)
-                name = elf[pos + 12:pos + 12 + namesz].rstrip(b"\0")
-                if name == b"Xen" and ntype == 18:
-                    return True
-                pos += 12 + (namesz + 3) // 4 * 4 + (descsz + 3) // 4 * 4
-    except struct.error:
-        return False
-    return False
+        elf = unpack.decompress(unpack.payload(vmlinuz, parse_setup_header(vmlinuz)) or b"")
+        return elf if elf is not None and parse_elf(elf).pvh_entry is not None else None
+    except LoaderError:
+        return None
 
 
 def recipe_hash() -> str:
@@ -229,8 +196,8 @@ def build_lab_image(cache: Path | None = None, log=sys.stderr) -> LabImage:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
             shutil.copy2(vmlinuz, tmp / "vmlinuz")
-            elf = extract_vmlinux(vmlinuz.read_bytes())
-            if elf is not None and has_pvh_note(elf):
+            elf = pvh_vmlinux(vmlinuz.read_bytes())
+            if elf is not None:
                 (tmp / "vmlinux").write_bytes(elf)
             (tmp / "initramfs.cpio.gz").write_bytes(image)
             (tmp / "modules").write_text("".join(f"{m.name}\n" for m in modules))
