@@ -25,6 +25,7 @@ from typing import Any
 from kvmpy.console import ConsoleOutput
 from kvmpy.errors import KvmpyError
 from kvmpy.machine import UNPACK_WAIT_S, Machine, MachineConfig
+from kvmpy.options import flat_machine, linux_machine
 from kvmpy.stop import Stop, StopKind
 
 
@@ -39,7 +40,6 @@ class Guest:
     def __init__(self, kernel: str | Path | None = None, initrd: str | Path | None = None,
                  *, echo: bool = False, trace: Any = None, gdb: Any = None,
                  stats: bool = False, **options: Any) -> None:
-        from kvmpy.options import linux_machine
 
         config = linux_machine(kernel, initrd, **options)
         self._start(config._replace(trace=trace, gdb=gdb, stats=stats), echo)
@@ -48,7 +48,6 @@ class Guest:
     def flat(cls, path: str | Path, *, echo: bool = False, trace: Any = None, gdb: Any = None,
              stats: bool = False, **options: Any) -> Guest:
         """A raw binary guest: `mode`, `entry`, `cpl`, `irqchip`, `cpus`, `mem`, devices."""
-        from kvmpy.options import flat_machine
 
         config = flat_machine(path, **options)
         return cls.from_config(config._replace(trace=trace, gdb=gdb, stats=stats), echo=echo)

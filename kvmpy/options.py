@@ -15,17 +15,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from kvmpy import layout
+from kvmpy.acpi.choice import choose_acpi, kernel_release
 from kvmpy.checks import regular_file
 from kvmpy.cpu.modes import Mode
 from kvmpy.errors import ConfigError
 from kvmpy.log import get_logger
+from kvmpy.machine import DiskConfig, FlatConfig, LinuxConfig, MachineConfig, NetConfig
 from kvmpy.units import parse_size
-
-if TYPE_CHECKING:
-    from kvmpy.machine import DiskConfig, LinuxConfig, MachineConfig, NetConfig
 
 DEFAULT_LINUX_MEM = "256M"
 DEFAULT_FLAT_MEM = "128M"
@@ -45,7 +43,6 @@ def virtio_console(console: str) -> bool:
 
 def disk_config(spec: str | Path | DiskConfig) -> DiskConfig:
     """`PATH` or `PATH,ro` (or a DiskConfig, as it is)."""
-    from kvmpy.machine import DiskConfig
 
     if isinstance(spec, DiskConfig):
         return spec
@@ -59,7 +56,6 @@ def disk_config(spec: str | Path | DiskConfig) -> DiskConfig:
 
 def net_config(spec: str | NetConfig) -> NetConfig:
     """`tap=NAME[,mac=MAC]` (or a NetConfig, as it is)."""
-    from kvmpy.machine import NetConfig
 
     if isinstance(spec, NetConfig):
         return spec
@@ -75,8 +71,6 @@ def linux_config(kernel: str | Path | None = None, initrd: str | Path | None = N
                  append: str = "", acpi: str = "auto", modules: str | Path | None = None,
                  unpack: bool = True, prefer_pvh: bool = True) -> LinuxConfig:
     """The kernel and initrd to boot: the ones named, or kvmpy's default guest."""
-    from kvmpy.acpi.choice import choose_acpi
-    from kvmpy.machine import LinuxConfig
 
     kernel_path = Path(kernel) if kernel is not None else None
     initrd_path = Path(initrd) if initrd is not None else None
@@ -99,7 +93,6 @@ def linux_config(kernel: str | Path | None = None, initrd: str | Path | None = N
 def _modules_initrd(kernel: Path | None, initrd: Path | None, modules: Path) -> Path:
     """kvmpy's default guest plus the kernel's virtio modules (built once, cached)."""
     from kvmpy import initramfs
-    from kvmpy.acpi.choice import kernel_release
     from kvmpy.cachedir import cache_dir
 
     if kernel is None or initrd is not None:
@@ -119,7 +112,6 @@ def linux_machine(kernel: str | Path | None = None, initrd: str | Path | None = 
                   prefer_pvh: bool = True) -> MachineConfig:
     """A Linux guest, as `kvmpy run` describes one. virtio-rng is on by default for
     kvmpy's own guest and for distribution kernels (`modules`), which seed from it."""
-    from kvmpy.machine import MachineConfig
 
     linux = linux_config(kernel, initrd, append=append, acpi=acpi, modules=modules,
                          unpack=unpack, prefer_pvh=prefer_pvh)
@@ -138,7 +130,6 @@ def flat_machine(path: str | Path, *, mode: str | Mode = Mode.REAL,
                  console: str = "serial", irqchip: bool = False) -> MachineConfig:
     """A raw binary guest, as `kvmpy run --flat` describes one (virtio devices allowed:
     a flat guest can drive them itself, as the tutorial's virtqueue chapter does)."""
-    from kvmpy.machine import FlatConfig, MachineConfig
 
     try:
         cpu_mode = Mode(mode)
