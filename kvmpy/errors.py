@@ -52,6 +52,11 @@ class AssetError(KvmpyError):
     exit_status = 125  # like `env`/`timeout`: what was asked for never ran
 
 
+class SnapshotError(ConfigError):
+    """A snapshot or saved state that cannot be restored: truncated, edited, of another
+    format version, or of another machine than the one asked for. Always one line."""
+
+
 class GuestFault(KvmpyError):
     """The guest stopped in a way that ends the VM (triple fault, failed entry...)."""
 

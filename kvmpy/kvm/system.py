@@ -7,10 +7,10 @@ import os
 from kvmpy.errors import KvmUnavailable
 from kvmpy.kvm.detect import KVM_PATH, KvmKind, describe
 from kvmpy.kvm.ioctl import ffi, ioctl, ioctl_val, lib
+from kvmpy.kvm.vcpu import MAX_CPUID_ENTRIES
 from kvmpy.kvm.vm import Vm
 
 KVM_API_VERSION = 12
-MAX_CPUID_ENTRIES = 256
 
 
 class Kvm:

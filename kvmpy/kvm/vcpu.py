@@ -16,13 +16,14 @@ from typing import TYPE_CHECKING, Any
 
 from kvmpy.errors import KvmIoctlError
 from kvmpy.kvm.exits import INTERRUPTED, RUN_IMMEDIATE_EXIT, VcpuExit, decode
-from kvmpy.kvm.ioctl import ffi, ioctl, lib
+from kvmpy.kvm.ioctl import ffi, ioctl, ioctl_val, lib
 
 if TYPE_CHECKING:
     from kvmpy.kvm.vm import Vm
 
 _run = lib.kvmpy_run
 _EAGAIN, _EINTR = -errno.EAGAIN, -errno.EINTR
+MAX_CPUID_ENTRIES = 256  # more than any CPU KVM supports has
 
 
 class MpState(enum.IntEnum):
@@ -85,6 +86,15 @@ class Vcpu:
     def set_sregs(self, sregs: Any) -> None:
         ioctl(self.fd, "KVM_SET_SREGS", sregs)
 
+    def get_sregs2(self) -> Any:
+        """KVM_GET_SREGS2 (KVM_CAP_SREGS2): sregs plus the PAE PDPTRs, no interrupt bitmap."""
+        sregs = ffi.new("struct kvm_sregs2 *")
+        ioctl(self.fd, "KVM_GET_SREGS2", sregs)
+        return sregs
+
+    def set_sregs2(self, sregs: Any) -> None:
+        ioctl(self.fd, "KVM_SET_SREGS2", sregs)
+
     def get_fpu(self) -> Any:
         fpu = ffi.new("struct kvm_fpu *")
         ioctl(self.fd, "KVM_GET_FPU", fpu)
@@ -117,6 +127,54 @@ class Vcpu:
             e.function, e.index, e.flags = function, index, flags
             e.eax, e.ebx, e.ecx, e.edx = eax, ebx, ecx, edx
         ioctl(self.fd, "KVM_SET_CPUID2", cpuid)
+
+    def get_cpuid2(self) -> list[tuple[int, int, int, int, int, int, int]]:
+        """KVM_GET_CPUID2: the entries this vCPU has, as `set_cpuid2` takes them."""
+        buf = ffi.new("char[]", ffi.sizeof("struct kvm_cpuid2")
+                      + MAX_CPUID_ENTRIES * ffi.sizeof("struct kvm_cpuid_entry2"))
+        cpuid = ffi.cast("struct kvm_cpuid2 *", buf)
+        cpuid.nent = MAX_CPUID_ENTRIES
+        ioctl(self.fd, "KVM_GET_CPUID2", cpuid)
+        return [(e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx)
+                for e in (cpuid.entries[i] for i in range(cpuid.nent))]
+
+    def get_xsave(self) -> bytes:
+        """The FPU, SSE, AVX... state in XSAVE layout: KVM_GET_XSAVE2 when the VM has
+        KVM_CAP_XSAVE2 (its size may pass 4 KiB, e.g. with AMX), else KVM_GET_XSAVE."""
+        size = self.vm.xsave_size
+        buf = ffi.new("char[]", size)
+        ioctl(self.fd, "KVM_GET_XSAVE2" if self.vm.xsave2 else "KVM_GET_XSAVE", buf)
+        return bytes(ffi.buffer(buf))
+
+    def set_xsave(self, state: bytes) -> None:
+        """KVM_SET_XSAVE (which takes KVM_CAP_XSAVE2's size when the VM has it)."""
+        if len(state) != self.vm.xsave_size:
+            raise ValueError(f"XSAVE area of {len(state)} bytes; this VM's is "
+                             f"{self.vm.xsave_size}")
+        buf = ffi.new("char[]", state)
+        ioctl(self.fd, "KVM_SET_XSAVE", buf)
+
+    def get_debugregs(self) -> Any:
+        regs = ffi.new("struct kvm_debugregs *")
+        ioctl(self.fd, "KVM_GET_DEBUGREGS", regs)
+        return regs
+
+    def set_debugregs(self, regs: Any) -> None:
+        ioctl(self.fd, "KVM_SET_DEBUGREGS", regs)
+
+    def get_tsc_khz(self) -> int:
+        """KVM_GET_TSC_KHZ: the guest TSC's frequency."""
+        return ioctl_val(self.fd, "KVM_GET_TSC_KHZ")
+
+    def set_tsc_khz(self, khz: int) -> None:
+        """KVM_SET_TSC_KHZ (KVM_CAP_TSC_CONTROL): scale the guest TSC to `khz`."""
+        ioctl_val(self.fd, "KVM_SET_TSC_KHZ", khz)
+
+    def kvmclock_ctrl(self) -> None:
+        """KVM_KVMCLOCK_CTRL: tell the guest's kvmclock it was paused by the host, so its
+        soft-lockup watchdog does not count the pause. EINVAL when the guest never
+        enabled kvmclock (a flat guest), which is not an error."""
+        ioctl_val(self.fd, "KVM_KVMCLOCK_CTRL")
 
     def get_lapic(self) -> bytes:
         lapic = ffi.new("struct kvm_lapic_state *")

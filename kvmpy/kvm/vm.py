@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import os
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from kvmpy.kvm.ioctl import ffi, ioctl, ioctl_val, lib
 from kvmpy.kvm.vcpu import Vcpu
@@ -20,6 +21,8 @@ class Vm:
         self.run_size = kvm.vcpu_mmap_size()
         self._slots = 0
         self.irqchip = False
+        self.pit = False
+        self._msrs_to_save: list[int] | None = None
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -73,19 +76,76 @@ class Vm:
     def create_pit2(self) -> None:
         config = ffi.new("struct kvm_pit_config *", {"flags": lib.KVM_PIT_SPEAKER_DUMMY})
         ioctl(self.fd, "KVM_CREATE_PIT2", config)
+        self.pit = True
 
     def irq_line(self, gsi: int, level: bool) -> None:
         irq = ffi.new("struct kvm_irq_level *", {"irq": gsi, "level": int(level)})
         ioctl(self.fd, "KVM_IRQ_LINE", irq)
 
-    def get_clock(self) -> int:
+    def get_pit2(self) -> bytes:
+        """KVM_GET_PIT2: the in-kernel PIT's three channels and flags (struct kvm_pit_state2)."""
+        state = ffi.new("struct kvm_pit_state2 *")
+        ioctl(self.fd, "KVM_GET_PIT2", state)
+        return bytes(ffi.buffer(state))
+
+    def set_pit2(self, state: bytes) -> None:
+        pit = ffi.new("struct kvm_pit_state2 *")
+        ffi.buffer(pit)[:] = state
+        ioctl(self.fd, "KVM_SET_PIT2", pit)
+
+    def get_irqchip(self, chip_id: int) -> bytes:
+        """KVM_GET_IRQCHIP for one chip (lib.KVM_IRQCHIP_PIC_MASTER, _PIC_SLAVE, _IOAPIC):
+        the whole struct kvm_irqchip, its chip_id first."""
+        chip = ffi.new("struct kvm_irqchip *", {"chip_id": chip_id})
+        ioctl(self.fd, "KVM_GET_IRQCHIP", chip)
+        return bytes(ffi.buffer(chip))
+
+    def set_irqchip(self, state: bytes) -> None:
+        """KVM_SET_IRQCHIP: the chip named by the struct's own chip_id."""
+        chip = ffi.new("struct kvm_irqchip *")
+        ffi.buffer(chip)[:] = state
+        ioctl(self.fd, "KVM_SET_IRQCHIP", chip)
+
+    def get_clock(self) -> Any:
+        """KVM_GET_CLOCK: kvmclock's nanoseconds, with `flags` saying which of
+        `realtime` (host CLOCK_REALTIME) and `host_tsc` came with it."""
         data = ffi.new("struct kvm_clock_data *")
         ioctl(self.fd, "KVM_GET_CLOCK", data)
-        return int(data.clock)
+        return data
 
-    def set_clock(self, clock_ns: int) -> None:
-        data = ffi.new("struct kvm_clock_data *", {"clock": clock_ns})
+    def set_clock(self, clock_ns: int, flags: int = 0, realtime: int = 0) -> None:
+        """KVM_SET_CLOCK. With lib.KVM_CLOCK_REALTIME, KVM adds the host time elapsed
+        since `realtime` (a migration keeping guest time in step with the host)."""
+        data = ffi.new("struct kvm_clock_data *",
+                       {"clock": clock_ns, "flags": flags, "realtime": realtime})
         ioctl(self.fd, "KVM_SET_CLOCK", data)
+
+    # -- what a vCPU's state holds --------------------------------------------------------
+    @functools.cached_property
+    def xsave2(self) -> bool:
+        return self.kvm.check_extension("KVM_CAP_XSAVE2") > 0
+
+    @functools.cached_property
+    def xsave_size(self) -> int:
+        """Bytes of a vCPU's XSAVE area: KVM_CAP_XSAVE2's answer, or struct kvm_xsave's."""
+        return max(self.kvm.check_extension("KVM_CAP_XSAVE2"), ffi.sizeof("struct kvm_xsave"))
+
+    def msrs_to_save(self, vcpu: Vcpu) -> list[int]:
+        """The MSRs of KVM_GET_MSR_INDEX_LIST that KVM_GET_MSRS can read on `vcpu`.
+
+        KVM_GET_MSRS stops at the first MSR it cannot read and says how many it
+        read; that one is dropped and the rest asked again. Found once per VM.
+        """
+        if self._msrs_to_save is None:
+            wanted = self.kvm.msr_index_list()
+            readable: list[int] = []
+            while wanted:
+                read = vcpu.get_msrs(wanted)
+                n = len(read)
+                readable += wanted[:n]
+                wanted = wanted[n + 1:]  # the one at n could not be read
+            self._msrs_to_save = readable
+        return list(self._msrs_to_save)
 
     # -- eventfds ---------------------------------------------------------
     def ioeventfd(self, addr: int, length: int, fd: int, *, pio: bool = False,
