@@ -23,8 +23,10 @@ hardware-reduced platform has none of them.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from kvmpy.log import get_logger
+from kvmpy.state.values import StateReader
 
 log = get_logger(__name__)
 
@@ -63,6 +65,17 @@ class AcpiPm:
         # A wider access than the 8-bit registers acts on each byte it covers.
         for i, value in enumerate(data):
             self._write_byte(offset + i, value)
+
+    # -- state -------------------------------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        return {"slp_typ": self.slp_typ, "wak_sts": self.wak_sts}
+
+    def restore(self, state: object, where: str = "acpi-pm") -> None:
+        r = StateReader(state, where)
+        slp_typ = r.int("slp_typ", 0, SLP_TYP_MASK >> SLP_TYP_SHIFT)
+        wak_sts = r.bool("wak_sts")
+        r.done()
+        self.slp_typ, self.wak_sts = slp_typ, wak_sts
 
     # -- registers ---------------------------------------------------------------------------
     def _read_byte(self, offset: int) -> int:

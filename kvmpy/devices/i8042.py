@@ -48,9 +48,11 @@ from __future__ import annotations
 import threading
 from collections import deque
 from collections.abc import Callable
+from typing import Any
 
 from kvmpy.bus import IrqLine
 from kvmpy.log import get_logger
+from kvmpy.state.values import U8, StateReader, b64
 
 log = get_logger(__name__)
 
@@ -184,6 +186,46 @@ class I8042:
         if reset:  # outside the lock: the callback may stop the VM
             self.resets += 1
             self._on_reset()
+
+    # -- state ------------------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        """Controller RAM, ports, the output buffer and the keyboard's queue (plain values)."""
+        with self._lock:
+            return {"ram": b64(self._ram), "outp": self._outp, "port_b": self._port_b,
+                    "ob": self._ob, "ob_from_kbd": self._ob_from_kbd, "kbd": list(self._kbd),
+                    "kbd_param": self._kbd_param, "scancode_set": self._scancode_set,
+                    "pending": self._pending, "last_was_command": self._last_was_command}
+
+    def restore(self, state: object, where: str = "i8042") -> None:
+        """Take a `state()`, all values checked first; the IRQ line follows the output buffer."""
+        r = StateReader(state, where)
+        ram = r.bytes("ram", len(self._ram), exact=len(self._ram))
+        outp = r.int("outp", 0, U8)
+        port_b = r.int("port_b", 0, PORT_B_WRITABLE)
+        ob = r.optional_int("ob", 0, U8)
+        ob_from_kbd = r.bool("ob_from_kbd")
+        kbd = r.ints("kbd", KBD_QUEUE, 0, U8)
+        kbd_param = r.optional_int("kbd_param", 0, U8)
+        if kbd_param not in (None, KBD_SET_LEDS, KBD_SCANCODE_SET, KBD_SET_RATE):
+            raise r.fail("kbd_param", f"{kbd_param:#x} is not a command that takes a parameter")
+        scancode_set = r.int("scancode_set", 1, 3)
+        pending = r.optional_int("pending", 0, U8)
+        if pending is not None and not (CMD_WRITE_RAM <= pending < CMD_WRITE_RAM + 0x20 or pending
+                                        in (CMD_WRITE_OUTPUT, CMD_KBD_LOOP, CMD_AUX_LOOP,
+                                            CMD_AUX_SEND)):
+            raise r.fail("pending", f"{pending:#x} is not a command that takes a data byte")
+        last_was_command = r.bool("last_was_command")
+        r.done()
+        with self._lock:
+            self._ram[:] = ram
+            self._outp, self._port_b = outp, port_b
+            self._ob, self._ob_from_kbd = ob, ob_from_kbd and ob is not None
+            self._kbd = deque(kbd)
+            self._kbd_param, self._scancode_set = kbd_param, scancode_set
+            self._pending, self._last_was_command = pending, last_was_command
+            self._level = self._ob is not None and bool(self._ctr & CTR_KBDINT)
+            if self._irq is not None:
+                self._irq.set_level(self._level)
 
     # -- controller -----------------------------------------------------------
     @property

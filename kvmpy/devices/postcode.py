@@ -7,6 +7,10 @@ counts, and lets a test guest use it as a cheap, side-effect-free exit.
 
 from __future__ import annotations
 
+from typing import Any
+
+from kvmpy.state.values import U8, StateReader
+
 
 class PostCode:
     def __init__(self) -> None:
@@ -17,3 +21,12 @@ class PostCode:
 
     def write(self, offset: int, data: bytes) -> None:
         self.last = data[0]
+
+    def state(self) -> dict[str, Any]:
+        return {"last": self.last}
+
+    def restore(self, state: object, where: str = "post-code") -> None:
+        r = StateReader(state, where)
+        last = r.int("last", 0, U8)
+        r.done()
+        self.last = last

@@ -40,8 +40,10 @@ import math
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 from kvmpy.log import get_logger
+from kvmpy.state.values import StateReader, b64
 
 log = get_logger(__name__)
 
@@ -98,6 +100,9 @@ FIELDS = {REG_SECONDS: 0, REG_MINUTES: 1, REG_HOURS: 2, REG_DAY_OF_WEEK: 3,
 
 KiB = 1024
 MiB = 1024 * KiB
+# How far a restored guest clock may be from the host's (about 270 years): time.gmtime
+# must be able to show it, whatever the snapshot says.
+MAX_OFFSET_S = 1 << 33
 
 
 class Rtc:
@@ -144,6 +149,32 @@ class Rtc:
                 self._index = value & ~NMI_DISABLE
             elif offset == DATA:
                 self._write_register(self._index, value)
+
+    # -- state ------------------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        """CMOS RAM, the index, and the guest's clock as an offset from the host's.
+
+        The clock is not frozen in a snapshot: a restored RTC reads the host's time
+        plus the guest's offset, as a battery-backed clock would have kept counting.
+        """
+        with self._lock:
+            return {"index": self._index, "cmos": b64(self._cmos), "offset": self._offset,
+                    "frozen": self._frozen, "last_c_second": self._last_c_second}
+
+    def restore(self, state: object, where: str = "rtc") -> None:
+        r = StateReader(state, where)
+        index = r.int("index", 0, CMOS_SIZE - 1)
+        cmos = r.bytes("cmos", CMOS_SIZE, exact=CMOS_SIZE)
+        offset = r.int("offset", -MAX_OFFSET_S, MAX_OFFSET_S)
+        frozen = None if r.null("frozen") else r.ints("frozen", len(FIELDS), 0, 0xFF,
+                                                       exact=len(FIELDS))
+        last_c_second = r.int("last_c_second", 0, 1 << 40)
+        r.done()
+        with self._lock:
+            self._index, self._offset, self._last_c_second = index, offset, last_c_second
+            self._cmos[:] = cmos
+            self._cmos[REG_A] &= ~A_UIP
+            self._frozen = frozen
 
     # -- registers --------------------------------------------------------------
     def _read_register(self, index: int) -> int:

@@ -41,10 +41,11 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from kvmpy.bus import IrqLine
 from kvmpy.log import get_logger
+from kvmpy.state.values import U8, StateReader, b64
 
 log = get_logger(__name__)
 
@@ -225,6 +226,45 @@ class Serial:
                 if not self._warned:
                     self._warned = True
                     log.warning("serial output failed (%s); guest output is being dropped", e)
+
+    # -- state ------------------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        """The registers and both buffers, as plain values (kvmpy.state.values).
+
+        `tx` holds transmitted bytes not yet handed to `out`: the VMM flushes before
+        it saves (so they are not printed twice), and a restored UART prints what a
+        state saved without that flush still held.
+        """
+        with self._lock:
+            return {"dll": self._dll, "dlm": self._dlm, "ier": self._ier, "fcr": self._fcr,
+                    "lcr": self._lcr, "mcr": self._mcr, "scr": self._scr,
+                    "lsr_errors": self._lsr_errors, "msr_delta": self._msr_delta,
+                    "thre_pending": self._thre_pending, "rx": b64(self._rx), "tx": b64(self._tx)}
+
+    def restore(self, state: object, where: str = "serial") -> None:
+        """Take a `state()`; every value is checked first, so a bad one changes nothing.
+        The interrupt line is driven to what the restored registers say."""
+        r = StateReader(state, where)
+        regs = {name: r.int(name, 0, U8) for name in ("dll", "dlm", "lcr", "scr")}
+        for name, allowed in (("ier", IER_MASK), ("fcr", FCR_FIFO_ENABLE | FCR_TRIGGER),
+                              ("mcr", MCR_MASK), ("lsr_errors", LSR_OE), ("msr_delta", 0x0F)):
+            regs[name] = r.int(name, 0, U8)
+            if regs[name] & ~allowed:
+                raise r.fail(name, f"{regs[name]:#x} sets bits outside {allowed:#x}")
+        thre_pending = r.bool("thre_pending")
+        rx = r.bytes("rx", self._rx_capacity)
+        tx = r.bytes("tx", TX_FLUSH_AT)
+        r.done()
+        with self._lock:
+            self._dll, self._dlm, self._lcr, self._scr = (regs["dll"], regs["dlm"], regs["lcr"],
+                                                          regs["scr"])
+            self._ier, self._fcr, self._mcr = regs["ier"], regs["fcr"], regs["mcr"]
+            self._lsr_errors, self._msr_delta = regs["lsr_errors"], regs["msr_delta"]
+            self._thre_pending = thre_pending
+            self._rx[:] = rx
+            self._tx[:] = tx
+            self._level = self._pending_iid() != IIR_NO_INT
+            self._irq.set_level(self._level)
 
     # -- registers ----------------------------------------------------------
     def _read_register(self, offset: int) -> int:

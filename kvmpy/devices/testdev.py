@@ -16,8 +16,10 @@ It models no real hardware.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from kvmpy import layout
+from kvmpy.state.values import StateReader, b64
 
 IDENT = b"KVMPYTST"
 CONSOLE = 0x08
@@ -50,3 +52,14 @@ class TestDevice:
         elif offset >= SCRATCH:
             end = min(offset + len(data), len(self.store))
             self.store[offset:end] = data[: end - offset]
+
+    def state(self) -> dict[str, Any]:
+        """The scratch area (the identity before it never changes)."""
+        return {"scratch": b64(self.store[SCRATCH:])}
+
+    def restore(self, state: object, where: str = "testdev") -> None:
+        r = StateReader(state, where)
+        size = len(self.store) - SCRATCH
+        scratch = r.bytes("scratch", size, exact=size)
+        r.done()
+        self.store[SCRATCH:] = scratch

@@ -17,9 +17,18 @@ from __future__ import annotations
 
 import base64
 import binascii
-from typing import Any
+import builtins
+from typing import Any, TypeAlias
 
 from kvmpy.errors import SnapshotError
+
+# (StateReader's methods are named after the types they read, which hides the builtins
+# inside its class body)
+_Int: TypeAlias = builtins.int
+_Bool: TypeAlias = builtins.bool
+_Str: TypeAlias = builtins.str
+_Bytes: TypeAlias = builtins.bytes
+_List: TypeAlias = builtins.list
 
 U8 = 0xFF
 U16 = 0xFFFF
@@ -35,47 +44,58 @@ def b64(data: bytes | bytearray | memoryview) -> str:
 class StateReader:
     """Checked access to one saved object; `where` names it in errors ("serial0")."""
 
-    def __init__(self, state: object, where: str) -> None:
+    def __init__(self, state: object, where: _Str) -> None:
         if not isinstance(state, dict):
             raise SnapshotError(f"snapshot state {where}: expected an object, "
                                 f"got {_kind(state)}")
-        self._state: dict[str, Any] = state
+        self._state: dict[_Str, Any] = state
         self.where = where
-        self._taken: set[str] = set()
+        self._taken: set[_Str] = set()
 
-    def fail(self, key: str, problem: str) -> SnapshotError:
+    def fail(self, key: _Str, problem: _Str) -> SnapshotError:
         """The error for a value that is well formed but impossible (for `raise`)."""
         return SnapshotError(f"snapshot state {self.where}.{key}: {problem}")
 
-    def _get(self, key: str) -> Any:
+    def _get(self, key: _Str) -> Any:
         if key not in self._state:
             raise SnapshotError(f"snapshot state {self.where}: no {key!r}")
         self._taken.add(key)
         return self._state[key]
 
-    def has(self, key: str) -> bool:
+    def again(self) -> StateReader:
+        """A fresh reader of the same object: to check it once, then read it for real."""
+        return StateReader(self._state, self.where)
+
+    def has(self, key: _Str) -> _Bool:
         return key in self._state
 
-    def int(self, key: str, lo: int = 0, hi: int = U64) -> int:
+    def null(self, key: _Str) -> _Bool:
+        """Whether the field is null (taken if so); else read it with another method."""
+        if self._get(key) is None:
+            return True
+        self._taken.discard(key)
+        return False
+
+    def int(self, key: _Str, lo: _Int = 0, hi: _Int = U64) -> _Int:
         return _int(self._get(key), lo, hi, f"{self.where}.{key}")
 
-    def optional_int(self, key: str, lo: int = 0, hi: int = U64) -> int | None:
+    def optional_int(self, key: _Str, lo: _Int = 0, hi: _Int = U64) -> _Int | None:
         value = self._get(key)
         return None if value is None else _int(value, lo, hi, f"{self.where}.{key}")
 
-    def bool(self, key: str) -> bool:
+    def bool(self, key: _Str) -> _Bool:
         value = self._get(key)
         if not isinstance(value, bool):
             raise self.fail(key, f"expected true or false, got {_kind(value)}")
         return value
 
-    def str(self, key: str, max_len: int = 256) -> str:
+    def str(self, key: _Str, max_len: _Int = 256) -> _Str:
         value = self._get(key)
         if not isinstance(value, str) or len(value) > max_len:
             raise self.fail(key, f"expected a string of at most {max_len} characters")
         return value
 
-    def bytes(self, key: str, max_len: int, exact: int | None = None) -> bytes:
+    def bytes(self, key: _Str, max_len: _Int, exact: _Int | None = None) -> _Bytes:
         """A base64 value of at most `max_len` bytes (exactly `exact` if given)."""
         value = self._get(key)
         if not isinstance(value, str) or len(value) > (max_len + 2) // 3 * 4:
@@ -88,7 +108,7 @@ class StateReader:
             raise self.fail(key, f"{len(data)} bytes, expected {exact}")
         return data
 
-    def list(self, key: str, max_len: int, exact: int | None = None) -> list[Any]:
+    def list(self, key: _Str, max_len: _Int, exact: _Int | None = None) -> _List[Any]:
         value = self._get(key)
         if not isinstance(value, list) or len(value) > max_len:
             raise self.fail(key, f"expected a list of at most {max_len} items")
@@ -96,16 +116,16 @@ class StateReader:
             raise self.fail(key, f"{len(value)} items, expected {exact}")
         return value
 
-    def ints(self, key: str, max_len: int, lo: int = 0, hi: int = U64,
-             exact: int | None = None) -> list[int]:
+    def ints(self, key: _Str, max_len: _Int, lo: _Int = 0, hi: _Int = U64,
+             exact: _Int | None = None) -> _List[_Int]:
         return [_int(v, lo, hi, f"{self.where}.{key}[{i}]")
                 for i, v in enumerate(self.list(key, max_len, exact))]
 
-    def sub(self, key: str) -> StateReader:
+    def sub(self, key: _Str) -> StateReader:
         """A nested object, read with its own reader (check it with `done()` too)."""
         return StateReader(self._get(key), f"{self.where}.{key}")
 
-    def subs(self, key: str, max_len: int, exact: int | None = None) -> list[StateReader]:
+    def subs(self, key: _Str, max_len: _Int, exact: _Int | None = None) -> _List[StateReader]:
         return [StateReader(v, f"{self.where}.{key}[{i}]")
                 for i, v in enumerate(self.list(key, max_len, exact))]
 

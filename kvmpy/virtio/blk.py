@@ -33,10 +33,12 @@ import stat
 import struct
 from array import array
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from kvmpy.errors import ConfigError
 from kvmpy.libc import fallocate, preadv, pwritev
 from kvmpy.memory import GuestMemory
+from kvmpy.state.values import StateReader
 from kvmpy.virtio.device import VIRTIO_ID_BLOCK, VirtioDevice, bit
 from kvmpy.virtio.hostio import IovecOp, Iovecs, iovec_transfer
 from kvmpy.virtio.iov import iov_read, iov_write, span_slice
@@ -166,6 +168,24 @@ class Block(VirtioDevice):
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+    # -- state --------------------------------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        """The disk as the driver knows it. Requests are served whole under the device
+        lock, so a saved block device has none in flight; the image's content is saved
+        apart (kvmpy.state.disks)."""
+        return {"capacity": self.capacity, "read_only": self.read_only}
+
+    def restore(self, reader: StateReader) -> None:
+        capacity = reader.int("capacity")
+        read_only = reader.bool("read_only")
+        reader.done()
+        if capacity != self.capacity:
+            raise reader.fail("capacity", f"{capacity} sectors, but this disk has "
+                              f"{self.capacity}")
+        if read_only != self.read_only:
+            raise reader.fail("read_only", f"the driver knows this disk as "
+                              f"{'read-only' if read_only else 'writable'}")
 
     # -- what the driver sees ---------------------------------------------------------------
     def device_features(self) -> int:

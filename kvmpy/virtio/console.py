@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable
+from typing import Any
 
+from kvmpy.state.values import StateReader, b64
 from kvmpy.virtio.device import VIRTIO_ID_CONSOLE, VirtioDevice
 from kvmpy.virtio.iov import iov_len, iov_write
 from kvmpy.virtio.queue import DescriptorChain
@@ -55,6 +57,15 @@ class Console(VirtioDevice):
 
     def reset(self) -> None:
         self.pending.clear()
+
+    def state(self) -> dict[str, Any]:
+        """Typed input the guest has not taken yet (output leaves as it is sent)."""
+        return {"pending": b64(self.pending)}
+
+    def restore(self, reader: StateReader) -> None:
+        pending = reader.bytes("pending", MAX_PENDING_INPUT)
+        reader.done()
+        self.pending[:] = pending
 
     def process_queue(self, index: int) -> None:
         if index == TRANSMITQ:

@@ -23,10 +23,11 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 from kvmpy.log import WARNING, get_logger
 from kvmpy.memory import GuestMemory
+from kvmpy.state.values import StateReader
 from kvmpy.virtio.queue import DEFAULT_QUEUE_SIZE, DescriptorChain, Virtqueue
 
 log = get_logger(__name__)
@@ -139,6 +140,16 @@ class VirtioDevice:
 
     def close(self) -> None:
         """Release host resources (files, tap fds)."""
+
+    def state(self) -> dict[str, Any]:
+        """The device type's own state, beyond what the transport saves (features,
+        queues): plain values (kvmpy.state.values). The transport holds `lock`."""
+        return {}
+
+    def restore(self, reader: StateReader) -> None:
+        """Take a `state()`: check every value, then apply it. Called by the transport
+        with `lock` held, after it restored `acked_features`, the queues and `active`."""
+        reader.done()
 
     # -- helpers for subclasses -------------------------------------------------------
     def has_feature(self, n: int) -> bool:

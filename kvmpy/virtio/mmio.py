@@ -39,12 +39,14 @@ import functools
 import struct
 import threading
 from collections.abc import Callable
+from typing import Any
 
 from kvmpy import layout
 from kvmpy.bus import IrqLine, NullIrq
 from kvmpy.errors import GuestMemoryError
 from kvmpy.log import INFO, get_logger
 from kvmpy.memory import GuestMemory
+from kvmpy.state.values import U32, StateReader
 from kvmpy.virtio.device import (
     TRANSPORT_FEATURES,
     VIRTIO_F_EVENT_IDX,
@@ -185,6 +187,84 @@ class VirtioMmioTransport:
         if 0 <= self.queue_sel < len(self.queues):
             return self.queues[self.queue_sel]
         return None
+
+    # -- state (virtio 1.2 §2.1, §4.2.2) --------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        """The registers the driver set, the negotiated features, every queue, and the
+        device's own state. The caller keeps the device quiet (no notification or
+        backend callback runs meanwhile); a request is never half done under the lock."""
+        with self.device.lock, self._irq_lock:
+            return {"device_id": self.device.device_id, "status": self.status,
+                    "device_features_sel": self.device_features_sel,
+                    "driver_features_sel": self.driver_features_sel,
+                    "driver_features": self.driver_features, "queue_sel": self.queue_sel,
+                    "interrupt_status": self.interrupt_status,
+                    "config_generation": self.config_generation,
+                    "acked_features": self.device.acked_features,
+                    "queues": [q.state() for q in self.queues], "device": self.device.state()}
+
+    def restore(self, state: object, where: str = "virtio") -> None:
+        """Take a `state()`. The status must be one the §3.1.1 sequence reaches, the
+        features ones this device offers and accepts, every ready queue inside guest
+        RAM; nothing changes unless all of it holds. The device is live again exactly
+        when DRIVER_OK is set without FAILED or DEVICE_NEEDS_RESET."""
+        r = StateReader(state, where)
+        device_id = r.int("device_id", 0, U32)
+        if device_id != self.device.device_id:
+            raise r.fail("device_id", f"device {device_id}, but this slot holds a "
+                         f"{self.device.name} (device {self.device.device_id})")
+        status = r.int("status", 0, 0xFF)
+        _check_status(r, status)
+        selectors = [r.int(name, 0, U32) for name in ("device_features_sel",
+                                                        "driver_features_sel", "queue_sel")]
+        driver_features = r.int("driver_features")
+        interrupt_status = r.int("interrupt_status", 0, U32)
+        if interrupt_status & ~(VIRTIO_MMIO_INT_VRING | VIRTIO_MMIO_INT_CONFIG):
+            raise r.fail("interrupt_status", f"{interrupt_status:#x} has undefined bits")
+        config_generation = r.int("config_generation", 0, U32)
+        acked = r.int("acked_features")
+        if status & VIRTIO_STATUS_FEATURES_OK:
+            if acked & ~self.device_features or not acked & (1 << VIRTIO_F_VERSION_1) \
+                    or not self.device.accept_features(acked):
+                raise r.fail("acked_features", f"{acked:#x} is not a feature set this "
+                             f"{self.device.name} offers and accepts")
+        elif acked:
+            raise r.fail("acked_features", "features acked before FEATURES_OK")
+        queues = r.subs("queues", len(self.queues), exact=len(self.queues))
+        for q, reader in zip(self.queues, queues, strict=True):  # checked on copies first
+            Virtqueue(q.max_size).restore(reader.again(), self.mem)
+        device = r.sub("device")
+        r.done()
+        active = bool(status & VIRTIO_STATUS_DRIVER_OK) and not status & (
+            VIRTIO_STATUS_FAILED | VIRTIO_STATUS_DEVICE_NEEDS_RESET)
+        with self.device.lock, self._irq_lock:
+            before = self.device.acked_features, self.device.active
+            self.device.acked_features, self.device.active = acked, active
+            try:
+                self.device.restore(device)
+            except Exception:
+                self.device.acked_features, self.device.active = before
+                raise
+            for q, reader in zip(self.queues, queues, strict=True):
+                q.restore(reader, self.mem)
+            self.status = status
+            self.device_features_sel, self.driver_features_sel, self.queue_sel = selectors
+            self.driver_features = driver_features
+            self.config_generation = config_generation
+            self.interrupt_status = interrupt_status
+            if status & VIRTIO_STATUS_DRIVER_OK:
+                for q in self.queues:
+                    if q.ready:
+                        self._activate_queue(q)
+            self.irq.set_level(bool(interrupt_status))
+
+    def process_all(self) -> None:
+        """Look at every ready queue of a live device once, as after DRIVER_OK: a restored
+        device's driver may have notified the process the state came from, not this one."""
+        with self.device.lock:
+            for index, q in enumerate(self.queues):
+                if q.ready and self.device.active:
+                    self.run_guarded(functools.partial(self.device.process_queue, index))
 
     # -- the bus Device protocol --------------------------------------------------------
     def read(self, offset: int, size: int) -> bytes:
@@ -497,3 +577,22 @@ class VirtioMmioTransport:
     @property
     def broken(self) -> bool:
         return bool(self.status & VIRTIO_STATUS_DEVICE_NEEDS_RESET)
+
+
+# §3.1.1: each status bit the driver sets needs the one before it (FAILED and
+# DEVICE_NEEDS_RESET aside, which can come at any point)
+_STATUS_NEEDS = ((VIRTIO_STATUS_DRIVER, VIRTIO_STATUS_ACKNOWLEDGE),
+                 (VIRTIO_STATUS_FEATURES_OK, VIRTIO_STATUS_DRIVER),
+                 (VIRTIO_STATUS_DRIVER_OK, VIRTIO_STATUS_FEATURES_OK))
+_STATUS_BITS = (VIRTIO_STATUS_ACKNOWLEDGE | VIRTIO_STATUS_DRIVER | VIRTIO_STATUS_FEATURES_OK
+                | VIRTIO_STATUS_DRIVER_OK | VIRTIO_STATUS_DEVICE_NEEDS_RESET
+                | VIRTIO_STATUS_FAILED)
+
+
+def _check_status(r: StateReader, status: int) -> None:
+    if status & ~_STATUS_BITS:
+        raise r.fail("status", f"{status:#x} has undefined bits")
+    for bit, needs in _STATUS_NEEDS:
+        if status & bit and not status & needs:
+            raise r.fail("status", f"{status:#x} has {bit:#x} without {needs:#x}")
+

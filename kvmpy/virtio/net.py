@@ -26,9 +26,10 @@ from __future__ import annotations
 import os
 import struct
 from collections.abc import Callable, Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 from kvmpy.errors import ConfigError
+from kvmpy.state.values import StateReader, b64
 from kvmpy.virtio.device import VIRTIO_ID_NET, VirtioDevice, bit
 from kvmpy.virtio.iov import iov_len, iov_write
 from kvmpy.virtio.queue import DescriptorChain, Virtqueue, VirtqueueError
@@ -173,6 +174,39 @@ class Net(VirtioDevice):
 
     def close(self) -> None:
         self.backend.close()
+
+    def state(self) -> dict[str, Any]:
+        """The MAC the driver read, a frame read from the backend but not yet given to
+        the guest, and whether the backend is paused for want of receive buffers. The
+        backend itself (a tap) is not state: a restored device is given its own."""
+        return {"mac": self.mac.hex(":"), "rx_frame": b64(self.rx_buf[: self.rx_len]),
+                "rx_paused": self.rx_paused}
+
+    def restore(self, reader: StateReader) -> None:
+        """Take a `state()`; a live device's backend gets the guest's offloads again and
+        is watched unless the device was waiting for buffers."""
+        try:
+            mac = parse_mac(reader.str("mac", 17))
+        except ConfigError as e:
+            raise reader.fail("mac", str(e)) from None
+        frame = reader.bytes("rx_frame", MAX_FRAME)
+        if 0 < len(frame) <= VNET_HDR_LEN:
+            raise reader.fail("rx_frame", f"{len(frame)} bytes: no frame after the header")
+        rx_paused = reader.bool("rx_paused")
+        reader.done()
+        self.mac = mac
+        self.rx_buf[: len(frame)] = frame
+        self.rx_len = len(frame)
+        self.rx_paused = rx_paused
+        if self.active and self.backend.offload_capable:
+            try:
+                self.backend.set_offload(self._tap_offload())
+            except OSError as e:
+                self.warn("offload", "backend refused offloads: %s", e)
+        if self.active and not rx_paused:
+            self.resume_reader(self.backend.fileno())
+        else:
+            self.pause_reader(self.backend.fileno())
 
     # -- queues --------------------------------------------------------------------------------
     def process_queue(self, index: int) -> None:

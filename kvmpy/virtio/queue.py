@@ -38,10 +38,11 @@ from __future__ import annotations
 import struct
 import threading
 from collections.abc import Iterator, Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from kvmpy.errors import GuestMemoryError
 from kvmpy.memory import GuestMemory
+from kvmpy.state.values import U16, U32, StateReader
 from kvmpy.virtio import linear_table
 from kvmpy.virtio.ring import (
     CHAIN_BYTES_MAX,
@@ -276,6 +277,36 @@ class Virtqueue:
         self.event_idx = False
         self.indirect = False
         self.mem = None
+
+    # -- state --------------------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        """What the driver configured and where the device's cursors are. The ring
+        features (EVENT_IDX, INDIRECT) and memory come back with `activate`."""
+        return {"size": self.size, "ready": self.ready, "desc_table": self.desc_table,
+                "avail_ring": self.avail_ring, "used_ring": self.used_ring,
+                "next_avail": self.next_avail, "next_used": self.next_used,
+                "signalled_used": self.signalled_used}
+
+    def restore(self, reader: StateReader, mem: GuestMemory) -> None:
+        """Take a `state()` (as read by the transport); a ready queue must pass `check`.
+        The queue comes back inactive: the transport activates it as DRIVER_OK would."""
+        size = reader.int("size", 0, U32)  # any value the driver wrote, until QueueReady
+        ready = reader.bool("ready")
+        addresses = [reader.int(name) for name in ("desc_table", "avail_ring", "used_ring")]
+        next_avail, next_used = reader.int("next_avail", 0, U16), reader.int("next_used", 0, U16)
+        signalled_used = reader.optional_int("signalled_used", 0, U16)
+        reader.done()
+        restored = Virtqueue(self.max_size)
+        restored.size = size
+        restored.desc_table, restored.avail_ring, restored.used_ring = addresses
+        problem = restored.check(mem) if ready else None
+        if problem is not None:
+            raise reader.fail("ready", f"a ready queue whose {problem}")
+        self.reset()
+        self.size, self.ready = size, ready
+        self.desc_table, self.avail_ring, self.used_ring = addresses
+        self.next_avail, self.next_used, self.signalled_used = (next_avail, next_used,
+                                                                signalled_used)
 
     # -- configuration ----------------------------------------------------------
     def check(self, mem: GuestMemory) -> str | None:
