@@ -14,19 +14,27 @@ busybox initramfs. `Guest.flat(path, mode="long", ...)` runs a raw binary guest
 MachineConfig can say. The guest runs in background threads (one per vCPU); the
 console transcript is kept so `expect` can search it. `stop()` ends the VM and
 returns its Stop.
+
+`pause()` and `resume()` hold and release the whole guest; `snapshot(dir)` saves it
+(running or paused) to a new directory, and `Guest.restore(dir)` brings such a
+snapshot back in this process or any other (docs/snapshots.md).
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kvmpy.console import ConsoleOutput
 from kvmpy.errors import KvmpyError
 from kvmpy.machine import UNPACK_WAIT_S, Machine, MachineConfig
 from kvmpy.options import flat_machine, linux_machine
 from kvmpy.stop import Stop, StopKind
+
+if TYPE_CHECKING:
+    from kvmpy.state.snapshot import Snapshot
 
 
 class ExpectTimeout(KvmpyError):
@@ -59,14 +67,56 @@ class Guest:
         guest._start(config, echo)
         return guest
 
-    def _start(self, config: MachineConfig, echo: bool) -> None:
+    @classmethod
+    def restore(cls, path: str | Path, *, disks: Sequence[str | Path] = (),
+                nets: Sequence[str] = (), echo: bool = False, trace: Any = None,
+                gdb: Any = None, stats: bool = False, verify_ram: bool = False,
+                cpus: int | None = None, mem: int | str | None = None) -> Guest:
+        """The guest saved in snapshot `path`, running again. Each writable disk runs on a
+        new copy of the snapshot's, at `disks[i]` or in a new temporary directory;
+        `nets` (tap=NAME) puts the network devices on other taps; `cpus` and `mem`, if
+        given, must be the snapshot's. `verify_ram` also checks guest RAM's digest."""
+        from kvmpy.options import net_config, size
+        from kvmpy.state.config import refuse_mismatch
+        from kvmpy.state.snapshot import open_snapshot
+
+        snapshot = open_snapshot(path, verify_ram=verify_ram)
+        refuse_mismatch(snapshot.machine, snapshot.what(), cpus=cpus,
+                        mem_size=None if mem is None else size(mem),
+                        nets=len(nets) or None)
+        config = snapshot.working_config([Path(d) for d in disks])
+        if nets:
+            config = config._replace(nets=[saved._replace(tap=net_config(n).tap)
+                                           for saved, n in zip(config.nets, nets, strict=True)])
+        guest = cls.__new__(cls)
+        guest._start(config._replace(trace=trace, gdb=gdb, stats=stats), echo, snapshot)
+        return guest
+
+    def _start(self, config: MachineConfig, echo: bool, snapshot: Snapshot | None = None) -> None:
         import sys
 
         self.console = ConsoleOutput(forward=sys.stdout.buffer if echo else None)
-        self.machine = Machine(config._replace(console=self.console))
+        self.machine = Machine(config._replace(console=self.console), snapshot=snapshot)
         self._mark = 0
         self._unpacking = self.machine.unpack_for_next_boot()  # for the next Guest's boot
         self.machine.start()
+
+    # -- state ------------------------------------------------------------
+    def pause(self) -> None:
+        """Hold every vCPU and device; all console output so far is in `output`."""
+        self.machine.pause()
+
+    def resume(self) -> None:
+        self.machine.resume()
+
+    @property
+    def paused(self) -> bool:
+        return self.machine.paused
+
+    def snapshot(self, path: str | Path) -> dict[str, Any]:
+        """Save the guest to the new directory `path` (pausing it meanwhile if it runs);
+        returns the snapshot's metadata."""
+        return self.machine.snapshot(path)
 
     # -- console ----------------------------------------------------------
     def expect(self, pattern: str | re.Pattern[str], timeout: float = 60) -> re.Match[str]:

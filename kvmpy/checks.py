@@ -40,8 +40,10 @@ LONG_MODE_MAPPED = 4 * layout.GiB
 SECTOR = 512
 
 
-def check_config(config: MachineConfig) -> None:
-    """Raise a one-line ConfigError for the first option this host cannot honour."""
+def check_config(config: MachineConfig, *, booting: bool = True) -> None:
+    """Raise a one-line ConfigError for the first option this host cannot honour.
+    `booting` False (a restore: the guest is in its saved RAM) leaves out the boot
+    files: flat image, kernel, initrd."""
     if config.flat is None and config.linux is None:
         raise ConfigError("nothing to run: give a flat image or a Linux kernel")
     if config.flat is not None and config.linux is not None:
@@ -49,9 +51,9 @@ def check_config(config: MachineConfig) -> None:
     if not 1 <= config.cpus <= MAX_CPUS:
         raise ConfigError(f"--cpus {config.cpus}: kvmpy supports 1 to {MAX_CPUS} vCPUs")
     check_mem(config.mem_size, linux=config.linux is not None)
-    if config.flat is not None:
+    if config.flat is not None and booting:
         check_flat(config.flat, config.mem_size)
-    if config.linux is not None:
+    if config.linux is not None and booting:
         check_linux(config.linux)
     for disk in config.disks:
         check_disk(disk)

@@ -27,6 +27,7 @@ from kvmpy.units import parse_address
 if TYPE_CHECKING:
     from kvmpy.gdb.stub import GdbConfig
     from kvmpy.machine import MachineConfig
+    from kvmpy.state.snapshot import Snapshot
     from kvmpy.trace.tracer import Tracer
 
 
@@ -68,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--initrd", type=Path, metavar="PATH",
                      help="initramfs (default: kvmpy's busybox initramfs with the default kernel)")
     run.add_argument("--append", metavar="STR", help="extra kernel command line")
-    run.add_argument("--cpus", type=int, default=1, help=f"vCPUs (default 1, at most {MAX_CPUS})")
+    run.add_argument("--cpus", type=int, help=f"vCPUs (default 1, at most {MAX_CPUS})")
     run.add_argument("--acpi", choices=["auto", "on", "off"],
                      help="describe the machine with ACPI tables (the guest can power off) "
                           "or an MP table and command-line devices; auto (default) picks ACPI "
@@ -105,6 +106,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--gdb", metavar="[HOST:]PORT",
                      help="serve gdb on 127.0.0.1:PORT; the guest waits at its first "
                           "instruction until gdb continues")
+    run.add_argument("--qmp", metavar="unix:PATH",
+                     help="a QMP control socket (QEMU's protocol: stop, cont, quit, "
+                          "query-status, system_powerdown, x-kvmpy-snapshot-save...)")
+    run.add_argument("--restore", type=Path, metavar="DIR",
+                     help="resume the guest saved in snapshot DIR (x-kvmpy-snapshot-save): "
+                          "its machine, RAM, devices; each writable disk runs on a new copy, "
+                          "at the --disk given for it or in a new temporary directory")
     run.set_defaults(func=cmd_run)
 
     try:
@@ -126,6 +134,36 @@ def _given(args: argparse.Namespace, names: tuple[str, ...]) -> list[str]:
     return ["--" + n for n in names if getattr(args, n) not in (None, False)]
 
 
+# What a restored guest already is: options that describe how to boot it are refused with
+# --restore, and those that describe the machine must say what the snapshot holds.
+BOOT_ONLY = ("flat", *FLAT_ONLY, *LINUX_ONLY)
+
+
+def restore_config(args: argparse.Namespace) -> tuple[MachineConfig, Snapshot]:
+    """The machine in snapshot `args.restore`, checked against the options given with it."""
+    from kvmpy import options
+    from kvmpy.state.config import refuse_mismatch
+    from kvmpy.state.snapshot import open_snapshot
+
+    wrong = _given(args, BOOT_ONLY)
+    if wrong:
+        raise ConfigError(f"{wrong[0]}: a restored guest is already running; --restore takes "
+                          "its machine from the snapshot")
+    snapshot = open_snapshot(args.restore)
+    refuse_mismatch(
+        snapshot.machine, snapshot.what(), cpus=args.cpus,
+        mem_size=None if args.mem is None else options.size(args.mem),
+        rng=None if args.rng is None else args.rng == "on",
+        virtio_console=None if args.console is None else options.virtio_console(args.console),
+        disks=len(args.disk) or None, nets=len(args.net) or None)
+    nets = [options.net_config(n) for n in args.net]
+    config = snapshot.working_config([options.disk_config(d).path for d in args.disk])
+    if nets:  # the same devices, on these taps
+        config = config._replace(nets=[saved._replace(tap=net.tap) for saved, net in
+                                       zip(config.nets, nets, strict=True)])
+    return config._replace(stats=args.stats), snapshot
+
+
 def machine_config(args: argparse.Namespace) -> MachineConfig:
     """The MachineConfig the options describe; `Machine` checks it before building."""
     from kvmpy import options
@@ -138,7 +176,7 @@ def machine_config(args: argparse.Namespace) -> MachineConfig:
         config = options.flat_machine(
             args.flat, mode=args.mode or Mode.REAL,
             entry=parse_address(args.entry) if args.entry else layout.FLAT_LOAD,
-            cpl=args.cpl or 0, cpus=args.cpus, mem=args.mem or options.DEFAULT_FLAT_MEM,
+            cpl=args.cpl or 0, cpus=args.cpus or 1, mem=args.mem or options.DEFAULT_FLAT_MEM,
             rng=args.rng == "on", **devices)
     else:
         wrong = _given(args, FLAT_ONLY)
@@ -146,7 +184,7 @@ def machine_config(args: argparse.Namespace) -> MachineConfig:
             raise ConfigError(f"{', '.join(wrong)}: for --flat images; a Linux guest "
                               "starts where its kernel says")
         config = options.linux_machine(
-            args.kernel, args.initrd, append=args.append or "", cpus=args.cpus,
+            args.kernel, args.initrd, append=args.append or "", cpus=args.cpus or 1,
             mem=args.mem or options.DEFAULT_LINUX_MEM,
             rng=None if args.rng is None else args.rng == "on", acpi=args.acpi or "auto",
             modules=args.modules, unpack=args.unpack != "off", prefer_pvh=not args.entry64,
@@ -159,22 +197,41 @@ def cmd_run(args: argparse.Namespace) -> int:
     from kvmpy.machine import UNPACK_WAIT_S, Machine
 
     started = time.perf_counter()
-    config = machine_config(args)
+    qmp_path = None
+    if args.qmp is not None:
+        from kvmpy.qmp import parse_address
+
+        qmp_path = parse_address(args.qmp)
+    snapshot = None
+    if args.restore is not None:
+        config, snapshot = restore_config(args)
+    else:
+        config = machine_config(args)
     trace, gdb = _seeing_inside(args)
     config = config._replace(trace=trace, gdb=gdb)
-    machine = Machine(config)
+    machine = Machine(config, snapshot=snapshot)
     unpacking = machine.unpack_for_next_boot()
     try:
-        pump = None
+        pump = qmp = None
         if config.linux is not None:
             pump = StdinPump(machine.console_input, on_quit=lambda: machine.request_stop(
                 Stop(StopKind.SIGINT, "quit from the console (Ctrl-A x)")))
             pump.start()
+        if qmp_path is not None:
+            from kvmpy.qmp import MachineControl, QmpServer
+
+            control = MachineControl(machine)
+            qmp = control.server = QmpServer(qmp_path, control)
+            qmp.start()
         try:
-            stop = machine.run()
+            stop = machine.run(threads=qmp is not None)
         finally:
             if pump is not None:
                 pump.stop()
+            if qmp is not None:
+                if machine.stopped is not None:
+                    qmp.emit("SHUTDOWN", control.shutdown_event(machine.stopped))
+                qmp.close()
         if stop.details or stop.kind.value not in (0, -1):
             print(f"kvmpy: {stop.reason}", file=sys.stderr)
             if stop.details:

@@ -6,6 +6,12 @@
 
 Reading `Machine.__init__` top to bottom is reading how kvmpy makes a VM.
 Running it runs each vCPU's `VcpuLoop` and waits for a `Stop`.
+
+A machine restored from a snapshot is built by the same recipe from the snapshot's
+configuration, with guest RAM mapped from the snapshot and, instead of a boot, every
+part given back its saved state (`_restore`). `pause()` holds the vCPUs and the I/O
+thread, `capture_state()` gathers each part's `state()`, `snapshot(path)` writes
+both with RAM and disks (kvmpy.state.snapshot; docs/snapshots.md).
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 from kvmpy import layout
 from kvmpy.boot.cpuid import boot_msrs, normalize_cpuid
@@ -45,6 +51,7 @@ from kvmpy.vcpu_threads import VcpuThreads, run_guarded
 
 if TYPE_CHECKING:
     from kvmpy.gdb.stub import GdbConfig, GdbStub
+    from kvmpy.state.snapshot import Snapshot
     from kvmpy.trace.stats import ExitStats
     from kvmpy.trace.tracer import Tracer
     from kvmpy.virtio.console import Console as VirtioConsole
@@ -185,19 +192,33 @@ def _prepare_for_linux(vcpu: Vcpu) -> None:
 
 
 class Machine:
-    def __init__(self, config: MachineConfig, kvm: Kvm | None = None) -> None:
+    def __init__(self, config: MachineConfig, kvm: Kvm | None = None, *,
+                 snapshot: Snapshot | None = None) -> None:
         # 0. every option checked, and this /dev/kvm able to run the guest, before
-        #    anything is built (kvmpy.checks: one-line errors naming the option)
-        check_config(config)
+        #    anything is built (kvmpy.checks: one-line errors naming the option); a
+        #    snapshot's CPUID must be what this host gives (the rest was checked when
+        #    it was opened: kvmpy.state.snapshot)
+        check_config(config, booting=snapshot is None)
         if config.linux is not None:
             require_linux_kvm()
         self.config = config
         self.console: ConsoleSink = config.console or sys.stdout.buffer
         self._own_kvm = kvm is None  # a /dev/kvm fd this machine opened, and closes
         self.kvm = kvm or Kvm()
-        # 1. guest RAM, with the 32-bit MMIO hole left out
-        self.memory = GuestMemory.anonymous(config.mem_size,
-                                            hole=(layout.MMIO_HOLE, layout.MMIO_HOLE_END))
+        supported = self.kvm.supported_cpuid()
+        tsc_deadline = bool(self.kvm.check_extension("KVM_CAP_TSC_DEADLINE_TIMER"))
+        cpuids = [[tuple(e) for e in normalize_cpuid(supported, i, config.cpus,
+                                                     tsc_deadline=tsc_deadline)]
+                  for i in range(config.cpus)]
+        if snapshot is not None:
+            try:
+                snapshot.check_cpuid(lambda i: cpuids[i])
+            except BaseException:
+                self._close_kvm()
+                raise
+        # 1. guest RAM, with the 32-bit MMIO hole left out (a snapshot's: mapped privately)
+        self.memory = snapshot.map_ram() if snapshot is not None else GuestMemory.anonymous(
+            config.mem_size, hole=(layout.MMIO_HOLE, layout.MMIO_HOLE_END))
         # 2. the VM and its memory slots
         self.vm = self.kvm.create_vm()
         self.vm.map_memory(self.memory)
@@ -212,12 +233,9 @@ class Machine:
             self.vm.create_irqchip()
         # 4. vCPUs, each with its CPUID (APIC id, topology, hypervisor leaves)
         self.vcpus = [self.vm.create_vcpu(i) for i in range(config.cpus)]
-        supported = self.kvm.supported_cpuid()
-        tsc_deadline = bool(self.kvm.check_extension("KVM_CAP_TSC_DEADLINE_TIMER"))
         for vcpu in self.vcpus:
-            vcpu.set_cpuid2(normalize_cpuid(supported, vcpu.index, config.cpus,
-                                            tsc_deadline=tsc_deadline))
-            if config.linux is not None:
+            vcpu.set_cpuid2(cpuids[vcpu.index])
+            if config.linux is not None and snapshot is None:
                 _prepare_for_linux(vcpu)
         # 5. devices
         self.pio = Bus("pio")
@@ -256,9 +274,20 @@ class Machine:
                 self._add_virtio(device, self.iothread)
             self.iothread.start()
         self.threads: VcpuThreads | None = None
-        # 6. boot
+        self.paused = False
+        self._running = threading.Event()  # clear while paused: console input waits
+        self._running.set()
+        self._clock: dict[str, Any] | None = None  # kvmclock to put back before vCPUs run
+        self._restored = snapshot is not None  # (see _before_run)
+        # 6. boot, or every part back as the snapshot has it
         self.linux_boot: LinuxBoot | None = None
-        if config.flat is not None:
+        if snapshot is not None:
+            try:
+                self._restore(snapshot.sections)
+            except BaseException:
+                self.close()
+                raise
+        elif config.flat is not None:
             from kvmpy.flat import load_flat, start_flat
 
             flat = config.flat
@@ -369,6 +398,127 @@ class Machine:
                                       linux.kernel)
         return boot
 
+    # -- state ------------------------------------------------------------
+    def stateful(self) -> dict[str, Any]:
+        """Every device with a `state()` / `restore(state, where)` pair, by section name."""
+        owners: dict[str, Any] = {"serial0": self.serial, "post-code": self.postcode,
+                                  "testdev": self.testdev}
+        for name, attr in (("i8042", "i8042"), ("rtc", "rtc"), ("acpi-pm", "pm")):
+            if hasattr(self, attr):
+                owners[name] = getattr(self, attr)
+        for i, (transport, _, _) in enumerate(self.virtio):
+            owners[f"virtio{i}"] = transport
+        return owners
+
+    def capture_state(self) -> dict[str, Any]:
+        """The machine's saved state, a section per part (kvmpy.state.stream): its
+        configuration, the VM, each vCPU, each device. Paused machines only (`pause`),
+        or machines not started yet."""
+        from kvmpy.kvm.state import capture_vcpu, capture_vm
+        from kvmpy.state.config import describe
+
+        sections = {"machine": describe(self.config), "vm": capture_vm(self.vm)}
+        if self._clock is not None:  # the clock as it was when the guest stopped
+            sections["vm"]["clock"] = self._clock
+        for vcpu in self.vcpus:
+            sections[f"vcpu{vcpu.index}"] = capture_vcpu(vcpu)
+        for name, owner in self.stateful().items():
+            sections[name] = owner.state()
+        return sections
+
+    def _restore(self, sections: dict[str, Any]) -> None:
+        """Give every part its saved state, in the order that keeps each consistent:
+        devices first (their interrupt lines driven to their saved levels), then the
+        irqchip and PIT over whatever those lines did, then the vCPUs (LAPICs last
+        of all interrupt state); kvmclock just before the vCPUs run (`_before_run`)."""
+        from kvmpy.errors import SnapshotError
+        from kvmpy.kvm.state import restore_vcpu, restore_vm
+
+        owners = self.stateful()
+        expected = {"machine", "vm", *owners, *(f"vcpu{v.index}" for v in self.vcpus)}
+        if set(sections) != expected:
+            extra, missing = sorted(set(sections) - expected), sorted(expected - set(sections))
+            raise SnapshotError("snapshot state: " + (
+                f"{extra[0]} is not part of this machine" if extra else
+                f"no state for {missing[0]}") + " (another device set)")
+        for name, owner in owners.items():
+            owner.restore(sections[name], name)
+        self._clock = restore_vm(self.vm, sections["vm"])
+        for vcpu in self.vcpus:
+            restore_vcpu(vcpu, sections[f"vcpu{vcpu.index}"], f"vcpu{vcpu.index}")
+
+    def _before_run(self) -> None:
+        """kvmclock back to where the guest left it, and a restored device's queues
+        looked at once (their last notifications went to another process)."""
+        from kvmpy.kvm.state import restore_clock
+
+        if self._clock is not None:
+            restore_clock(self.vm, self._clock)
+            self._clock = None
+            for vcpu in self.vcpus:
+                try:
+                    vcpu.kvmclock_ctrl()
+                except OSError:
+                    pass  # (no kvmclock in this guest)
+        if self._restored:
+            self._restored = False
+            for transport, _, _ in self.virtio:
+                transport.process_all()
+
+    def pause(self, timeout: float = 10.0) -> None:
+        """Hold every vCPU out of KVM_RUN, stop the I/O thread between two requests,
+        and hand every console byte the guest wrote to the console. Console input
+        waits. Guest time stops (kvmclock is put back on `resume`)."""
+        from kvmpy.errors import KvmpyError
+
+        if self.paused:
+            return
+        if self.threads is not None and not self.threads.pause(timeout):
+            self.threads.resume()
+            raise KvmpyError(f"a vCPU did not leave the guest within {timeout:g} s")
+        self._running.clear()
+        if self.iothread is not None:
+            self.iothread.stop()
+        self.serial.flush()
+        self.console.flush()
+        clock = self.vm.get_clock()
+        if self._clock is None:  # (a restored machine not run yet keeps its saved clock)
+            self._clock = {"ns": int(clock.clock), "realtime": None}
+        self.paused = True
+
+    def resume(self) -> None:
+        """Undo `pause`: guest time goes on from where it stopped."""
+        if not self.paused:
+            return
+        self.paused = False
+        if self.threads is not None:
+            self._before_run()
+        if self.iothread is not None:
+            self.iothread.start()
+        self._running.set()
+        if self.threads is not None:
+            self.threads.resume()
+
+    def snapshot(self, path: str | Path) -> dict[str, Any]:
+        """Write a snapshot of the running (or paused) guest to the new directory `path`;
+        a running guest is paused for it and resumed after. Returns its metadata."""
+        from kvmpy.errors import KvmpyError
+        from kvmpy.state.snapshot import save_snapshot
+
+        if self.stopped is not None:
+            raise KvmpyError(f"no snapshot of a stopped guest ({self.stopped.reason})")
+        was_running = not self.paused
+        self.pause()
+        try:
+            return save_snapshot(self, Path(path))
+        finally:
+            if was_running:
+                self.resume()
+
+    def press_power_button(self) -> bool:
+        """QMP's system_powerdown: press the guest's power button; False if it has none."""
+        return False
+
     def irq(self, gsi: int) -> IrqLine:
         """The interrupt line for `gsi`: the in-kernel irqchip's, or nowhere without one."""
         return KvmIrq(self.vm, gsi) if self.vm.irqchip else NullIrq()
@@ -403,6 +553,7 @@ class Machine:
 
     def start(self) -> None:
         """Start one thread per vCPU; returns at once."""
+        self._before_run()
         self.threads = VcpuThreads(self.loops, on_stop=lambda _: self.serial.flush())
         self.threads.start()
 
@@ -442,7 +593,11 @@ class Machine:
             lambda loop: describe_running(loop.vcpu, self.memory), timeout))
 
     def console_input(self, data: bytes) -> None:
-        """Give the guest console input, waiting while its receive buffer is full."""
+        """Give the guest console input, waiting while its receive buffer is full (and
+        while the guest is paused: the input arrives after it resumes)."""
+        while not self._running.wait(0.1):
+            if self.stopped is not None:
+                return
         if self.hvc is not None:
             self.hvc.enqueue_input(data)
             return
@@ -452,9 +607,11 @@ class Machine:
             if data:
                 time.sleep(0.01)
 
-    def run(self) -> Stop:
-        """Run until the VM stops. A single vCPU without irqchip runs on this thread."""
-        if len(self.loops) == 1 and not self.vm.irqchip:
+    def run(self, *, threads: bool = False) -> Stop:
+        """Run until the VM stops. A single vCPU without irqchip runs on this thread,
+        unless `threads` (another thread will pause it: a QMP server)."""
+        if len(self.loops) == 1 and not self.vm.irqchip and not threads:
+            self._before_run()
             try:
                 return run_guarded(self.loops[0])
             finally:
@@ -484,7 +641,10 @@ class Machine:
         for v in self.vcpus:
             v.close()
         self.vm.close()
-        if self._own_kvm:
-            self.kvm.close()
+        self._close_kvm()
         if io_stopped:  # else a preadv may still be writing to guest RAM: leave it mapped
             self.memory.close()
+
+    def _close_kvm(self) -> None:
+        if self._own_kvm:
+            self.kvm.close()

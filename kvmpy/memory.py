@@ -81,14 +81,7 @@ class GuestMemory:
         RAM that would fall in the hole is placed above it, as on a PC: the
         guest sees `size` bytes in total.
         """
-        if size <= 0 or size % mmap.PAGESIZE:
-            raise ConfigError(f"memory size {size:#x} must be a positive multiple of 4 KiB")
-        spans: list[tuple[int, int]] = []
-        if hole is None or size <= hole[0]:
-            spans.append((0, size))
-        else:
-            spans.append((0, hole[0]))
-            spans.append((hole[1], size - hole[0]))
+        spans = ram_spans(size, hole)
         # Each mapping gets 2 MiB of slack so the region can start on a 2 MiB
         # boundary: then the host backs guest RAM with transparent huge pages
         # and a nested hypervisor takes far fewer faults to map it.
@@ -194,6 +187,15 @@ class GuestMemory:
             r.view.release()
             if isinstance(r.buffer, mmap.mmap):
                 r.buffer.close()
+
+
+def ram_spans(size: int, hole: tuple[int, int] | None = None) -> list[tuple[int, int]]:
+    """(gpa, length) of each region of `size` bytes of RAM from gpa 0 around `hole`."""
+    if size <= 0 or size % mmap.PAGESIZE:
+        raise ConfigError(f"memory size {size:#x} must be a positive multiple of 4 KiB")
+    if hole is None or size <= hole[0]:
+        return [(0, size)]
+    return [(0, hole[0]), (hole[1], size - hole[0])]
 
 
 _NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)

@@ -22,6 +22,12 @@ each kick with a trip out of KVM_RUN.
 `sample()` uses the same kick to ask every vCPU where it is, for a guest that
 went quiet: each vCPU thread describes itself (registers, code, stack) between
 two entries and goes back in.
+
+`pause()` uses it to hold every vCPU out of KVM_RUN: each thread, kicked, waits
+on its own thread until `resume()`. A kick returns from KVM_RUN only after KVM has
+finished the instruction in progress (an `in` whose data we supplied completes on
+the way back in, before KVM looks at immediate_exit), so a held vCPU's state is
+whole and may be read and written from another thread.
 """
 
 from __future__ import annotations
@@ -82,6 +88,10 @@ class VcpuThreads:
         self._describe: Callable[[VcpuLoop], str] | None = None
         self._samples: list[str | None] = [None] * len(loops)
         self._sampled = threading.Condition()
+        # pause(): while `_pausing`, a kicked vCPU waits in `_hold` (`_held[i]` True)
+        self._pausing = False
+        self._held = [False] * len(loops)
+        self._holding = threading.Condition()
         for i, loop in enumerate(loops):
             loop.on_kick = lambda i=i: self._on_kick(i)  # type: ignore[misc]
 
@@ -106,6 +116,8 @@ class VcpuThreads:
         self.on_stop(stop)
         for loop in self.loops:
             loop.request_stop(stop)
+        with self._holding:  # a held vCPU goes back to its loop, which sees the stop
+            self._holding.notify_all()
         self.kick_all()
         self.done.set()
 
@@ -131,6 +143,47 @@ class VcpuThreads:
                 self._samples[index] = text
                 self._sampled.notify_all()
         self._check_parked(index)
+        if self._pausing:
+            self._hold(index)
+
+    # -- pausing ----------------------------------------------------------------------
+    @property
+    def paused(self) -> bool:
+        return self._pausing
+
+    def pause(self, timeout: float = 10.0) -> bool:
+        """Hold every vCPU out of KVM_RUN; False if one did not come out within `timeout`
+        (its thread busy in a device). A vCPU whose loop has ended counts as held."""
+        import time
+
+        with self._holding:
+            self._pausing = True
+        deadline = time.monotonic() + timeout
+        while True:
+            # kicked again until held: a kick that lands between an exit and the next
+            # entry is lost when the loop clears immediate_exit
+            self.kick_all()
+            with self._holding:
+                if self._holding.wait_for(self._all_held, 0.05):
+                    return True
+            if time.monotonic() > deadline:
+                return False
+
+    def _all_held(self) -> bool:
+        return all(held or not thread.is_alive()
+                   for held, thread in zip(self._held, self._threads, strict=False))
+
+    def resume(self) -> None:
+        with self._holding:
+            self._pausing = False
+            self._holding.notify_all()
+
+    def _hold(self, index: int) -> None:
+        with self._holding:
+            self._held[index] = True
+            self._holding.notify_all()
+            self._holding.wait_for(lambda: not self._pausing or self.stop is not None)
+            self._held[index] = False
 
     def sample(self, describe: Callable[[VcpuLoop], str], timeout: float = 5.0) -> list[str]:
         """Kick every vCPU and have its own thread run `describe(loop)`; one text each.
@@ -167,8 +220,8 @@ class VcpuThreads:
             now = time.monotonic()
             if deadline is not None and now > deadline:
                 return None
-            if not halt_detection:
-                continue
+            if not halt_detection or self._pausing:
+                continue  # (a paused guest is held by us, not halted)
             seen = [loop.exits_seen for loop in self.loops]
             if seen != last_seen:
                 last_seen, talked = seen, True

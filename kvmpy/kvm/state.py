@@ -22,9 +22,10 @@ and QEMU (target/i386/kvm/kvm.c, kvm_arch_put_registers) learned:
            IA32_TSC_DEADLINE last (the deadline is armed against the TSC), then
            the events.
 
-CPUID is captured but not put back here: KVM takes CPUID before a vCPU first
-runs, so the machine sets it when it creates the vCPU (and refuses a snapshot
-whose CPUID this host cannot give). The VM's irqchip and PIT go back before
+CPUID is captured (as kvmpy set it: KVM_GET_CPUID2 answers with bits KVM derives
+from registers at run time) but not put back here: KVM takes CPUID before a vCPU
+first runs, so the machine sets it when it creates the vCPU (and refuses a
+snapshot whose CPUID this host would not give). The VM's irqchip and PIT go back before
 the vCPUs; kvmclock last, just before the vCPUs run again, so guest time
 continues from the value it had (`restore_clock`).
 
@@ -137,7 +138,7 @@ def capture_vcpu(vcpu: Vcpu) -> dict[str, Any]:
     state["debugregs"] = struct_value(vcpu.get_debugregs())
     state["lapic"] = b64(vcpu.get_lapic()) if vm.irqchip else None
     state["tsc_khz"] = _tsc_khz(vcpu)
-    state["cpuid"] = [list(e) for e in vcpu.get_cpuid2()]
+    state["cpuid"] = [list(e) for e in (vcpu.cpuid or vcpu.get_cpuid2())]
     msrs = vm.msrs_to_save(vcpu)
     values = vcpu.get_msrs(msrs)
     state["msrs"] = [[index, values[index]] for index in msrs if index in values]

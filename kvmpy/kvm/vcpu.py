@@ -44,6 +44,9 @@ class Vcpu:
         self._mmap = mmap.mmap(fd, vm.run_size, mmap.MAP_SHARED,
                                mmap.PROT_READ | mmap.PROT_WRITE)
         self.run_page = memoryview(self._mmap)
+        # the entries last given to KVM_SET_CPUID2 (KVM_GET_CPUID2 answers with some bits
+        # changed at run time from registers, e.g. OSXSAVE from CR4)
+        self.cpuid: list[tuple[int, int, int, int, int, int, int]] | None = None
 
     def close(self) -> None:
         self.run_page.release()
@@ -127,6 +130,7 @@ class Vcpu:
             e.function, e.index, e.flags = function, index, flags
             e.eax, e.ebx, e.ecx, e.edx = eax, ebx, ecx, edx
         ioctl(self.fd, "KVM_SET_CPUID2", cpuid)
+        self.cpuid = [tuple(e) for e in entries]  # type: ignore[misc]
 
     def get_cpuid2(self) -> list[tuple[int, int, int, int, int, int, int]]:
         """KVM_GET_CPUID2: the entries this vCPU has, as `set_cpuid2` takes them."""

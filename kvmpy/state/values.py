@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import binascii
 import builtins
+import math
 from typing import Any, TypeAlias
 
 from kvmpy.errors import SnapshotError
@@ -82,6 +83,14 @@ class StateReader:
     def optional_int(self, key: _Str, lo: _Int = 0, hi: _Int = U64) -> _Int | None:
         value = self._get(key)
         return None if value is None else _int(value, lo, hi, f"{self.where}.{key}")
+
+    def number(self, key: _Str) -> float:
+        """A finite number, whole or not (a duration)."""
+        value = self._get(key)
+        if isinstance(value, _Bool) or not isinstance(value, _Int | float) \
+                or not math.isfinite(value):
+            raise self.fail(key, f"expected a number, got {_kind(value)}")
+        return float(value)
 
     def bool(self, key: _Str) -> _Bool:
         value = self._get(key)

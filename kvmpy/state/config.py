@@ -1,0 +1,119 @@
+"""A machine's configuration in saved state: a MachineConfig as plain values, and back.
+
+What it is: `describe(config)` gives the parts of a `MachineConfig` that decide what
+the machine is made of (RAM, vCPUs, flat image or Linux kernel, irqchip, devices),
+and `machine_config(value)` reads such a description back into a MachineConfig,
+checking every field. A snapshot's metadata and its state stream both carry it: a
+restore builds exactly that machine, so the saved state of each part has a part to
+go into, and a restore asked to differ (another vCPU count, memory size or device
+set) is refused before anything is built.
+
+What is left out, and why: how the guest was booted (kernel command line, entry,
+initial registers) no longer matters once it runs, and is kept only to be shown;
+how the host watches it (tracing, statistics, gdb, the console's sink) belongs to
+each run, not to the machine.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from kvmpy import layout
+from kvmpy.errors import SnapshotError
+from kvmpy.state.values import U64, StateReader
+
+if TYPE_CHECKING:
+    from kvmpy.machine import MachineConfig
+
+MAX_DEVICES = 64
+
+
+def describe(config: MachineConfig) -> dict[str, Any]:
+    flat, linux = config.flat, config.linux
+    return {
+        "mem_size": config.mem_size,
+        "cpus": config.cpus,
+        "flat": None if flat is None else {
+            "path": str(flat.path), "mode": flat.mode.value, "entry": flat.entry,
+            "cpl": flat.cpl, "irqchip": flat.irqchip},
+        "linux": None if linux is None else {
+            "kernel": str(linux.kernel),
+            "initrd": None if linux.initrd is None else str(linux.initrd),
+            "append": linux.append, "acpi": linux.acpi},
+        "disks": [{"path": str(d.path), "read_only": d.read_only} for d in config.disks],
+        "nets": [{"tap": n.tap, "mac": n.mac} for n in config.nets],
+        "rng": config.rng,
+        "virtio_console": config.virtio_console,
+    }
+
+
+def machine_config(value: object, where: str = "machine") -> MachineConfig:
+    """The MachineConfig a `describe` value says; SnapshotError naming a bad field."""
+    from kvmpy.cpu.modes import Mode
+    from kvmpy.machine import DiskConfig, FlatConfig, LinuxConfig, MachineConfig, NetConfig
+
+    r = StateReader(value, where)
+    mem_size = r.int("mem_size", layout.PAGE_SIZE, U64)
+    cpus = r.int("cpus", 1, 1024)
+    flat = linux = None
+    if not r.null("flat"):
+        f = r.sub("flat")
+        try:
+            mode = Mode(f.str("mode", 16))
+        except ValueError:
+            raise f.fail("mode", "not real, protected or long") from None
+        flat = FlatConfig(path=Path(f.str("path", 4096)), mode=mode,
+                          entry=f.int("entry", 0, U64), cpl=f.int("cpl", 0, 3),
+                          irqchip=f.bool("irqchip"))
+        f.done()
+    if not r.null("linux"):
+        lx = r.sub("linux")
+        kernel = Path(lx.str("kernel", 4096))
+        initrd = None if lx.null("initrd") else Path(lx.str("initrd", 4096))
+        linux = LinuxConfig(kernel=kernel, initrd=initrd, append=lx.str("append", 1 << 16),
+                            acpi=lx.bool("acpi"))
+        lx.done()
+    if (flat is None) == (linux is None):
+        raise r.fail("flat", "a machine runs a flat image or a Linux kernel: exactly one")
+    disks = []
+    for d in r.subs("disks", MAX_DEVICES):
+        disks.append(DiskConfig(Path(d.str("path", 4096)), read_only=d.bool("read_only")))
+        d.done()
+    nets = []
+    for n in r.subs("nets", MAX_DEVICES):
+        nets.append(NetConfig(tap=n.str("tap", 64), mac=None if n.null("mac")
+                              else n.str("mac", 17)))
+        n.done()
+    config = MachineConfig(mem_size=mem_size, cpus=cpus, flat=flat, linux=linux, disks=disks,
+                           nets=nets, rng=r.bool("rng"), virtio_console=r.bool("virtio_console"))
+    r.done()
+    return config
+
+
+def refuse_mismatch(saved: MachineConfig, what: str, **asked: object) -> None:
+    """One line for the first option asked for that is not what the snapshot holds:
+    `asked` is cpus=, mem_size=, rng=, virtio_console=, disks= or nets= (a count);
+    None means not asked."""
+    have = {"cpus": saved.cpus, "mem_size": saved.mem_size, "rng": saved.rng,
+            "virtio_console": saved.virtio_console, "disks": len(saved.disks),
+            "nets": len(saved.nets)}
+    options = {"cpus": "--cpus", "mem_size": "--mem", "rng": "--rng", "virtio_console":
+               "--console", "disks": "--disk", "nets": "--net"}
+    for key, value in asked.items():
+        if value is not None and value != have[key]:
+            raise SnapshotError(f"{options[key]}: {what} has {_say(key, have[key])}, not "
+                                f"{_say(key, value)}")
+
+
+def _say(key: str, value: object) -> str:
+    if key == "mem_size":
+        return f"{value} bytes of RAM"
+    if key == "cpus":
+        return f"{value} vCPU{'s' if value != 1 else ''}"
+    if key == "rng":
+        return "virtio-rng" if value else "no virtio-rng"
+    if key == "virtio_console":
+        return "the virtio console" if value else "the serial console"
+    return f"{value} {'disk' if key == 'disks' else 'network device'}" + ("s" if value != 1
+                                                                            else "")

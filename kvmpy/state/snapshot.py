@@ -1,0 +1,311 @@
+"""A snapshot on disk: one directory holding everything a paused VM is.
+
+    DIR/snapshot.json   metadata: format and version, kvmpy's version, when, the machine
+                        (kvmpy.state.config), and for each part its size and checksum
+    DIR/state.bin       the small state: vCPUs, irqchip, devices (kvmpy.state.stream)
+    DIR/ram.bin         guest RAM, zero pages as holes, mapped privately on restore
+                        (kvmpy.state.ram)
+    DIR/disk<N>.img     a copy of writable disk N as it was (kvmpy.state.disks);
+                        read-only disks are referenced by path, size and mtime
+
+`save_snapshot` writes it into a hidden directory beside DIR and renames it into
+place at the end, so DIR is either a whole snapshot or not there. `open_snapshot`
+treats DIR as untrusted input and checks all of it that can be checked without
+building a VM: the metadata's format and every field, each file's size, the state's
+checksum and framing, the machine against the state's sections (vCPU count, which
+parts have state), RAM's size and layout, the disks. Anything wrong is one line
+naming it (SnapshotError); nothing is built from a snapshot that failed. Each
+owner then checks its own values as it restores them (kvmpy.state.values).
+What is not checked by default is the content of guest RAM: reading all of it would
+cost the lazy restore its point, and a guest's RAM is the guest's own data (see
+kvmpy.state.ram; `verify_ram=True` checks it).
+
+`Snapshot.working_config` is the machine a restore builds: the saved one, with each
+writable disk a fresh copy of the snapshot's (at a path the caller names, or in a
+new temporary directory), so two restores of one snapshot never share a disk.
+docs/snapshots.md describes the format field by field.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import stat
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+from kvmpy import __version__, layout
+from kvmpy.errors import SnapshotError
+from kvmpy.log import get_logger
+from kvmpy.memory import GuestMemory, ram_spans
+from kvmpy.state import config as machine_state
+from kvmpy.state import ram, stream
+from kvmpy.state.disks import copy_image
+from kvmpy.state.values import U64, StateReader
+
+if TYPE_CHECKING:
+    from kvmpy.machine import DiskConfig, Machine, MachineConfig
+
+log = get_logger(__name__)
+
+FORMAT = "kvmpy-snapshot"
+VERSION = 1
+METADATA = "snapshot.json"
+STATE = "state.bin"
+RAM = "ram.bin"
+MAX_METADATA = 1 << 20
+MAX_STATE = 256 << 20
+
+
+def disk_file(index: int) -> str:
+    return f"disk{index}.img"
+
+
+# -- saving ------------------------------------------------------------------------------------
+def save_snapshot(machine: Machine, path: Path) -> dict[str, Any]:
+    """Write `machine` (paused: vCPUs out of KVM_RUN, I/O thread stopped) to the new
+    directory `path`; returns the metadata written."""
+    path = Path(path)
+    if path.exists():
+        raise SnapshotError(f"snapshot {path}: already exists (kvmpy never overwrites one)")
+    if not path.parent.is_dir():
+        raise SnapshotError(f"snapshot {path}: no directory {path.parent}")
+    started = time.perf_counter()
+    work = path.parent / f".{path.name}.partial-{os.getpid()}"
+    work.mkdir()
+    try:
+        sections = machine.capture_state()
+        state = stream.encode(sections)
+        (work / STATE).write_bytes(state)
+        meta = {
+            "format": FORMAT, "version": VERSION, "kvmpy": __version__,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "machine": sections["machine"],
+            "state": {"size": len(state), "sha256": hashlib.sha256(state).hexdigest()},
+            "ram": ram.save_ram(machine.memory, work / RAM),
+            "disks": [_save_disk(i, disk, work) for i, disk in enumerate(machine.config.disks)],
+        }
+        meta["ram"].pop("file")
+        meta["seconds"] = round(time.perf_counter() - started, 6)
+        (work / METADATA).write_text(json.dumps(meta, indent=1) + "\n")
+        os.rename(work, path)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    return meta
+
+
+def _save_disk(index: int, disk: DiskConfig, work: Path) -> dict[str, Any]:
+    st = os.stat(disk.path)
+    if disk.read_only:
+        return {"read_only": True, "path": str(Path(disk.path).resolve()), "size": st.st_size,
+                "mtime_ns": st.st_mtime_ns}
+    how = copy_image(Path(disk.path), work / disk_file(index))
+    return {"read_only": False, "source": str(disk.path), "size": st.st_size, "copied": how}
+
+
+# -- opening ----------------------------------------------------------------------------------
+class DiskPart(NamedTuple):
+    read_only: bool
+    path: Path  # the snapshot's copy of a writable disk, or the read-only disk itself
+    size: int
+
+
+class Snapshot(NamedTuple):
+    """A snapshot directory that passed every check `open_snapshot` makes."""
+
+    path: Path
+    machine: MachineConfig  # as saved: writable disks are the snapshot's own copies
+    sections: dict[str, Any]
+    regions: list[list[int]]  # guest RAM: [gpa, size, offset in ram.bin]
+    disks: list[DiskPart]
+
+    def what(self) -> str:
+        return f"snapshot {self.path}"
+
+    def map_ram(self) -> GuestMemory:
+        return ram.map_ram(self.path / RAM, self.regions)
+
+    def check_cpuid(self, here: Callable[[int], list[tuple[int, ...]]]) -> None:
+        """Refuse a snapshot whose vCPUs saw CPUID this host would not give them
+        (`here(i)`: the entries kvmpy sets on vCPU i of this machine here)."""
+        from kvmpy.kvm.state import cpuid_of
+
+        for i in range(self.machine.cpus):
+            saved = {e[:2]: e for e in cpuid_of(self.sections[f"vcpu{i}"], f"vcpu{i}")}
+            mine = {tuple(e[:2]): tuple(e) for e in here(i)}
+            differ = sorted(k for k in saved.keys() | mine.keys() if saved.get(k) != mine.get(k))
+            if differ:
+                function, index = differ[0]
+                raise SnapshotError(f"{self.what()}: vCPU {i} saw other CPUID than this host "
+                                    f"gives (leaf {function:#x}.{index} first): taken on "
+                                    "another CPU or KVM")
+
+    def working_config(self, disks: Sequence[Path | None] = ()) -> MachineConfig:
+        """The machine to restore: each writable disk copied from the snapshot to
+        `disks[i]` (a new file) or, when none is given, into a new temporary directory
+        that is kept (its path is logged); read-only disks are used where they are."""
+        from kvmpy.machine import DiskConfig
+
+        if len(disks) > len(self.disks):
+            raise SnapshotError(f"--disk: {self.what()} has {len(self.disks)} disks, "
+                                f"{len(disks)} given")
+        out: list[DiskConfig] = []
+        made: list[Path] = []
+        temp: Path | None = None
+        try:
+            for i, part in enumerate(self.disks):
+                wanted = disks[i] if i < len(disks) else None
+                if part.read_only:
+                    if wanted is not None and Path(wanted).resolve() != part.path:
+                        raise SnapshotError(f"--disk {wanted}: disk {i} of {self.what()} is "
+                                            f"read-only {part.path}, used where it is")
+                    out.append(DiskConfig(part.path, read_only=True))
+                    continue
+                if wanted is None:
+                    temp = temp or Path(tempfile.mkdtemp(prefix="kvmpy-restore-"))
+                    wanted = temp / disk_file(i)
+                wanted = Path(wanted)
+                if wanted.exists():
+                    raise SnapshotError(f"--disk {wanted}: already exists; a restored disk "
+                                        "is a new copy of the snapshot's (kvmpy never "
+                                        "overwrites a file)")
+                try:
+                    copy_image(part.path, wanted)
+                except OSError as e:
+                    raise SnapshotError(f"--disk {wanted}: cannot copy disk {i} of "
+                                        f"{self.what()} there: {e.strerror}") from None
+                made.append(wanted)
+                log.warning("disk %d of %s runs on %s", i, self.what(), wanted)
+                out.append(DiskConfig(wanted))
+        except BaseException:
+            for p in made:
+                p.unlink(missing_ok=True)
+            if temp is not None:
+                shutil.rmtree(temp, ignore_errors=True)
+            raise
+        return self.machine._replace(disks=out)
+
+
+def open_snapshot(path: Path | str, *, verify_ram: bool = False) -> Snapshot:
+    """Read and check the snapshot at `path`; SnapshotError (one line) for anything wrong."""
+    path = Path(path)
+    what = f"snapshot {path}"
+    if not path.is_dir():
+        raise SnapshotError(f"{what}: no such directory")
+    meta = _json_file(path / METADATA, what)
+    r = StateReader(meta, METADATA)
+    if r.str("format", 64) != FORMAT:
+        raise SnapshotError(f"{what}: {METADATA} is not a kvmpy snapshot's")
+    version = r.int("version", 0, U64)
+    if version != VERSION:
+        raise SnapshotError(f"{what}: format version {version}; this kvmpy ({__version__}) "
+                            f"reads version {VERSION}")
+    r.str("kvmpy", 64)
+    r.str("created", 64)
+    r.number("seconds")
+    machine = machine_state.machine_config(meta["machine"], f"{METADATA} machine")
+    r.sub("machine")  # (read above with its own checks)
+
+    s = r.sub("state")
+    state_size, state_sha = s.int("size", 0, MAX_STATE), s.str("sha256", 64)
+    s.done()
+    data = _read_exact(path / STATE, state_size, what)
+    if hashlib.sha256(data).hexdigest() != state_sha:
+        raise SnapshotError(f"{what}: {STATE} does not match its checksum (damaged or edited)")
+    sections = stream.decode(data, f"{what}: {STATE}")
+    if sections.get("machine") != meta["machine"]:
+        raise SnapshotError(f"{what}: {STATE} describes another machine than {METADATA}")
+    vcpus = sorted(n for n in sections if n.startswith("vcpu"))
+    if vcpus != sorted(f"vcpu{i}" for i in range(machine.cpus)):
+        raise SnapshotError(f"{what}: {len(vcpus)} vCPU states for a machine of "
+                            f"{machine.cpus} vCPUs")
+
+    m = r.sub("ram")
+    size, regions = m.int("size", 0, U64), m.list("regions", 4)
+    m.int("data_bytes", 0, U64)
+    digest = m.str("digest", 64)
+    m.done()
+    expected = ram.layout(ram_spans(machine.mem_size, (layout.MMIO_HOLE, layout.MMIO_HOLE_END)))
+    if regions != expected or size != machine.mem_size:
+        raise SnapshotError(f"{what}: guest RAM laid out otherwise than {machine.mem_size} "
+                            "bytes of RAM are")
+    _check_size(path / RAM, size, what)
+    if verify_ram:
+        ram.verify_ram(path / RAM, digest, what)
+
+    disks = [_open_disk(path, i, d, what) for i, d in enumerate(r.subs("disks", 64))]
+    if len(disks) != len(machine.disks) or any(
+            d.read_only != c.read_only for d, c in zip(disks, machine.disks, strict=False)):
+        raise SnapshotError(f"{what}: its disks are not the machine's disks")
+    r.done()
+    from kvmpy.machine import DiskConfig
+
+    saved = machine._replace(disks=[DiskConfig(d.path, d.read_only) for d in disks])
+    return Snapshot(path, saved, sections, expected, disks)
+
+
+def _open_disk(path: Path, index: int, r: StateReader, what: str) -> DiskPart:
+    read_only = r.bool("read_only")
+    size = r.int("size", 0, U64)
+    if read_only:
+        disk = Path(r.str("path", 4096))
+        mtime = r.int("mtime_ns", 0, U64)
+        r.done()
+        try:
+            st = os.stat(disk)
+        except OSError as e:
+            raise SnapshotError(f"{what}: read-only disk {disk}: {e.strerror}") from None
+        if st.st_size != size or st.st_mtime_ns != mtime:
+            raise SnapshotError(f"{what}: read-only disk {disk} changed since the snapshot "
+                                "(size or modification time)")
+        return DiskPart(True, disk, size)
+    r.str("source", 4096)
+    r.str("copied", 32)
+    r.done()
+    _check_size(path / disk_file(index), size, what)
+    return DiskPart(False, path / disk_file(index), size)
+
+
+def _json_file(path: Path, what: str) -> Any:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except OSError as e:
+        raise SnapshotError(f"{what}: {path.name}: {e.strerror}") from None
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise SnapshotError(f"{what}: {path.name} is not a regular file")
+        data = f.read(MAX_METADATA + 1)
+    if len(data) > MAX_METADATA:
+        raise SnapshotError(f"{what}: {path.name} is larger than {MAX_METADATA} bytes")
+    try:
+        return json.loads(data)
+    except (ValueError, RecursionError):
+        raise SnapshotError(f"{what}: {path.name} is not valid JSON (damaged or edited)") \
+            from None
+
+
+def _check_size(path: Path, size: int, what: str) -> None:
+    try:
+        st = os.stat(path, follow_symlinks=False)
+    except OSError as e:
+        raise SnapshotError(f"{what}: {path.name}: {e.strerror}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise SnapshotError(f"{what}: {path.name} is not a regular file")
+    if st.st_size != size:
+        raise SnapshotError(f"{what}: {path.name} is {st.st_size} bytes, {METADATA} says "
+                            f"{size} ({'truncated' if st.st_size < size else 'grown'})")
+
+
+def _read_exact(path: Path, size: int, what: str) -> bytes:
+    _check_size(path, size, what)
+    with open(path, "rb") as f:
+        data = f.read(size + 1)
+    if len(data) != size:
+        raise SnapshotError(f"{what}: {path.name} changed while it was read")
+    return data
