@@ -84,12 +84,16 @@ class Guest:
         refuse_mismatch(snapshot.machine, snapshot.what(), cpus=cpus,
                         mem_size=None if mem is None else size(mem),
                         nets=len(nets) or None)
-        config = snapshot.working_config([Path(d) for d in disks])
+        config, copies = snapshot.working_config([Path(d) for d in disks])
         if nets:
             config = config._replace(nets=[saved._replace(tap=net_config(n).tap)
                                            for saved, n in zip(config.nets, nets, strict=True)])
         guest = cls.__new__(cls)
-        guest._start(config._replace(trace=trace, gdb=gdb, stats=stats), echo, snapshot)
+        try:
+            guest._start(config._replace(trace=trace, gdb=gdb, stats=stats), echo, snapshot)
+        except BaseException:
+            copies.discard()
+            raise
         return guest
 
     def _start(self, config: MachineConfig, echo: bool, snapshot: Snapshot | None = None) -> None:

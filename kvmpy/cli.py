@@ -27,7 +27,7 @@ from kvmpy.units import parse_address
 if TYPE_CHECKING:
     from kvmpy.gdb.stub import GdbConfig
     from kvmpy.machine import MachineConfig
-    from kvmpy.state.snapshot import Snapshot
+    from kvmpy.state.snapshot import Snapshot, WorkingCopies
     from kvmpy.trace.tracer import Tracer
 
 
@@ -139,8 +139,10 @@ def _given(args: argparse.Namespace, names: tuple[str, ...]) -> list[str]:
 BOOT_ONLY = ("flat", *FLAT_ONLY, *LINUX_ONLY)
 
 
-def restore_config(args: argparse.Namespace) -> tuple[MachineConfig, Snapshot]:
-    """The machine in snapshot `args.restore`, checked against the options given with it."""
+def restore_config(args: argparse.Namespace
+                   ) -> tuple[MachineConfig, Snapshot, WorkingCopies]:
+    """The machine in snapshot `args.restore`, checked against the options given with it,
+    and the disk copies it runs on."""
     from kvmpy import options
     from kvmpy.state.config import refuse_mismatch
     from kvmpy.state.snapshot import open_snapshot
@@ -157,11 +159,11 @@ def restore_config(args: argparse.Namespace) -> tuple[MachineConfig, Snapshot]:
         virtio_console=None if args.console is None else options.virtio_console(args.console),
         disks=len(args.disk) or None, nets=len(args.net) or None)
     nets = [options.net_config(n) for n in args.net]
-    config = snapshot.working_config([options.disk_config(d).path for d in args.disk])
+    config, copies = snapshot.working_config([options.disk_config(d).path for d in args.disk])
     if nets:  # the same devices, on these taps
         config = config._replace(nets=[saved._replace(tap=net.tap) for saved, net in
                                        zip(config.nets, nets, strict=True)])
-    return config._replace(stats=args.stats), snapshot
+    return config._replace(stats=args.stats), snapshot, copies
 
 
 def machine_config(args: argparse.Namespace) -> MachineConfig:
@@ -176,7 +178,7 @@ def machine_config(args: argparse.Namespace) -> MachineConfig:
         config = options.flat_machine(
             args.flat, mode=args.mode or Mode.REAL,
             entry=parse_address(args.entry) if args.entry else layout.FLAT_LOAD,
-            cpl=args.cpl or 0, cpus=args.cpus or 1, mem=args.mem or options.DEFAULT_FLAT_MEM,
+            cpl=args.cpl or 0, cpus=1 if args.cpus is None else args.cpus, mem=args.mem or options.DEFAULT_FLAT_MEM,
             rng=args.rng == "on", **devices)
     else:
         wrong = _given(args, FLAT_ONLY)
@@ -184,7 +186,7 @@ def machine_config(args: argparse.Namespace) -> MachineConfig:
             raise ConfigError(f"{', '.join(wrong)}: for --flat images; a Linux guest "
                               "starts where its kernel says")
         config = options.linux_machine(
-            args.kernel, args.initrd, append=args.append or "", cpus=args.cpus or 1,
+            args.kernel, args.initrd, append=args.append or "", cpus=1 if args.cpus is None else args.cpus,
             mem=args.mem or options.DEFAULT_LINUX_MEM,
             rng=None if args.rng is None else args.rng == "on", acpi=args.acpi or "auto",
             modules=args.modules, unpack=args.unpack != "off", prefer_pvh=not args.entry64,
@@ -202,14 +204,21 @@ def cmd_run(args: argparse.Namespace) -> int:
         from kvmpy.qmp import parse_address
 
         qmp_path = parse_address(args.qmp)
-    snapshot = None
+    snapshot = copies = None
     if args.restore is not None:
-        config, snapshot = restore_config(args)
+        config, snapshot, copies = restore_config(args)
     else:
         config = machine_config(args)
     trace, gdb = _seeing_inside(args)
     config = config._replace(trace=trace, gdb=gdb)
-    machine = Machine(config, snapshot=snapshot)
+    try:
+        machine = Machine(config, snapshot=snapshot)
+    except BaseException:
+        if copies is not None:
+            copies.discard()
+        raise
+    if copies is not None:
+        copies.keep()
     unpacking = machine.unpack_for_next_boot()
     try:
         pump = qmp = None

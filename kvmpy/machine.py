@@ -274,6 +274,7 @@ class Machine:
                 self._add_virtio(device, self.iothread)
             self.iothread.start()
         self.threads: VcpuThreads | None = None
+        self.gdb: GdbStub | None = None  # (step 7; named here for a close() before it)
         self.paused = False
         self._running = threading.Event()  # clear while paused: console input waits
         self._running.set()
@@ -300,7 +301,6 @@ class Machine:
         #    loop without observers makes no call for them), outermost first: the
         #    tracer, the gdb stub (it parks vCPUs and takes the debug exits), statistics
         self.loops: list[VcpuLoop] = []  # (the gdb stub may ask `stopped` from now on)
-        self.gdb: GdbStub | None = None
         if config.gdb is not None:
             from kvmpy.gdb.stub import GdbStub
 

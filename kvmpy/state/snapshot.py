@@ -92,12 +92,25 @@ def save_snapshot(machine: Machine, path: Path) -> dict[str, Any]:
         }
         meta["ram"].pop("file")
         meta["seconds"] = round(time.perf_counter() - started, 6)
-        (work / METADATA).write_text(json.dumps(meta, indent=1) + "\n")
+        write_metadata(work, meta)
         os.rename(work, path)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
     return meta
+
+
+def write_metadata(directory: Path, meta: dict[str, Any]) -> None:
+    """snapshot.json: the metadata and, last, the SHA-256 of its own canonical form, so
+    that no byte of it can change unnoticed (not even the date or a version string)."""
+    body = {k: v for k, v in meta.items() if k != "sha256"}
+    (directory / METADATA).write_text(json.dumps(body | {"sha256": _canonical_sha(body)},
+                                                 indent=1) + "\n")
+
+
+def _canonical_sha(body: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":"))
+                          .encode()).hexdigest()
 
 
 def _save_disk(index: int, disk: DiskConfig, work: Path) -> dict[str, Any]:
@@ -146,10 +159,13 @@ class Snapshot(NamedTuple):
                                     f"gives (leaf {function:#x}.{index} first): taken on "
                                     "another CPU or KVM")
 
-    def working_config(self, disks: Sequence[Path | None] = ()) -> MachineConfig:
+    def working_config(self, disks: Sequence[Path | None] = ()
+                       ) -> tuple[MachineConfig, WorkingCopies]:
         """The machine to restore: each writable disk copied from the snapshot to
-        `disks[i]` (a new file) or, when none is given, into a new temporary directory
-        that is kept (its path is logged); read-only disks are used where they are."""
+        `disks[i]` (a new file) or, when none is given, into a new temporary directory;
+        read-only disks are used where they are. The copies are the caller's: to keep
+        (`WorkingCopies.keep`, which says where they are) or to remove if the restore
+        fails (`discard`)."""
         from kvmpy.machine import DiskConfig
 
         if len(disks) > len(self.disks):
@@ -181,15 +197,30 @@ class Snapshot(NamedTuple):
                     raise SnapshotError(f"--disk {wanted}: cannot copy disk {i} of "
                                         f"{self.what()} there: {e.strerror}") from None
                 made.append(wanted)
-                log.warning("disk %d of %s runs on %s", i, self.what(), wanted)
                 out.append(DiskConfig(wanted))
         except BaseException:
-            for p in made:
-                p.unlink(missing_ok=True)
-            if temp is not None:
-                shutil.rmtree(temp, ignore_errors=True)
+            WorkingCopies(self, made, temp).discard()
             raise
-        return self.machine._replace(disks=out)
+        return self.machine._replace(disks=out), WorkingCopies(self, made, temp)
+
+
+class WorkingCopies(NamedTuple):
+    """The disk copies a restore runs on, and the temporary directory holding them."""
+
+    snapshot: Snapshot
+    files: list[Path]
+    temp: Path | None
+
+    def keep(self) -> None:
+        """The restore went ahead: say where each disk lives now (it stays after exit)."""
+        for path in self.files:
+            log.warning("%s: a disk of %s runs on %s", path.name, self.snapshot.what(), path)
+
+    def discard(self) -> None:
+        for path in self.files:
+            path.unlink(missing_ok=True)
+        if self.temp is not None:
+            shutil.rmtree(self.temp, ignore_errors=True)
 
 
 def open_snapshot(path: Path | str, *, verify_ram: bool = False) -> Snapshot:
@@ -199,13 +230,18 @@ def open_snapshot(path: Path | str, *, verify_ram: bool = False) -> Snapshot:
     if not path.is_dir():
         raise SnapshotError(f"{what}: no such directory")
     meta = _json_file(path / METADATA, what)
-    r = StateReader(meta, METADATA)
-    if r.str("format", 64) != FORMAT:
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise SnapshotError(f"{what}: {METADATA} is not a kvmpy snapshot's")
-    version = r.int("version", 0, U64)
-    if version != VERSION:
-        raise SnapshotError(f"{what}: format version {version}; this kvmpy ({__version__}) "
-                            f"reads version {VERSION}")
+    if meta.get("version") != VERSION:  # (first: another version may check itself otherwise)
+        raise SnapshotError(f"{what}: format version {repr(meta.get('version'))[:20]}; this kvmpy "
+                            f"({__version__}) reads version {VERSION}")
+    if meta.get("sha256") != _canonical_sha({k: v for k, v in meta.items() if k != "sha256"}):
+        raise SnapshotError(f"{what}: {METADATA} does not match its checksum (damaged or "
+                            "edited)")
+    r = StateReader(meta, METADATA)
+    r.str("sha256", 64)
+    r.str("format", 64)
+    r.int("version", 0, U64)
     r.str("kvmpy", 64)
     r.str("created", 64)
     r.number("seconds")

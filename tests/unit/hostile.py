@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import json
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from hypothesis import strategies as st
@@ -71,3 +72,24 @@ def check_restore(bad: Any, fresh: Any, restore: Callable[[Any], None],
 def round_trip(state: Any) -> Any:
     """Through JSON, as a snapshot file carries it."""
     return json.loads(json.dumps(state))
+
+
+def resign(path: Path, edit: Callable[[dict[str, Any]], None] | None = None,
+           sections: dict[str, Any] | None = None) -> None:
+    """Edit snapshot `path` as an attacker who knows the format would: the state's
+    sections replaced (and the metadata's machine with them) and/or the metadata
+    edited, every checksum recomputed."""
+    import hashlib
+
+    from kvmpy.state import stream
+    from kvmpy.state.snapshot import METADATA, STATE, write_metadata
+
+    meta = json.loads((path / METADATA).read_text())
+    if sections is not None:
+        data = stream.encode(sections)
+        (path / STATE).write_bytes(data)
+        meta["state"] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        meta["machine"] = sections["machine"]
+    if edit is not None:
+        edit(meta)
+    write_metadata(path, meta)
