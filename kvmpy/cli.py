@@ -171,6 +171,7 @@ def machine_config(args: argparse.Namespace) -> MachineConfig:
     from kvmpy import options
 
     devices = {"disks": args.disk, "nets": args.net, "console": args.console or "serial"}
+    cpus = 1 if args.cpus is None else args.cpus
     if args.flat is not None:
         wrong = _given(args, LINUX_ONLY)
         if wrong:
@@ -178,7 +179,7 @@ def machine_config(args: argparse.Namespace) -> MachineConfig:
         config = options.flat_machine(
             args.flat, mode=args.mode or Mode.REAL,
             entry=parse_address(args.entry) if args.entry else layout.FLAT_LOAD,
-            cpl=args.cpl or 0, cpus=1 if args.cpus is None else args.cpus, mem=args.mem or options.DEFAULT_FLAT_MEM,
+            cpl=args.cpl or 0, cpus=cpus, mem=args.mem or options.DEFAULT_FLAT_MEM,
             rng=args.rng == "on", **devices)
     else:
         wrong = _given(args, FLAT_ONLY)
@@ -186,7 +187,7 @@ def machine_config(args: argparse.Namespace) -> MachineConfig:
             raise ConfigError(f"{', '.join(wrong)}: for --flat images; a Linux guest "
                               "starts where its kernel says")
         config = options.linux_machine(
-            args.kernel, args.initrd, append=args.append or "", cpus=1 if args.cpus is None else args.cpus,
+            args.kernel, args.initrd, append=args.append or "", cpus=cpus,
             mem=args.mem or options.DEFAULT_LINUX_MEM,
             rng=None if args.rng is None else args.rng == "on", acpi=args.acpi or "auto",
             modules=args.modules, unpack=args.unpack != "off", prefer_pvh=not args.entry64,

@@ -72,6 +72,9 @@ class GuestMemory:
         # (start, end, view, host address of start) per region: the lookup every guest
         # access makes (`view`, `host_address`), kept flat
         self._spans = [(r.gpa, r.gpa + r.size, r.view, r.host_address) for r in self.regions]
+        # True when every region is anonymous memory, where a page nobody ever touched
+        # reads as zeros (so a snapshot can skip what /proc/self/pagemap says is untouched)
+        self.anonymous_backing = False
 
     # -- construction -----------------------------------------------------
     @classmethod
@@ -92,7 +95,9 @@ class GuestMemory:
             if hasattr(buf, "madvise") and hasattr(mmap, "MADV_HUGEPAGE"):
                 buf.madvise(mmap.MADV_HUGEPAGE)
             regions.append((gpa, buf))
-        return cls(regions, sizes=[length for _, length in spans])
+        memory = cls(regions, sizes=[length for _, length in spans])
+        memory.anonymous_backing = True
+        return memory
 
     @classmethod
     def from_buffer(cls, buf: bytearray, gpa: int = 0) -> GuestMemory:

@@ -8,6 +8,10 @@ restore reads nothing up front: the host kernel brings each page in when the gue
 (or a device) first touches it, and the guest's writes go to private copies, never
 to the file, so any number of processes can restore the same snapshot at once.
 
+Only pages the guest may have written are read: for anonymous memory the ones
+/proc/self/pagemap says were ever touched (a 1 GiB guest that used 40 MiB costs a scan
+of 40 MiB), and of those, the ones that are not all zeros are written.
+
 The file's digest (`digest` in the metadata) is SHA-256 over the runs of non-zero
 pages, each preceded by its offset and length: it does not depend on which zero
 pages the file system keeps as holes (a copy made without holes has the same
@@ -27,13 +31,14 @@ import errno
 import hashlib
 import mmap
 import os
+import re
 import struct
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 from kvmpy.errors import SnapshotError
-from kvmpy.memory import GuestMemory
+from kvmpy.memory import GuestMemory, Region
 
 PAGE = 4096
 SCAN = 64 * 1024  # zero test granularity before going page by page
@@ -74,6 +79,29 @@ def _runs(buf: Any, start: int, end: int) -> Iterator[tuple[int, int]]:
         yield run_start, end - run_start
 
 
+def _touched(region: Region) -> list[tuple[int, int]]:
+    """[start, end) offsets in `region.buffer` of the pages the process ever touched
+    (present or swapped out, says /proc/self/pagemap), for anonymous memory, where any
+    other page reads as zeros; the whole region where pagemap cannot be read."""
+    first = region.host_address // PAGE
+    pages = region.size // PAGE
+    try:
+        with open("/proc/self/pagemap", "rb", buffering=0) as f:
+            f.seek(first * 8)
+            entries = f.read(pages * 8)
+    except OSError:
+        entries = b""
+    if len(entries) != pages * 8:
+        return [(region.offset, region.offset + region.size)]
+    # bit 63 present, bit 62 swapped: the top byte of each little-endian u64, one per page
+    flags = entries[7::8].translate(_TOUCHED)
+    return [(region.offset + m.start() * PAGE, region.offset + m.end() * PAGE)
+            for m in re.finditer(b"\x01+", flags)]
+
+
+_TOUCHED = bytes(int(bool(b & 0xC0)) for b in range(256))
+
+
 def save_ram(memory: GuestMemory, path: Path) -> dict[str, Any]:
     """Write `memory` to a new file at `path`; returns the metadata that describes it."""
     regions = layout((region.gpa, region.size) for region in memory)
@@ -85,7 +113,8 @@ def save_ram(memory: GuestMemory, path: Path) -> dict[str, Any]:
         os.ftruncate(fd, total)
         for region, (_, size, file_offset) in zip(memory, regions, strict=True):
             base = region.offset
-            for start, length in _runs(region.buffer, base, base + size):
+            spans = _touched(region) if memory.anonymous_backing else [(base, base + size)]
+            for start, length in (run for span in spans for run in _runs(region.buffer, *span)):
                 data = region.view[start - base : start - base + length]
                 offset = file_offset + start - base
                 digest.update(_RUN.pack(offset, length))

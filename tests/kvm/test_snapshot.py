@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from qemu.qmp.legacy import QEMUMonitorProtocol
 
 from kvmpy.api import Guest
 from kvmpy.cpu.modes import Mode
@@ -23,6 +22,7 @@ from kvmpy.kvm.state import capture_vcpu, restore_vcpu
 from kvmpy.machine import DiskConfig, FlatConfig, Machine, MachineConfig
 from kvmpy.state.snapshot import open_snapshot
 from kvmpy.stop import StopKind
+from tests.qmp_kit import close, connect
 from tests.unit.hostile import resign
 
 pytestmark = pytest.mark.kvm
@@ -124,25 +124,6 @@ def test_qmp_stop_snapshot_cont_quit_and_restore_with_qmp(guest_dir: Path, tmp_p
     text = out2.decode()
     assert len(text) > 100 and whole.endswith(text), text[:100]
     assert first.startswith(whole[: len(whole) - len(text)])
-
-
-def close(qmp: QEMUMonitorProtocol) -> None:
-    """The client's close after the server went away (as QEMU's does after SHUTDOWN)."""
-    try:
-        qmp.close()
-    except EOFError:
-        pass
-
-
-def connect(sock: Path) -> QEMUMonitorProtocol:
-    deadline = time.monotonic() + 30
-    while not sock.exists():
-        assert time.monotonic() < deadline, "no QMP socket"
-        time.sleep(0.02)
-    qmp = QEMUMonitorProtocol(str(sock))
-    greeting = qmp.connect(negotiate=True)
-    assert greeting["QMP"]["version"]["package"].startswith("kvmpy ")
-    return qmp
 
 
 # -- KVM state -------------------------------------------------------------------------------------

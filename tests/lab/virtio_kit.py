@@ -64,13 +64,14 @@ def guest_initrd(path: Path, scripts: Mapping[str, str] | None = None,
 
 
 class KvmpyProcess:
-    """`python -m kvmpy run ARGS` with stdin closed; its stdout is waited on like a console."""
+    """`python -m kvmpy run ARGS` with stdin closed (or a pipe `send` writes to, with
+    `typing=True`); its stdout is waited on like a console."""
 
-    def __init__(self, args: list[str]) -> None:
+    def __init__(self, args: list[str], typing: bool = False) -> None:
         self.console = ConsoleOutput()
         self.proc = subprocess.Popen([sys.executable, "-m", "kvmpy", "run", *args],
-                                     stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE)
+                                     stdin=subprocess.PIPE if typing else subprocess.DEVNULL,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         self._mark = 0
         self._pump = threading.Thread(target=self._copy, daemon=True)
         self._pump.start()
@@ -99,6 +100,12 @@ class KvmpyProcess:
                                  f"{self.output[-1500:]!r}")
         self._mark = found.end()
         return found
+
+    def send(self, text: str) -> None:
+        """Type `text` at the guest's console (needs `typing=True`)."""
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(text.encode())
+        self.proc.stdin.flush()
 
     @property
     def output(self) -> str:

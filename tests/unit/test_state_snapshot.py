@@ -240,3 +240,18 @@ def test_options_with_restore_must_match_the_snapshot(snap: Path) -> None:
         restore_config(cli("--restore", str(snap), "--kernel", "bzImage"))
     config, _, _ = restore_config(cli("--restore", str(snap), "--cpus", "1", "--mem", "2M"))
     assert config.cpus == 1 and config.flat is not None
+
+
+def test_anonymous_ram_is_read_only_where_it_was_touched(tmp_path: Path) -> None:
+    """/proc/self/pagemap narrows the scan of anonymous RAM; the result is the same."""
+    memory = GuestMemory.anonymous(64 << 20)
+    for gpa in (0, 5 << 20, 40 << 20, (64 << 20) - PAGE):
+        memory.write(gpa, b"touched %d" % gpa)
+    memory.write(20 << 20, bytes(PAGE))  # touched, but zeros: not data
+    quick = ram.save_ram(memory, tmp_path / "quick.bin")
+    memory.anonymous_backing = False  # as for a restored guest's file-backed RAM: read all
+    full = ram.save_ram(memory, tmp_path / "full.bin")
+    assert quick["data_bytes"] == full["data_bytes"] == 4 * PAGE
+    assert quick["digest"] == full["digest"]
+    assert (tmp_path / "quick.bin").read_bytes() == (tmp_path / "full.bin").read_bytes()
+    memory.close()
