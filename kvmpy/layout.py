@@ -65,8 +65,10 @@ I8042_PORT = 0x60  # data 0x60, command/status 0x64
 RTC_PORT = 0x70  # index 0x70, data 0x71
 DEBUG_EXIT_PORT = 0xF4  # write N: the VM ends with status N (as QEMU's isa-debug-exit)
 PM_PORT_BASE = 0x600  # ACPI PM1 / sleep registers
+GED_PORT = 0x604  # ACPI Generic Event Device's event selector (4 bytes; ACPI guests)
 
 # --- interrupts ------------------------------------------------------------
+GED_GSI = 3  # the Generic Event Device (ISA IRQ 3, COM2's, which kvmpy does not have)
 # GSIs for virtio-mmio slots in order: the IO-APIC pins no legacy device claims
 # (1 keyboard, 4 COM1 and 8 RTC are taken; 0 and 2 are the timer's).
 VIRTIO_IRQS = (5, 6, 7, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23)

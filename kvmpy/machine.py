@@ -256,9 +256,13 @@ class Machine:
             self.pio.insert(layout.RTC_PORT, RTC_SPAN, self.rtc, "rtc")
             if config.linux.acpi:
                 from kvmpy.devices.acpi_pm import PM_PORT_LEN, AcpiPm
+                from kvmpy.devices.ged import REGISTER_SIZE, Ged
 
                 self.pm = AcpiPm(on_poweroff=self._guest_poweroff, on_reboot=self._guest_reset)
                 self.pio.insert(layout.PM_PORT_BASE, PM_PORT_LEN, self.pm, "acpi-pm")
+                # the power button (QMP system_powerdown) and the device that presses it
+                self.ged = Ged(self.irq(layout.GED_GSI))
+                self.pio.insert(layout.GED_PORT, REGISTER_SIZE, self.ged, "ged")
         # virtio-mmio devices, one 4 KiB window and one GSI each; their queue
         # notifications and interrupts go through KVM eventfds to an I/O thread
         self.virtio: list[tuple[VirtioMmioTransport, int, int]] = []  # (transport, gpa, gsi)
@@ -377,7 +381,8 @@ class Machine:
 
             devices = []  # the DSDT describes them; listing both would probe each twice
             windows = [(gpa, layout.VIRTIO_MMIO_SIZE, gsi) for _, gpa, gsi in self.virtio]
-            tables = build_acpi(self.memory, len(self.vcpus), windows, uart=True)
+            tables = build_acpi(self.memory, len(self.vcpus), windows, uart=True,
+                                power_button=True)
             acpi = (tables.rsdp_gpa, tables.start, tables.end)
         # no tables to find: the kernel should not search for them and complain
         no_acpi = "" if linux.acpi else "acpi=off"
@@ -403,7 +408,8 @@ class Machine:
         """Every device with a `state()` / `restore(state, where)` pair, by section name."""
         owners: dict[str, Any] = {"serial0": self.serial, "post-code": self.postcode,
                                   "testdev": self.testdev}
-        for name, attr in (("i8042", "i8042"), ("rtc", "rtc"), ("acpi-pm", "pm")):
+        for name, attr in (("i8042", "i8042"), ("rtc", "rtc"), ("acpi-pm", "pm"),
+                           ("ged", "ged")):
             if hasattr(self, attr):
                 owners[name] = getattr(self, attr)
         for i, (transport, _, _) in enumerate(self.virtio):
@@ -516,8 +522,15 @@ class Machine:
                 self.resume()
 
     def press_power_button(self) -> bool:
-        """QMP's system_powerdown: press the guest's power button; False if it has none."""
-        return False
+        """QMP's system_powerdown: press the guest's power button (the ACPI one, through the
+        Generic Event Device: kvmpy.devices.ged); False if it has none (no ACPI)."""
+        ged = getattr(self, "ged", None)
+        if ged is None:
+            return False
+        from kvmpy.devices.ged import POWER_BUTTON
+
+        ged.signal(POWER_BUTTON)
+        return True
 
     def irq(self, gsi: int) -> IrqLine:
         """The interrupt line for `gsi`: the in-kernel irqchip's, or nowhere without one."""

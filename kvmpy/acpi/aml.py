@@ -19,8 +19,9 @@ encodes what `iasl` compiles from
 Integers take the smallest encoding (Zero, One, Byte/Word/DWord/QWord const),
 as `iasl` does, so our bytes and the compiler's compare equal.
 
-What it is not: an ASL compiler or an AML interpreter. There are no operators,
-fields, operation regions or control flow beyond `Return`; nothing here
+What it is not: an ASL compiler or an AML interpreter. Of operators and control
+flow there are only the few the Generic Event Device's _EVT method needs (Store,
+And, If, Notify, Local0, one operation region and its field); nothing here
 evaluates anything. Invalid arguments (a bad name segment, an integer out of
 range) raise `ValueError`: they are bugs in kvmpy, not guest input.
 
@@ -57,6 +58,14 @@ DEVICE_OP = 0x82  # after EXT_OP_PREFIX
 ROOT_CHAR = 0x5C  # '\'
 PARENT_PREFIX_CHAR = 0x5E  # '^'
 RETURN_OP = 0xA4
+OP_REGION_OP = 0x80  # after EXT_OP_PREFIX
+FIELD_OP = 0x81  # after EXT_OP_PREFIX
+STORE_OP = 0x70
+AND_OP = 0x7B
+NOTIFY_OP = 0x86
+IF_OP = 0xA0
+LOCAL0_OP = 0x60
+NULL_NAME = 0x00
 
 ZERO: Term = bytes([ZERO_OP])
 ONE: Term = bytes([ONE_OP])
@@ -272,6 +281,56 @@ def method(path: str, arg_count: int, *terms: Term, serialized: bool = False,
 def return_(value: Value) -> Term:
     """Return (value): DefReturn."""
     return bytes([RETURN_OP]) + data(value)
+
+
+# --- what a method does (§20.2.5.2-§20.2.5.4) -------------------------------------------
+LOCAL0: Term = bytes([LOCAL0_OP])
+SYSTEM_IO = 0x01  # RegionSpace (§19.6.100)
+DWORD_ACC = 0x03  # FieldFlags AccessType (§19.6.48)
+WRITE_AS_ZEROS = 0x02  # FieldFlags UpdateRule, bits 5-6
+
+
+def operation_region(path: str, space: int, offset: int, length: int) -> Term:
+    """OperationRegion (path, space, offset, length): DefOpRegion."""
+    return (bytes([EXT_OP_PREFIX, OP_REGION_OP]) + name_string(path) + bytes([space])
+            + integer(offset) + integer(length))
+
+
+def field(region: str, *units: tuple[str, int], access: int = DWORD_ACC,
+          update: int = WRITE_AS_ZEROS) -> Term:
+    """Field (region, access, NoLock, update) { name, bits ... }: DefField, each unit a
+    NamedField (NameSeg, then its width in bits in PkgLength's encoding; 1 to 63 here,
+    which is one byte)."""
+    if any(not 0 < bits < 64 for _, bits in units):
+        raise ValueError("field units of 1 to 63 bits only")
+    body = name_string(region) + bytes([access | update << 5])
+    body += b"".join(name_seg(name) + bytes([bits]) for name, bits in units)
+    return bytes([EXT_OP_PREFIX, FIELD_OP]) + _with_pkg_length(body)
+
+
+def ref(path: str) -> Term:
+    """A named object used as an operand (a NameString)."""
+    return name_string(path)
+
+
+def store(source: Term, target: Term) -> Term:
+    """Store (source, target), which ASL also writes `target = source`: DefStore."""
+    return bytes([STORE_OP]) + source + target
+
+
+def and_(left: Term, right: Value) -> Term:
+    """And (left, right) with no target (NullName): DefAnd."""
+    return bytes([AND_OP]) + left + data(right) + bytes([NULL_NAME])
+
+
+def if_(predicate: Term, *terms: Term) -> Term:
+    """If (predicate) { terms }, no Else: DefIfElse."""
+    return bytes([IF_OP]) + _with_pkg_length(predicate + b"".join(terms))
+
+
+def notify(path: str, value: int) -> Term:
+    """Notify (path, value): DefNotify."""
+    return bytes([NOTIFY_OP]) + name_string(path) + integer(value)
 
 
 # --- resource descriptors (§6.4) --------------------------------------------

@@ -30,7 +30,19 @@ raises no interrupt in kvmpy, so its PNP0B00 has none and rtc_cmos runs
 without alarms. Processor devices (ACPI0007, _UID = the MADT's ACPI
 Processor UID) let the ACPI processor driver bind each CPU.
 
-What it is not: PCI, hotplug, GED, power buttons, or any method with logic.
+With `power_button`, also a power button and the Generic Event Device that presses it
+(kvmpy.devices.ged):
+
+            Device (GED_) { Name (_HID, "ACPI0013") Name (_UID, 0)
+                            Name (_CRS, ResourceTemplate () { Interrupt (...) { 3 } })
+                            OperationRegion (EREG, SystemIO, 0x604, 4)
+                            Field (EREG, DWordAcc, NoLock, WriteAsZeros) { ESEL, 32 }
+                            Method (_EVT, 1, Serialized) {
+                                Local0 = ESEL
+                                If (Local0 & 1) { Notify (PWRB, 0x80) } } }
+            Device (PWRB) { Name (_HID, EisaId ("PNP0C0C")) Name (_UID, 0) }
+
+What it is not: PCI, hotplug, or any method with more logic than _EVT's.
 """
 
 from __future__ import annotations
@@ -40,7 +52,7 @@ from typing import NamedTuple
 from kvmpy import layout
 from kvmpy.acpi import aml
 from kvmpy.acpi.sdt import sdt
-from kvmpy.devices import acpi_pm
+from kvmpy.devices import acpi_pm, ged
 
 # Revision 2 and above: AML integers are 64-bit (§5.2.11.1, §19.6.29)
 REVISION = 2
@@ -101,6 +113,32 @@ def rtc_device() -> bytes:
     )
 
 
+def ged_device() -> bytes:
+    """The Generic Event Device (ACPI 6.5 §5.6.9): its _EVT reads the event selector
+    (reading clears it) and turns each bit into a Notify."""
+    return aml.device(
+        "GED",
+        aml.hid("ACPI0013"),
+        aml.uid(0),
+        aml.crs(aml.interrupt(layout.GED_GSI)),
+        aml.operation_region("EREG", aml.SYSTEM_IO, layout.GED_PORT, ged.REGISTER_SIZE),
+        aml.field("EREG", ("ESEL", 8 * ged.REGISTER_SIZE)),
+        aml.method("_EVT", 1,
+                   aml.store(aml.ref("ESEL"), aml.LOCAL0),
+                   aml.if_(aml.and_(aml.LOCAL0, ged.POWER_BUTTON),
+                           aml.notify("PWRB", POWER_BUTTON_PRESSED)),
+                   serialized=True),
+    )
+
+
+POWER_BUTTON_PRESSED = 0x80  # the power button's Notify value (§4.8.3.1.1)
+
+
+def power_button_device() -> bytes:
+    """A control-method power button (PNP0C0C), pressed by the GED's Notify."""
+    return aml.device("PWRB", aml.hid("PNP0C0C"), aml.uid(0))
+
+
 def processor_device(uid: int) -> bytes:
     """Device (Cnnn) with _HID "ACPI0007" (§8.4): the namespace half of a MADT entry."""
     return aml.device(f"C{uid:03X}", aml.hid("ACPI0007"), aml.uid(uid))
@@ -112,9 +150,12 @@ def s5_object() -> bytes:
 
 
 def dsdt_aml(n_cpus: int, virtio_devices: list[VirtioMmio], uart: bool = True,
-             i8042: bool = True, rtc: bool = True, virtio_edge: bool = True) -> bytes:
+             i8042: bool = True, rtc: bool = True, virtio_edge: bool = True,
+             power_button: bool = False) -> bytes:
     """The DSDT's AML (no header): \\_S5 then \\_SB with every device."""
     devices = [processor_device(i) for i in range(n_cpus)]
+    if power_button:
+        devices += [ged_device(), power_button_device()]
     if uart:
         devices.append(com1_device())
     if i8042:
@@ -128,6 +169,6 @@ def dsdt_aml(n_cpus: int, virtio_devices: list[VirtioMmio], uart: bool = True,
 
 
 def dsdt(n_cpus: int, virtio_devices: list[VirtioMmio], uart: bool = True, i8042: bool = True,
-         rtc: bool = True, virtio_edge: bool = True) -> bytes:
-    return sdt(b"DSDT", REVISION,
-               dsdt_aml(n_cpus, virtio_devices, uart, i8042, rtc, virtio_edge))
+         rtc: bool = True, virtio_edge: bool = True, power_button: bool = False) -> bytes:
+    return sdt(b"DSDT", REVISION, dsdt_aml(n_cpus, virtio_devices, uart, i8042, rtc,
+                                           virtio_edge, power_button))

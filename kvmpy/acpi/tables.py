@@ -56,6 +56,7 @@ def _align(value: int, alignment: int = ALIGNMENT) -> int:
 def build_acpi(memory: MemoryWriter, n_cpus: int,
                virtio_devices: list[tuple[int, int, int]], uart: bool = True, *,
                i8042: bool = True, rtc: bool = True, virtio_edge: bool = True,
+               power_button: bool = False,
                isa_overrides: list[tuple[int, int, int]] | None = None,
                base: int = layout.BIOS_START, limit: int = layout.BIOS_END) -> AcpiTables:
     """Write RSDP, XSDT, FADT, MADT and DSDT into [base, limit) of guest memory.
@@ -63,7 +64,8 @@ def build_acpi(memory: MemoryWriter, n_cpus: int,
     `virtio_devices` are (gpa, size, gsi) per virtio-mmio window, in the order
     their _UIDs are numbered. `uart`, `i8042` and `rtc` say which legacy
     devices exist (COM1 at 0x3F8/IRQ 4, the keyboard controller at 0x60/0x64
-    with IRQ 1, the CMOS RTC at 0x70). `isa_overrides` are MADT Interrupt
+    with IRQ 1, the CMOS RTC at 0x70); `power_button`, a Generic Event Device and the
+    power button it presses (kvmpy.devices.ged). `isa_overrides` are MADT Interrupt
     Source Overrides as (ISA IRQ, GSI, INTI flags); see kvmpy.acpi.madt.
     """
     if not 1 <= n_cpus <= MAX_CPUS:
@@ -71,10 +73,10 @@ def build_acpi(memory: MemoryWriter, n_cpus: int,
     if base % ALIGNMENT:
         raise ConfigError(f"the RSDP must be {ALIGNMENT}-byte aligned, not at {base:#x}")
     windows = [VirtioMmio(gpa, size, gsi) for gpa, size, gsi in virtio_devices]
-    _check_interrupts(windows, uart, i8042)
+    _check_interrupts(windows, uart, i8042, power_button)
 
     # Pure tables first; every address they hold follows from the lengths.
-    dsdt_table = dsdt_mod.dsdt(n_cpus, windows, uart, i8042, rtc, virtio_edge)
+    dsdt_table = dsdt_mod.dsdt(n_cpus, windows, uart, i8042, rtc, virtio_edge, power_button)
     madt_table = madt(n_cpus, isa_overrides)
     rsdp_gpa = base
     dsdt_gpa = _align(rsdp_gpa + len(rsdp(0)))
@@ -97,9 +99,12 @@ def build_acpi(memory: MemoryWriter, n_cpus: int,
                                             "XSDT": xsdt_gpa})
 
 
-def _check_interrupts(windows: list[VirtioMmio], uart: bool, i8042: bool) -> None:
+def _check_interrupts(windows: list[VirtioMmio], uart: bool, i8042: bool,
+                      power_button: bool = False) -> None:
     """Every interrupt is declared Exclusive, so no two devices may share a GSI."""
     owners: dict[int, str] = {}
+    if power_button:
+        owners[layout.GED_GSI] = "GED"
     if uart:
         owners[layout.COM1_IRQ] = "COM1"
     if i8042:

@@ -121,3 +121,38 @@ def test_one_snapshot_restored_twice_at_once(tmp_path: Path) -> None:
     finally:
         for run in runs:
             run.kill()
+
+
+def test_system_powerdown_presses_the_acpi_power_button(tmp_path: Path) -> None:
+    """QMP system_powerdown on a guest with ACPI: the Generic Event Device's interrupt
+    reaches Linux's GED driver, whose _EVT reads the event and notifies the power button
+    (what the guest then does is its userspace's business; the minimal guest has no
+    handler), and ACPICA finds nothing to complain about."""
+    from kvmpy.acpi.linuxlog import acpi_complaints
+
+    sock = tmp_path / "qmp.sock"
+    vm = KvmpyProcess(["--acpi", "on", "--qmp", f"unix:{sock}"], typing=True)
+    try:
+        vm.expect(PROMPT, 240)
+        qmp = connect(sock)
+        vm.send("grep Ged /proc/interrupts\n")
+        before = vm.expect(r"\s(\d+)\s+IO-APIC\s+3-edge\s+ACPI:Ged", 60)
+        assert before.group(1) == "0"
+        qmp.cmd("system_powerdown")
+        assert [e["event"] for e in qmp.get_events(wait=True)] == ["POWERDOWN"]
+        time.sleep(1)
+        vm.send("grep Ged /proc/interrupts; dmesg > /tmp/log; echo lines=$(wc -l < /tmp/log)\n")
+        after = vm.expect(r"\s(\d+)\s+IO-APIC\s+3-edge\s+ACPI:Ged", 60)
+        assert after.group(1) == "1"
+        vm.expect(r"lines=\d+", 30)
+        vm.send("cat /tmp/log; echo end-of-log\n")
+        log = vm.expect(r"(?s)(.*)end-of-log\r?\n", 60).group(1)
+        assert acpi_complaints(log) == [], log[-3000:]
+        vm.send("exit\n")
+        event = qmp.pull_event(wait=120)
+        assert event["event"] == "SHUTDOWN" and event["data"]["reason"] == "guest-shutdown"
+        status, err = vm.wait(60)
+        assert status == 0, err
+        close(qmp)
+    finally:
+        vm.kill()

@@ -220,6 +220,25 @@ ROUND_TRIPS = [
          aml.interrupt(9, 10, 40, edge=False, active_low=True, shared=True),
          aml.io(0x3F8, 0x3F8, 1, 8),
          aml.io(0x60, 0x60, 0, 1, decode16=False)))),
+    # the Generic Event Device's pieces (kvmpy.acpi.dsdt.ged_device)
+    ("Device (GED) { Name (_HID, \"ACPI0013\") Name (_UID, Zero)\n"
+     "  OperationRegion (EREG, SystemIO, 0x0604, 0x04)\n"
+     "  Field (EREG, DWordAcc, NoLock, WriteAsZeros) { ESEL, 32 }\n"
+     "  Method (_EVT, 1, Serialized) {\n"
+     "    Local0 = ESEL\n"
+     "    If ((Local0 & One)) { Notify (PWRB, 0x80) } } }\n"
+     "Device (PWRB) { Name (_HID, EisaId (\"PNP0C0C\")) Name (_UID, Zero) }",
+     aml.device("GED", aml.hid("ACPI0013"), aml.uid(0),
+                aml.operation_region("EREG", aml.SYSTEM_IO, 0x604, 4),
+                aml.field("EREG", ("ESEL", 32)),
+                aml.method("_EVT", 1, aml.store(aml.ref("ESEL"), aml.LOCAL0),
+                           aml.if_(aml.and_(aml.LOCAL0, 1), aml.notify("PWRB", 0x80)),
+                           serialized=True))
+     + aml.device("PWRB", aml.hid("PNP0C0C"), aml.uid(0))),
+    ("OperationRegion (REG2, SystemIO, 0x80, 0x10)\n"
+     "Field (REG2, DWordAcc, NoLock, WriteAsZeros) { AAAA, 8, BBBB, 16, CCCC, 8 }",
+     aml.operation_region("REG2", aml.SYSTEM_IO, 0x80, 0x10)
+     + aml.field("REG2", ("AAAA", 8), ("BBBB", 16), ("CCCC", 8))),
 ]
 
 

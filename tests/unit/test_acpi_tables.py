@@ -363,3 +363,24 @@ def test_any_configuration_disassembles_cleanly(n_cpus, n_virtio, uart, i8042, r
         if sig == "RSDP":
             continue
         assert iasl.disassemble(read_table(mem, gpa)).problems == [], sig
+
+
+@needs_acpiexec
+def test_power_button_and_its_generic_event_device_evaluate_in_acpica():
+    """The GED's _EVT reads the event register and runs: ACPICA, Linux's interpreter, agrees."""
+    mem = low_memory()
+    placed = build_acpi(mem, 1, windows(1), True, power_button=True)
+    tables = {sig: read_table(mem, gpa) for sig, gpa in placed.tables.items() if sig != "RSDP"}
+    text = iasl.disassemble(tables["DSDT"]).text
+    assert 'Name (_HID, "ACPI0013"' in text and 'EisaId ("PNP0C0C")' in text
+    assert re.search(r"Local0 = ESEL.*?If \(\(Local0 & One\)\).*?Notify \(PWRB, 0x80\)", text, re.S)
+    assert re.search(r"OperationRegion \(EREG, SystemIO, 0x0604, 0x04\)", text)
+    assert re.search(r"Interrupt \(ResourceConsumer, Edge, ActiveHigh, Exclusive.*?0x00000003,",
+                     text, re.S)
+    result = iasl.acpiexec([tables["FACP"], tables["DSDT"], tables["APIC"]],
+                           ["evaluate \\_SB.GED_._EVT 3", "evaluate \\_SB.PWRB._HID"])
+    assert result.problems == [], result.log
+    assert "= 000000000C0CD041" in result.log  # PNP0C0C
+    with pytest.raises(ConfigError, match="GSI 3 is already used by GED"):
+        build_acpi(low_memory(), 1, [(layout.VIRTIO_MMIO_BASE, 4096, layout.GED_GSI)], True,
+                   power_button=True)
