@@ -2,7 +2,8 @@
 the same guest and against QEMU restoring the same guest from its own migration stream.
 
 One lab session (or here, where /dev/kvm boots Linux), kvmpy's minimal kernel and default
-initramfs, 256 MiB, one vCPU, no virtio device, for both VMMs. First each VMM saves a
+initramfs booted `quiet` (the fastest cold boot, as linux_boot_to_init measures it), 256 MiB,
+one vCPU, no virtio device, for both VMMs. First each VMM saves a
 booted guest sitting at its shell prompt: kvmpy with QMP `x-kvmpy-snapshot-save`, QEMU
 (microvm) with QMP `migrate` to `exec:cat > FILE` (QEMU 7.2 has no `file:` URI); the time
 each takes and the size of what it wrote (blocks on disk) are reported. Then, in
@@ -38,6 +39,7 @@ MEM_MIB = 256
 COMMAND = b"echo ready$((6*7))\n"
 ANSWER = b"ready42"
 PROMPT = b"/ # "
+APPEND = "quiet"
 
 
 class Console:
@@ -132,10 +134,11 @@ def measure() -> dict[str, object]:
     work = Path(tempfile.mkdtemp(prefix="kvmpy-bench-snap-"))
     try:
         kvmpy = [str(Path(sys.executable).with_name("kvmpy")), "run", "--kernel", kernel,
-                 "--initrd", initrd, "--mem", f"{MEM_MIB}M", "--rng", "off"]
+                 "--initrd", initrd, "--mem", f"{MEM_MIB}M", "--rng", "off", "--append", APPEND]
         qemu = ["qemu-system-x86_64", "-M", "microvm,rtc=on", "-enable-kvm", "-cpu", "host",
                 "-m", str(MEM_MIB), "-smp", "1", "-kernel", kernel, "-initrd", initrd,
-                "-append", f"console=ttyS0 {BASE_CMDLINE}", "-nodefaults", "-no-user-config",
+                "-append", f"console=ttyS0 {BASE_CMDLINE} {APPEND}", "-nodefaults",
+                "-no-user-config",
                 "-no-reboot", "-display", "none", "-serial", "stdio"]
 
         # each VMM saves a guest that sits at its prompt

@@ -487,9 +487,10 @@ class Machine:
             self.iothread.stop()
         self.serial.flush()
         self.console.flush()
-        clock = self.vm.get_clock()
         if self._clock is None:  # (a restored machine not run yet keeps its saved clock)
-            self._clock = {"ns": int(clock.clock), "realtime": None}
+            from kvmpy.kvm.state import capture_clock
+
+            self._clock = capture_clock(self.vm)
         self.paused = True
 
     def resume(self) -> None:

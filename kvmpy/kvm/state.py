@@ -259,14 +259,20 @@ def _match_tsc_khz(vcpu: Vcpu, saved: int, where: str) -> None:
 
 
 # -- the VM ---------------------------------------------------------------------------------------
+def capture_clock(vm: Vm) -> dict[str, Any]:
+    """kvmclock now: its nanoseconds, and the host's CLOCK_REALTIME with them where KVM
+    says it (KVM_CLOCK_REALTIME). TSC_STABLE and HOST_TSC describe this host's clock
+    and are not kept; SET_CLOCK takes only REALTIME, which a restore uses or not as it
+    chooses (`restore_clock`)."""
+    clock = vm.get_clock()
+    return {"ns": int(clock.clock),
+            "realtime": int(clock.realtime) if clock.flags & lib.KVM_CLOCK_REALTIME else None}
+
+
 def capture_vm(vm: Vm) -> dict[str, Any]:
     """The VM-wide state KVM holds: kvmclock, and the in-kernel irqchip and PIT if any."""
-    clock = vm.get_clock()
     return {
-        # TSC_STABLE and HOST_TSC describe this host's clock; SET_CLOCK takes only
-        # REALTIME, which a restore uses or not as it chooses (`restore_clock`)
-        "clock": {"ns": int(clock.clock), "realtime": int(clock.realtime)
-                  if clock.flags & lib.KVM_CLOCK_REALTIME else None},
+        "clock": capture_clock(vm),
         "irqchip": {name: b64(vm.get_irqchip(getattr(lib, chip)))
                     for name, chip in IRQCHIPS.items()} if vm.irqchip else None,
         "pit": b64(vm.get_pit2()) if vm.pit else None,

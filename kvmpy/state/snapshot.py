@@ -31,9 +31,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import stat
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -95,6 +93,8 @@ def save_snapshot(machine: Machine, path: Path) -> dict[str, Any]:
         write_metadata(work, meta)
         os.rename(work, path)
     except BaseException:
+        import shutil  # (not on a restore's path: imported when needed, like tempfile)
+
         shutil.rmtree(work, ignore_errors=True)
         raise
     return meta
@@ -184,6 +184,8 @@ class Snapshot(NamedTuple):
                     out.append(DiskConfig(part.path, read_only=True))
                     continue
                 if wanted is None:
+                    import tempfile
+
                     temp = temp or Path(tempfile.mkdtemp(prefix="kvmpy-restore-"))
                     wanted = temp / disk_file(i)
                 wanted = Path(wanted)
@@ -220,6 +222,8 @@ class WorkingCopies(NamedTuple):
         for path in self.files:
             path.unlink(missing_ok=True)
         if self.temp is not None:
+            import shutil
+
             shutil.rmtree(self.temp, ignore_errors=True)
 
 
