@@ -423,7 +423,7 @@ class Machine:
         from kvmpy.kvm.state import capture_vcpu, capture_vm
         from kvmpy.state.config import describe
 
-        sections = {"machine": describe(self.config), "vm": capture_vm(self.vm)}
+        sections = {"machine": describe(self._as_built()), "vm": capture_vm(self.vm)}
         if self._clock is not None:  # the clock as it was when the guest stopped
             sections["vm"]["clock"] = self._clock
         for vcpu in self.vcpus:
@@ -431,6 +431,18 @@ class Machine:
         for name, owner in self.stateful().items():
             sections[name] = owner.state()
         return sections
+
+    def _as_built(self) -> MachineConfig:
+        """The configuration with what building it settled: each network device's tap
+        by the name it got (a tap the kernel named, "") and the MAC it has."""
+        if not self.config.nets:
+            return self.config
+        from kvmpy.virtio.net import Net
+
+        devices = [t.device for t, _, _ in self.virtio if isinstance(t.device, Net)]
+        nets = [net._replace(tap=getattr(dev.backend, "name", net.tap), mac=dev.mac.hex(":"))
+                for net, dev in zip(self.config.nets, devices, strict=True)]
+        return self.config._replace(nets=nets)
 
     def _restore(self, sections: dict[str, Any]) -> None:
         """Give every part its saved state, in the order that keeps each consistent:

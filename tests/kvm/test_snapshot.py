@@ -239,3 +239,28 @@ def test_guest_time_goes_on_from_where_it_stopped(guest_dir: Path, tmp_path: Pat
         assert 0 <= now - saved < 0.5e9, (now, saved)
     finally:
         machine.close()
+
+
+def test_a_network_device_keeps_its_mac_and_finds_its_tap_by_name(guest_dir: Path,
+                                                                    tmp_path: Path) -> None:
+    from kvmpy.machine import NetConfig
+    from tests.lab.virtio_kit import netns
+
+    snap = tmp_path / "snap"
+    with netns("kvmpysnap"):
+        config = counter(guest_dir, "cpl3", tmp_path)._replace(nets=[NetConfig()])
+        with Guest.from_config(config) as g:  # a tap the kernel names, and a random MAC
+            g.expect(count_line("cpl3", 3) + "\n", 60)
+            net = g.machine.virtio[0][0].device
+            tap, mac = net.backend.name, net.mac.hex(":")
+            g.snapshot(snap)
+            g.stop()
+        saved = open_snapshot(snap).machine.nets[0]
+        assert (saved.tap, saved.mac) == (tap, mac)
+        with Guest.restore(snap) as g:  # the same name again (the first VMM has let go)
+            net = g.machine.virtio[0][0].device
+            assert (net.backend.name, net.mac.hex(":")) == (tap, mac)
+            g.expect(count_line("cpl3", 5) + "\n", 60)
+        with Guest.restore(snap, nets=["tap=kvmpysnap1"]) as g:  # or another tap
+            net = g.machine.virtio[0][0].device
+            assert (net.backend.name, net.mac.hex(":")) == ("kvmpysnap1", mac)
