@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import in_linux_capable_place, write_result
+from common import linux_guest_benchmark, write_result
 
 ROUNDS = int(os.environ.get("KVMPY_BENCH_ROUNDS", "9"))  # lab boots vary by a second
 APPEND = "quiet -- true"
@@ -101,14 +101,7 @@ def _unpacked(kernel: str) -> bool:
 
 
 def main() -> dict[str, object]:
-    from kvmpy import assets
-    from kvmpy.boot.unpack import unpack_file
-    from kvmpy.lab.runner import ZERO_FREED_PAGES
-
-    if unpack_file(assets.kernel_path().bzimage) is None:
-        raise RuntimeError("cannot unpack kvmpy's minimal kernel into its cache")
-    # without it a second of TCG's, now and then, lands on either VMM (docs/lab.md)
-    return in_linux_capable_place(__file__, measure, lab_kernel_args=[ZERO_FREED_PAGES])
+    return linux_guest_benchmark(__file__, measure)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import in_linux_capable_place, write_result
+from common import linux_guest_benchmark, write_result
 
 ROUNDS = int(os.environ.get("KVMPY_BENCH_ROUNDS", "5"))
 MEM_MIB = 256
@@ -206,13 +206,7 @@ def measure() -> dict[str, object]:
 
 
 def main() -> dict[str, object]:
-    from kvmpy import guest_assets
-    from kvmpy.boot.unpack import unpack_file
-    from kvmpy.lab.runner import ZERO_FREED_PAGES
-
-    if unpack_file(guest_assets.kernel_path().bzimage) is None:
-        raise RuntimeError("cannot unpack kvmpy's minimal kernel into its cache")
-    return in_linux_capable_place(__file__, measure, lab_kernel_args=[ZERO_FREED_PAGES])
+    return linux_guest_benchmark(__file__, measure)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ GUEST_BIN := $(patsubst guests/tests/%.S,$(CACHE)/guests/%.bin,$(GUEST_SRC))
 .PHONY: guests
 guests: $(GUEST_BIN)
 
-$(CACHE)/guests/%.bin: guests/tests/%.S guests/tests/uart.inc guests/tests/flat.ld
+$(CACHE)/guests/%.bin: guests/tests/%.S guests/tests/uart.inc guests/tests/testdev.inc \
+		guests/tests/flat.ld
 	@mkdir -p $(@D)
 	gcc -c -nostdlib -I guests/tests -o $(@D)/$*.o $<
 	ld -m elf_x86_64 --no-warn-rwx-segments -T guests/tests/flat.ld -o $(@D)/$*.elf $(@D)/$*.o

@@ -5,9 +5,7 @@
  * The count is kept three times, in %r12, in RAM and in %xmm0, and the three are
  * compared before each line: a restore that lost one of them (registers, guest
  * RAM, the XSAVE area) prints "MISMATCH" and ends the run with status 3. */
-        .set TESTDEV, 0xe0000000
-        .set CONSOLE, 0x08
-        .set EXIT, 0x0c
+#include "testdev.inc"
         .set DELAY, 2000000
         .set DEFAULT_LIMIT, 0x800
         .code64
@@ -28,24 +26,9 @@ next:   cmp count, %r12
         cmp %rax, %r12
         jne bad
         mov $prefix, %rsi
-2:      lodsb
-        test %al, %al
-        jz 3f
-        movb %al, CONSOLE(%rdi)
-        jmp 2b
-3:      mov %r12, %rbx
-        shl $32, %rbx                   /* the low 32 bits, most significant digit first */
-        mov $8, %rcx
-4:      rol $4, %rbx
-        mov %bl, %al
-        and $0xf, %al
-        add $'0', %al
-        cmp $'9', %al
-        jbe 5f
-        add $('a' - '9' - 1), %al
-5:      movb %al, CONSOLE(%rdi)
-        dec %rcx
-        jnz 4b
+        PUTS_MMIO
+        mov %r12, %rbx
+        PUTHEX_MMIO 8
         movb $'\n', CONSOLE(%rdi)
         cmp %rbp, %r12
         je done
@@ -59,12 +42,8 @@ next:   cmp count, %r12
 done:   movl $0, EXIT(%rdi)
 7:      jmp 7b
 bad:    mov $mismatch, %rsi
-8:      lodsb
-        test %al, %al
-        jz 9f
-        movb %al, CONSOLE(%rdi)
-        jmp 8b
-9:      movl $3, EXIT(%rdi)
+        PUTS_MMIO
+        movl $3, EXIT(%rdi)
         jmp 7b
         .data
         .balign 8

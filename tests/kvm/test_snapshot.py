@@ -163,6 +163,16 @@ def _host_stop():  # type: ignore[no-untyped-def]
     return Stop(StopKind.POWEROFF, "test over")
 
 
+def saved_real_counter(guest_dir: Path, tmp_path: Path) -> Path:
+    """A snapshot of the real-mode counter (irqchip, two vCPUs, a disk, rng) at count 2."""
+    snap = tmp_path / "snap"
+    with Guest.from_config(counter(guest_dir, "real", tmp_path)) as g:
+        g.expect("count 0002\n", 60)
+        g.snapshot(snap)
+        g.stop()
+    return snap
+
+
 @pytest.mark.parametrize(("part", "value", "message"), [
     ("sregs2", {"cr0": 0x80000000}, "vcpu0.sregs: KVM refused it"),
     ("lapic", "AAAA", r"vcpu0.lapic: 3 bytes, expected 1024"),
@@ -174,11 +184,7 @@ def _host_stop():  # type: ignore[no-untyped-def]
 def test_values_kvm_cannot_take_are_refused_in_one_line(guest_dir: Path, tmp_path: Path,
                                                          part: str, value: Any,
                                                          message: str) -> None:
-    snap = tmp_path / "snap"
-    with Guest.from_config(counter(guest_dir, "real", tmp_path)) as g:
-        g.expect("count 0002\n", 60)
-        g.snapshot(snap)
-        g.stop()
+    snap = saved_real_counter(guest_dir, tmp_path)
     sections = open_snapshot(snap).sections
     if part == "sregs2":
         sections["vcpu0"][part] = sections["vcpu0"][part] | value
@@ -193,11 +199,7 @@ def test_values_kvm_cannot_take_are_refused_in_one_line(guest_dir: Path, tmp_pat
 
 
 def test_another_device_set_or_cpuid_is_refused(guest_dir: Path, tmp_path: Path) -> None:
-    snap = tmp_path / "snap"
-    with Guest.from_config(counter(guest_dir, "real", tmp_path)) as g:
-        g.expect("count 0002\n", 60)
-        g.snapshot(snap)
-        g.stop()
+    snap = saved_real_counter(guest_dir, tmp_path)
     good = open_snapshot(snap).sections
     no_rng = {**good, "machine": good["machine"] | {"rng": False}}
     resign(snap, sections=no_rng)
