@@ -126,11 +126,11 @@ def qmp_session(sock: Path):  # type: ignore[no-untyped-def]
 
 
 def measure() -> dict[str, object]:
-    from kvmpy import guest_assets
+    from kvmpy import assets
     from kvmpy.boot.linux import BASE_CMDLINE
 
-    kernel = str(guest_assets.kernel_path().bzimage)
-    initrd = str(guest_assets.initramfs_path())
+    kernel = str(assets.kernel_path().bzimage)
+    initrd = str(assets.initramfs_path())
     work = Path(tempfile.mkdtemp(prefix="kvmpy-bench-snap-"))
     try:
         kvmpy = [str(Path(sys.executable).with_name("kvmpy")), "run", "--kernel", kernel,

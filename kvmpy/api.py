@@ -120,7 +120,9 @@ class Guest:
     def snapshot(self, path: str | Path) -> dict[str, Any]:
         """Save the guest to the new directory `path` (pausing it meanwhile if it runs);
         returns the snapshot's metadata."""
-        return self.machine.snapshot(path)
+        from kvmpy.state.snapshot import take_snapshot
+
+        return take_snapshot(self.machine, path)
 
     # -- console ----------------------------------------------------------
     def expect(self, pattern: str | re.Pattern[str], timeout: float = 60) -> re.Match[str]:

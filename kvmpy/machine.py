@@ -10,8 +10,8 @@ Running it runs each vCPU's `VcpuLoop` and waits for a `Stop`.
 A machine restored from a snapshot is built by the same recipe from the snapshot's
 configuration, with guest RAM mapped from the snapshot and, instead of a boot, every
 part given back its saved state (`_restore`). `pause()` holds the vCPUs and the I/O
-thread, `capture_state()` gathers each part's `state()`, `snapshot(path)` writes
-both with RAM and disks (kvmpy.state.snapshot; docs/snapshots.md).
+thread, `capture_state()` gathers each part's `state()`; kvmpy.state.snapshot writes
+them with RAM and disks (docs/snapshots.md).
 """
 
 from __future__ import annotations
@@ -207,8 +207,7 @@ class Machine:
         self.kvm = kvm or Kvm()
         supported = self.kvm.supported_cpuid()
         tsc_deadline = bool(self.kvm.check_extension("KVM_CAP_TSC_DEADLINE_TIMER"))
-        cpuids = [[tuple(e) for e in normalize_cpuid(supported, i, config.cpus,
-                                                     tsc_deadline=tsc_deadline)]
+        cpuids = [normalize_cpuid(supported, i, config.cpus, tsc_deadline=tsc_deadline)
                   for i in range(config.cpus)]
         if snapshot is not None:
             try:
@@ -417,13 +416,12 @@ class Machine:
         return owners
 
     def capture_state(self) -> dict[str, Any]:
-        """The machine's saved state, a section per part (kvmpy.state.stream): its
-        configuration, the VM, each vCPU, each device. Paused machines only (`pause`),
-        or machines not started yet."""
+        """The saved state of every part, a section each (kvmpy.state.stream): the VM,
+        each vCPU, each device. Paused machines only (`pause`), or machines not started
+        yet. (kvmpy.state.snapshot adds the configuration, from `as_built`.)"""
         from kvmpy.kvm.state import capture_vcpu, capture_vm
-        from kvmpy.state.config import describe
 
-        sections = {"machine": describe(self._as_built()), "vm": capture_vm(self.vm)}
+        sections = {"vm": capture_vm(self.vm)}
         if self._clock is not None:  # the clock as it was when the guest stopped
             sections["vm"]["clock"] = self._clock
         for vcpu in self.vcpus:
@@ -432,7 +430,7 @@ class Machine:
             sections[name] = owner.state()
         return sections
 
-    def _as_built(self) -> MachineConfig:
+    def as_built(self) -> MachineConfig:
         """The configuration with what building it settled: each network device's tap
         by the name it got (a tap the kernel named, "") and the MAC it has."""
         if not self.config.nets:
@@ -517,22 +515,6 @@ class Machine:
         self._running.set()
         if self.threads is not None:
             self.threads.resume()
-
-    def snapshot(self, path: str | Path) -> dict[str, Any]:
-        """Write a snapshot of the running (or paused) guest to the new directory `path`;
-        a running guest is paused for it and resumed after. Returns its metadata."""
-        from kvmpy.errors import KvmpyError
-        from kvmpy.state.snapshot import save_snapshot
-
-        if self.stopped is not None:
-            raise KvmpyError(f"no snapshot of a stopped guest ({self.stopped.reason})")
-        was_running = not self.paused
-        self.pause()
-        try:
-            return save_snapshot(self, Path(path))
-        finally:
-            if was_running:
-                self.resume()
 
     def press_power_button(self) -> bool:
         """QMP's system_powerdown: press the guest's power button (the ACPI one, through the

@@ -406,12 +406,14 @@ class MachineControl:
         self.machine.request_stop(Stop(StopKind.POWEROFF, "quit (QMP)"))
 
     def snapshot_save(self, path: str) -> dict[str, Any]:
+        from kvmpy.state.snapshot import take_snapshot
+
         with self._lock:
             running = self.machine.stopped is None and not self.machine.paused
             if running:
                 self._emit("STOP")
             try:
-                return self.machine.snapshot(path)
+                return take_snapshot(self.machine, path)
             finally:
                 if running:
                     self._emit("RESUME")

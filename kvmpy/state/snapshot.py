@@ -65,6 +65,22 @@ def disk_file(index: int) -> str:
 
 
 # -- saving ------------------------------------------------------------------------------------
+def take_snapshot(machine: Machine, path: str | Path) -> dict[str, Any]:
+    """Write a snapshot of the running (or paused) `machine` to the new directory `path`;
+    a running guest is paused for it and resumed after. Returns its metadata."""
+    from kvmpy.errors import KvmpyError
+
+    if machine.stopped is not None:
+        raise KvmpyError(f"no snapshot of a stopped guest ({machine.stopped.reason})")
+    was_running = not machine.paused
+    machine.pause()
+    try:
+        return save_snapshot(machine, Path(path))
+    finally:
+        if was_running:
+            machine.resume()
+
+
 def save_snapshot(machine: Machine, path: Path) -> dict[str, Any]:
     """Write `machine` (paused: vCPUs out of KVM_RUN, I/O thread stopped) to the new
     directory `path`; returns the metadata written."""
@@ -77,7 +93,8 @@ def save_snapshot(machine: Machine, path: Path) -> dict[str, Any]:
     work = path.parent / f".{path.name}.partial-{os.getpid()}"
     work.mkdir()
     try:
-        sections = machine.capture_state()
+        sections = {"machine": machine_state.describe(machine.as_built()),
+                    **machine.capture_state()}
         state = stream.encode(sections)
         (work / STATE).write_bytes(state)
         meta = {
@@ -144,7 +161,7 @@ class Snapshot(NamedTuple):
     def map_ram(self) -> GuestMemory:
         return ram.map_ram(self.path / RAM, self.regions)
 
-    def check_cpuid(self, here: Callable[[int], list[tuple[int, ...]]]) -> None:
+    def check_cpuid(self, here: Callable[[int], Sequence[tuple[int, ...]]]) -> None:
         """Refuse a snapshot whose vCPUs saw CPUID this host would not give them
         (`here(i)`: the entries kvmpy sets on vCPU i of this machine here)."""
         from kvmpy.kvm.state import cpuid_of

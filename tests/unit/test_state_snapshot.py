@@ -34,8 +34,11 @@ class FakeMachine:
             self.buf[page * PAGE: page * PAGE + 5] = b"page%d" % (page % 10)
         self.memory = GuestMemory.from_buffer(self.buf)
 
+    def as_built(self) -> MachineConfig:
+        return self.config
+
     def capture_state(self) -> dict[str, Any]:
-        return {"machine": describe(self.config), "vm": {"clock": {"ns": 1}},
+        return {"vm": {"clock": {"ns": 1}},
                 **{f"vcpu{i}": {"cpuid": [], "regs": {"rip": 16 + i}}
                    for i in range(self.config.cpus)}, "serial0": {"ier": 1}}
 
@@ -55,7 +58,8 @@ def test_written_and_opened(snap: Path) -> None:
     assert os.stat(snap / RAM).st_size == MEM
     assert os.stat(snap / RAM).st_blocks * 512 <= 64 * PAGE  # zero pages are holes
     s = open_snapshot(snap, verify_ram=True)
-    assert s.sections == FakeMachine().capture_state()
+    machine = FakeMachine()
+    assert s.sections == {"machine": describe(machine.config), **machine.capture_state()}
     assert s.machine.mem_size == MEM and s.machine.cpus == 1
 
 
