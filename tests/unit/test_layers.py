@@ -87,6 +87,16 @@ def test_only_the_command_line_knows_the_lab() -> None:
     assert bad == []
 
 
+def test_snapshots_sit_above_the_machine() -> None:
+    """The snapshot directory, its files and its checks (kvmpy.state but its `values`)
+    build on the machine; the machine and everything under it know of them only the
+    plain values each part's state() and restore() use."""
+    below = ("kvmpy.machine", *WITHOUT_KVM, *KVM, "kvmpy.exitloop", "kvmpy.vcpu_threads")
+    bad = [(name, dep) for name, deps in GRAPH.items() if _under(name, below)
+           for dep in deps if _under(dep, ("kvmpy.state",)) and dep != "kvmpy.state.values"]
+    assert bad == []
+
+
 def test_only_the_kvm_layer_loads_the_shim() -> None:
     bad = [name for name, deps in GRAPH.items()
            if "kvmpy._kvm" in deps and not _under(name, ("kvmpy.kvm",))]
