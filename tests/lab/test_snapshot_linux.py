@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -125,7 +124,7 @@ def test_linux_guest_restored_in_a_new_process_carries_on(saved: Saved, tmp_path
         second.send(f"dmesg | tail -n +{saved.kmsg_lines + 1} | sed 's/^/K: /'; "
                     "echo kmsg-end\n")
         log = second.expect(r"(?s)(.*?)\nkmsg-end", 60).group(1)
-        kernel = [line for line in re.findall(r"K: (.*)", log)]
+        kernel = re.findall(r"K: (.*)", log)
         assert not [line for line in kernel if DISTRESS.search(line)], kernel
         second.send("kill %1; sync; umount /mnt && echo unmounted\n")
         second.expect(r"\nunmounted", 60)
@@ -159,10 +158,19 @@ def test_one_snapshot_restored_twice_at_once(saved: Saved, tmp_path: Path) -> No
             run.kill()
 
 
-def _damaged(saved: Saved, tmp_path: Path, name: str) -> Path:
+def _damaged(saved: Saved, tmp_path: Path, name: str, damage: str) -> Path:
+    """A copy of the saved snapshot to damage: file `damage` a copy of its own (sparse,
+    as the snapshot's: RAM is mostly holes), every other file a hard link."""
+    from kvmpy.state.disks import copy_image
+
     copy = tmp_path / name
-    shutil.copytree(saved.snap, copy)
-    return copy
+    copy.mkdir()
+    for part in saved.snap.iterdir():
+        if part.name == damage:
+            copy_image(part, copy / part.name)
+        else:
+            os.link(part, copy / part.name)
+    return copy / damage
 
 
 def _flip(path: Path, offset: int) -> None:
@@ -173,14 +181,14 @@ def _flip(path: Path, offset: int) -> None:
 
 def test_a_damaged_or_mismatched_snapshot_is_refused_in_one_line(saved: Saved, tmp_path: Path
                                                                  ) -> None:
-    truncated = _damaged(saved, tmp_path, "truncated")
-    os.truncate(truncated / "ram.bin", os.stat(truncated / "ram.bin").st_size - 4096)
-    state = _damaged(saved, tmp_path, "state")
-    _flip(state / "state.bin", os.stat(state / "state.bin").st_size // 2)
-    meta = _damaged(saved, tmp_path, "meta")
-    _flip(meta / "snapshot.json", 40)
-    cases = [([str(truncated)], r"ram\.bin"), ([str(state)], r"state\.bin"),
-             ([str(meta)], r"snapshot\.json"),
+    truncated = _damaged(saved, tmp_path, "truncated", "ram.bin")
+    os.truncate(truncated, os.stat(truncated).st_size - 4096)
+    state = _damaged(saved, tmp_path, "state", "state.bin")
+    _flip(state, os.stat(state).st_size // 2)
+    meta = _damaged(saved, tmp_path, "meta", "snapshot.json")
+    _flip(meta, 40)
+    cases = [([str(truncated.parent)], r"ram\.bin"), ([str(state.parent)], r"state\.bin"),
+             ([str(meta.parent)], r"snapshot\.json"),
              ([str(saved.snap), "--cpus", "1"], r"vCPU|cpus"),
              ([str(saved.snap), "--mem", "64M"], r"mem|RAM")]
     for args, names in cases:
