@@ -29,8 +29,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
                         help="kill the lab after this long")
     parser.add_argument("--quiet-timeout", type=float, default=None, metavar="SECONDS",
-                        help="kill the lab when the command prints nothing for this long, "
-                             "and show what the lab's CPUs were doing")
+                        help="kill the lab when the command prints nothing for this long "
+                             "(a lab that stops making progress is noticed anyway, by its "
+                             "heartbeat)")
     parser.add_argument("-i", "--interactive", action="store_true",
                         help="give the command this terminal's input (e.g. a guest's shell)")
     parser.add_argument("-v", "--lab-verbose", dest="lab_verbose", action="store_true",

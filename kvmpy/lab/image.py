@@ -14,9 +14,16 @@ The init script is the lab's half of the protocol `kvmpy.lab.runner` speaks over
 - `ready` (from the lab): written when the chroot is ready, so a hung boot can be told
   from a slow command;
 - `status` (from the lab): the command's exit status, the last thing before poweroff;
-- `error` (from the lab): one line saying why the lab could not run the command.
+- `error` (from the lab): one line saying why the lab could not run the command;
+- `modules` (from the lab): its /proc/modules, so a stalled lab's RIP can be named;
+- `want-kallsyms` (from the host) and `kallsyms` (from the lab): the kernel's code
+  symbols, asked once per image (Debian's System.map is a placeholder) and kept in it.
 
-Output comes back on two virtio-serial ports named `kvmpy.stdout`/`kvmpy.stderr`.
+Output comes back on two virtio-serial ports named `kvmpy.stdout`/`kvmpy.stderr`. A
+third, `kvmpy.heartbeat`, carries a line a second from each lab CPU ("CPU UPTIME", a
+shell loop pinned to that CPU, started as soon as the port exists): the host takes a
+CPU whose line stops coming for a lab that stopped making progress
+(`kvmpy.lab.runner`).
 The kernel is booted as its uncompressed ELF `vmlinux` through its PVH entry point
 when it has one (Debian's has): under TCG, the bzImage's own XZ decompressor takes ~4 s
 of the boot, Python's lzma takes ~1 s once at build time.
@@ -30,6 +37,7 @@ import hashlib
 import os
 import shutil
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,9 +62,11 @@ ROOT_TAG = "hostroot"
 PORT_STDOUT = "kvmpy.stdout"
 PORT_STDERR = "kvmpy.stderr"
 PORT_STDIN = "kvmpy.stdin"  # only with `kvmpy lab --interactive`
+PORT_HEARTBEAT = "kvmpy.heartbeat"
 ERROR_PREFIX = "kvmpy-lab-error:"
 # Space the first build needs in the cache: the kernel .deb (~100 MB) unpacked (~450 MB).
 BUILD_SPACE = 700 << 20
+STALE_AFTER_S = 7 * 86400  # images of other recipes are removed when this old
 
 _9P = "trans=virtio,version=9p2000.L,msize=512000"
 
@@ -74,9 +84,50 @@ die() {{
   sleep 10
 }}
 {initramfs.LOAD_MODULES_SH}
+# The virtio-serial ports, by name (virtio_console is one of the modules above).
+out=
+err=
+in=/dev/null
+beat=
+i=0
+while [ $i -lt 100 ]; do
+  for p in /sys/class/virtio-ports/*; do
+    [ -f "$p/name" ] || continue
+    case "$(cat "$p/name")" in
+      {PORT_STDOUT}) out="/dev/${{p##*/}}" ;;
+      {PORT_STDERR}) err="/dev/${{p##*/}}" ;;
+      {PORT_STDIN}) in="/dev/${{p##*/}}" ;;
+      {PORT_HEARTBEAT}) beat="/dev/${{p##*/}}" ;;
+    esac
+  done
+  [ -c "$out" ] && [ -c "$err" ] && [ -c "$beat" ] && break
+  i=$((i + 1))
+  sleep 0.05
+done
+[ -n "$out" ] || out=/dev/console
+[ -n "$err" ] || err=/dev/console
+# The heartbeat: "CPU UPTIME" once a second from a loop pinned to each CPU. The port is
+# opened once, for all of them (a virtio-serial port has one opener at a time); `read -t`
+# on a FIFO nobody writes is the shell's own sleep, so a beat forks nothing.
+if [ -c "$beat" ]; then
+  mkfifo /run/beat.fifo
+  (
+    cpu=0
+    while [ $cpu -lt "$(grep -c ^processor /proc/cpuinfo)" ]; do
+      taskset -c $cpu sh -c 'exec 3<>/run/beat.fifo
+        while :; do read -r up rest < /proc/uptime; echo "$0 $up"; read -t 1 x <&3; done' \\
+        $cpu &
+      cpu=$((cpu + 1))
+    done
+  ) > "$beat" 2>/dev/null
+fi
 mkdir -p /job /lower /rw /host
 mount -t 9p -o {_9P} {JOB_TAG} /job || die "cannot mount the job share"
 [ -f /job/cmd.sh ] || die "the job share has no cmd.sh"
+cat /proc/modules > /job/modules
+# once per image (the host asks): the kernel's code symbols, to name a stalled CPU's RIP
+[ -f /job/want-kallsyms ] && grep ' [tTwW] ' /proc/kallsyms > /job/kallsyms.part \\
+  && mv /job/kallsyms.part /job/kallsyms
 [ -c /dev/kvm ] || die "no /dev/kvm in the lab: kvm_amd did not load (QEMU needs -cpu max)"
 # The host root is read-only; a tmpfs overlay makes everything writable and throw-away.
 # cache=loose: the host tree is read-mostly during a run, and lookups over 9p are slow.
@@ -97,24 +148,6 @@ while read -r tag path; do
   mkdir -p "/host$path"
   mount -t 9p -o {_9P} "$tag" "/host$path" || die "cannot mount --rw $path"
 done < /job/rw
-out=/dev/console
-err=/dev/console
-in=/dev/null
-i=0
-while [ $i -lt 100 ]; do
-  for p in /sys/class/virtio-ports/*; do
-    [ -f "$p/name" ] || continue
-    case "$(cat "$p/name")" in
-      {PORT_STDOUT}) out="/dev/${{p##*/}}" ;;
-      {PORT_STDERR}) err="/dev/${{p##*/}}" ;;
-      {PORT_STDIN}) in="/dev/${{p##*/}}" ;;
-    esac
-  done
-  [ "$out" != /dev/console ] && [ "$err" != /dev/console ] && [ -c "$out" ] && [ -c "$err" ] \\
-    && break
-  i=$((i + 1))
-  sleep 0.05
-done
 mkdir -p /host/run/kvmpy
 cp /job/cmd.sh /host/run/kvmpy/cmd.sh
 echo ready > /job/ready
@@ -125,7 +158,8 @@ poweroff -f
 sleep 10
 """
 
-_RECIPE_VERSION = b"kvmpy-lab-4"  # 2: PVH vmlinux; 3: optional stdin port; 4: loopback
+_RECIPE_VERSION = b"kvmpy-lab-5"  # 2: PVH vmlinux; 3: optional stdin port; 4: loopback;
+# 5: heartbeat, modules, kallsyms
 
 
 @dataclass(frozen=True)
@@ -137,6 +171,9 @@ class LabImage:
     kernel: Path
     initramfs: Path
     release: str
+    # the kernel's code symbols and the /proc/modules they were read with, from the
+    # image's first run (kvmpy.lab.symbols); absent until then
+    kallsyms: Path
 
 
 def pvh_vmlinux(vmlinuz: bytes) -> bytes | None:
@@ -162,7 +199,8 @@ def recipe_hash() -> str:
 
 def _image(d: Path) -> LabImage:
     kernel = d / "vmlinux" if (d / "vmlinux").exists() else d / "vmlinuz"
-    return LabImage(d, kernel, d / "initramfs.cpio.gz", (d / "release").read_text().strip())
+    return LabImage(d, kernel, d / "initramfs.cpio.gz", (d / "release").read_text().strip(),
+                    d / "kallsyms")
 
 
 def lab_image_path(cache: Path | None = None) -> LabImage | None:
@@ -211,10 +249,15 @@ def build_lab_image(cache: Path | None = None, log=sys.stderr) -> LabImage:
         return _image(final)
 
 
-def _prune_stale_images(current: Path) -> None:
-    """Remove lab images of older recipes (each ~75 MB); nothing else uses them."""
+def _prune_stale_images(current: Path, keep_s: float = STALE_AFTER_S) -> None:
+    """Remove lab images of other recipes (each ~80 MB) built more than `keep_s` ago.
+
+    Not at once: checkouts of two branches that share a cache (a shared machine) each
+    have their own recipe, and would otherwise remove the other's image at every build."""
+    now = time.time()
     for d in current.parent.iterdir():
-        if d != current and d.is_dir() and ".partial-" not in d.name:
+        if (d != current and d.is_dir() and ".partial-" not in d.name
+                and now - d.stat().st_mtime > keep_s):
             shutil.rmtree(d, ignore_errors=True)
 
 

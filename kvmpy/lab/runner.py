@@ -30,14 +30,16 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, NamedTuple
 
 from kvmpy.lab.errors import LabError
 from kvmpy.lab.host import DEFAULT_CPUS, DEFAULT_MEM, QEMU, lab_status
 from kvmpy.lab.image import (
     ERROR_PREFIX,
     JOB_TAG,
+    PORT_HEARTBEAT,
     PORT_STDERR,
     PORT_STDIN,
     PORT_STDOUT,
@@ -46,11 +48,18 @@ from kvmpy.lab.image import (
     build_lab_image,
 )
 from kvmpy.lab.monitor import cpu_states
+from kvmpy.lab.symbols import lab_symbolizer, save_kallsyms
 from kvmpy.libc import set_parent_death_signal
 
 MiB = 1 << 20
-# TCG on 2 loaded cores: the chroot is normally ready in ~4 s; allow for a busy machine.
-DEFAULT_BOOT_TIMEOUT = float(os.environ.get("KVMPY_LAB_BOOT_TIMEOUT", "180"))
+# TCG on 2 loaded cores: the first heartbeat comes ~2-3 s after QEMU starts; allow for a
+# busy machine.
+DEFAULT_BOOT_TIMEOUT = float(os.environ.get("KVMPY_LAB_BOOT_TIMEOUT", "120"))
+# Every lab CPU beats once a second (kvmpy.lab.image); one silent for this long has
+# stopped. The longest gap in healthy labs is in docs/lab.md ("The soak").
+HEARTBEAT_TIMEOUT = float(os.environ.get("KVMPY_LAB_HEARTBEAT_TIMEOUT", "20"))
+DEFAULT_ACCEL = "tcg,thread=multi"
+DEFAULT_CPU_MODEL = "max"  # emulates AMD SVM, so the lab's kvm_amd loads
 INSIDE_ENV = "KVMPY_IN_LAB"  # set to 1 in every command the lab runs
 KERNEL_CMDLINE = "console=ttyS0 panic=-1 quiet mitigations=off"
 # For timing VM start-up (`run_in_lab(..., kernel_args=[ZERO_FREED_PAGES])`): the lab kernel
@@ -86,10 +95,11 @@ def command_script(argv: Sequence[str], cwd: str, env: Mapping[str, str]) -> str
 
 def qemu_argv(image: LabImage, job: Path, rw: Sequence[Path], mem: int, cpus: int,
               fds: Mapping[str, int], interactive: bool = False,
-              kernel_args: Sequence[str] = ()) -> list[str]:
+              kernel_args: Sequence[str] = (), accel: str = DEFAULT_ACCEL,
+              cpu_model: str = DEFAULT_CPU_MODEL) -> list[str]:
     """The QEMU command line of one lab run (`fds`: chardev id -> fd QEMU inherits)."""
     argv = [
-        QEMU, "-accel", "tcg,thread=multi", "-cpu", "max", "-smp", str(cpus),
+        QEMU, "-accel", accel, "-cpu", cpu_model, "-smp", str(cpus),
         "-m", f"{mem // MiB}M", "-kernel", str(image.kernel), "-initrd", str(image.initramfs),
         "-append", " ".join([KERNEL_CMDLINE, *kernel_args]),
         "-display", "none", "-monitor", f"unix:{job / MONITOR_SOCKET},server=on,wait=off",
@@ -106,7 +116,8 @@ def qemu_argv(image: LabImage, job: Path, rw: Sequence[Path], mem: int, cpus: in
     argv += ["-serial", "chardev:console",
              "-device", "virtio-serial-pci,id=vser",
              "-device", f"virtserialport,bus=vser.0,chardev=out,name={PORT_STDOUT}",
-             "-device", f"virtserialport,bus=vser.0,chardev=err,name={PORT_STDERR}"]
+             "-device", f"virtserialport,bus=vser.0,chardev=err,name={PORT_STDERR}",
+             "-device", f"virtserialport,bus=vser.0,chardev=beat,name={PORT_HEARTBEAT}"]
     if interactive:
         # our stdin becomes the command's: QEMU puts a terminal in raw mode (and restores
         # it), signal=off so Ctrl-C reaches the command instead of killing the lab
@@ -142,6 +153,53 @@ class _Relay(threading.Thread):
         return [b.decode(errors="replace").strip("\r\x00 ") for b in self.tail]
 
 
+class _Heartbeat(threading.Thread):
+    """Reads the lab's heartbeat port: "CPU UPTIME" lines, one a second from each lab CPU."""
+
+    def __init__(self, fd: int, cpus: int) -> None:
+        super().__init__(daemon=True)
+        self.fd, self.cpus = fd, cpus
+        self.first: float | None = None  # when the first beat came
+        self.last: dict[int, float] = {}  # lab CPU -> when it last beat
+        self.longest_gap = 0.0
+        self._lock = threading.Lock()
+
+    def run(self) -> None:
+        partial = b""
+        while chunk := os.read(self.fd, 4096):
+            now = time.monotonic()
+            *lines, partial = (partial + chunk).split(b"\n")
+            with self._lock:
+                for line in lines:
+                    try:
+                        cpu = int(line.split()[0])
+                    except (IndexError, ValueError):
+                        continue
+                    self.first = self.first or now
+                    self.longest_gap = max(self.longest_gap,
+                                           now - self.last.get(cpu, self.first))
+                    self.last[cpu] = now
+        os.close(self.fd)
+
+    def silent(self) -> tuple[int, float] | None:
+        """(the lab CPU silent longest, for how many seconds); None before the first beat."""
+        with self._lock:
+            if self.first is None:
+                return None
+            now = time.monotonic()
+            return max(((cpu, now - self.last.get(cpu, self.first)) for cpu in range(self.cpus)),
+                       key=lambda quiet: quiet[1])
+
+
+@dataclass
+class LabStats:
+    """What a lab run measured of the lab itself (pass one to `run_in_lab` to get them)."""
+
+    lab_s: float = 0.0  # QEMU's whole run
+    boot_s: float | None = None  # QEMU's start to the first heartbeat
+    longest_heartbeat_gap_s: float = 0.0  # the most time between two beats of one CPU
+
+
 def _write(sink: Output, data: bytes) -> None:
     try:
         if isinstance(sink, int):
@@ -174,15 +232,22 @@ def run_in_lab(argv: Sequence[str], *, rw: Sequence[str | os.PathLike[str]] = ()
                stdout: Output = 1, stderr: Output = 2, timeout: float | None = None,
                boot_timeout: float = DEFAULT_BOOT_TIMEOUT, verbose: bool = False,
                interactive: bool = False, quiet_timeout: float | None = None,
-               kernel_args: Sequence[str] = ()) -> int:
+               kernel_args: Sequence[str] = (), accel: str = DEFAULT_ACCEL,
+               cpu_model: str = DEFAULT_CPU_MODEL,
+               heartbeat_timeout: float = HEARTBEAT_TIMEOUT,
+               stats: LabStats | None = None) -> int:
     """Run `argv` in the lab and return its exit status; raise LabError if the lab fails.
 
     `stdout`/`stderr` are fds or binary files, written as output arrives. `cwd` and
     `env` default to this process's. `timeout` bounds the whole run (boot included).
     `interactive` passes this process's stdin to the command (else it reads /dev/null).
-    `quiet_timeout`: a command that prints nothing for this long, once started, is
-    taken for a lab that stopped making progress: LabStalled, with the CPUs' state.
-    `kernel_args` are added to the lab kernel's command line (e.g. `ZERO_FREED_PAGES`).
+    A lab CPU whose heartbeat stops for `heartbeat_timeout` seconds, or a lab that
+    sends none within `boot_timeout`, has stopped making progress: LabStalled, with
+    where its CPUs were. `quiet_timeout`: a command that prints nothing for this long,
+    once started, is killed (LabError).
+    The lab VM: `cpus`, `mem`, `accel` and `cpu_model` (QEMU's -accel and -cpu), and
+    `kernel_args` added to the lab kernel's command line (e.g. `ZERO_FREED_PAGES`).
+    `stats`, if given, is filled in with what the run measured of the lab.
     """
     ok, why = lab_status()
     if not ok:
@@ -208,26 +273,33 @@ def run_in_lab(argv: Sequence[str], *, rw: Sequence[str | os.PathLike[str]] = ()
     readers: dict[str, int] = {}
     relays: list[_Relay] = []
     proc: subprocess.Popen[bytes] | None = None
+    started = time.monotonic()
+    heartbeat: _Heartbeat | None = None
     try:
         try:
             (job / "cmd.sh").write_text(script)
             (job / "rw").write_text("".join(f"kvmpyrw{i} {p}\n" for i, p in enumerate(rw_dirs)))
+            if not image.kallsyms.exists():
+                (job / "want-kallsyms").touch()
         except OSError as e:
             raise LabError(f"cannot write the lab's job files in {job}: {e.strerror}") from None
         writers: dict[str, int] = {}
         try:
-            for cid in ("console", "out", "err"):
+            for cid in ("console", "out", "err", "beat"):
                 readers[cid], writers[cid] = os.pipe()
             with open(job / "qemu.log", "wb") as qemu_log:
                 proc = subprocess.Popen(
                     qemu_argv(image, job, rw_dirs, mem, cpus, writers, interactive,
-                              kernel_args),
+                              kernel_args, accel, cpu_model),
                     stdin=None if interactive else subprocess.DEVNULL,
                     stdout=qemu_log, stderr=qemu_log,
                     pass_fds=list(writers.values()), preexec_fn=_die_with_parent)
         finally:
             for w in writers.values():
                 os.close(w)  # QEMU holds the only write ends: EOF when it exits
+        started = time.monotonic()
+        heartbeat = _Heartbeat(readers.pop("beat"), cpus)
+        heartbeat.start()
         sinks: dict[str, Output | None] = {"console": stderr if verbose else None,
                                            "out": stdout, "err": stderr}
         for cid in list(readers):
@@ -235,8 +307,16 @@ def run_in_lab(argv: Sequence[str], *, rw: Sequence[str | os.PathLike[str]] = ()
                                  keep_lines=60 if cid == "console" else 0))
             relays[-1].start()
         # relays[0] is the console; after it, the command's stdout and stderr
-        _wait(proc, job, timeout, boot_timeout, quiet_timeout,
-              lambda: max(relay.last_output for relay in relays[1:]), cpus)
+        try:
+            _wait(proc, job, _Limits(timeout, boot_timeout, quiet_timeout, heartbeat_timeout),
+                  heartbeat, lambda: max(relay.last_output for relay in relays[1:]))
+        except LabStalled as e:
+            e.cpus = cpu_states(job / MONITOR_SOCKET, cpus,
+                                lab_symbolizer(image.kallsyms, job / "modules"))
+            e.args = (f"{e}; the lab's CPUs: {e.cpus}",)
+            raise
+        finally:
+            proc.kill()  # nothing, if it has exited
         for relay in relays:
             relay.join(timeout=5)
         status = job / "status"
@@ -247,8 +327,13 @@ def run_in_lab(argv: Sequence[str], *, rw: Sequence[str | os.PathLike[str]] = ()
         if proc is not None and proc.poll() is None:
             proc.kill()
             proc.wait()
+        if stats is not None and heartbeat is not None:
+            stats.lab_s = time.monotonic() - started
+            stats.boot_s = None if heartbeat.first is None else heartbeat.first - started
+            stats.longest_heartbeat_gap_s = heartbeat.longest_gap
         for r in readers.values():
             os.close(r)
+        save_kallsyms(job, image.kallsyms)
         shutil.rmtree(job, ignore_errors=True)
 
 
@@ -258,35 +343,46 @@ def _die_with_parent() -> None:
 
 
 class LabStalled(LabError):
-    """The command printed nothing for `quiet_timeout` seconds: the lab looks stuck."""
+    """The lab stopped making progress: a lab CPU's heartbeat stopped, or never came.
+
+    `cpus`: where the lab's CPUs were, as QEMU's monitor told (`kvmpy.lab.monitor`)."""
+
+    cpus = ""
 
 
-def _wait(proc: subprocess.Popen[bytes], job: Path, timeout: float | None,
-          boot_timeout: float, quiet_timeout: float | None = None,
-          last_output: Callable[[], float] = time.monotonic, cpus: int = 1) -> None:
-    """Wait for QEMU to exit; kill it if it does not boot, times out or goes quiet.
+class _Limits(NamedTuple):
+    timeout: float | None  # the whole run
+    boot: float  # QEMU's start to the first heartbeat
+    quiet: float | None  # the command's silence, once it has started
+    heartbeat: float  # a lab CPU's silence
+
+
+def _wait(proc: subprocess.Popen[bytes], job: Path, limits: _Limits, heartbeat: _Heartbeat,
+          last_output: Callable[[], float] = time.monotonic) -> None:
+    """Wait for QEMU to exit; raise (QEMU is killed by the caller) if the lab does not
+    boot, stalls, times out, or the command goes quiet.
 
     `last_output()`: when the command last printed (time.monotonic)."""
     started = time.monotonic()
     ready_at: float | None = None  # when the lab started the command
     try:
         while proc.poll() is None:
-            elapsed = time.monotonic() - started
+            now = time.monotonic()
             if ready_at is None and (job / "ready").exists():
-                ready_at = time.monotonic()
-            if (ready_at is not None and quiet_timeout is not None
-                    and time.monotonic() - max(last_output(), ready_at) > quiet_timeout):
-                states = cpu_states(job / MONITOR_SOCKET, cpus)
-                proc.kill()
-                raise LabStalled(f"the command printed nothing for {quiet_timeout:.0f} s; "
-                                 f"the lab's CPUs: {states}")
-            if ready_at is None and elapsed > boot_timeout:
-                proc.kill()
-                raise LabError(f"the lab did not boot within {boot_timeout:.0f} s "
-                               f"(set KVMPY_LAB_BOOT_TIMEOUT to wait longer)")
-            if timeout is not None and elapsed > timeout:
-                proc.kill()
-                raise LabError(f"the command did not finish in the lab within {timeout:.0f} s")
+                ready_at = now
+            silent = heartbeat.silent()
+            if silent is None and now - started > limits.boot:
+                raise LabStalled(f"the lab sent no heartbeat within {limits.boot:.0f} s of "
+                                 "starting (set KVMPY_LAB_BOOT_TIMEOUT to wait longer)")
+            if silent is not None and silent[1] > limits.heartbeat and proc.poll() is None:
+                raise LabStalled(f"the lab stalled: lab CPU {silent[0]} sent no heartbeat "
+                                 f"for {silent[1]:.0f} s")
+            if (ready_at is not None and limits.quiet is not None
+                    and now - max(last_output(), ready_at) > limits.quiet):
+                raise LabError(f"the command printed nothing for {limits.quiet:.0f} s")
+            if limits.timeout is not None and now - started > limits.timeout:
+                raise LabError(f"the command did not finish in the lab within "
+                               f"{limits.timeout:.0f} s")
             try:
                 proc.wait(timeout=0.05 if ready_at is None else 0.5)
             except subprocess.TimeoutExpired:

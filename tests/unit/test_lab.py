@@ -56,7 +56,8 @@ def test_command_script_refuses_empty_and_assignment_like_commands() -> None:
 
 
 def test_qemu_argv_shares_root_read_only_and_rw_dirs_read_write(tmp_path: Path) -> None:
-    image = LabImage(tmp_path, tmp_path / "vmlinux", tmp_path / "initrd", "6.1")
+    image = LabImage(tmp_path, tmp_path / "vmlinux", tmp_path / "initrd", "6.1",
+                     tmp_path / "kallsyms")
     argv = qemu_argv(image, tmp_path / "job", [Path("/a"), Path("/a/b")], 1 << 30, 2,
                      {"console": 7, "out": 8, "err": 9})
     joined = " ".join(argv)
@@ -65,14 +66,26 @@ def test_qemu_argv_shares_root_read_only_and_rw_dirs_read_write(tmp_path: Path) 
     assert "path=/a,mount_tag=kvmpyrw0" in joined and "path=/a/b,mount_tag=kvmpyrw1" in joined
     assert "file,id=out,path=/proc/self/fd/8,append=on" in joined
     assert "virtserialport,bus=vser.0,chardev=err,name=kvmpy.stderr" in joined
+    assert "virtserialport,bus=vser.0,chardev=beat,name=kvmpy.heartbeat" in joined
     assert argv[argv.index("-append") + 1] == KERNEL_CMDLINE
 
 
 def test_qemu_argv_adds_kernel_args_to_the_labs_command_line(tmp_path: Path) -> None:
-    image = LabImage(tmp_path, tmp_path / "vmlinux", tmp_path / "initrd", "6.1")
+    image = LabImage(tmp_path, tmp_path / "vmlinux", tmp_path / "initrd", "6.1",
+                     tmp_path / "kallsyms")
     argv = qemu_argv(image, tmp_path / "job", [], 1 << 30, 2, {},
                      kernel_args=[ZERO_FREED_PAGES, "loglevel=4"])
     assert argv[argv.index("-append") + 1] == f"{KERNEL_CMDLINE} init_on_free=1 loglevel=4"
+
+
+def test_qemu_argv_takes_the_accelerator_and_cpu_model(tmp_path: Path) -> None:
+    image = LabImage(tmp_path, tmp_path / "vmlinux", tmp_path / "initrd", "6.1",
+                     tmp_path / "kallsyms")
+    argv = qemu_argv(image, tmp_path / "job", [], 1 << 30, 1, {},
+                     accel="tcg,thread=single", cpu_model="max,-x2apic")
+    assert argv[argv.index("-accel") + 1] == "tcg,thread=single"
+    assert argv[argv.index("-cpu") + 1] == "max,-x2apic"
+    assert argv[argv.index("-smp") + 1] == "1"
 
 
 def test_failure_reason_prefers_the_labs_own_words(tmp_path: Path) -> None:
