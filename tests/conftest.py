@@ -1,10 +1,16 @@
-"""Shared fixtures: where the built test guests are, and the kvm marker's skip."""
+"""Shared fixtures: where the built test guests are, the kvm marker's skip, and CI's rule.
+
+In CI (`CI=true`, as `.ci/run` sets it) a `kvm`, `lab` or `labhost` test that is skipped
+fails instead: a machine without a usable /dev/kvm, QEMU or busybox would otherwise
+turn 80 tests into skips and the run green. Elsewhere they are skipped, with the reason.
+"""
 
 from __future__ import annotations
 
 import os
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -22,6 +28,27 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "kvm" in item.keywords:
             item.add_marker(skip)
+
+
+MUST_RUN_IN_CI = ("kvm", "lab", "labhost")
+
+
+def in_ci() -> bool:
+    return os.environ.get("CI", "").lower() == "true"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    """In CI, a kvm or lab test's skip is reported as a failure, with the skip's reason."""
+    outcome = yield
+    report: pytest.TestReport = outcome.get_result()
+    if (report.skipped and in_ci() and not hasattr(report, "wasxfail")
+            and any(item.get_closest_marker(m) for m in MUST_RUN_IN_CI)):
+        reason = (report.longrepr[2] if isinstance(report.longrepr, tuple)
+                  else str(report.longrepr))
+        report.outcome = "failed"
+        report.longrepr = (f"{reason}\n(a skipped kvm or lab test fails a CI run: "
+                           "tests/conftest.py)")
 
 
 @pytest.fixture(scope="session")

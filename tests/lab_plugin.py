@@ -9,17 +9,13 @@
   xfail), so lab tests appear in this pytest's output like the others.
 - Neither: `lab` tests are skipped, with the reason.
 
-A session whose output stops for QUIET_S is a lab that stopped making progress (QEMU's
-TCG has been seen to livelock or lose an interrupt: kvmpy/lab/monitor.py). It is killed,
-the lab CPUs' state is printed, and the tests it did not finish run once more in a new
-session.
-
-A lab test that fails runs once more, in a new session (at most RERUN_MAX of them: more
-failures than that are not the emulator's). Under QEMU 7.2's TCG about one Linux guest in
-forty dies or goes quiet for no reason of its own, at a different place each time (a
-triple fault during boot, a console that stops mid-line; README, "Not done yet"). A test
-that passes the second time passes, and the terminal summary lists it with the first
-failure's "E" lines; one that fails again fails with both failures.
+A lab that stops making progress (QEMU's TCG has been seen to livelock or lose an
+interrupt: kvmpy/lab/monitor.py) is noticed by its heartbeat within seconds
+(kvmpy.lab.runner): the session is killed, the lab CPUs' state is printed, and the tests
+it did not finish run in a new session, with one line saying so. That is the only
+retry: a test that failed has failed, whatever a second run would say. A test that
+hangs inside a healthy lab is failed by pytest-timeout (TEST_TIMEOUT_S) and the session
+goes on.
 
 Also registers `labhost`: tests that boot the lab themselves from the host (a few seconds
 each), skipped inside the lab and where the lab cannot start.
@@ -46,13 +42,10 @@ from kvmpy.lab.runner import LabStalled
 
 RESULTS_ENV = "KVMPY_LAB_RESULTS"  # inside the lab: where to write the JSON lines
 SESSION_TIMEOUT = float(os.environ.get("KVMPY_LAB_SESSION_TIMEOUT", "3600"))
-HANG_DUMP_S = 300  # lab tests take seconds to a minute: one running for five is stuck
-# The inner pytest prints a dot per test and a stuck test's stacks at HANG_DUMP_S: a
-# session silent for longer is a lab that stopped (kvmpy/lab/monitor.py has two seen).
-QUIET_S = 420
-STALL_RETRIES = 1  # the tests a stalled lab did not finish get one new session
-RERUN_MAX = 3  # failed lab tests run again in one new session, if there are this few
-_SESSION_KEY = pytest.StashKey["LabSession"]()
+# lab tests take seconds to a minute or two: one running for ten is stuck (its threads'
+# stacks are printed, it fails, the next test runs)
+TEST_TIMEOUT_S = 600
+STALL_RETRIES = 2  # the tests a stalled lab did not finish get a new session, twice at most
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -105,7 +98,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.skip(reason=reason))
         return
     session = LabSession(config, [i.nodeid for i in lab_items])
-    config.stash[_SESSION_KEY] = session
     for index, item in enumerate(items):
         if item in lab_items:
             items[index] = LabProxy.from_original(item, session)
@@ -125,26 +117,6 @@ def _failure(records: list[dict[str, Any]]) -> str | None:
     return None
 
 
-def pytest_terminal_summary(terminalreporter: Any) -> None:
-    """Lab tests that passed only when run again, with how they failed the first time."""
-    session: LabSession | None = terminalreporter.config.stash.get(_SESSION_KEY, None)
-    if session is None or session.results is None:
-        return
-    flaky = [n for n in session.first_failures if _failure(session.results.get(n, [])) is None
-             and _finished(session.results.get(n, []))]
-    if not flaky:
-        return
-    terminalreporter.section("lab tests that failed once and passed when run again")
-    for nodeid in flaky:
-        lines = session.first_failures[nodeid].strip().splitlines()
-        # pytest's "E" lines say what failed (a quiet guest's vCPU report among them);
-        # without them, the end of the report
-        said = [line for line in lines if line.startswith("E ")][:60] or lines[-4:]
-        terminalreporter.write_line(nodeid)
-        for line in said:
-            terminalreporter.write_line(f"    {line[:1000]}")
-
-
 class LabTestFailed(Exception):
     """The inner test failed; the message is the inner pytest's failure text."""
 
@@ -156,7 +128,6 @@ class LabSession:
         self.config = config
         self.nodeids = nodeids
         self.results: dict[str, list[dict[str, Any]]] | None = None
-        self.first_failures: dict[str, str] = {}  # node id -> failure text of the first run
         self.error = ""
         self.output = ""
 
@@ -167,20 +138,13 @@ class LabSession:
         todo = list(self.nodeids)
         for attempt in range(1 + STALL_RETRIES):
             if attempt:
-                self._say(f"lab: the lab stalled (QEMU's TCG, see kvmpy/lab/monitor.py); "
-                          f"running the {len(todo)} test(s) it did not finish in a new session")
+                self._say(f"lab: RETRY: the lab stalled; the {len(todo)} lab test(s) it did not "
+                          "finish run again in a new lab (the one retry there is: "
+                          "tests/lab_plugin.py)")
             stalled = self._session(todo)
             todo = [n for n in todo if not _finished(self.results.get(n, []))]
             if not stalled or not todo:
                 break
-        failed = {n: text for n, r in self.results.items() if (text := _failure(r)) is not None}
-        if 0 < len(failed) <= RERUN_MAX:
-            self._say(f"lab: {len(failed)} lab test(s) failed; running them once more in a new "
-                      "session (see tests/lab_plugin.py)")
-            self.first_failures = failed
-            for nodeid in failed:
-                del self.results[nodeid]
-            self._session(list(failed))
         return self.results
 
     def _session(self, nodeids: list[str]) -> bool:
@@ -189,22 +153,23 @@ class LabSession:
         share = Path(tempfile.mkdtemp(prefix="kvmpy-labtests-"))
         results = share / "results.jsonl"
         out = share / "output.txt"
-        # unbuffered: the session's output is how a stalled lab is told from a busy one
+        # unbuffered: what a session printed is all there if the lab stalls
         env = dict(os.environ, **{RESULTS_ENV: str(results), "PYTHONUNBUFFERED": "1"})
-        # a lab test that hangs prints every thread's stack into the session's output
+        # pytest-timeout (a dev dependency): a test that hangs fails with every thread's
+        # stack, and the next one runs
         argv = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-rfEsxX",
-                "--color=no", "-o", f"faulthandler_timeout={HANG_DUMP_S}", *nodeids]
+                "--color=no", "-o", f"timeout={TEST_TIMEOUT_S}", "-o", "timeout_method=signal",
+                *nodeids]
         self.config.add_cleanup(lambda: shutil.rmtree(share, ignore_errors=True))
         self._say(f"lab: running {len(nodeids)} lab test(s) in one lab session")
         stalled = False
         try:
             with open(out, "wb") as sink:
                 status = run_in_lab(argv, rw=[share], cwd=self.config.rootpath, env=env,
-                                    stdout=sink, stderr=sink, timeout=SESSION_TIMEOUT,
-                                    quiet_timeout=QUIET_S)
+                                    stdout=sink, stderr=sink, timeout=SESSION_TIMEOUT)
             self.error = "" if status in (0, 1) else f"inner pytest exited with status {status}"
         except LabStalled as e:
-            self.error, stalled = f"the lab stalled: {e}", True
+            self.error, stalled = str(e), True
         except LabError as e:
             self.error = f"the lab failed: {e}"
         self.output = out.read_text(errors="replace") if out.exists() else ""
@@ -256,12 +221,10 @@ class LabProxy(pytest.Item):
 
     def runtest(self) -> None:
         records = self.lab_session.run().get(self.nodeid, [])
-        first = self.lab_session.first_failures.get(self.nodeid)
         if not _finished(records):
             why = self.lab_session.error or "the inner pytest did not report it"
             tail = "\n".join(self.lab_session.output.splitlines()[-30:])
-            before = "" if first is None else f"inside the lab:\n{first}\n--- then, run again: "
-            raise LabTestFailed(f"{before}{why}\n--- end of the lab session's output ---\n{tail}")
+            raise LabTestFailed(f"{why}\n--- end of the lab session's output ---\n{tail}")
         for record in records:
             if "xfail" in record and record["outcome"] in ("skipped", "passed"):
                 if record["outcome"] == "skipped":
@@ -269,9 +232,6 @@ class LabProxy(pytest.Item):
                 continue
             if record["outcome"] == "failed":
                 where = "" if record["when"] == "call" else f" (in {record['when']})"
-                if first is not None:
-                    where += ", a second time; the first time:\n" + first + \
-                        "\n--- and the second time"
                 raise LabTestFailed(f"inside the lab{where}:\n{record['text']}")
             if record["outcome"] == "skipped":
                 reason = record["text"].removeprefix("Skipped: ")
