@@ -37,10 +37,12 @@ def _sign(kind: str, pattern: str, flags: int = 0) -> Sign:
     return Sign(kind, re.compile(pattern, flags))
 
 
-# Each from the kernel's own message, as Linux 6.1 prints it (file where it is printed).
+# Each from the kernel's own message, as Linux 6.1 prints it (file where it is printed);
+# a line counts once, as the first kind it matches (a soft lockup says "BUG:" too).
 SIGNS: tuple[Sign, ...] = (
     _sign("panic", r"Kernel panic"),  # kernel/panic.c
-    _sign("bug", r"\bBUG:"),  # BUG(), soft lockups, sleeping in atomic context...
+    _sign("lockup", r"soft lockup|hard LOCKUP|NMI watchdog"),  # kernel/watchdog*.c
+    _sign("bug", r"\bBUG:"),  # BUG(), sleeping in atomic context, bad page state...
     _sign("warning", r"\bWARNING:"),  # WARN_ON: kernel/panic.c __warn()
     _sign("call trace", r"Call Trace:"),  # arch/x86/kernel/dumpstack.c
     _sign("oops", r"\bOops\b|general protection fault|invalid opcode: |double fault"
@@ -48,7 +50,6 @@ SIGNS: tuple[Sign, ...] = (
     _sign("rcu stall", r"detected stalls? on CPU|self-detected stall|rcu_\w+ kthread"
                        r" (?:starved|timer wakeup didn't happen)"),  # kernel/rcu/tree_stall.h
     _sign("hung task", r"INFO: task \S+ blocked for more than"),  # kernel/hung_task.c
-    _sign("lockup", r"soft lockup|hard LOCKUP|NMI watchdog"),  # kernel/watchdog*.c
     _sign("nmi", r"NMI received for unknown reason|Dazed and confused"),  # arch/x86/kernel/nmi.c
     _sign("irq", r"nobody cared|Disabling IRQ #|too much work for irq"),  # kernel/irq/spurious.c,
     # drivers/tty/serial/8250/8250_core.c

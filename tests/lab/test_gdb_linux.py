@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from kvmpy import assets
+from tests.lab.distress import assert_calm
 
 pytestmark = pytest.mark.lab
 GDB = shutil.which("gdb")
@@ -44,7 +45,9 @@ def test_gdb_breaks_on_start_kernel_by_symbol(kernel: assets.KernelAssets,
         assert re.search(r"Breakpoint 1.*start_kernel", text), text
         assert re.search(r"\$1 = 0xffffffff8[0-9a-f]+", text), text  # a kernel virtual address
         assert "start_kernel in section .init.text" in text, text
-        vm.wait(timeout=120)
+        console, _ = vm.communicate(timeout=120)  # the guest went on to /init and off
+        assert "kvmpy-guest: exit status 0" in console, console[-2000:]
+        assert_calm(console)
     finally:
         if vm.poll() is None:
             vm.kill()

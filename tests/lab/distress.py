@@ -1,0 +1,54 @@
+"""Lab tests read every Linux guest's kernel log for distress (`kvmpy.distress`).
+
+- `assert_calm(text, allow=())`: fails the test, listing the lines, if `text` (a
+  console transcript, `dmesg`) shows the kernel in distress. For output a test gathers
+  itself: `subprocess.run` of `kvmpy run`, QEMU's console.
+- `ConsoleWatch`: remembers every object of the watched classes made during a test
+  (`kvmpy.api.Guest`, `virtio_kit.KvmpyProcess`: anything with an `.output`
+  transcript) and checks each one's output when the test ends. tests/lab/conftest.py
+  watches those two for every lab test, so a new test that boots a guest through them
+  is checked without asking.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from typing import Any
+
+import pytest
+
+from kvmpy.distress import GuestInDistress, check_calm
+
+Allowed = Iterable[str | re.Pattern[str]]
+
+
+def assert_calm(text: str, allow: Allowed = (), what: str = "the guest") -> None:
+    """Fail the test if `text` shows the guest's kernel in distress (lines in `allow`
+    excepted)."""
+    try:
+        check_calm(text, allow, what)
+    except GuestInDistress as e:
+        raise AssertionError(str(e)) from None
+
+
+class ConsoleWatch:
+    """Objects with an `.output` transcript made while a test runs, checked at its end."""
+
+    def __init__(self) -> None:
+        self.seen: list[Any] = []
+
+    def watch(self, monkeypatch: pytest.MonkeyPatch, cls: type) -> None:
+        """Remember every `cls` made from now on (until `monkeypatch` undoes it)."""
+        made = cls.__init__
+
+        def init(obj: Any, *args: Any, **kwargs: Any) -> None:
+            made(obj, *args, **kwargs)
+            self.seen.append(obj)
+
+        monkeypatch.setattr(cls, "__init__", init)
+
+    def check(self, allow: Allowed = ()) -> None:
+        """assert_calm on the output of each object seen, in the order they were made."""
+        for n, obj in enumerate(self.seen):
+            assert_calm(obj.output, allow, f"{type(obj).__name__} #{n + 1} of this test")
