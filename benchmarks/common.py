@@ -45,8 +45,10 @@ def in_linux_capable_place(script: str, measure: Callable[[], dict[str, object]]
         return measure()
     try:
         return _in_lab(script, lab_kernel_args)
-    except LabStalled as e:  # QEMU's TCG stops now and then (kvmpy/lab/monitor.py): once more
+    except LabStalled as e:  # the lab stopped (its heartbeat, kvmpy/lab/runner.py): once more
         stalled = str(e)
+        print(f"bench: RETRY: the lab stalled ({e}); measuring in a new lab", file=sys.stderr,
+              flush=True)
     try:
         data = _in_lab(script, lab_kernel_args)
     except LabError as e:
@@ -77,11 +79,9 @@ def _in_lab(script: str, kernel_args: Sequence[str]) -> dict[str, object]:
 
     with tempfile.TemporaryDirectory() as out:
         result = Path(out) / "result.json"
-        # each benchmark reports its rounds as it goes (a round is under a minute):
-        # five silent minutes is a stalled lab
         try:
             status = run_in_lab([sys.executable, os.path.abspath(script), str(result)], rw=[out],
-                                quiet_timeout=300, kernel_args=kernel_args)
+                                kernel_args=kernel_args)
         except LabStalled:
             raise
         except LabError as e:

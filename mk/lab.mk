@@ -9,6 +9,7 @@
 #   make stock-kernel  Debian's cloud kernel and its modules, unpacked
 #   make lab-assets    all of the above: what `make test` needs
 #   make lab-shell     `kvmpy lab` smoke test: prints whether /dev/kvm exists inside
+#   make lab-soak      the lab's reliability: boots until it tells (SOAK_ARGS, below)
 
 # Packages these recipes use (also listed in the top Makefile; `+=` keeps them
 # installed if that list changes). apt-get/dpkg-deb are part of every Debian.
@@ -32,3 +33,13 @@ lab-assets: guest-kernel guest lab stock-kernel
 
 lab-shell: lab
 	$(PY) -m kvmpy.lab.command -- $(PY) -c "import os; print('/dev/kvm:', os.path.exists('/dev/kvm'))"
+
+# How often the lab stalls and its guests die (docs/lab.md, "The soak"); not part of
+# `make test` or `make bench`: 200 boots per VMM take about an hour. Every part of the
+# lab is one flag, e.g.
+#   make lab-soak SOAK_ARGS="--boots 200 --lab-accel tcg,thread=single --out single.json"
+#   make lab-soak SOAK_ARGS="--table today.json single.json"   # side by side, Markdown
+SOAK_ARGS ?=
+.PHONY: lab-soak
+lab-soak: deps build guest-kernel guest lab
+	$(PY) benchmarks/lab_soak.py $(SOAK_ARGS)

@@ -311,6 +311,7 @@ def run_in_lab(argv: Sequence[str], *, rw: Sequence[str | os.PathLike[str]] = ()
             _wait(proc, job, _Limits(timeout, boot_timeout, quiet_timeout, heartbeat_timeout),
                   heartbeat, lambda: max(relay.last_output for relay in relays[1:]))
         except LabStalled as e:
+            save_kallsyms(job, image.kallsyms)  # if this is the run that read them
             e.cpus = cpu_states(job / MONITOR_SOCKET, cpus,
                                 lab_symbolizer(image.kallsyms, job / "modules"))
             e.args = (f"{e}; the lab's CPUs: {e.cpus}",)

@@ -1,12 +1,13 @@
 """`kvmpy lab` itself, driven from the host: exit status, /dev/kvm, cwd, env and --rw.
 
-Marked `labhost`: each test boots the lab (seconds each), so there are only three, and
-they check several things per boot. Not run inside the lab (no lab within the lab).
+Marked `labhost`: each test boots the lab (seconds each), so there are only a few,
+and they check several things per boot. Not run inside the lab (no lab within the lab).
 """
 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -61,8 +62,21 @@ def test_dev_kvm_cwd_env_and_rw_share(tmp_path: Path) -> None:
     assert not Path(os.environ["HOME"], ".kvmpy-lab-test").exists()
 
 
-def test_a_command_that_goes_quiet_is_taken_for_a_stalled_lab() -> None:
-    from kvmpy.lab.runner import LabStalled, run_in_lab
+def test_a_lab_whose_heartbeat_stops_is_a_stall_noticed_in_seconds() -> None:
+    """The lab's heartbeat loops are stopped from inside (SIGSTOP), as a stalled lab's
+    CPUs would stop them: the host says so within its timeout and shows the CPUs."""
+    from kvmpy.lab.runner import LabStalled, LabStats, run_in_lab
 
-    with pytest.raises(LabStalled, match=r"printed nothing for 10 s; the lab's CPUs: cpu0 rip="):
-        run_in_lab(["sh", "-c", "echo started; sleep 600"], quiet_timeout=10, timeout=300)
+    stop_heartbeat = ("for p in /proc/[0-9]*; do grep -qs beat.fifo $p/cmdline "
+                      "&& kill -STOP ${p#/proc/}; done; echo stopped; sleep 600")
+    stats = LabStats()
+    with pytest.raises(LabStalled) as e:
+        run_in_lab(["sh", "-c", stop_heartbeat], heartbeat_timeout=5, timeout=300,
+                   stats=stats)
+    message = str(e.value)
+    assert re.match(r"the lab stalled: lab CPU [01] sent no heartbeat for [56] s; "
+                    r"the lab's CPUs: cpu0 rip=", message), message
+    assert "cpu1 rip=" in e.value.cpus
+    # the lab kernel's symbols name where its CPUs were (idle, most likely)
+    assert re.search(r"rip=ffffffff[0-9a-f]{8} \(\S+\+0x[0-9a-f]+\) cpl=0", message), message
+    assert stats.boot_s is not None and 5 <= stats.lab_s - stats.boot_s < 240
