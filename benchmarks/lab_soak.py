@@ -122,6 +122,9 @@ def inside(results: Path, pairs: int, cpus: int, timeout: float, vmms: Sequence[
             if record["distress"]:
                 status += f", distress: {record['distress'][0]}"
             print(f"lab-soak: {vmm} {i + 1}/{pairs} {record['s']:.2f} s {status}", flush=True)
+            if not record["ok"]:  # the end of its console and stderr, as it happens
+                for line in record["console"][-8:] + record["stderr"][-12:]:
+                    print(f"lab-soak: | {line}", flush=True)
     return 0
 
 
