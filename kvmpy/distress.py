@@ -41,7 +41,8 @@ def _sign(kind: str, pattern: str, flags: int = 0) -> Sign:
 # a line counts once, as the first kind it matches (a soft lockup says "BUG:" too).
 SIGNS: tuple[Sign, ...] = (
     _sign("panic", r"Kernel panic"),  # kernel/panic.c
-    _sign("lockup", r"soft lockup|hard LOCKUP|NMI watchdog"),  # kernel/watchdog*.c
+    # (not "NMI watchdog: Perf NMI watchdog permanently disabled": no perf counters)
+    _sign("lockup", r"soft lockup|hard LOCKUP"),  # kernel/watchdog*.c
     _sign("bug", r"\bBUG:"),  # BUG(), sleeping in atomic context, bad page state...
     _sign("warning", r"\bWARNING:"),  # WARN_ON: kernel/panic.c __warn()
     _sign("call trace", r"Call Trace:"),  # arch/x86/kernel/dumpstack.c

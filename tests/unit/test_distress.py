@@ -19,6 +19,7 @@ CALM = """\
 [    0.104000] smp: Brought up 1 node, 2 CPUs
 [    0.236000] virtio_blk virtio0: [vda] 131072 512-byte logical blocks (67.1 MB/64.0 MiB)
 [    0.240000] serial8250: ttyS0 at I/O 0x3f8 (irq = 4, base_baud = 115200) is a 16550A
+[    0.280000] NMI watchdog: Perf NMI watchdog permanently disabled
 [    0.300000] Run /init as init process
 kvmpy-guest: init running
 kvmpy-guest: exit status 0
