@@ -84,14 +84,18 @@ def distress(text: str, allow: Iterable[str | re.Pattern[str]] = ()) -> list[Dis
     """Every line of `text` that shows the kernel in distress, in order, with its kind.
 
     `allow`: patterns (searched in the line) of lines the caller expects, e.g. the
-    I/O error of a write it made to a read-only disk on purpose."""
+    I/O error of a write it made to a read-only disk on purpose. The call trace printed
+    after an allowed line is allowed with it."""
     exempt = [re.compile(a) if isinstance(a, str) else a for a in allow]
     found = []
+    excused = False  # the last sign was allowed: so is the call trace printed with it
     for raw in text.splitlines():
         line = raw.strip("\r\x00 ")
         for sign in SIGNS:
             if sign.pattern.search(line):
-                if not any(a.search(line) for a in exempt):
+                if sign.kind != "call trace":
+                    excused = any(a.search(line) for a in exempt)
+                if not (excused or any(a.search(line) for a in exempt)):
                     found.append(Distress(sign.kind, line))
                 break
     return found

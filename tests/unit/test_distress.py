@@ -84,6 +84,30 @@ def test_allowed_lines_are_exempt_and_only_they() -> None:
     assert [d.kind for d in distress(log, allow=[r"I/O error, dev vda"])] == ["warning"]
 
 
+def test_an_allowed_warning_takes_its_call_trace_with_it_and_no_more() -> None:
+    log = CALM + WARN + SAMPLES["warning"] + "\n[    3.0] Call Trace:\n"
+    assert [d.kind for d in distress(log, allow=[r"tick-sched\.c:1105"])] == [
+        "warning", "call trace"]
+
+
+STOCK_IN_THE_LAB = """[    3.154759] XSAVE consistency problem: size 2696 != kernel_size 576
+[    3.154759] WARNING: CPU: 0 PID: 0 at arch/x86/kernel/fpu/xstate.c:606 \
+fpu__init_system_xstate+0x85a/0xb19
+[    3.154759] Call Trace:
+"""
+
+
+def test_the_labs_own_quirks_are_allowed_in_the_lab_only(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KVMPY_IN_LAB", "1")
+    assert_calm(CALM + STOCK_IN_THE_LAB)
+    with pytest.raises(AssertionError, match="WARNING: CPU: 1"):
+        assert_calm(CALM + STOCK_IN_THE_LAB + WARN)
+    monkeypatch.delenv("KVMPY_IN_LAB")
+    with pytest.raises(AssertionError, match="xstate.c:606"):
+        assert_calm(CALM + STOCK_IN_THE_LAB)
+
+
 def test_console_line_endings_and_nuls_are_ignored() -> None:
     assert distress("\x00\x00[ 1.0] WARNING: CPU: 0 PID: 1 at x\r\n") == [
         ("warning", "[ 1.0] WARNING: CPU: 0 PID: 1 at x")]
