@@ -39,15 +39,15 @@ def in_linux_capable_place(script: str, measure: Callable[[], dict[str, object]]
     the lab kernel's command line (`kvmpy.lab.run_in_lab`).
     """
     from kvmpy.lab import LabError, can_boot_linux
-    from kvmpy.lab.runner import LabStalled
+    from kvmpy.lab.runner import LabBroke
 
     if can_boot_linux():
         return measure()
     try:
         return _in_lab(script, lab_kernel_args)
-    except LabStalled as e:  # the lab stopped (its heartbeat, kvmpy/lab/runner.py): once more
+    except LabBroke as e:  # the lab stalled or died (kvmpy/lab/runner.py): once more
         stalled = str(e)
-        print(f"bench: RETRY: the lab stalled ({e}); measuring in a new lab", file=sys.stderr,
+        print(f"bench: RETRY: the lab failed ({e}); measuring in a new lab", file=sys.stderr,
               flush=True)
     try:
         data = _in_lab(script, lab_kernel_args)
@@ -73,16 +73,16 @@ def linux_guest_benchmark(script: str, measure: Callable[[], dict[str, object]]
 
 
 def _in_lab(script: str, kernel_args: Sequence[str]) -> dict[str, object]:
-    """`script RESULT` in one lab session; its JSON, or {"error"}; raises LabStalled."""
+    """`script RESULT` in one lab session; its JSON, or {"error"}; raises LabBroke."""
     from kvmpy.lab import LabError, run_in_lab
-    from kvmpy.lab.runner import LabStalled
+    from kvmpy.lab.runner import LabBroke
 
     with tempfile.TemporaryDirectory() as out:
         result = Path(out) / "result.json"
         try:
             status = run_in_lab([sys.executable, os.path.abspath(script), str(result)], rw=[out],
                                 kernel_args=kernel_args)
-        except LabStalled:
+        except LabBroke:
             raise
         except LabError as e:
             return {"error": str(e)}

@@ -10,7 +10,8 @@ and again in the lab, kvmpy and QEMU microvm alternating, and reports as JSON:
   went quiet is asked where its vCPUs are first, SIGUSR2); and boots whose kernel log
   shows distress (`kvmpy.distress`), counted apart;
 - lab stalls per hour of lab time, each with where the lab's CPUs were (QEMU's monitor,
-  RIPs named from the lab kernel's symbols), noticed by the lab's heartbeat;
+  RIPs named from the lab kernel's symbols), noticed by the lab's heartbeat; and lab
+  deaths (the lab's kernel or emulated machine went down under the soak);
 - boots per second of lab time, each VMM's boot times, the longest heartbeat gap of a
   healthy lab, and the host's load average during each lab session (other work on the
   machine slows the lab's TCG).
@@ -77,6 +78,7 @@ def vmm_argv(vmm: str, kernel: str, initrd: str, cpus: int,
 def boot_once(vmm: str, argv: list[str], expected: int, timeout: float) -> dict[str, Any]:
     """One boot: its outcome, time, kernel-log distress, and how it ended if it died."""
     from kvmpy.distress import distress
+    from kvmpy.lab import quirks
 
     t = time.monotonic()
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
@@ -98,7 +100,7 @@ def boot_once(vmm: str, argv: list[str], expected: int, timeout: float) -> dict[
     if not why and EXIT_MARK not in console:
         why = f"no {EXIT_MARK!r} on the console"
     record: dict[str, Any] = {"vmm": vmm, "ok": not why, "s": round(seconds, 3),
-                              "distress": [str(d) for d in distress(console)][:20]}
+                              "distress": [str(d) for d in distress(console, quirks.here())][:20]}
     if why:
         record["why"] = why
         record["console"] = console.splitlines()[-25:]
@@ -185,7 +187,7 @@ def soak(args: argparse.Namespace) -> dict[str, Any]:
     from kvmpy import guest_assets
     from kvmpy.boot.unpack import unpack_file
     from kvmpy.lab import LabError
-    from kvmpy.lab.runner import LabStalled, LabStats, run_in_lab
+    from kvmpy.lab.runner import LabDied, LabStalled, LabStats, run_in_lab
 
     # kvmpy boots the bzImage as it does once it has booted it before: from the kernel
     # unpacked into its cache, which the lab sees read-only (benchmarks/linux_boot.py)
@@ -195,6 +197,7 @@ def soak(args: argparse.Namespace) -> dict[str, Any]:
     records: list[dict[str, Any]] = []
     chunks: list[dict[str, Any]] = []
     stalls: list[dict[str, Any]] = []
+    died: list[dict[str, Any]] = []
     error = ""
     with tempfile.TemporaryDirectory(prefix="kvmpy-soak-") as share:
         results = Path(share) / "boots.jsonl"
@@ -225,6 +228,11 @@ def soak(args: argparse.Namespace) -> dict[str, Any]:
                                    "message": str(e).split("; the lab's CPUs:")[0],
                                    "cpus": e.cpus})
                     print(f"lab-soak: {e}", file=sys.stderr, flush=True)
+                except LabDied as e:
+                    chunk["died"] = True
+                    died.append({"session": len(chunks), "at_lab_s": round(stats.lab_s, 1),
+                                 "message": str(e)})
+                    print(f"lab-soak: the lab died: {e}", file=sys.stderr, flush=True)
                 except LabError as e:
                     error = str(e)
                 finally:
@@ -238,7 +246,7 @@ def soak(args: argparse.Namespace) -> dict[str, Any]:
             chunks.append(chunk)
             if error:
                 break
-    return report(args, vmms, records, chunks, stalls, error)
+    return report(args, vmms, records, chunks, stalls, died, error)
 
 
 def _seconds(values: list[float]) -> dict[str, float]:
@@ -251,9 +259,10 @@ def _seconds(values: list[float]) -> dict[str, float]:
 
 def report(args: argparse.Namespace, vmms: list[str], records: list[dict[str, Any]],
            chunks: list[dict[str, Any]], stalls: list[dict[str, Any]],
-           error: str) -> dict[str, Any]:
+           died: list[dict[str, Any]], error: str) -> dict[str, Any]:
     lab_s = sum(c["lab_s"] for c in chunks)
-    healthy = [c["longest_heartbeat_gap_s"] for c in chunks if not c.get("stalled")]
+    healthy = [c["longest_heartbeat_gap_s"] for c in chunks
+               if not c.get("stalled") and not c.get("died")]
     per_vmm = {}
     for vmm in vmms:
         mine = [r for r in records if r["vmm"] == vmm]
@@ -274,9 +283,12 @@ def report(args: argparse.Namespace, vmms: list[str], records: list[dict[str, An
         "lab_sessions": len(chunks),
         "stalls": len(stalls),
         "stalls_per_lab_hour": round(len(stalls) / (lab_s / 3600), 2) if lab_s else None,
+        "lab_deaths": len(died),
+        "lab_deaths_per_lab_hour": round(len(died) / (lab_s / 3600), 2) if lab_s else None,
         "boots_per_lab_s": round(len(records) / lab_s, 3) if lab_s else None,
         "longest_heartbeat_gap_s": max(healthy, default=None),
         "stall_details": stalls,
+        "lab_death_details": died,
         "sessions": chunks,
         "command": shlex.join(["benchmarks/lab_soak.py", *sys.argv[1:]]),
     }
@@ -320,6 +332,8 @@ def table(paths: list[str]) -> str:
          lambda r: f"{vmm(r, 'qemu', 'boots')} / {vmm(r, 'qemu', 'deaths')} / "
                    f"{vmm(r, 'qemu', 'distressed')}"),
         ("lab stalls (per lab hour)", lambda r: f"{r['stalls']} ({r['stalls_per_lab_hour']})"),
+        ("lab deaths (per lab hour)",
+         lambda r: f"{r['lab_deaths']} ({r['lab_deaths_per_lab_hour']})"),
         ("lab time, sessions", lambda r: f"{r['lab_hours']} h, {r['lab_sessions']}"),
         ("boots per lab second", lambda r: r["boots_per_lab_s"]),
         ("kvmpy boot, median / p90", lambda r: vmm(r, "kvmpy", "boot_s")),

@@ -11,9 +11,11 @@
 
 A lab that stops making progress (QEMU's TCG has been seen to livelock or lose an
 interrupt: kvmpy/lab/monitor.py) is noticed by its heartbeat within seconds
-(kvmpy.lab.runner): the session is killed, the lab CPUs' state is printed, and the tests
-it did not finish run in a new session, with one line saying so. That is the only
-retry: a test that failed has failed, whatever a second run would say. A test that
+(kvmpy.lab.runner): the session is killed and the lab CPUs' state printed. That, and a
+lab that goes down under the tests (LabDied: its kernel panicked, or the emulated
+machine reset), are the lab's failures: the tests it did not finish run in a new
+session, with one RETRY line saying so. That is the only retry: a test that failed has
+failed, whatever a second run would say. A test that
 hangs inside a healthy lab is failed by pytest-timeout (TEST_TIMEOUT_S) and the session
 goes on.
 
@@ -38,14 +40,14 @@ from typing import Any
 import pytest
 
 from kvmpy.lab import INSIDE_ENV, LabError, lab_status, linux_kvm_status, run_in_lab
-from kvmpy.lab.runner import LabStalled
+from kvmpy.lab.runner import LabBroke
 
 RESULTS_ENV = "KVMPY_LAB_RESULTS"  # inside the lab: where to write the JSON lines
 SESSION_TIMEOUT = float(os.environ.get("KVMPY_LAB_SESSION_TIMEOUT", "3600"))
 # lab tests take seconds to a minute or two: one running for ten is stuck (its threads'
 # stacks are printed, it fails, the next test runs)
 TEST_TIMEOUT_S = 600
-STALL_RETRIES = 2  # the tests a stalled lab did not finish get a new session, twice at most
+LAB_RETRIES = 2  # the tests a failed lab did not finish get a new session, twice at most
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -136,19 +138,19 @@ class LabSession:
             return self.results
         self.results = {}
         todo = list(self.nodeids)
-        for attempt in range(1 + STALL_RETRIES):
+        for attempt in range(1 + LAB_RETRIES):
             if attempt:
-                self._say(f"lab: RETRY: the lab stalled; the {len(todo)} lab test(s) it did not "
-                          "finish run again in a new lab (the one retry there is: "
-                          "tests/lab_plugin.py)")
-            stalled = self._session(todo)
+                self._say(f"lab: RETRY: the lab failed ({self.error.split(';')[0]}); the "
+                          f"{len(todo)} lab test(s) it did not finish run again in a new lab "
+                          "(the one retry there is: tests/lab_plugin.py)")
+            broke = self._session(todo)
             todo = [n for n in todo if not _finished(self.results.get(n, []))]
-            if not stalled or not todo:
+            if not broke or not todo:
                 break
         return self.results
 
     def _session(self, nodeids: list[str]) -> bool:
-        """Run `nodeids` in one lab session into self.results; True if the lab stalled."""
+        """Run `nodeids` in one lab session into self.results; True if the lab broke."""
         assert self.results is not None
         share = Path(tempfile.mkdtemp(prefix="kvmpy-labtests-"))
         results = share / "results.jsonl"
@@ -162,14 +164,14 @@ class LabSession:
                 *nodeids]
         self.config.add_cleanup(lambda: shutil.rmtree(share, ignore_errors=True))
         self._say(f"lab: running {len(nodeids)} lab test(s) in one lab session")
-        stalled = False
+        broke = False
         try:
             with open(out, "wb") as sink:
                 status = run_in_lab(argv, rw=[share], cwd=self.config.rootpath, env=env,
                                     stdout=sink, stderr=sink, timeout=SESSION_TIMEOUT)
             self.error = "" if status in (0, 1) else f"inner pytest exited with status {status}"
-        except LabStalled as e:
-            self.error, stalled = str(e), True
+        except LabBroke as e:  # stalled or died: the lab's failure, not a test's
+            self.error, broke = str(e), True
         except LabError as e:
             self.error = f"the lab failed: {e}"
         self.output = out.read_text(errors="replace") if out.exists() else ""
@@ -178,14 +180,14 @@ class LabSession:
             for line in results.read_text().splitlines():
                 record = json.loads(line)
                 session.setdefault(record["nodeid"], []).append(record)
-            # a test cut short by a stalled lab is run again, not half-reported
-            self.results.update((n, r) for n, r in session.items() if _finished(r) or not stalled)
+            # a test cut short by a broken lab is run again, not half-reported
+            self.results.update((n, r) for n, r in session.items() if _finished(r) or not broke)
         lines = self.output.strip().splitlines()
         self._say(f"lab: session done: {self.error or (lines or ['(no output)'])[-1]}")
         if self.error:  # the inner run's last words (a hung test's thread stacks among them)
             for line in lines[-60:]:
                 self._say(f"lab: | {line}")
-        return stalled
+        return broke
 
     def _say(self, line: str) -> None:
         """A line on the terminal, past the capture of the test that is running."""

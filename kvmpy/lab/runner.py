@@ -323,7 +323,7 @@ def run_in_lab(argv: Sequence[str], *, rw: Sequence[str | os.PathLike[str]] = ()
         status = job / "status"
         if status.exists():
             return int(status.read_text().strip() or "125")
-        raise LabError(_failure_reason(job, proc.returncode, relays[0].lines()))
+        raise _lab_failure(job, proc.returncode, relays[0].lines())
     finally:
         if proc is not None and proc.poll() is None:
             proc.kill()
@@ -343,12 +343,22 @@ def _die_with_parent() -> None:
     set_parent_death_signal(signal.SIGKILL)
 
 
-class LabStalled(LabError):
+class LabBroke(LabError):
+    """The lab itself failed under the command: it stalled, or it died. QEMU's TCG has
+    done both for no reason of the command's (docs/lab.md, "Stalls and retries")."""
+
+
+class LabStalled(LabBroke):
     """The lab stopped making progress: a lab CPU's heartbeat stopped, or never came.
 
     `cpus`: where the lab's CPUs were, as QEMU's monitor told (`kvmpy.lab.monitor`)."""
 
     cpus = ""
+
+
+class LabDied(LabBroke):
+    """The lab went down under the command: its kernel panicked, or QEMU ended (a reset
+    of the emulated machine, with -no-reboot) with no word from the lab."""
 
 
 class _Limits(NamedTuple):
@@ -392,6 +402,15 @@ def _wait(proc: subprocess.Popen[bytes], job: Path, limits: _Limits, heartbeat: 
         proc.send_signal(signal.SIGTERM)
         proc.wait()
         raise
+
+
+def _lab_failure(job: Path, qemu_status: int | None, console: list[str]) -> LabError:
+    """Why the lab ended without the command's exit status: LabDied if the lab itself
+    went down under the command (a kernel panic, or QEMU gone for no reason it gave),
+    else a LabError saying what could not be done."""
+    reason = _failure_reason(job, qemu_status, console)
+    died = reason.startswith(("the lab kernel panicked", "the lab stopped"))
+    return LabDied(reason) if died else LabError(reason)
 
 
 def _failure_reason(job: Path, qemu_status: int | None, console: list[str]) -> str:

@@ -20,7 +20,10 @@ from kvmpy.lab.monitor import describe
 from kvmpy.lab.runner import (
     KERNEL_CMDLINE,
     ZERO_FREED_PAGES,
+    LabBroke,
+    LabDied,
     _failure_reason,
+    _lab_failure,
     command_script,
     qemu_argv,
 )
@@ -96,6 +99,16 @@ def test_failure_reason_prefers_the_labs_own_words(tmp_path: Path) -> None:
     assert "cannot set up guest memory" in _failure_reason(tmp_path, 1, ["boot"])
     (tmp_path / "error").write_text("no /dev/kvm in the lab\n")
     assert _failure_reason(tmp_path, 0, []).endswith("no /dev/kvm in the lab")
+
+
+def test_a_lab_that_goes_down_under_the_command_died(tmp_path: Path) -> None:
+    last = "[  148.7] kvm [263]: vcpu0, guest rIP: 0xffffffff81002f19 Unhandled WRMSR(0xc0010007)"
+    died = _lab_failure(tmp_path, 0, ["[ 1.0] booting", last])
+    assert isinstance(died, LabDied) and str(died).endswith(last)
+    assert isinstance(_lab_failure(tmp_path, 0, ["Kernel panic - not syncing: x"]), LabDied)
+    (tmp_path / "qemu.log").write_text("qemu-system-x86_64: -cpu nosuch: unknown CPU model\n")
+    refused = _lab_failure(tmp_path, 1, [])
+    assert not isinstance(refused, LabBroke) and "unknown CPU model" in str(refused)
 
 
 def test_debian_version_order() -> None:

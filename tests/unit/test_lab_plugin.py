@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from tests.lab_plugin import STALL_RETRIES, LabProxy, LabSession, LabTestFailed
+from tests.lab_plugin import LAB_RETRIES, LabProxy, LabSession, LabTestFailed
 
 
 def _records(nodeid: str, outcome: str, text: str = "") -> list[dict[str, Any]]:
@@ -94,8 +94,8 @@ def test_a_stalled_lab_runs_only_what_it_did_not_finish_again_and_says_so(
 def test_a_lab_that_keeps_stalling_fails_what_it_did_not_finish(
         monkeypatch: pytest.MonkeyPatch) -> None:
     lab, asked = _run(["a", "b"], [({"a": "passed", "b": "cut short"}, True)]
-                      + [({"b": "cut short"}, True)] * STALL_RETRIES, monkeypatch)
-    assert asked == [["a", "b"]] + [["b"]] * STALL_RETRIES
+                      + [({"b": "cut short"}, True)] * LAB_RETRIES, monkeypatch)
+    assert asked == [["a", "b"]] + [["b"]] * LAB_RETRIES
     assert _outcome("a", lab) == "passed"
     assert _outcome("b", lab).startswith("failed: the lab stalled: lab CPU 1 sent no heartbeat")
 
