@@ -345,7 +345,8 @@ def _die_with_parent() -> None:
 
 class LabBroke(LabError):
     """The lab itself failed under the command: it stalled, or it died. QEMU's TCG has
-    done both for no reason of the command's (docs/lab.md, "Stalls and retries")."""
+    done both for no reason of the command's (docs/lab.md, "Stalls, lab deaths and
+    retries")."""
 
 
 class LabStalled(LabBroke):
