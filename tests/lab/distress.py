@@ -41,15 +41,18 @@ class ConsoleWatch:
     def __init__(self) -> None:
         self.seen: list[Any] = []
 
-    def watch(self, monkeypatch: pytest.MonkeyPatch, cls: type) -> None:
-        """Remember every `cls` made from now on (until `monkeypatch` undoes it)."""
-        made = cls.__init__
+    def watch(self, monkeypatch: pytest.MonkeyPatch, cls: type,
+              method: str = "__init__") -> None:
+        """Remember every `cls` object once `method` (its constructor, or the method
+        every way of making one goes through) has run on it, from now on (until
+        `monkeypatch` undoes it)."""
+        made = getattr(cls, method)
 
-        def init(obj: Any, *args: Any, **kwargs: Any) -> None:
+        def record(obj: Any, *args: Any, **kwargs: Any) -> None:
             made(obj, *args, **kwargs)
             self.seen.append(obj)
 
-        monkeypatch.setattr(cls, "__init__", init)
+        monkeypatch.setattr(cls, method, record)
 
     def check(self, allow: Allowed = ()) -> None:
         """assert_calm on the output of each object seen, in the order they were made."""

@@ -3,6 +3,9 @@ a calm boot passes, and a guest whose log has a `WARNING:` line fails its test."
 
 from __future__ import annotations
 
+from collections import namedtuple
+from typing import Any
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -137,6 +140,25 @@ def test_a_watched_guest_whose_log_has_a_warning_fails_the_test(
                                              r"distress[^\n]*\n  warning: .*WARNING: CPU: 1"):
         watch.check()
     watch.check(allow=[r"WARNING: CPU: 1 PID: 0 at kernel/time", r"Call Trace"])
+
+
+def test_a_guest_made_by_from_config_is_watched_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Guest.from_config skips __init__: the lab conftest watches Guest._start."""
+    from kvmpy import api
+
+    class Machine:  # stands for kvmpy.machine.Machine: its guest prints a WARNING
+        def __init__(self, config: Any) -> None:
+            self.config = config
+
+        def start(self) -> None:
+            self.config.console.write(WARN.encode())
+
+    monkeypatch.setattr(api, "Machine", Machine)
+    watch = ConsoleWatch()
+    watch.watch(monkeypatch, api.Guest, "_start")
+    api.Guest.from_config(namedtuple("Config", "console")(None))  # type: ignore[arg-type]
+    with pytest.raises(AssertionError, match="Guest #1 of this test's kernel log"):
+        watch.check()
 
 
 def test_assert_calm_fails_a_test_on_a_warning() -> None:
