@@ -110,10 +110,10 @@ def boot_once(vmm: str, argv: list[str], expected: int, timeout: float) -> dict[
 
 def inside(results: Path, pairs: int, cpus: int, timeout: float, vmms: Sequence[str],
            append: str) -> int:
-    from kvmpy import guest_assets
+    from kvmpy import assets
 
-    kernel = str(guest_assets.kernel_path().bzimage)
-    initrd = str(guest_assets.initramfs_path())
+    kernel = str(assets.kernel_path().bzimage)
+    initrd = str(assets.initramfs_path())
     for i in range(pairs):
         for vmm in vmms:
             argv, expected = vmm_argv(vmm, kernel, initrd, cpus, append)
@@ -184,14 +184,14 @@ def lab_config(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def soak(args: argparse.Namespace) -> dict[str, Any]:
-    from kvmpy import guest_assets
+    from kvmpy import assets
     from kvmpy.boot.unpack import unpack_file
     from kvmpy.lab import LabError
     from kvmpy.lab.runner import LabDied, LabStalled, LabStats, run_in_lab
 
     # kvmpy boots the bzImage as it does once it has booted it before: from the kernel
     # unpacked into its cache, which the lab sees read-only (benchmarks/linux_boot.py)
-    if unpack_file(guest_assets.kernel_path().bzimage) is None:
+    if unpack_file(assets.kernel_path().bzimage) is None:
         raise SystemExit("lab_soak: cannot unpack kvmpy's minimal kernel into its cache")
     vmms = args.vmms.split(",")
     records: list[dict[str, Any]] = []

@@ -150,6 +150,9 @@ def test_a_guest_made_by_from_config_is_watched_too(monkeypatch: pytest.MonkeyPa
         def __init__(self, config: Any) -> None:
             self.config = config
 
+        def unpack_for_next_boot(self) -> None:
+            return None
+
         def start(self) -> None:
             self.config.console.write(WARN.encode())
 

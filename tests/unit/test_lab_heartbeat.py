@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from kvmpy.lab import runner
-from kvmpy.lab.debian import LabError
+from kvmpy.lab.errors import LabError
 from kvmpy.lab.runner import LabStalled, _Heartbeat, _Limits, _wait
 
 
