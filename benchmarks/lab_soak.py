@@ -5,10 +5,10 @@ kernel's warnings and worse on the 8250 console, /init runs `true` and powers of
 and again in the lab, kvmpy and QEMU microvm alternating, and reports as JSON:
 
 - guest deaths per VMM: a boot that did not end with /init's "exit status 0" and the
-  VMM's own status for a powered-off guest (kvmpy: 6, every vCPU halted; QEMU: 0) within
-  `--boot-timeout`, with how it ended and the end of its console (a kvmpy guest that
-  went quiet is asked where its vCPUs are first, SIGUSR2); and boots whose kernel log
-  shows distress (`kvmpy.distress`), counted apart;
+  VMM's status for a powered-off guest (0: both describe the machine in ACPI, so
+  `poweroff -f` powers off) within `--boot-timeout`, with how it ended and the end of
+  its console (a kvmpy guest that went quiet is asked where its vCPUs are first,
+  SIGUSR2); and boots whose kernel log shows distress (`kvmpy.distress`), counted apart;
 - lab stalls per hour of lab time, each with where the lab's CPUs were (QEMU's monitor,
   RIPs named from the lab kernel's symbols), noticed by the lab's heartbeat; and lab
   deaths (the lab's kernel or emulated machine went down under the soak);
@@ -64,10 +64,10 @@ def vmm_argv(vmm: str, kernel: str, initrd: str, cpus: int,
     from kvmpy.boot.linux import BASE_CMDLINE
     from kvmpy.stop import StopKind
 
-    if vmm == "kvmpy":  # no ACPI: poweroff -f halts every vCPU with interrupts off
+    if vmm == "kvmpy":  # ACPI (its default for a CONFIG_ACPI kernel): poweroff -f powers off
         return ([sys.executable, "-m", "kvmpy", "run", "--kernel", kernel, "--initrd", initrd,
                  "--cpus", str(cpus), "--mem", "256M", "--append", append],
-                StopKind.HALTED.value)
+                StopKind.POWEROFF.value)
     # microvm with ACPI (its default) powers off on poweroff -f; rtc=on: no CMOS probe wait
     return (["qemu-system-x86_64", "-M", "microvm,rtc=on", "-enable-kvm", "-cpu", "host",
              "-m", "256", "-smp", str(cpus), "-kernel", kernel, "-initrd", initrd,
@@ -103,7 +103,8 @@ def boot_once(vmm: str, argv: list[str], expected: int, timeout: float) -> dict[
                               "distress": [str(d) for d in distress(console, quirks.here())][:20]}
     if why:
         record["why"] = why
-        record["console"] = console.splitlines()[-25:]
+        # 80 lines: the lab's XSAVE WARNING alone dumps 30 (kvmpy.lab.quirks)
+        record["console"] = console.splitlines()[-80:]
         record["stderr"] = err.decode(errors="replace").splitlines()[-60:]
     return record
 
@@ -266,13 +267,13 @@ def report(args: argparse.Namespace, vmms: list[str], records: list[dict[str, An
     per_vmm = {}
     for vmm in vmms:
         mine = [r for r in records if r["vmm"] == vmm]
-        died = [r for r in mine if not r["ok"]]
+        dead = [r for r in mine if not r["ok"]]
         per_vmm[vmm] = {
-            "boots": len(mine), "deaths": len(died),
+            "boots": len(mine), "deaths": len(dead),
             "distressed": sum(bool(r["distress"]) for r in mine),
             "boot_s": _seconds([r["s"] for r in mine if r["ok"]]),
             "death_details": [{k: r[k] for k in ("why", "console", "stderr", "distress")}
-                              for r in died],
+                              for r in dead],
             "distress_lines": sorted({line for r in mine for line in r["distress"]})[:40],
         }
     result: dict[str, Any] = {
@@ -305,8 +306,13 @@ def _git(*args: str) -> str:
 # --- the table for docs/lab.md --------------------------------------------------------------
 
 def table(paths: list[str]) -> str:
-    """Soak reports side by side, a column each, as a Markdown table."""
+    """The soak reports in `paths` side by side, a column each, as a Markdown table."""
     reports = [json.loads(Path(p).read_text()) for p in paths]
+    return table_of(reports, [r["label"] or Path(p).stem
+                              for r, p in zip(reports, paths, strict=True)])
+
+
+def table_of(reports: list[dict[str, Any]], names: list[str] | None = None) -> str:
 
     def vmm(r: dict[str, Any], name: str, key: str) -> str:
         b = r["boots"].get(name, {})
@@ -342,7 +348,7 @@ def table(paths: list[str]) -> str:
         ("host load, 1-min mean per session", load),
         ("commit", lambda r: r["commit"]),
     ]
-    names = [r["label"] or Path(p).stem for r, p in zip(reports, paths, strict=True)]
+    names = names or [r["label"] for r in reports]
     out = ["| | " + " | ".join(names) + " |", "| --- |" + " --- |" * len(reports)]
     out += [f"| {name} | " + " | ".join(str(cell(r)) for r in reports) + " |"
             for name, cell in rows]
