@@ -227,14 +227,17 @@ class LabProxy(pytest.Item):
             why = self.lab_session.error or "the inner pytest did not report it"
             tail = "\n".join(self.lab_session.output.splitlines()[-30:])
             raise LabTestFailed(f"{why}\n--- end of the lab session's output ---\n{tail}")
+        # every phase that failed: a test whose call failed may also have failed its
+        # teardown (the kernel-log check of tests/lab/conftest.py), which says why
+        failed = [f"inside the lab{'' if r['when'] == 'call' else ' (in ' + r['when'] + ')'}:\n"
+                  f"{r['text']}" for r in records if r["outcome"] == "failed"]
+        if failed:
+            raise LabTestFailed("\n\n".join(failed))
         for record in records:
             if "xfail" in record and record["outcome"] in ("skipped", "passed"):
                 if record["outcome"] == "skipped":
                     pytest.xfail(record["xfail"])
                 continue
-            if record["outcome"] == "failed":
-                where = "" if record["when"] == "call" else f" (in {record['when']})"
-                raise LabTestFailed(f"inside the lab{where}:\n{record['text']}")
             if record["outcome"] == "skipped":
                 reason = record["text"].removeprefix("Skipped: ")
                 # reported at the test's own location, like a skip mark

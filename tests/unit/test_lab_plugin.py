@@ -103,3 +103,14 @@ def test_a_lab_that_keeps_stalling_fails_what_it_did_not_finish(
 def test_without_a_stall_there_is_one_session(monkeypatch: pytest.MonkeyPatch) -> None:
     _, asked = _run(["a", "b"], [({"a": "passed", "b": "failed"}, False)], monkeypatch)
     assert asked == [["a", "b"]]
+
+
+def test_a_failed_call_reports_its_failed_teardown_too() -> None:
+    """The kernel-log check runs at teardown: its distress says why the call failed."""
+    lab = LabSession(_Config(), ["a"])  # type: ignore[arg-type]
+    lab.results = {"a": [
+        {"nodeid": "a", "when": "setup", "outcome": "passed", "text": ""},
+        {"nodeid": "a", "when": "call", "outcome": "failed", "text": "TimeoutError"},
+        {"nodeid": "a", "when": "teardown", "outcome": "failed", "text": "NETDEV WATCHDOG"}]}
+    assert _outcome("a", lab) == ("failed: inside the lab:\nTimeoutError\n\n"
+                                  "inside the lab (in teardown):\nNETDEV WATCHDOG")
