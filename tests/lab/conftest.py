@@ -39,7 +39,7 @@ def guest_logs_are_calm(request: pytest.FixtureRequest,
                         monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Check the kernel log of every Guest and KvmpyProcess the test made, when it ends."""
     watch = ConsoleWatch()
-    watch.watch(monkeypatch, Guest, "_start")  # Guest(...) and Guest.from_config alike
+    watch.watch(monkeypatch, Guest, "_start")  # Guest(...), from_config and restore alike
     watch.watch(monkeypatch, KvmpyProcess)
     yield
     marker = request.node.get_closest_marker("distress_allowed")

@@ -147,7 +147,7 @@ def test_a_guest_made_by_from_config_is_watched_too(monkeypatch: pytest.MonkeyPa
     from kvmpy import api
 
     class Machine:  # stands for kvmpy.machine.Machine: its guest prints a WARNING
-        def __init__(self, config: Any) -> None:
+        def __init__(self, config: Any, snapshot: Any = None) -> None:
             self.config = config
 
         def unpack_for_next_boot(self) -> None:
