@@ -88,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="a raw disk image as virtio-blk (repeatable; ,ro for read-only)")
     run.add_argument("--net", action="append", default=[], metavar="tap=NAME[,mac=MAC]",
                      help="a virtio-net device on a tap interface (repeatable)")
+    add_share_arguments(run)
     run.add_argument("--rng", choices=["on", "off"], default=None,
                      help="virtio-rng fed by the host's getrandom() (default: on for the "
                           "default guest)")
@@ -122,6 +123,18 @@ def build_parser() -> argparse.ArgumentParser:
     else:
         lab_command.register(sub)
     return parser
+
+
+def add_share_arguments(parser: argparse.ArgumentParser) -> None:
+    """--share and --vsock."""
+    parser.add_argument("--share", action="append", default=[], metavar="DIR,tag=TAG[,ro]",
+                        help="share a host directory over virtio-9p (repeatable; ,ro: every "
+                             "write fails with EROFS), mounted at /mnt/TAG in kvmpy's default "
+                             "guest (docs/9p.md)")
+    parser.add_argument("--vsock", metavar="CID,uds=PATH",
+                        help="virtio-vsock with guest CID; host programs connect to the unix "
+                             "socket PATH and send `CONNECT <port>`, the guest's connections "
+                             "to host port P reach PATH_P (docs/vsock.md)")
 
 
 # Options that only one kind of guest takes: giving them to the other is an error, not
@@ -170,7 +183,8 @@ def machine_config(args: argparse.Namespace) -> MachineConfig:
     """The MachineConfig the options describe; `Machine` checks it before building."""
     from kvmpy import options
 
-    devices = {"disks": args.disk, "nets": args.net, "console": args.console or "serial"}
+    devices = {"disks": args.disk, "nets": args.net, "console": args.console or "serial",
+               "shares": args.share, "vsock": args.vsock}
     cpus = 1 if args.cpus is None else args.cpus
     if args.flat is not None:
         wrong = _given(args, LINUX_ONLY)
