@@ -71,8 +71,9 @@ def check_config(config: MachineConfig, *, booting: bool = True) -> None:
     check_shares(config.shares)
     if config.vsock is not None:
         check_vsock(config.vsock)
-    devices = (len(config.disks) + len(config.nets) + len(config.shares) + config.rng
-               + config.virtio_console + (config.vsock is not None))
+    devices = (len(config.disks) + len(config.nets) + len(config.shares)
+               + len(config.channels) + config.rng + config.virtio_console
+               + (config.vsock is not None))
     if devices > len(layout.VIRTIO_IRQS):
         raise ConfigError(
             f"{devices} virtio devices asked for ({len(config.disks)} --disk, "

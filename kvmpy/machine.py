@@ -168,6 +168,9 @@ class MachineConfig(NamedTuple):
     virtio_console: bool = False  # hvc0 as the console instead of ttyS0
     shares: Sequence[ShareConfig] = ()
     vsock: VsockConfig | None = None
+    # more virtio-console devices, after the console's (hvc1... or from hvc0): each passes
+    # what the guest writes to it to its callable (kvmpy sandbox's stdout, stderr, status)
+    channels: Sequence[Callable[[bytes], object]] = ()
     stats: bool = False
     trace: Tracer | None = None  # a line per VM exit (kvmpy.trace.tracer)
     gdb: GdbConfig | None = None  # vCPUs start stopped, waiting for gdb (kvmpy.gdb.stub)
@@ -354,6 +357,10 @@ class Machine:
 
             self.hvc = Console(output=self._console_write)
             devices.append(self.hvc)
+        if config.channels:
+            from kvmpy.virtio.console import Console
+
+            devices += [Console(output=output) for output in config.channels]
         if config.disks:
             from kvmpy.virtio.blk import Block
 

@@ -75,13 +75,13 @@ def net_config(spec: str | NetConfig) -> NetConfig:
     return NetConfig(tap=fields.get("tap", ""), mac=fields.get("mac"))
 
 
-def share_config(spec: str | ShareConfig) -> ShareConfig:
-    """`DIR,tag=TAG[,ro]` (or a ShareConfig, as it is)."""
+def share_config(spec: str | ShareConfig, default_tag: str | None = None) -> ShareConfig:
+    """`DIR,tag=TAG[,ro]` (or a ShareConfig, as it is); the tag may be left out when
+    `default_tag` is given (kvmpy sandbox mounts shares at their own paths)."""
     if isinstance(spec, ShareConfig):
         return spec
     path, *opts = spec.split(",")
-    tag: str | None = None
-    read_only = False
+    tag, read_only = default_tag, False
     for opt in opts:
         key, eq, value = opt.partition("=")
         if key == "tag" and eq and value:

@@ -1,4 +1,4 @@
-"""--share and --vsock for `kvmpy run` and the API: bad ones are one line and a
+"""--share and --vsock, for `kvmpy run` and `kvmpy sandbox`: bad ones are one line and a
 non-zero status before anything is built (and before "cannot boot Linux here")."""
 
 from __future__ import annotations
@@ -48,10 +48,14 @@ CASES = [
 
 
 @pytest.mark.parametrize("args,message", CASES, ids=[" ".join(a)[:50] for a, _ in CASES])
-def test_bad_share_and_vsock_options_are_one_line(args: list[str], message: str,
+@pytest.mark.parametrize("command", ["run", "sandbox"])
+def test_bad_share_and_vsock_options_are_one_line(command: str, args: list[str], message: str,
                                                   files: dict[str, str]) -> None:
+    if command == "sandbox" and "give the tag" in message:
+        args, message = ["--share", "{dir},tag=bad tag"], "9p tag 'bad tag'"
     args = [a.format(**files) for a in args]
-    r = kvmpy("run", *args, "--kernel", files["bzImage"])
+    tail = ["--kernel", files["bzImage"]] if command == "run" else ["--", "true"]
+    r = kvmpy(command, *args, *tail)
     assert r.returncode == 2, r.stderr
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("kvmpy: "), r.stderr
@@ -66,6 +70,7 @@ def test_too_many_shares_for_the_virtio_slots(files: dict[str, str]) -> None:
 
 def test_share_and_vsock_syntax(files: dict[str, str], tmp_path: Path) -> None:
     assert share_config(f"{tmp_path},tag=src,ro") == ShareConfig(tmp_path, "src", True)
+    assert share_config(f"{tmp_path}", default_tag="x") == ShareConfig(tmp_path, "x", False)
     assert vsock_config(f"7,uds={tmp_path}/v") == VsockConfig(7, tmp_path / "v")
     # the API takes the same strings as the command line
     config = linux_machine(files["bzImage"], shares=[f"{tmp_path},tag=t"],
@@ -84,3 +89,10 @@ def test_the_api_gets_the_same_checks(files: dict[str, str], tmp_path: Path) -> 
     with pytest.raises(ConfigError, match="must be 3"):
         check_config(MachineConfig(linux=linux, vsock=VsockConfig(1, tmp_path / "v.sock")))
     live.close()
+
+
+def test_sandbox_refuses_its_own_tag(files: dict[str, str]) -> None:
+    r = kvmpy("sandbox", "--share", f"{files['dir']},tag=kvmpyroot", "--", "true")
+    assert r.returncode == 2 and "the sandbox's own" in r.stderr
+    r = kvmpy("sandbox", "--")
+    assert r.returncode == 2 and "give a command after --" in r.stderr
