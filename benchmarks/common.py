@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import select
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -28,6 +31,74 @@ def build_c(name: str) -> Path:
 def median(values: list[float]) -> float:
     s = sorted(values)
     return s[len(s) // 2]
+
+
+def vmm_ratios(runs: dict[str, list[dict[str, float]]], key: str, label: str
+               ) -> dict[str, object]:
+    """kvmpy against QEMU microvm on one figure of their rounds (higher is better): the
+    medians and their ratio, the ratio of the best rounds (the lab's noise only ever takes
+    speed away), and every round."""
+    k = [r[key] for r in runs["kvmpy"]]
+    q = [r[key] for r in runs["qemu"]]
+    return {f"kvmpy_{key}": round(median(k), 2), f"qemu_microvm_{key}": round(median(q), 2),
+            f"{label}_ratio": round(median(k) / median(q), 3),
+            f"{label}_ratio_of_maximums": round(max(k) / max(q), 3),
+            f"kvmpy_{label}_all": [round(v, 2) for v in k],
+            f"qemu_{label}_all": [round(v, 2) for v in q]}
+
+
+def bench_initrd(path: Path, name: str, script: str) -> str:
+    """kvmpy's default guest (same /init, same busybox) with `/name` added, gzip'd; the
+    guest runs it with `-- sh /name`."""
+    from kvmpy.initramfs import DEFAULT_INIT, busybox_initramfs
+
+    archive = busybox_initramfs(DEFAULT_INIT, files={name: script.encode()})
+    path.write_bytes(archive.to_gzip())
+    return str(path)
+
+
+def guest_argvs(kernel: str, initrd: str, append: str, kvmpy_devices: list[str],
+                qemu_devices: list[str]) -> tuple[list[str], list[str]]:
+    """`kvmpy run` and QEMU microvm booting the same kernel, initrd and command line with
+    one vCPU and 256 MiB, each with its own spelling of the same devices."""
+    from kvmpy.boot.linux import BASE_CMDLINE
+
+    kvmpy = [sys.executable, "-m", "kvmpy", "run", "--kernel", kernel, "--initrd", initrd,
+             *kvmpy_devices, "--rng", "off", "--cpus", "1", "--mem", "256M", "--append", append]
+    qemu = ["qemu-system-x86_64", "-M", "microvm", "-enable-kvm", "-cpu", "host",
+            "-m", "256", "-smp", "1", "-kernel", kernel, "-initrd", initrd,
+            "-append", f"console=ttyS0 {BASE_CMDLINE} {append}", *qemu_devices,
+            "-nodefaults", "-no-user-config", "-no-reboot", "-display", "none",
+            "-serial", "stdio"]
+    return kvmpy, qemu
+
+
+def run_until(name: str, argv: list[str], pattern: re.Pattern[bytes],
+              timeout: float = 300, fail: re.Pattern[bytes] | None = None) -> bytes:
+    """Run a VMM until its output (stdout and stderr) matches `pattern`, then kill it;
+    what it printed. RuntimeError, with the output's tail, if it exits, goes quiet or
+    prints `fail` first."""
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
+    assert proc.stdout is not None
+    seen = b""
+    started = time.monotonic()
+    try:
+        while not pattern.search(seen):
+            left = started + timeout - time.monotonic()
+            # a guest that hangs prints nothing: wait for output with the deadline in hand
+            chunk = os.read(proc.stdout.fileno(), 4096) if left > 0 and select.select(
+                [proc.stdout], [], [], left)[0] else b""
+            if not chunk:
+                why = "exited" if proc.poll() is not None else f"no result in {timeout:.0f} s"
+                raise RuntimeError(f"{name}: {why}: {seen[-1500:]!r}")
+            seen += chunk
+            if fail is not None and fail.search(seen):
+                raise RuntimeError(f"{name}: the guest failed: {seen[-1500:]!r}")
+    finally:
+        proc.kill()
+        proc.wait()
+    return seen
 
 
 def in_linux_capable_place(script: str, measure: Callable[[], dict[str, object]],

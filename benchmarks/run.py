@@ -16,6 +16,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import exit_latency  # noqa: E402
 import flat_startup  # noqa: E402
 import linux_boot  # noqa: E402
+import ninep  # noqa: E402
+import sandbox_start  # noqa: E402
 import snapshot_restore  # noqa: E402
 import trace_overhead  # noqa: E402
 import virtio_blk  # noqa: E402
@@ -26,6 +28,8 @@ BENCHMARKS = {
     "trace_compiled_in_but_off": trace_overhead.main,
     "linux_boot_to_init": linux_boot.main,
     "virtio_blk_throughput": virtio_blk.main,
+    "virtio_9p_read_and_walk": ninep.main,
+    "sandbox_true": sandbox_start.main,
     "linux_snapshot_restore": snapshot_restore.main,
 }
 

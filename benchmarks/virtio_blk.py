@@ -19,14 +19,19 @@ from __future__ import annotations
 
 import os
 import re
-import select
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from common import in_linux_capable_place, write_result
+from common import (
+    bench_initrd,
+    guest_argvs,
+    in_linux_capable_place,
+    run_until,
+    vmm_ratios,
+    write_result,
+)
 
 ROUNDS = 9
 IMAGE_MIB = 128
@@ -47,35 +52,12 @@ echo "blkbench write $w $t0 $t1 read $r $t2 $t3 end"
 RESULT = re.compile(rb"blkbench write (\d+) ([\d.]+) ([\d.]+) read (\d+) ([\d.]+) ([\d.]+) end")
 
 
-def _bench_initrd(path: Path) -> Path:
-    """The default guest (same /init, same busybox) with /blkbench.sh added."""
-    from kvmpy.initramfs import DEFAULT_INIT, busybox_initramfs
-
-    archive = busybox_initramfs(DEFAULT_INIT, files={"blkbench.sh": BENCH_SCRIPT.encode()})
-    path.write_bytes(archive.to_gzip())
-    return path
-
-
 def _run_guest(name: str, argv: list[str], timeout: float = 300) -> dict[str, float]:
     """Run one VMM until the guest prints its result line; MB/s each way."""
-    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT)
-    assert proc.stdout is not None
-    seen = b""
     started = time.monotonic()
-    try:
-        while not (found := RESULT.search(seen)):
-            left = started + timeout - time.monotonic()
-            # a guest that hangs prints nothing: wait for output with the deadline in hand
-            chunk = os.read(proc.stdout.fileno(), 4096) if left > 0 and select.select(
-                [proc.stdout], [], [], left)[0] else b""
-            if not chunk:
-                why = "exited" if proc.poll() is not None else f"no result in {timeout:.0f} s"
-                raise RuntimeError(f"{name}: {why}: {seen[-1500:]!r}")
-            seen += chunk
-    finally:
-        proc.kill()
-        proc.wait()
+    seen = run_until(name, argv, RESULT, timeout)
+    found = RESULT.search(seen)
+    assert found is not None
     w, t0, t1, r, t2, t3 = found.groups()
     if int(w) or int(r):
         raise RuntimeError(f"{name}: dd failed in the guest: {seen[-1500:]!r}")
@@ -91,48 +73,27 @@ def _run_guest(name: str, argv: list[str], timeout: float = 300) -> dict[str, fl
 def measure() -> dict[str, object]:
     """Inside a place where Linux boots: both VMMs on the same image, alternately."""
     from kvmpy import assets
-    from kvmpy.boot.linux import BASE_CMDLINE
 
     kernel = str(assets.kernel_path().bzimage)
     where = "/dev/shm" if os.path.isdir("/dev/shm") else None
     with tempfile.TemporaryDirectory(dir=where) as tmp:
-        initrd = str(_bench_initrd(Path(tmp) / "blkbench.cpio.gz"))
+        initrd = bench_initrd(Path(tmp) / "blkbench.cpio.gz", "blkbench.sh", BENCH_SCRIPT)
         image = Path(tmp) / "disk.img"
         with open(image, "wb") as f:
             f.truncate(IMAGE_MIB << 20)
-        append = "quiet -- sh /blkbench.sh"
-        kvmpy = [sys.executable, "-m", "kvmpy", "run", "--kernel", kernel, "--initrd", initrd,
-                 "--disk", str(image), "--rng", "off", "--cpus", "1", "--mem", "256M",
-                 "--append", append]
-        qemu = ["qemu-system-x86_64", "-M", "microvm", "-enable-kvm", "-cpu", "host",
-                "-m", "256", "-smp", "1", "-kernel", kernel, "-initrd", initrd,
-                "-append", f"console=ttyS0 {BASE_CMDLINE} {append}",
-                "-drive", f"id=vda,file={image},format=raw,if=none",
-                "-device", "virtio-blk-device,drive=vda",
-                "-nodefaults", "-no-user-config", "-no-reboot", "-display", "none",
-                "-serial", "stdio"]
+        kvmpy, qemu = guest_argvs(
+            kernel, initrd, "quiet -- sh /blkbench.sh", ["--disk", str(image)],
+            ["-drive", f"id=vda,file={image},format=raw,if=none",
+             "-device", "virtio-blk-device,drive=vda"])
         runs: dict[str, list[dict[str, float]]] = {"kvmpy": [], "qemu": []}
         for _ in range(ROUNDS):
             runs["qemu"].append(_run_guest("qemu", qemu))
             runs["kvmpy"].append(_run_guest("kvmpy", kvmpy))
 
-    def med(vmm: str, key: str) -> float:
-        values = sorted(r[key] for r in runs[vmm])
-        return values[len(values) // 2]
-
     out: dict[str, object] = {"rounds": ROUNDS, "bytes_per_transfer": IMAGE_MIB << 20,
                               "block": "1 MiB, O_DIRECT, guest page cache dropped"}
     for key in ("write_mb_s", "read_mb_s"):
-        k, q = med("kvmpy", key), med("qemu", key)
-        direction = key.removesuffix("_mb_s")
-        out[f"kvmpy_{key}"] = round(k, 2)
-        out[f"qemu_microvm_{key}"] = round(q, 2)
-        out[f"{direction}_ratio"] = round(k / q, 3)
-        # the fastest transfer of each: the lab's noise only ever takes speed away
-        best = max(r[key] for r in runs["kvmpy"]) / max(r[key] for r in runs["qemu"])
-        out[f"{direction}_ratio_of_maximums"] = round(best, 3)
-        out[f"kvmpy_{direction}_all"] = [round(r[key], 2) for r in runs["kvmpy"]]
-        out[f"qemu_{direction}_all"] = [round(r[key], 2) for r in runs["qemu"]]
+        out.update(vmm_ratios(runs, key, key.removesuffix("_mb_s")))
     out["target_ratio_min"] = 0.8
     return out
 

@@ -5,7 +5,8 @@ and `run_one(kind, data)`, which decodes the bytes into one guest's life with
 one device (blk, net, console or rng) behind the virtio-mmio transport, with
 guest memory in a bytearray (`GuestMemory.from_buffer`):
 
-    byte 0 (TestOneInput only)  device: blk, net, console, rng (unless KVMPY_FUZZ_DEVICE)
+    byte 0 (TestOneInput only)  device: blk, net, console, rng, 9p, vsock (unless
+                                KVMPY_FUZZ_DEVICE)
     byte 1                      bit 0 clear: run the driver init sequence first
     byte 2, 3                   features the driver drops (half the time none);
                                 queue size 2^(n % 9)
@@ -14,7 +15,8 @@ guest memory in a bytearray (`GuestMemory.from_buffer`):
                       its edge, far outside it, 2^64-1...), optional indirect table,
                       published in the available ring (sometimes with a wild idx) + notify
       valid request   a well-formed request for the device (blk I/O on a real file,
-                      net rx/tx, console in/out, rng) via the test driver
+                      net rx/tx, console in/out, rng, a 9p message on a small tree,
+                      a vsock packet or receive buffer) via the test driver
       register write  any offset/size/value in the 4 KiB window (mostly real registers)
       register read, ioeventfd-style notify, interrupt ack, reset and re-init,
       raw memory write over the rings or buffers, backend input (net frame, console
@@ -37,7 +39,8 @@ Run it (see mk/fuzz.mk):
     make fuzz FUZZ_RUNS=100000 [FUZZ_ENGINE=atheris]
 
 What it is not: a fuzzer of the KVM layer, or of the tap (net uses an
-in-memory backend).
+in-memory backend). The 9p server's messages have their own, deeper harness
+(fuzz/ninep_fuzz.py); here 9p is fuzzed through its transport.
 """
 
 from __future__ import annotations
@@ -68,10 +71,13 @@ from kvmpy.virtio.device import (  # noqa: E402
 )
 from kvmpy.virtio.driver import GuestDriver, MemoryBackend  # noqa: E402
 from kvmpy.virtio.net import Net  # noqa: E402
+from kvmpy.virtio.ninep import NinePDevice  # noqa: E402
 from kvmpy.virtio.queue import VIRTQ_DESC_F_INDIRECT  # noqa: E402
 from kvmpy.virtio.rng import Rng  # noqa: E402
+from kvmpy.virtio.vsock import HDR as VSOCK_HDR  # noqa: E402
+from kvmpy.virtio.vsock import Vsock  # noqa: E402
 
-DEVICES = ("blk", "net", "console", "rng")
+DEVICES = ("blk", "net", "console", "rng", "9p", "vsock")
 MEM_SIZE = 0x20000
 DISK_SECTORS = 64
 MAX_OPS = 64
@@ -100,22 +106,26 @@ class _ErrorTrap(logging.Handler):
 
 
 _trap = _ErrorTrap()
-_virtio_log = logging.getLogger("kvmpy.virtio")
+# the devices' loggers, and the 9p server's (its "bug" path logs at ERROR)
+_logs = [logging.getLogger("kvmpy.virtio"), logging.getLogger("kvmpy.ninep")]
 
 
 def install_trap() -> None:
-    """Catch ERROR logs from kvmpy.virtio; silence its (expected) guest-misbehaviour warnings."""
-    if _trap not in _virtio_log.handlers:
-        _virtio_log.addHandler(_trap)
-        _virtio_log.setLevel(logging.ERROR)
-        _virtio_log.propagate = False
+    """Catch ERROR logs from kvmpy.virtio and kvmpy.ninep; silence their (expected)
+    guest-misbehaviour warnings."""
+    for log in _logs:
+        if _trap not in log.handlers:
+            log.addHandler(_trap)
+            log.setLevel(logging.ERROR)
+            log.propagate = False
 
 
 def uninstall_trap() -> None:
-    """Give kvmpy.virtio logging back (for test suites that import this harness)."""
-    _virtio_log.removeHandler(_trap)
-    _virtio_log.setLevel(logging.NOTSET)
-    _virtio_log.propagate = True
+    """Give their logging back (for test suites that import this harness)."""
+    for log in _logs:
+        log.removeHandler(_trap)
+        log.setLevel(logging.NOTSET)
+        log.propagate = True
     _trap.records.clear()
 
 stats: Counter[str] = Counter()
@@ -154,6 +164,38 @@ class Input:
 
 
 _disk_path: str | None = None
+_share_path: str | None = None
+
+
+def _share() -> str:
+    """A small directory tree for 9p (and a place for vsock's socket), one per run."""
+    global _share_path
+    if _share_path is None:
+        folder = "/dev/shm" if os.path.isdir("/dev/shm") else None
+        _share_path = tempfile.mkdtemp(prefix="kvmpy-fuzz-9p-", dir=folder)
+        os.mkdir(os.path.join(_share_path, "sub"))
+        with open(os.path.join(_share_path, "file"), "wb") as f:
+            f.write(bytes(range(256)))
+    return _share_path
+
+
+_NINEP = (  # well-formed messages: version, attach, walk, open, read, getattr, clunk
+    struct.pack("<IBHIH8s", 21, 100, 0xFFFF, 8192, 8, b"9P2000.L"),
+    struct.pack("<IBHIIHHI", 23, 104, 1, 1, 0xFFFFFFFF, 0, 0, 0),
+    struct.pack("<IBHIIHH4s", 23, 110, 2, 1, 2, 1, 4, b"file"),
+    struct.pack("<IBHII", 15, 12, 3, 2, 0),
+    struct.pack("<IBHIQI", 23, 116, 4, 2, 0, 100),
+    struct.pack("<IBHIQ", 19, 24, 5, 1, 0x7FF),
+    struct.pack("<IBHI", 11, 120, 6, 2),
+)
+
+
+def _ninep_message(inp: Input) -> bytes:
+    msg = inp.choice(tuple(range(len(_NINEP))))
+    data = bytearray(_NINEP[msg])
+    if inp.u8() >= 200:  # a byte changed: a lying size, a wild fid, a long string...
+        data[inp.u8() % len(data)] = inp.u8()
+    return bytes(data)
 
 
 def _disk() -> str:
@@ -194,6 +236,10 @@ def make_env(kind: str, read_only: bool) -> Env:
         device = Net(backend, "52:54:00:00:00:01", mrg_rxbuf=not read_only)
     elif kind == "console":
         device = Console(lambda data: None)
+    elif kind == "9p":
+        device = NinePDevice(_share(), "fuzz", read_only=read_only)
+    elif kind == "vsock":
+        device = Vsock(3, os.path.join(_share(), "vsock.sock"))
     else:
         device = Rng()
     mem = GuestMemory.from_buffer(bytearray(MEM_SIZE))
@@ -306,6 +352,18 @@ def op_valid_request(env: Env, inp: Input) -> None:
     elif env.kind == "console":
         qi = inp.u8() % 2
         out, ins = ([], [1 + inp.u8()]) if qi == 0 else ([inp.take(1 + inp.u8() % 64)], [])
+    elif env.kind == "9p":
+        qi, out, ins = 0, [_ninep_message(inp)], [inp.choice((8192, 8192, 11, 4, 64))]
+    elif env.kind == "vsock":
+        qi = inp.u8() % 3
+        if qi == 1:  # a packet from the guest: mostly to the host, ops 0..8
+            out = [VSOCK_HDR.pack(3 if inp.u8() < 230 else inp.u8(), 2, inp.u8(),
+                                  inp.u8() % 4, inp.u8(), 1 if inp.u8() < 230 else 2,
+                                  inp.u8() % 9, inp.u8() % 4, inp.u32(), inp.u32())]
+            out.append(inp.take(inp.u8()))
+            ins = []
+        else:
+            out, ins = [], [inp.choice((4096, 44, 4, 1))]
     else:
         qi, out, ins = 0, [], [1 + inp.u8()]
     if qi >= len(d.queues) or len(d.queues[qi].free) < len(out) + len(ins):
@@ -321,7 +379,7 @@ def op_valid_request(env: Env, inp: Input) -> None:
         if not env.tainted and length > sum(len(b) for b in bufs):
             raise Failure(f"used length {length} larger than the writable buffers")
     # A well-formed request to a live device that consumes it at once must come back.
-    consumes_now = env.kind in ("blk", "rng") or qi == 1
+    consumes_now = env.kind in ("blk", "rng", "9p") or qi == 1
     if (consumes_now and not env.tainted and env.device.active
             and head not in [h for h, _, _ in used]):
         raise Failure(f"request {head} on queue {qi} was not completed")

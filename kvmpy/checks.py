@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -25,7 +26,15 @@ from kvmpy.cpu.modes import Mode
 from kvmpy.errors import ConfigError
 
 if TYPE_CHECKING:
-    from kvmpy.machine import DiskConfig, FlatConfig, LinuxConfig, MachineConfig, NetConfig
+    from kvmpy.machine import (
+        DiskConfig,
+        FlatConfig,
+        LinuxConfig,
+        MachineConfig,
+        NetConfig,
+        ShareConfig,
+        VsockConfig,
+    )
 
 MAX_CPUS = 32
 # A flat guest's image sits at FLAT_LOAD and its stack below FLAT_LIMIT; the GDT and
@@ -59,12 +68,18 @@ def check_config(config: MachineConfig, *, booting: bool = True) -> None:
         check_disk(disk)
     for net in config.nets:
         check_net(net)
-    devices = len(config.disks) + len(config.nets) + config.rng + config.virtio_console
+    check_shares(config.shares)
+    if config.vsock is not None:
+        check_vsock(config.vsock)
+    devices = (len(config.disks) + len(config.nets) + len(config.shares)
+               + len(config.channels) + config.rng + config.virtio_console
+               + (config.vsock is not None))
     if devices > len(layout.VIRTIO_IRQS):
         raise ConfigError(
             f"{devices} virtio devices asked for ({len(config.disks)} --disk, "
-            f"{len(config.nets)} --net, rng and console count one each): kvmpy has "
-            f"{len(layout.VIRTIO_IRQS)} virtio-mmio slots, one free IO-APIC pin each")
+            f"{len(config.nets)} --net, {len(config.shares)} --share, rng, vsock and "
+            f"console count one each): kvmpy has {len(layout.VIRTIO_IRQS)} virtio-mmio "
+            "slots, one free IO-APIC pin each")
 
 
 def host_ram() -> int:
@@ -164,6 +179,32 @@ def check_net(net: NetConfig) -> None:
                           f"{IFNAMSIZ - 1} bytes, no '/' or spaces)")
     if net.mac is not None:
         parse_mac(net.mac)
+
+
+def check_shares(shares: Sequence[ShareConfig]) -> None:
+    """Each share a directory kvmpy can read, with a tag a mount command can carry, once."""
+    from kvmpy.virtio.ninep import check_tag
+
+    tags = [s.tag for s in shares]
+    for share in shares:
+        check_tag(share.tag)
+        if tags.count(share.tag) > 1:
+            raise ConfigError(f"--share: tag {share.tag!r} given twice")
+        if not os.path.isdir(share.path):
+            raise ConfigError(f"--share {share.path}: not a directory")
+        if not os.access(share.path, os.R_OK | os.X_OK):
+            raise ConfigError(f"--share {share.path}: not readable")
+
+
+def check_vsock(vsock: VsockConfig) -> None:
+    """A CID the guest may have and a socket path kvmpy can listen on."""
+    from kvmpy.virtio.vsock import check_cid
+    from kvmpy.virtio.vsock_uds import check_uds_path
+
+    check_cid(vsock.cid)
+    check_uds_path(str(vsock.uds))
+    if vsock.uds.exists() and not stat.S_ISSOCK(vsock.uds.lstat().st_mode):
+        raise ConfigError(f"--vsock uds={vsock.uds}: exists and is not a socket")
 
 
 def regular_file(path: Path, what: str) -> int:

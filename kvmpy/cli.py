@@ -1,4 +1,5 @@
-"""`kvmpy` on the command line: `run` a guest, or run a command in the `lab`.
+"""`kvmpy` on the command line: `run` a guest, run a command in a `sandbox` VM over the
+host's files, or run a command in the `lab`.
 
 Every failure the user can cause (bad option, missing file, no /dev/kvm)
 ends as one line on stderr and a non-zero status; a guest that dies ends with
@@ -88,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="a raw disk image as virtio-blk (repeatable; ,ro for read-only)")
     run.add_argument("--net", action="append", default=[], metavar="tap=NAME[,mac=MAC]",
                      help="a virtio-net device on a tap interface (repeatable)")
+    add_share_arguments(run)
     run.add_argument("--rng", choices=["on", "off"], default=None,
                      help="virtio-rng fed by the host's getrandom() (default: on for the "
                           "default guest)")
@@ -115,6 +117,20 @@ def build_parser() -> argparse.ArgumentParser:
                           "at the --disk given for it or in a new temporary directory")
     run.set_defaults(func=cmd_run)
 
+    sandbox = sub.add_parser("sandbox", help="run a command in a VM over the host's files "
+                             "(its root read-only under a throw-away overlay)")
+    add_share_arguments(sandbox, tag_optional=True)
+    sandbox.add_argument("--mem", default="512M",
+                         help="guest RAM, which also bounds what the command can write "
+                              "(default 512M)")
+    sandbox.add_argument("--cpus", type=int, default=1,
+                         help=f"vCPUs (default 1, at most {MAX_CPUS})")
+    sandbox.add_argument("-v", "--sandbox-verbose", dest="sandbox_verbose",
+                         action="store_true", help="show the guest kernel's console on stderr")
+    sandbox.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- COMMAND",
+                         help="the command to run, after --")
+    sandbox.set_defaults(func=cmd_sandbox)
+
     try:
         from kvmpy.lab import command as lab_command
     except ImportError:  # the lab package is optional for flat guests
@@ -122,6 +138,19 @@ def build_parser() -> argparse.ArgumentParser:
     else:
         lab_command.register(sub)
     return parser
+
+
+def add_share_arguments(parser: argparse.ArgumentParser, *, tag_optional: bool = False) -> None:
+    """--share and --vsock, for `run` and `sandbox`."""
+    tag = "[,tag=TAG]" if tag_optional else ",tag=TAG"
+    where = "at its own path" if tag_optional else "at /mnt/TAG in kvmpy's default guest"
+    parser.add_argument("--share", action="append", default=[], metavar=f"DIR{tag}[,ro]",
+                        help=f"share a host directory over virtio-9p (repeatable; ,ro: every "
+                             f"write fails with EROFS), mounted {where} (docs/9p.md)")
+    parser.add_argument("--vsock", metavar="CID,uds=PATH",
+                        help="virtio-vsock with guest CID; host programs connect to the unix "
+                             "socket PATH and send `CONNECT <port>`, the guest's connections "
+                             "to host port P reach PATH_P (docs/vsock.md)")
 
 
 # Options that only one kind of guest takes: giving them to the other is an error, not
@@ -170,7 +199,8 @@ def machine_config(args: argparse.Namespace) -> MachineConfig:
     """The MachineConfig the options describe; `Machine` checks it before building."""
     from kvmpy import options
 
-    devices = {"disks": args.disk, "nets": args.net, "console": args.console or "serial"}
+    devices = {"disks": args.disk, "nets": args.net, "console": args.console or "serial",
+               "shares": args.share, "vsock": args.vsock}
     cpus = 1 if args.cpus is None else args.cpus
     if args.flat is not None:
         wrong = _given(args, LINUX_ONLY)
@@ -263,6 +293,55 @@ def cmd_run(args: argparse.Namespace) -> int:
         if config.trace is not None and config.trace.out is not sys.stderr:
             config.trace.out.close()
     return stop.exit_status
+
+
+def cmd_sandbox(args: argparse.Namespace) -> int:
+    """`kvmpy sandbox`: every option checked before anything boots (kvmpy.sandbox)."""
+    from kvmpy import checks, options, sandbox
+
+    argv = list(args.argv)
+    if argv and argv[0] == "--":
+        argv = argv[1:]
+    if not argv:
+        raise ConfigError("give a command after --, e.g. `kvmpy sandbox -- uname -a`")
+    shares = [options.share_config(s, default_tag=f"kvmpyshare{i}")
+              for i, s in enumerate(args.share)]
+    vsock = options.vsock_config(args.vsock) if args.vsock else None
+    mem = options.size(args.mem)
+    checks.check_mem(mem, linux=True)
+    if not 1 <= args.cpus <= MAX_CPUS:
+        raise ConfigError(f"--cpus {args.cpus}: kvmpy supports 1 to {MAX_CPUS} vCPUs")
+    checks.check_shares(shares)
+    if vsock is not None:
+        checks.check_vsock(vsock)
+    sandbox.check(argv, shares)
+    from kvmpy.kvm.detect import can_boot_linux
+
+    if not can_boot_linux():
+        return _sandbox_in_lab(args, argv, rw=[str(s.path) for s in shares if not s.read_only])
+    return sandbox.run_sandbox(argv, shares=shares, vsock=vsock, mem=mem, cpus=args.cpus,
+                               verbose=args.sandbox_verbose)
+
+
+def _sandbox_in_lab(args: argparse.Namespace, argv: list[str], rw: list[str]) -> int:
+    """The same `kvmpy sandbox` inside the lab, where /dev/kvm boots Linux; the read-write
+    shares are the lab's --rw directories, so what the command writes there stays."""
+    from kvmpy.lab import LabError, run_in_lab
+
+    inner = [sys.executable, "-m", "kvmpy", "sandbox", "--mem", args.mem,
+             "--cpus", str(args.cpus)]
+    for text in args.share:
+        inner += ["--share", text]
+    if args.vsock:
+        inner += ["--vsock", args.vsock]
+    if args.sandbox_verbose:
+        inner.append("-v")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        return run_in_lab([*inner, "--", *argv], rw=rw)
+    except LabError as e:
+        raise LabError(f"the lab (this /dev/kvm cannot boot Linux): {e}") from None
 
 
 def _seeing_inside(args: argparse.Namespace) -> tuple[Tracer | None, GdbConfig | None]:

@@ -329,6 +329,29 @@ def busybox_initramfs(init: str, busybox: Path = BUSYBOX, modules: Iterable[Path
 # The marker tests look for: proves the kernel unpacked the initramfs and ran /init.
 INIT_MARKER = "kvmpy-guest: init running"
 
+# 9p mount options for kvmpy's shares: msize=512000 is the most Linux's virtio transport
+# takes (PAGE_SIZE * (VIRTQUEUE_NUM - 3)), so a 1 MiB read is two requests, not eight.
+NINEP_MOUNT_OPTIONS = "trans=virtio,version=9p2000.L,msize=512000"
+
+# Mount each `kvmpy.share=TAG[,OPTIONS]` of the kernel command line (kvmpy adds one per
+# --share, with ",ro" for a read-only one) at /mnt/TAG; extra options go to mount -o.
+MOUNT_SHARES_SH = f"""\
+set -f
+for arg in $(cat /proc/cmdline); do
+  case "$arg" in
+    --) break ;;
+    kvmpy.share=*)
+      spec=${{arg#kvmpy.share=}}; tag=${{spec%%,*}}; opts=
+      [ "$spec" != "$tag" ] && opts=,${{spec#*,}}
+      mkdir -p "/mnt/$tag"
+      mount -t 9p -o "{NINEP_MOUNT_OPTIONS}$opts" "$tag" "/mnt/$tag" \\
+        || echo "kvmpy-guest: cannot mount share $tag"
+      ;;
+  esac
+done
+set +f
+"""
+
 # kvmpy's default guest. Kernel arguments after `--` reach /init as "$@": with them it
 # runs that one command (non-interactive tests), without them a shell on the console.
 # The kernel groups words in double quotes only (lib/cmdline.c next_arg):
@@ -339,7 +362,7 @@ mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev 2>/dev/null
 mount -t tmpfs tmpfs /tmp
-echo "{INIT_MARKER}"
+{MOUNT_SHARES_SH}echo "{INIT_MARKER}"
 if [ $# -gt 0 ]; then
   "$@"
   echo "kvmpy-guest: exit status $?"

@@ -139,6 +139,21 @@ class NetConfig(NamedTuple):
     mac: str | None = None
 
 
+class ShareConfig(NamedTuple):
+    """A host directory over virtio-9p; the default guest mounts it at /mnt/TAG."""
+
+    path: Path
+    tag: str
+    read_only: bool = False
+
+
+class VsockConfig(NamedTuple):
+    """virtio-vsock: the guest's CID, and the unix socket its host side listens on."""
+
+    cid: int
+    uds: Path
+
+
 # The configurations are NamedTuples, not dataclasses: a record's class is built
 # without generating and compiling code, which is most of `dataclasses`' cost at
 # start-up (tens of milliseconds each under emulation, see README "Boot time").
@@ -151,6 +166,11 @@ class MachineConfig(NamedTuple):
     nets: Sequence[NetConfig] = ()
     rng: bool = False
     virtio_console: bool = False  # hvc0 as the console instead of ttyS0
+    shares: Sequence[ShareConfig] = ()
+    vsock: VsockConfig | None = None
+    # more virtio-console devices, after the console's (hvc1... or from hvc0): each passes
+    # what the guest writes to it to its callable (kvmpy sandbox's stdout, stderr, status)
+    channels: Sequence[Callable[[bytes], object]] = ()
     stats: bool = False
     trace: Tracer | None = None  # a line per VM exit (kvmpy.trace.tracer)
     gdb: GdbConfig | None = None  # vCPUs start stopped, waiting for gdb (kvmpy.gdb.stub)
@@ -337,6 +357,10 @@ class Machine:
 
             self.hvc = Console(output=self._console_write)
             devices.append(self.hvc)
+        if config.channels:
+            from kvmpy.virtio.console import Console
+
+            devices += [Console(output=output) for output in config.channels]
         if config.disks:
             from kvmpy.virtio.blk import Block
 
@@ -346,6 +370,15 @@ class Machine:
             from kvmpy.virtio.tap import Tap
 
             devices += [Net(Tap(n.tap), n.mac) for n in config.nets]
+        if config.shares:
+            from kvmpy.virtio.ninep import NinePDevice
+
+            devices += [NinePDevice(str(s.path), s.tag, read_only=s.read_only)
+                        for s in config.shares]
+        if config.vsock is not None:
+            from kvmpy.virtio.vsock import Vsock
+
+            devices.append(Vsock(config.vsock.cid, str(config.vsock.uds)))
         if config.rng:
             from kvmpy.virtio.rng import Rng
 
@@ -385,8 +418,11 @@ class Machine:
             acpi = (tables.rsdp_gpa, tables.start, tables.end)
         # no tables to find: the kernel should not search for them and complain
         no_acpi = "" if linux.acpi else "acpi=off"
+        # the shares, for an init that mounts them (kvmpy's default one, at /mnt/TAG)
+        shares = [f"kvmpy.share={s.tag}{',ro' if s.read_only else ''}"
+                  for s in self.config.shares]
         # kernel parameters first; the user's may end with `-- init arguments`
-        cmdline = " ".join(filter(None, [BASE_CMDLINE, *devices, console, no_acpi,
+        cmdline = " ".join(filter(None, [BASE_CMDLINE, *devices, console, no_acpi, *shares,
                                          linux.append]))
         # a bzImage whose kernel an earlier run unpacked on the host boots from that
         # copy, without its decompressor (imported here: hashlib is start-up a flat

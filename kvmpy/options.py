@@ -3,9 +3,9 @@
 What it is: the few decisions both faces of kvmpy make the same way — which kernel and
 initrd when none is named (kvmpy's minimal kernel and busybox initramfs), ACPI or an
 MP table (`kvmpy.acpi.choice`), an initramfs that loads a distribution kernel's
-modules, the `PATH[,ro]` and `tap=NAME[,mac=MAC]` device syntax, sizes given as
-"256M" — so `kvmpy run --kernel K --disk D,ro` and `Guest(kernel=K, disks=["D,ro"])`
-describe the same machine.
+modules, the `PATH[,ro]`, `tap=NAME[,mac=MAC]`, `DIR,tag=TAG[,ro]` and
+`CID,uds=PATH` device syntax, sizes given as "256M" — so `kvmpy run --kernel K
+--disk D,ro` and `Guest(kernel=K, disks=["D,ro"])` describe the same machine.
 
 What it is not: the checks (`kvmpy.checks`, run by `Machine` before it builds
 anything) or the machine itself. It builds nothing but configuration records.
@@ -22,7 +22,15 @@ from kvmpy.checks import regular_file
 from kvmpy.cpu.modes import Mode
 from kvmpy.errors import ConfigError
 from kvmpy.log import get_logger
-from kvmpy.machine import DiskConfig, FlatConfig, LinuxConfig, MachineConfig, NetConfig
+from kvmpy.machine import (
+    DiskConfig,
+    FlatConfig,
+    LinuxConfig,
+    MachineConfig,
+    NetConfig,
+    ShareConfig,
+    VsockConfig,
+)
 from kvmpy.units import parse_size
 
 DEFAULT_LINUX_MEM = "256M"
@@ -67,6 +75,39 @@ def net_config(spec: str | NetConfig) -> NetConfig:
     return NetConfig(tap=fields.get("tap", ""), mac=fields.get("mac"))
 
 
+def share_config(spec: str | ShareConfig, default_tag: str | None = None) -> ShareConfig:
+    """`DIR,tag=TAG[,ro]` (or a ShareConfig, as it is); the tag may be left out when
+    `default_tag` is given (kvmpy sandbox mounts shares at their own paths)."""
+    if isinstance(spec, ShareConfig):
+        return spec
+    path, *opts = spec.split(",")
+    tag, read_only = default_tag, False
+    for opt in opts:
+        key, eq, value = opt.partition("=")
+        if key == "tag" and eq and value:
+            tag = value
+        elif opt == "ro":
+            read_only = True
+        else:
+            raise ConfigError(f"--share {spec}: unknown option {opt!r} (use DIR,tag=TAG[,ro])")
+    if tag is None:
+        raise ConfigError(f"--share {spec}: give the tag the guest mounts it by (,tag=TAG)")
+    if not path:
+        raise ConfigError(f"--share {spec}: no directory")
+    return ShareConfig(Path(path).absolute(), tag, read_only)
+
+
+def vsock_config(spec: str | VsockConfig) -> VsockConfig:
+    """`CID,uds=PATH` (or a VsockConfig, as it is)."""
+    if isinstance(spec, VsockConfig):
+        return spec
+    cid, *opts = spec.split(",")
+    fields = dict(opt.partition("=")[::2] for opt in opts)
+    if set(fields) != {"uds"} or not fields["uds"] or not cid.isdigit():
+        raise ConfigError(f"--vsock {spec}: use CID,uds=PATH (e.g. 3,uds=/tmp/vm.sock)")
+    return VsockConfig(int(cid), Path(fields["uds"]).absolute())
+
+
 def linux_config(kernel: str | Path | None = None, initrd: str | Path | None = None, *,
                  append: str = "", acpi: str = "auto", modules: str | Path | None = None,
                  unpack: bool = True, prefer_pvh: bool = True) -> LinuxConfig:
@@ -107,6 +148,8 @@ def linux_machine(kernel: str | Path | None = None, initrd: str | Path | None = 
                   append: str = "", cpus: int = 1, mem: int | str = DEFAULT_LINUX_MEM,
                   disks: Sequence[str | Path | DiskConfig] = (),
                   nets: Sequence[str | NetConfig] = (), rng: bool | None = None,
+                  shares: Sequence[str | ShareConfig] = (),
+                  vsock: str | VsockConfig | None = None,
                   console: str = "serial", acpi: str = "auto",
                   modules: str | Path | None = None, unpack: bool = True,
                   prefer_pvh: bool = True) -> MachineConfig:
@@ -119,6 +162,8 @@ def linux_machine(kernel: str | Path | None = None, initrd: str | Path | None = 
                          disks=[disk_config(d) for d in disks],
                          nets=[net_config(n) for n in nets],
                          rng=(kernel is None or modules is not None) if rng is None else rng,
+                         shares=[share_config(s) for s in shares],
+                         vsock=vsock_config(vsock) if vsock is not None else None,
                          virtio_console=virtio_console(console))
 
 
@@ -127,6 +172,8 @@ def flat_machine(path: str | Path, *, mode: str | Mode = Mode.REAL,
                  mem: int | str = DEFAULT_FLAT_MEM,
                  disks: Sequence[str | Path | DiskConfig] = (),
                  nets: Sequence[str | NetConfig] = (), rng: bool = False,
+                 shares: Sequence[str | ShareConfig] = (),
+                 vsock: str | VsockConfig | None = None,
                  console: str = "serial", irqchip: bool = False) -> MachineConfig:
     """A raw binary guest, as `kvmpy run --flat` describes one (virtio devices allowed:
     a flat guest can drive them itself, as the tutorial's virtqueue chapter does)."""
@@ -139,4 +186,6 @@ def flat_machine(path: str | Path, *, mode: str | Mode = Mode.REAL,
     return MachineConfig(mem_size=size(mem), cpus=cpus, flat=flat,
                          disks=[disk_config(d) for d in disks],
                          nets=[net_config(n) for n in nets], rng=rng,
+                         shares=[share_config(s) for s in shares],
+                         vsock=vsock_config(vsock) if vsock is not None else None,
                          virtio_console=virtio_console(console))

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, NamedTuple
 
+from kvmpy.hostcommand import command_script
 from kvmpy.lab.errors import LabError
 from kvmpy.lab.host import DEFAULT_CPUS, DEFAULT_MEM, QEMU, lab_status
 from kvmpy.lab.image import (
@@ -74,23 +75,6 @@ ZERO_FREED_PAGES = "init_on_free=1"
 MONITOR_SOCKET = "monitor.sock"
 
 Output = int | BinaryIO
-
-
-def command_script(argv: Sequence[str], cwd: str, env: Mapping[str, str]) -> str:
-    """The sh script that enters `cwd` and execs `argv` with exactly `env`.
-
-    `env -i -- NAME=VALUE... argv` rather than `export`, so that names which are not shell
-    identifiers (even ones starting with "-") reach the command too. env would read an
-    argv[0] containing "=" as one more variable, so such a command is refused up front.
-    """
-    if not argv:
-        raise LabError("no command given to run in the lab")
-    if "=" in argv[0]:
-        raise LabError(f"cannot run a command whose name contains '=': {argv[0]!r}")
-    assigns = " ".join(shlex.quote(f"{k}={v}") for k, v in env.items() if "=" not in k and k)
-    failed = shlex.quote(f"kvmpy lab: cannot enter {cwd}")
-    return (f"cd {shlex.quote(cwd)} || {{ echo {failed} >&2; exit 125; }}\n"
-            f"exec env -i -- {assigns} {' '.join(shlex.quote(a) for a in argv)}\n")
 
 
 def qemu_argv(image: LabImage, job: Path, rw: Sequence[Path], mem: int, cpus: int,

@@ -30,6 +30,10 @@ MAX_DEVICES = 64
 
 
 def describe(config: MachineConfig) -> dict[str, Any]:
+    if config.shares or config.vsock is not None or config.channels:
+        # a 9p fid or a vsock connection is a host fd, which no snapshot can hold
+        raise SnapshotError("snapshots of a machine with --share, --vsock or a sandbox's "
+                            "channels are not supported")
     flat, linux = config.flat, config.linux
     return {
         "mem_size": config.mem_size,

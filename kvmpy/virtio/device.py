@@ -37,6 +37,8 @@ VIRTIO_ID_NET = 1
 VIRTIO_ID_BLOCK = 2
 VIRTIO_ID_CONSOLE = 3
 VIRTIO_ID_ENTROPY = 4
+VIRTIO_ID_9P = 9
+VIRTIO_ID_VSOCK = 19
 
 # §2.1 device status field
 VIRTIO_STATUS_ACKNOWLEDGE = 1
@@ -73,6 +75,20 @@ class DeviceHost(Protocol):
     def run_guarded(self, fn: Callable[[], None]) -> None: ...
 
 
+class FdWatcher(Protocol):
+    """Watching host fds that come and go while the device runs (vsock's sockets).
+
+    `callback(revents)` runs on the I/O thread whenever `fd` has one of `events`
+    (select.EPOLLIN, select.EPOLLOUT); `rewatch` changes the events (0: none).
+    """
+
+    def watch(self, fd: int, callback: Callable[[int], None], events: int) -> None: ...
+
+    def rewatch(self, fd: int, events: int) -> None: ...
+
+    def unwatch(self, fd: int) -> None: ...
+
+
 class LogOnce:
     """Log each distinct guest complaint once per device: guests can repeat them forever."""
 
@@ -104,6 +120,8 @@ class VirtioDevice:
         # Set by IoThread.add_device(): stop/restart watching a backend fd.
         self.pause_reader: Callable[[int], None] = lambda fd: None
         self.resume_reader: Callable[[int], None] = lambda fd: None
+        # Set by IoThread.add_device() too, for devices whose fds come and go.
+        self.fd_watcher: FdWatcher | None = None
 
     # -- what the transport asks ----------------------------------------------------
     def device_features(self) -> int:

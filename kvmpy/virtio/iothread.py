@@ -77,6 +77,7 @@ class IoThread:
         self.name = name
         self._epoll = select.epoll()
         self._callbacks: dict[int, Callable[[], None]] = {}
+        self._watchers: dict[int, Callable[[int], None]] = {}  # callback(revents)
         self._wake = new_eventfd()
         self._epoll.register(self._wake, select.EPOLLIN)
         self._stopping = False
@@ -104,10 +105,29 @@ class IoThread:
         if fd in self._callbacks:
             self._epoll.modify(fd, select.EPOLLIN)
 
+    def watch(self, fd: int, callback: Callable[[int], None], events: int) -> None:
+        """Call `callback(revents)` whenever `fd` has one of `events` (the FdWatcher
+        a device with changing fds, such as vsock's sockets, is given)."""
+        self._watchers[fd] = callback
+        self._epoll.register(fd, events)
+
+    def rewatch(self, fd: int, events: int) -> None:
+        if fd in self._watchers:
+            self._epoll.modify(fd, events)
+
+    def unwatch(self, fd: int) -> None:
+        """Stop watching `fd`; call it before closing the fd."""
+        if self._watchers.pop(fd, None) is not None:
+            try:
+                self._epoll.unregister(fd)
+            except (OSError, ValueError):
+                pass
+
     def add_device(self, device: VirtioDevice) -> None:
         """Watch the device's backend fds and let it pause/resume them."""
         device.pause_reader = self.pause
         device.resume_reader = self.resume
+        device.fd_watcher = self
         for fd, callback in device.io_sources():
             self.add_reader(fd, callback)
 
@@ -151,15 +171,19 @@ class IoThread:
         The loop body, callable directly so tests can drive it without a thread.
         """
         ran = 0
-        for fd, _events in self._epoll.poll(timeout):
+        for fd, events in self._epoll.poll(timeout):
             if fd == self._wake:
                 drain_eventfd(fd)
                 continue
             callback = self._callbacks.get(fd)
-            if callback is None:
+            watcher = self._watchers.get(fd) if callback is None else None
+            if callback is None and watcher is None:
                 continue
             try:
-                callback()
+                if callback is not None:
+                    callback()
+                elif watcher is not None:
+                    watcher(events)
             except Exception:  # one bad callback must not stop every device
                 if fd not in self._failed:
                     self._failed.add(fd)

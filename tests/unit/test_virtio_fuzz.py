@@ -39,6 +39,10 @@ SEEDS = {
     "net": VALID + bytes([2, 0, 0, 0, 100, 2, 0, 1, 20] + [1] * 21 + [10, 0, 200]),
     "console": VALID + bytes([2, 0, 0, 9, 2, 0, 1, 5, 65, 66, 67, 68, 69, 10, 0, 3, 72, 73, 74]),
     "rng": VALID + bytes([2, 0, 10, 2, 1, 200, 0, 0, 0, 0, 1, 3]),
+    # Tversion, Tattach, Twalk: requests 0, 1, 2 of the harness's 9p messages
+    "9p": VALID + bytes([2, 0, 0, 0, 0, 2, 0, 1, 0, 0, 2, 0, 2, 0, 0]),
+    # a REQUEST from guest port 5 to host port 1 (nothing listens: RST), then rx buffers
+    "vsock": VALID + bytes([2, 0, 1, 0, 5, 1, 0, 0, 1, 0] + [0] * 9 + [2, 0, 0, 0]),
 }
 
 
