@@ -14,7 +14,6 @@ from kvmpy.bus import Bus, NullIrq
 from kvmpy.memory import GuestMemory
 from kvmpy.virtio import mmio
 from kvmpy.virtio.device import (
-    LogOnce,
     VIRTIO_F_EVENT_IDX,
     VIRTIO_F_VERSION_1,
     VIRTIO_ID_ENTROPY,
@@ -24,6 +23,7 @@ from kvmpy.virtio.device import (
     VIRTIO_STATUS_DRIVER_OK,
     VIRTIO_STATUS_FAILED,
     VIRTIO_STATUS_FEATURES_OK,
+    LogOnce,
 )
 from kvmpy.virtio.driver import BusWindow, GuestDriver
 from kvmpy.virtio.iothread import EventFdIrq
