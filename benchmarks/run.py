@@ -14,6 +14,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import exit_latency  # noqa: E402
+import fast_reset  # noqa: E402
 import flat_startup  # noqa: E402
 import linux_boot  # noqa: E402
 import snapshot_restore  # noqa: E402
@@ -27,6 +28,7 @@ BENCHMARKS = {
     "linux_boot_to_init": linux_boot.main,
     "virtio_blk_throughput": virtio_blk.main,
     "linux_snapshot_restore": snapshot_restore.main,
+    "flat_fast_reset": fast_reset.main,
 }
 
 

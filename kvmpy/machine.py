@@ -444,13 +444,19 @@ class Machine:
         return self.config._replace(nets=nets)
 
     def restore_state(self, sections: dict[str, Any]) -> None:
-        """Give every part the state `capture_state` gave, in the order that keeps each
-        consistent: devices first (their interrupt lines driven to their saved levels),
-        then the irqchip and PIT over whatever those lines did, then the vCPUs (LAPICs
-        last of all interrupt state); kvmclock just before the vCPUs run (`_before_run`).
-        vCPUs must be out of KVM_RUN with nothing pending (`settle`)."""
+        """Give every part the state `capture_state` gave (see `restorer`)."""
+        self.restorer(sections)()
+
+    def restorer(self, sections: dict[str, Any]) -> Callable[[], None]:
+        """Check `sections` (as `capture_state` gives them) against this machine; returns
+        what gives every part its state, as often as asked (kvmpy.state.reset), in the
+        order that keeps each consistent: devices first (their interrupt lines driven to
+        their saved levels), then the irqchip and PIT over whatever those lines did,
+        then the vCPUs (LAPICs last of all interrupt state); kvmclock just before the
+        vCPUs run (`_before_run`). vCPUs must be out of KVM_RUN with nothing pending
+        (`settle`)."""
         from kvmpy.errors import SnapshotError
-        from kvmpy.kvm.state import restore_vcpu, restore_vm
+        from kvmpy.kvm.state import prepare_vcpu, restore_vm
 
         owners = self.stateful()
         expected = {"vm", *owners, *(f"vcpu{v.index}" for v in self.vcpus)}
@@ -459,11 +465,19 @@ class Machine:
             raise SnapshotError("snapshot state: " + (
                 f"{extra[0]} is not part of this machine" if extra else
                 f"no state for {missing[0]}") + " (another device set)")
-        for name, owner in owners.items():
-            owner.restore(sections[name], name)
-        self._clock = restore_vm(self.vm, sections["vm"])
-        for vcpu in self.vcpus:
-            restore_vcpu(vcpu, sections[f"vcpu{vcpu.index}"], f"vcpu{vcpu.index}")
+        vcpus: list[Callable[[], None]] = []
+
+        def restore() -> None:
+            for name, owner in owners.items():
+                owner.restore(sections[name], name)
+            self._clock = restore_vm(self.vm, sections["vm"])
+            if not vcpus:  # checked on the first restore, after the devices and VM were
+                vcpus.extend(prepare_vcpu(v, sections[f"vcpu{v.index}"], f"vcpu{v.index}")
+                             for v in self.vcpus)
+            for put in vcpus:
+                put()
+
+        return restore
 
     def settle(self) -> None:
         """Let KVM finish what a vCPU's last exit left pending (the data of an MMIO or
