@@ -73,7 +73,7 @@ from kvmpy.virtio.device import (  # noqa: E402
     VIRTIO_STATUS_FEATURES_OK,
     VirtioDevice,
 )
-from kvmpy.virtio.driver import GuestDriver, MemoryBackend  # noqa: E402
+from kvmpy.virtio.driver import DriverQueue, GuestDriver, MemoryBackend  # noqa: E402
 from kvmpy.virtio.net import Net  # noqa: E402
 from kvmpy.virtio.queue import (  # noqa: E402
     VIRTQ_DESC_F_INDIRECT,
@@ -283,13 +283,27 @@ def _descriptor(inp: Input, size: int) -> bytes:
     return _DESC.pack(_addr(inp) % 2**64, _length(inp) % 2**32, _flags(inp), _next(inp, size))
 
 
-def op_hostile_chain(env: Env, inp: Input) -> None:
-    d = env.driver
-    if not d.queues:
-        return
+def _hostile_head(env: Env, inp: Input) -> tuple[DriverQueue, int] | None:
+    """A queue the driver set up and a descriptor index in it, chosen by the input."""
+    if not env.driver.queues:
+        return None
     env.tainted = True
-    q = d.queues[inp.u8() % len(d.queues)]
-    head = inp.u8() % q.size
+    q = env.driver.queues[inp.u8() % len(env.driver.queues)]
+    return q, inp.u8() % q.size
+
+
+def _publish(env: Env, q: DriverQueue, head: int, step: int) -> None:
+    """`head` in the available ring, avail.idx moved on by `step`, and a notify."""
+    env.mem.write_u16(q.avail + 4 + 2 * (q.avail_idx % q.size), head)
+    q.avail_idx = (q.avail_idx + step) & 0xFFFF
+    env.mem.write_u16(q.avail + 2, q.avail_idx)
+    env.driver.kick(q.index)
+
+
+def op_hostile_chain(env: Env, inp: Input) -> None:
+    if (picked := _hostile_head(env, inp)) is None:
+        return
+    q, head = picked
     for i in range(1 + inp.u8() % 6):
         index = (head + i) % q.size if inp.u8() < 200 else inp.u8() % q.size
         raw = _descriptor(inp, q.size)
@@ -302,22 +316,15 @@ def op_hostile_chain(env: Env, inp: Input) -> None:
             table = b"".join(_descriptor(inp, entries) for _ in range(entries))
             if env.mem.contains(addr, len(table)):
                 env.mem.write(addr, table)
-    env.mem.write_u16(q.avail + 4 + 2 * (q.avail_idx % q.size), head)
-    step = 1 if inp.u8() < 230 else inp.u16()
-    q.avail_idx = (q.avail_idx + step) & 0xFFFF
-    env.mem.write_u16(q.avail + 2, q.avail_idx)
-    d.kick(q.index)
+    _publish(env, q, head, 1 if inp.u8() < 230 else inp.u16())
 
 
 def op_repeat_chain(env: Env, inp: Input) -> None:
     """An indirect table of up to 1,024 descriptors that all name one buffer of up to
     64 KiB: a chain that claims far more bytes than guest RAM holds."""
-    d = env.driver
-    if not d.queues:
+    if (picked := _hostile_head(env, inp)) is None:
         return
-    env.tainted = True
-    q = d.queues[inp.u8() % len(d.queues)]
-    head = inp.u8() % q.size
+    q, head = picked
     entries = inp.u16() % 1024 + 1
     length = inp.u16() % (MEM_SIZE // 2) + 1
     flags = VIRTQ_DESC_F_WRITE if inp.u8() & 1 else 0
@@ -326,10 +333,7 @@ def op_repeat_chain(env: Env, inp: Input) -> None:
         _DESC.pack(0, length, flags | (VIRTQ_DESC_F_NEXT if i + 1 < entries else 0), i + 1)
         for i in range(entries)))
     env.mem.write(q.desc + 16 * head, _DESC.pack(table, 16 * entries, VIRTQ_DESC_F_INDIRECT, 0))
-    env.mem.write_u16(q.avail + 4 + 2 * (q.avail_idx % q.size), head)
-    q.avail_idx = (q.avail_idx + 1) & 0xFFFF
-    env.mem.write_u16(q.avail + 2, q.avail_idx)
-    d.kick(q.index)
+    _publish(env, q, head, 1)
 
 
 def op_valid_request(env: Env, inp: Input) -> None:
