@@ -77,7 +77,7 @@ class GuestMemory:
         # reads as zeros (so a snapshot can skip what /proc/self/pagemap says is untouched)
         self.anonymous_backing = False
         # Pages (gpa // PAGE) handed out writable since `track_writes` began, or None:
-        # what a fast reset copies back besides the guest's own writes (kvmpy.reset)
+        # what a fast reset copies back besides the guest's own writes (kvmpy.state.reset)
         self.written: set[int] | None = None
 
     # -- construction -----------------------------------------------------
