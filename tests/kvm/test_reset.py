@@ -20,6 +20,7 @@ from kvmpy.machine import FlatConfig, Machine, MachineConfig
 from kvmpy.memory import PAGE
 from kvmpy.state.reset import mark
 from kvmpy.stop import StopKind
+from tests.kvm.test_snapshot import LIMIT, count_line, counter
 
 pytestmark = pytest.mark.kvm
 
@@ -81,14 +82,15 @@ def test_reset_puts_back_ram_registers_lapic_and_devices(guest_dir: Path,
         m.close()
 
 
-def test_a_guest_marked_mid_run_prints_the_same_rest_after_each_reset(guest_dir: Path) -> None:
-    """Guest.mark() on a running counter (its count kept in a register, RAM and %xmm0,
-    compared before each line), run to its end, reset: it runs again from the mark and
-    prints exactly what it printed after the mark, twice over."""
-    config = MachineConfig(mem_size=128 << 20, flat=FlatConfig(
-        guest_dir / "counter_cpl3.bin", Mode.LONG, cpl=3, gprs={"rbp": 0x60}))
-    with Guest.from_config(config) as g:
-        g.expect("count 00000010\n", 60)
+@pytest.mark.parametrize("kind", ["real", "cpl3"])
+def test_a_guest_marked_mid_run_prints_the_same_rest_after_each_reset(
+        guest_dir: Path, tmp_path: Path, kind: str) -> None:
+    """Guest.mark() on a running counter (its count kept in a register, RAM and, at
+    CPL3, %xmm0, compared before each line; the real-mode one on two vCPUs with the
+    in-kernel irqchip, a disk and virtio-rng), run to its end, reset: it runs again
+    from the mark and prints exactly what it printed after the mark, three times."""
+    with Guest.from_config(counter(guest_dir, kind, tmp_path)) as g:
+        g.expect(count_line(kind, 0x10) + "\n", 60)
         g.pause()
         at_mark = len(g.output)
         g.mark()
@@ -100,8 +102,8 @@ def test_a_guest_marked_mid_run_prints_the_same_rest_after_each_reset(guest_dir:
             rests.append(g.output[at_mark:])
             at_mark = len(g.output)
             g.reset()
-        assert rests[0].endswith("count 00000060\n") and "MISMATCH" not in rests[0]
-        assert rests == [rests[0]] * 3
+        assert rests[0].endswith(count_line(kind, LIMIT) + "\n"), rests[0]
+        assert "MISMATCH" not in rests[0] and rests == [rests[0]] * 3
         g.stop()
 
 
