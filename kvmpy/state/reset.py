@@ -55,7 +55,9 @@ class ResetPoint:
         last reset, by the guest (KVM's dirty log, read and cleared) or by a device."""
         machine = self.machine
         memory = machine.memory
-        written = memory.written if memory.written is not None else set()
+        written: set[int] = set()
+        if memory.written is not None:  # (swapped, not cleared: an I/O thread may add)
+            written, memory.written = memory.written, set()
         out: list[list[int]] = []
         for (slot, gpa, size, _), region in zip(machine.vm.memory_slots, memory,
                                                 strict=True):
@@ -63,7 +65,6 @@ class ResetPoint:
             first, last = gpa // PAGE, (gpa + size) // PAGE
             pages.update(p - first for p in written if first <= p < last)
             out.append(sorted(p * PAGE for p in pages if p * PAGE < region.size))
-        written.clear()
         return out
 
     def reset(self) -> int:
