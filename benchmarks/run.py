@@ -14,6 +14,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import exit_latency  # noqa: E402
+import fast_reset  # noqa: E402
 import flat_startup  # noqa: E402
 import linux_boot  # noqa: E402
 import ninep  # noqa: E402
@@ -31,6 +32,7 @@ BENCHMARKS = {
     "virtio_9p_read_and_walk": ninep.main,
     "sandbox_true": sandbox_start.main,
     "linux_snapshot_restore": snapshot_restore.main,
+    "flat_fast_reset": fast_reset.main,
 }
 
 

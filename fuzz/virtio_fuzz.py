@@ -19,18 +19,23 @@ guest memory in a bytearray (`GuestMemory.from_buffer`):
                       a vsock packet or receive buffer) via the test driver
       register write  any offset/size/value in the 4 KiB window (mostly real registers)
       register read, ioeventfd-style notify, interrupt ack, reset and re-init,
+      a burst (one register written up to 4,096 times, the value counting up),
+      a repeated chain (an indirect table of up to 1,024 descriptors naming one buffer),
       raw memory write over the rings or buffers, backend input (net frame, console
       bytes)
 
 What is checked, after every operation: no exception leaves the transport or
 a device entry point; no error is logged by the transport's safety net (an
 internal bug that it caught counts as a failure); the interrupt line equals
-InterruptStatus != 0; a live device has DRIVER_OK and not DEVICE_NEEDS_RESET;
-FEATURES_OK implies VIRTIO_F_VERSION_1 was accepted; the disk image keeps
-its size. Out-of-bounds access is excluded by construction: every guest
-access goes through GuestMemory's checked views, so an access outside the
-bytearray is an exception the device must handle, which the first check
-catches if it does not.
+InterruptStatus != 0; a live device has DRIVER_OK and neither DEVICE_NEEDS_RESET
+nor FAILED; FEATURES_OK implies VIRTIO_F_VERSION_1 was accepted; the disk image
+keeps its size; the virtio code logged at most MAX_LOG_LINES lines for the input
+(log flooding); the input's host allocations peaked below MAX_HOST_MEMORY, a bound
+tied to guest RAM (tracemalloc, on one input in KVMPY_FUZZ_MEMORY_EVERY, 8 by
+default: memory amplification). Out-of-bounds access is
+excluded by construction: every guest access goes through GuestMemory's checked
+views, so an access outside the bytearray is an exception the device must handle,
+which the first check catches if it does not.
 
 Run it (see mk/fuzz.mk):
 
@@ -52,6 +57,7 @@ import struct
 import sys
 import tempfile
 import time
+import tracemalloc
 from collections import Counter
 from dataclasses import dataclass
 
@@ -66,19 +72,35 @@ from kvmpy.virtio.device import (  # noqa: E402
     VIRTIO_F_VERSION_1,
     VIRTIO_STATUS_DEVICE_NEEDS_RESET,
     VIRTIO_STATUS_DRIVER_OK,
+    VIRTIO_STATUS_FAILED,
     VIRTIO_STATUS_FEATURES_OK,
     VirtioDevice,
 )
-from kvmpy.virtio.driver import GuestDriver, MemoryBackend  # noqa: E402
+from kvmpy.virtio.driver import DriverQueue, GuestDriver, MemoryBackend  # noqa: E402
 from kvmpy.virtio.net import Net  # noqa: E402
 from kvmpy.virtio.ninep import NinePDevice  # noqa: E402
-from kvmpy.virtio.queue import VIRTQ_DESC_F_INDIRECT  # noqa: E402
+from kvmpy.virtio.queue import (  # noqa: E402
+    VIRTQ_DESC_F_INDIRECT,
+    VIRTQ_DESC_F_NEXT,
+    VIRTQ_DESC_F_WRITE,
+)
 from kvmpy.virtio.rng import Rng  # noqa: E402
 from kvmpy.virtio.vsock import HDR as VSOCK_HDR  # noqa: E402
 from kvmpy.virtio.vsock import Vsock  # noqa: E402
 
 DEVICES = ("blk", "net", "console", "rng", "9p", "vsock")
 MEM_SIZE = 0x20000
+# Oracles beyond "no exception": the lines the virtio code may log for one input (a
+# device logs each complaint a few times at most, however often the guest repeats it,
+# and `op_burst` repeats one 4,096 times), and the host memory one input may allocate
+# at its peak (tracemalloc), tied to guest RAM: a device that copies what the guest's
+# descriptors claim, rather than what its RAM holds, goes past it.
+# tracemalloc slows an input about five times, so one input in MEMORY_EVERY runs under
+# it (0: none); an amplifying input a coverage-guided fuzzer found is run again and
+# again as it is mutated, so it meets the oracle soon.
+MAX_LOG_LINES = 200
+MAX_HOST_MEMORY = 32 * MEM_SIZE
+MEMORY_EVERY = int(os.environ.get("KVMPY_FUZZ_MEMORY_EVERY", "8"))
 DISK_SECTORS = 64
 MAX_OPS = 64
 _DESC = struct.Struct("<QIHH")
@@ -95,14 +117,18 @@ class Failure(AssertionError):
 
 
 class _ErrorTrap(logging.Handler):
-    """Turns an ERROR log from the virtio code (the transport's safety net) into a failure."""
+    """Turns an ERROR log from the virtio code (the transport's safety net) into a failure,
+    and counts the lines the virtio code logs (`check` bounds them per input)."""
 
     def __init__(self) -> None:
-        super().__init__(logging.ERROR)
+        super().__init__(logging.INFO)
         self.records: list[logging.LogRecord] = []
+        self.lines = 0
 
     def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
+        self.lines += 1
+        if record.levelno >= logging.ERROR:
+            self.records.append(record)
 
 
 _trap = _ErrorTrap()
@@ -111,12 +137,12 @@ _logs = [logging.getLogger("kvmpy.virtio"), logging.getLogger("kvmpy.ninep")]
 
 
 def install_trap() -> None:
-    """Catch ERROR logs from kvmpy.virtio and kvmpy.ninep; silence their (expected)
-    guest-misbehaviour warnings."""
+    """Catch ERROR logs from kvmpy.virtio and kvmpy.ninep and count their lines; silence
+    their (expected) guest-misbehaviour warnings."""
     for log in _logs:
         if _trap not in log.handlers:
             log.addHandler(_trap)
-            log.setLevel(logging.ERROR)
+            log.setLevel(logging.INFO)
             log.propagate = False
 
 
@@ -127,6 +153,7 @@ def uninstall_trap() -> None:
         log.setLevel(logging.NOTSET)
         log.propagate = True
     _trap.records.clear()
+    _trap.lines = 0
 
 stats: Counter[str] = Counter()
 
@@ -223,6 +250,8 @@ class Env:
     mem: GuestMemory
     irq: NullIrq
     backend: MemoryBackend | None = None
+    traced: bool = False  # this input runs under tracemalloc (see MEMORY_EVERY)
+    memory_baseline: int = 0  # tracemalloc's count when the input began (see `check`)
     tainted: bool = False  # hostile ops ran: the driver's bookkeeping no longer describes memory
 
 
@@ -299,13 +328,27 @@ def _descriptor(inp: Input, size: int) -> bytes:
     return _DESC.pack(_addr(inp) % 2**64, _length(inp) % 2**32, _flags(inp), _next(inp, size))
 
 
-def op_hostile_chain(env: Env, inp: Input) -> None:
-    d = env.driver
-    if not d.queues:
-        return
+def _hostile_head(env: Env, inp: Input) -> tuple[DriverQueue, int] | None:
+    """A queue the driver set up and a descriptor index in it, chosen by the input."""
+    if not env.driver.queues:
+        return None
     env.tainted = True
-    q = d.queues[inp.u8() % len(d.queues)]
-    head = inp.u8() % q.size
+    q = env.driver.queues[inp.u8() % len(env.driver.queues)]
+    return q, inp.u8() % q.size
+
+
+def _publish(env: Env, q: DriverQueue, head: int, step: int) -> None:
+    """`head` in the available ring, avail.idx moved on by `step`, and a notify."""
+    env.mem.write_u16(q.avail + 4 + 2 * (q.avail_idx % q.size), head)
+    q.avail_idx = (q.avail_idx + step) & 0xFFFF
+    env.mem.write_u16(q.avail + 2, q.avail_idx)
+    env.driver.kick(q.index)
+
+
+def op_hostile_chain(env: Env, inp: Input) -> None:
+    if (picked := _hostile_head(env, inp)) is None:
+        return
+    q, head = picked
     for i in range(1 + inp.u8() % 6):
         index = (head + i) % q.size if inp.u8() < 200 else inp.u8() % q.size
         raw = _descriptor(inp, q.size)
@@ -318,11 +361,24 @@ def op_hostile_chain(env: Env, inp: Input) -> None:
             table = b"".join(_descriptor(inp, entries) for _ in range(entries))
             if env.mem.contains(addr, len(table)):
                 env.mem.write(addr, table)
-    env.mem.write_u16(q.avail + 4 + 2 * (q.avail_idx % q.size), head)
-    step = 1 if inp.u8() < 230 else inp.u16()
-    q.avail_idx = (q.avail_idx + step) & 0xFFFF
-    env.mem.write_u16(q.avail + 2, q.avail_idx)
-    d.kick(q.index)
+    _publish(env, q, head, 1 if inp.u8() < 230 else inp.u16())
+
+
+def op_repeat_chain(env: Env, inp: Input) -> None:
+    """An indirect table of up to 1,024 descriptors that all name one buffer of up to
+    64 KiB: a chain that claims far more bytes than guest RAM holds."""
+    if (picked := _hostile_head(env, inp)) is None:
+        return
+    q, head = picked
+    entries = inp.u16() % 1024 + 1
+    length = inp.u16() % (MEM_SIZE // 2) + 1
+    flags = VIRTQ_DESC_F_WRITE if inp.u8() & 1 else 0
+    table = MEM_SIZE - 16 * entries
+    env.mem.write(table, b"".join(
+        _DESC.pack(0, length, flags | (VIRTQ_DESC_F_NEXT if i + 1 < entries else 0), i + 1)
+        for i in range(entries)))
+    env.mem.write(q.desc + 16 * head, _DESC.pack(table, 16 * entries, VIRTQ_DESC_F_INDIRECT, 0))
+    _publish(env, q, head, 1)
 
 
 def op_valid_request(env: Env, inp: Input) -> None:
@@ -405,6 +461,15 @@ def op_notify(env: Env, inp: Input) -> None:
     env.transport.handle_notify(index)
 
 
+def op_burst(env: Env, inp: Input) -> None:
+    """A guest loop: one register written up to 4,096 times, the value counting up."""
+    env.tainted = True
+    offset = inp.choice(REGISTERS)
+    count, value = inp.u16() % 4096 + 1, inp.u32()
+    for i in range(count):
+        env.transport.write(offset, ((value + i) & 0xFFFFFFFF).to_bytes(4, "little"))
+
+
 def op_ack(env: Env, inp: Input) -> None:
     env.driver.ack_interrupt()
 
@@ -438,7 +503,7 @@ def op_backend(env: Env, inp: Input) -> None:
 
 OPS = (op_hostile_chain, op_hostile_chain, op_valid_request, op_valid_request,
        op_register_write, op_register_read, op_notify, op_ack, op_reset, op_memory_write,
-       op_backend)
+       op_backend, op_burst, op_repeat_chain)
 
 
 def check(env: Env) -> None:
@@ -448,9 +513,16 @@ def check(env: Env) -> None:
         _trap.records.clear()
         trace = logging.Formatter().formatException(record.exc_info) if record.exc_info else ""
         raise Failure(f"the transport caught an internal error: {record.getMessage()}\n{trace}")
+    if _trap.lines > MAX_LOG_LINES:
+        raise Failure(f"log flooding: {_trap.lines} lines from the virtio code in one input")
+    peak = tracemalloc.get_traced_memory()[1] - env.memory_baseline if env.traced else 0
+    if peak > MAX_HOST_MEMORY:
+        raise Failure(f"host memory: one input allocated {peak} bytes at its peak, for "
+                      f"{MEM_SIZE} bytes of guest RAM")
     if env.irq.level != (t.interrupt_status != 0):
         raise Failure("interrupt line does not match InterruptStatus")
-    live_ok = t.status & VIRTIO_STATUS_DRIVER_OK and not t.status & VIRTIO_STATUS_DEVICE_NEEDS_RESET
+    live_ok = t.status & VIRTIO_STATUS_DRIVER_OK and not t.status & (
+        VIRTIO_STATUS_DEVICE_NEEDS_RESET | VIRTIO_STATUS_FAILED)
     if env.device.active and not live_ok:
         raise Failure(f"device live with status {t.status:#x}")
     version_1 = env.device.acked_features >> VIRTIO_F_VERSION_1 & 1
@@ -463,9 +535,19 @@ def check(env: Env) -> None:
 def run_one(kind: str, data: bytes) -> None:
     """One input against one fresh device; raises on a bug, returns otherwise."""
     install_trap()
+    _trap.lines = 0
     inp = Input(data)
     mode = inp.u8()
     env = make_env(kind, read_only=bool(mode & 2))
+    stats["runs"] += 1
+    start_tracing = MEMORY_EVERY > 0 and stats["runs"] % MEMORY_EVERY == 0 \
+        and not tracemalloc.is_tracing()
+    if start_tracing:
+        tracemalloc.start()
+    env.traced = tracemalloc.is_tracing()
+    if env.traced:
+        tracemalloc.reset_peak()
+        env.memory_baseline = tracemalloc.get_traced_memory()[0]
     try:
         if not mode & 1:
             _driver_init(env, inp)
@@ -479,6 +561,8 @@ def run_one(kind: str, data: bytes) -> None:
         if env.transport.broken:
             stats["needs-reset"] += 1
     finally:
+        if start_tracing:
+            tracemalloc.stop()
         env.device.close()
         if env.backend is not None:
             env.backend.close()

@@ -17,7 +17,9 @@ returns its Stop.
 
 `pause()` and `resume()` hold and release the whole guest; `snapshot(dir)` saves it
 (running or paused) to a new directory, and `Guest.restore(dir)` brings such a
-snapshot back in this process or any other (docs/snapshots.md).
+snapshot back in this process or any other (docs/snapshots.md). `mark()` keeps the
+guest's state in this process and `reset()` puts it back, copying only the pages that
+changed since (kvmpy.state.reset, docs/fuzzing.md).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from kvmpy.options import flat_machine, linux_machine
 from kvmpy.stop import Stop, StopKind
 
 if TYPE_CHECKING:
+    from kvmpy.state.reset import ResetPoint
     from kvmpy.state.snapshot import Snapshot
 
 
@@ -102,6 +105,7 @@ class Guest:
         self.console = ConsoleOutput(forward=sys.stdout.buffer if echo else None)
         self.machine = Machine(config._replace(console=self.console), snapshot=snapshot)
         self._mark = 0
+        self._point: ResetPoint | None = None
         self._unpacking = self.machine.unpack_for_next_boot()  # for the next Guest's boot
         self.machine.start()
 
@@ -123,6 +127,41 @@ class Guest:
         from kvmpy.state.snapshot import take_snapshot
 
         return take_snapshot(self.machine, path)
+
+    def mark(self) -> ResetPoint:
+        """Keep the guest's state now, in this process, for `reset()` (pausing it
+        meanwhile if it runs). A new mark replaces the last."""
+        from kvmpy.state.reset import mark
+
+        if self._point is not None:
+            self._point.close()
+        stopped = self.machine.stopped is not None
+        was_paused = self.paused or stopped
+        if not was_paused:
+            self.pause()
+        try:
+            self._point = mark(self.machine)
+        finally:
+            if not was_paused:
+                self.resume()
+        return self._point
+
+    def reset(self) -> int:
+        """Put the guest back as it was at `mark()` and let it run from there (a paused
+        guest stays paused, a stopped one runs again); returns the pages copied back.
+        Console output already printed stays in `output`."""
+        if self._point is None:
+            raise KvmpyError("reset: no mark() to go back to")
+        stopped = self.machine.stopped is not None
+        was_paused = self.paused
+        if not stopped:
+            self.pause()
+        copied = self._point.reset()
+        if stopped:
+            self.machine.start()
+        elif not was_paused:
+            self.resume()
+        return copied
 
     # -- console ----------------------------------------------------------
     def expect(self, pattern: str | re.Pattern[str], timeout: float = 60) -> re.Match[str]:

@@ -9,7 +9,7 @@ Running it runs each vCPU's `VcpuLoop` and waits for a `Stop`.
 
 A machine restored from a snapshot is built by the same recipe from the snapshot's
 configuration, with guest RAM mapped from the snapshot and, instead of a boot, every
-part given back its saved state (`_restore`). `pause()` holds the vCPUs and the I/O
+part given back its saved state (`restore_state`). `pause()` holds the vCPUs and the I/O
 thread, `capture_state()` gathers each part's `state()`; kvmpy.state.snapshot writes
 them with RAM and disks (docs/snapshots.md).
 """
@@ -307,7 +307,8 @@ class Machine:
         self.linux_boot: LinuxBoot | None = None
         if snapshot is not None:
             try:
-                self._restore(snapshot.sections)
+                self.restore_state({k: v for k, v in snapshot.sections.items()
+                                    if k != "machine"})
             except BaseException:
                 self.close()
                 raise
@@ -478,26 +479,64 @@ class Machine:
                 for net, dev in zip(self.config.nets, devices, strict=True)]
         return self.config._replace(nets=nets)
 
-    def _restore(self, sections: dict[str, Any]) -> None:
-        """Give every part its saved state, in the order that keeps each consistent:
-        devices first (their interrupt lines driven to their saved levels), then the
-        irqchip and PIT over whatever those lines did, then the vCPUs (LAPICs last
-        of all interrupt state); kvmclock just before the vCPUs run (`_before_run`)."""
+    def restore_state(self, sections: dict[str, Any]) -> None:
+        """Give every part the state `capture_state` gave (see `restorer`)."""
+        self.restorer(sections)()
+
+    def restorer(self, sections: dict[str, Any]) -> Callable[[], None]:
+        """Check `sections` (as `capture_state` gives them) against this machine; returns
+        what gives every part its state, as often as asked (kvmpy.state.reset), in the
+        order that keeps each consistent: devices first (their interrupt lines driven to
+        their saved levels), then the irqchip and PIT over whatever those lines did,
+        then the vCPUs (LAPICs last of all interrupt state); kvmclock just before the
+        vCPUs run (`_before_run`). vCPUs must be out of KVM_RUN with nothing pending
+        (`settle`)."""
         from kvmpy.errors import SnapshotError
-        from kvmpy.kvm.state import restore_vcpu, restore_vm
+        from kvmpy.kvm.state import prepare_vcpu, restore_vm
 
         owners = self.stateful()
-        expected = {"machine", "vm", *owners, *(f"vcpu{v.index}" for v in self.vcpus)}
+        expected = {"vm", *owners, *(f"vcpu{v.index}" for v in self.vcpus)}
         if set(sections) != expected:
             extra, missing = sorted(set(sections) - expected), sorted(expected - set(sections))
             raise SnapshotError("snapshot state: " + (
                 f"{extra[0]} is not part of this machine" if extra else
                 f"no state for {missing[0]}") + " (another device set)")
-        for name, owner in owners.items():
-            owner.restore(sections[name], name)
-        self._clock = restore_vm(self.vm, sections["vm"])
+        vcpus: list[Callable[[], None]] = []
+
+        def restore() -> None:
+            for name, owner in owners.items():
+                owner.restore(sections[name], name)
+            self._clock = restore_vm(self.vm, sections["vm"])
+            if not vcpus:  # checked on the first restore, after the devices and VM were
+                vcpus.extend(prepare_vcpu(v, sections[f"vcpu{v.index}"], f"vcpu{v.index}")
+                             for v in self.vcpus)
+            for put in vcpus:
+                put()
+
+        return restore
+
+    def settle(self) -> None:
+        """Let KVM finish what a vCPU's last exit left pending (the data of an MMIO or
+        port read goes into a register on the next KVM_RUN): one entry with
+        immediate_exit set, which completes it and comes straight back. Before its
+        state is read or replaced, for a vCPU that stopped on an exit rather than
+        being kicked out (a kick already does this). Not for running vCPUs."""
         for vcpu in self.vcpus:
-            restore_vcpu(vcpu, sections[f"vcpu{vcpu.index}"], f"vcpu{vcpu.index}")
+            vcpu.set_immediate_exit(True)
+            try:
+                vcpu.run()
+            finally:
+                vcpu.set_immediate_exit(False)
+
+    def rearm(self) -> None:
+        """Make a machine whose run ended runnable again (`run` or `start`), as it is:
+        the run's stop forgotten, its finished vCPU threads dropped (kvmpy.state.reset
+        puts the state back first)."""
+        if self.threads is not None and not self.threads.done.is_set():
+            raise RuntimeError("rearm: the machine is still running")
+        self.threads = None
+        for loop in self.loops:
+            loop.stop = None
 
     def _before_run(self) -> None:
         """kvmclock back to where the guest left it, and a restored device's queues

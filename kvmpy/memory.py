@@ -25,6 +25,7 @@ import _cffi_backend
 
 from kvmpy.errors import ConfigError, GuestMemoryError
 
+PAGE = 4096
 _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
@@ -75,6 +76,9 @@ class GuestMemory:
         # True when every region is anonymous memory, where a page nobody ever touched
         # reads as zeros (so a snapshot can skip what /proc/self/pagemap says is untouched)
         self.anonymous_backing = False
+        # Pages (gpa // PAGE) handed out writable since `track_writes` began, or None:
+        # what a fast reset copies back besides the guest's own writes (kvmpy.state.reset)
+        self.written: set[int] | None = None
 
     # -- construction -----------------------------------------------------
     @classmethod
@@ -126,8 +130,21 @@ class GuestMemory:
                 return True
         return False
 
+    def track_writes(self, on: bool = True) -> None:
+        """Record in `written` every page a writable window or address is taken on
+        (`view`, `views`, `host_address`, the write helpers): a device's DMA, which
+        KVM's dirty log does not see. Conservative: a window taken only to read counts
+        too. Off (None), which is the default, costs one test per window."""
+        self.written = set() if on else None
+
     def view(self, gpa: int, length: int) -> memoryview:
         """A zero-copy window on [gpa, gpa+length); it must lie in one region."""
+        if self.written is not None and length > 0:
+            self.written.update(range(gpa // PAGE, (gpa + length - 1) // PAGE + 1))
+        return self._view(gpa, length)
+
+    def _view(self, gpa: int, length: int) -> memoryview:
+        """`view` that records nothing: for reads."""
         if gpa >= 0 and length >= 0:
             for start, end, view, _ in self._spans:
                 if start <= gpa and gpa + length <= end:
@@ -145,6 +162,8 @@ class GuestMemory:
         is valid while this memory is open: `Machine.close` stops the I/O thread, their
         only user, before it closes the memory.
         """
+        if self.written is not None and length > 0:
+            self.written.update(range(gpa // PAGE, (gpa + length - 1) // PAGE + 1))
         if gpa >= 0 and length >= 0:
             for start, end, _, base in self._spans:
                 if start <= gpa and gpa + length <= end:
@@ -153,7 +172,7 @@ class GuestMemory:
 
     # -- bytes ------------------------------------------------------------
     def read(self, gpa: int, length: int) -> bytes:
-        return bytes(self.view(gpa, length))
+        return bytes(self._view(gpa, length))
 
     def write(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
         self.view(gpa, len(data))[:] = data
@@ -163,16 +182,16 @@ class GuestMemory:
         v[:] = bytes([value]) * length
 
     def read_u8(self, gpa: int) -> int:
-        return self.view(gpa, 1)[0]
+        return self._view(gpa, 1)[0]
 
     def read_u16(self, gpa: int) -> int:
-        return _U16.unpack(self.view(gpa, 2))[0]
+        return _U16.unpack(self._view(gpa, 2))[0]
 
     def read_u32(self, gpa: int) -> int:
-        return _U32.unpack(self.view(gpa, 4))[0]
+        return _U32.unpack(self._view(gpa, 4))[0]
 
     def read_u64(self, gpa: int) -> int:
-        return _U64.unpack(self.view(gpa, 8))[0]
+        return _U64.unpack(self._view(gpa, 8))[0]
 
     def write_u8(self, gpa: int, value: int) -> None:
         self.view(gpa, 1)[0] = value & 0xFF

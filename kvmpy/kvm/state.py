@@ -35,6 +35,7 @@ What it is not: guest RAM (kvmpy.state.ram) or device state (each device's own
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from kvmpy.errors import KvmIoctlError, SnapshotError
@@ -44,8 +45,6 @@ from kvmpy.log import get_logger
 from kvmpy.state.values import U32, U64, StateReader, b64
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
-
     from kvmpy.kvm.vcpu import Vcpu
     from kvmpy.kvm.vm import Vm
 
@@ -168,6 +167,14 @@ def _cpuid(reader: StateReader) -> list[tuple[int, ...]]:
 def restore_vcpu(vcpu: Vcpu, state: object, where: str) -> None:
     """Put a captured state into `vcpu` (created, CPUID set, never run since, or held
     out of KVM_RUN); `where` names it in errors ("vcpu0")."""
+    prepare_vcpu(vcpu, state, where)()
+
+
+def prepare_vcpu(vcpu: Vcpu, state: object, where: str) -> Callable[[], None]:
+    """Check a captured state and build the structs KVM takes; returns what puts them
+    into `vcpu`, as often as asked (a fast reset, kvmpy.state.reset, puts the same
+    state back many times: the checks and the MSRs KVM refuses are found once, and
+    later puts set the MSRs in one ioctl)."""
     vm = vcpu.vm
     r = StateReader(state, where)
     _cpuid(r)  # set when the vCPU was created; read here only to be checked
@@ -204,26 +211,35 @@ def restore_vcpu(vcpu: Vcpu, state: object, where: str) -> None:
     events_size = ffi.sizeof("struct kvm_vcpu_events")
     events = r.bytes("events", events_size, exact=events_size)
     r.done()
+    accepted: list[tuple[int, int]] | None = None  # the MSRs KVM took, once it has
 
-    _put(where, "mp_state", vcpu.set_mp_state, mp_state)
-    _put(where, "regs", vcpu.set_regs, regs)
-    _put(where, "sregs", set_sregs, sregs)
-    _put(where, "xsave", vcpu.set_xsave, xsave)
-    _put(where, "xcrs", vcpu.set_xcrs, xcrs)
-    _put(where, "debugregs", vcpu.set_debugregs, debugregs)
-    if lapic is not None:
-        _put(where, "lapic", vcpu.set_lapic, lapic)
-    if tsc_khz is not None:
-        _match_tsc_khz(vcpu, tsc_khz, where)
-    _set_msrs(vcpu, msrs, where)
-    _put(where, "events", vcpu.set_vcpu_events, events)
+    def put() -> None:
+        nonlocal accepted
+        _put(where, "mp_state", vcpu.set_mp_state, mp_state)
+        _put(where, "regs", vcpu.set_regs, regs)
+        _put(where, "sregs", set_sregs, sregs)
+        _put(where, "xsave", vcpu.set_xsave, xsave)
+        _put(where, "xcrs", vcpu.set_xcrs, xcrs)
+        _put(where, "debugregs", vcpu.set_debugregs, debugregs)
+        if lapic is not None:
+            _put(where, "lapic", vcpu.set_lapic, lapic)
+        if accepted is None:
+            if tsc_khz is not None:
+                _match_tsc_khz(vcpu, tsc_khz, where)
+            accepted = _set_msrs(vcpu, msrs, where)
+        else:
+            _put(where, "msrs", vcpu.set_msrs, accepted)
+        _put(where, "events", vcpu.set_vcpu_events, events)
+
+    return put
 
 
-def _set_msrs(vcpu: Vcpu, msrs: list[tuple[int, ...]], where: str) -> None:
-    """KVM_SET_MSRS one MSR at a time, in order. One that KVM refuses is skipped only
-    when the vCPU already holds the saved value (MSR_KVM_ASYNC_PF_INT reads 0 but
-    cannot be written without an in-kernel LAPIC); any other refusal is the
-    snapshot's fault."""
+def _set_msrs(vcpu: Vcpu, msrs: list[tuple[int, ...]], where: str) -> list[tuple[int, int]]:
+    """KVM_SET_MSRS one MSR at a time, in order; returns those KVM took. One that KVM
+    refuses is skipped only when the vCPU already holds the saved value
+    (MSR_KVM_ASYNC_PF_INT reads 0 but cannot be written without an in-kernel LAPIC);
+    any other refusal is the snapshot's fault."""
+    accepted = []
     for index, value in msrs:
         try:
             vcpu.set_msrs([(index, value)])
@@ -231,6 +247,9 @@ def _set_msrs(vcpu: Vcpu, msrs: list[tuple[int, ...]], where: str) -> None:
             if vcpu.get_msrs([index]).get(index) != value:
                 raise SnapshotError(f"snapshot state {where}.msrs: KVM refused MSR "
                                     f"{index:#x} = {value:#x} ({e.strerror})") from None
+        else:
+            accepted.append((index, value))
+    return accepted
 
 
 def _ints(value: object, n: int, where: str, limits: tuple[int, ...] | None = None) -> list[int]:

@@ -20,6 +20,7 @@ class Vm:
         self.fd = fd
         self.run_size = kvm.vcpu_mmap_size()
         self._slots = 0
+        self.memory_slots: list[tuple[int, int, int, int]] = []  # slot, gpa, size, host address
         self.irqchip = False
         self.pit = False
         self._msrs_to_save: list[int] | None = None
@@ -51,7 +52,15 @@ class Vm:
         for region in memory:
             self.set_user_memory_region(self._slots, region.gpa, region.size,
                                         region.host_address, flags)
+            self.memory_slots.append((self._slots, region.gpa, region.size, region.host_address))
             self._slots += 1
+
+    def log_dirty_pages(self, on: bool = True) -> None:
+        """Turn KVM's dirty-page log on or off for every slot `map_memory` made
+        (KVM_SET_USER_MEMORY_REGION again, with only the flag changed)."""
+        flags = lib.KVM_MEM_LOG_DIRTY_PAGES if on else 0
+        for slot, gpa, size, address in self.memory_slots:
+            self.set_user_memory_region(slot, gpa, size, address, flags)
 
     def dirty_log(self, slot: int, pages: int) -> bytes:
         """KVM_GET_DIRTY_LOG: one bit per page of the slot, cleared by the read."""

@@ -102,6 +102,15 @@ def _touched(region: Region) -> list[tuple[int, int]]:
 _TOUCHED = bytes(int(bool(b & 0xC0)) for b in range(256))
 
 
+def used_runs(memory: GuestMemory, region: Region) -> Iterator[tuple[int, int]]:
+    """(offset in `region.buffer`, length) of every run of non-zero pages of `region`:
+    of anonymous memory, only the pages ever touched are read."""
+    base = region.offset
+    spans = _touched(region) if memory.anonymous_backing else [(base, base + region.size)]
+    for span in spans:
+        yield from _runs(region.buffer, *span)
+
+
 def save_ram(memory: GuestMemory, path: Path) -> dict[str, Any]:
     """Write `memory` to a new file at `path`; returns the metadata that describes it."""
     regions = layout((region.gpa, region.size) for region in memory)
@@ -111,10 +120,9 @@ def save_ram(memory: GuestMemory, path: Path) -> dict[str, Any]:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
         os.ftruncate(fd, total)
-        for region, (_, size, file_offset) in zip(memory, regions, strict=True):
+        for region, (_, _, file_offset) in zip(memory, regions, strict=True):
             base = region.offset
-            spans = _touched(region) if memory.anonymous_backing else [(base, base + size)]
-            for start, length in (run for span in spans for run in _runs(region.buffer, *span)):
+            for start, length in used_runs(memory, region):
                 data = region.view[start - base : start - base + length]
                 offset = file_offset + start - base
                 digest.update(_RUN.pack(offset, length))

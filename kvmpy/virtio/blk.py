@@ -253,7 +253,7 @@ class Block(VirtioDevice):
             written = self._serve(mem, rtype, sector, data_out, out_len, data_in, in_len)
             status = VIRTIO_BLK_S_OK
         except BlockIoError as e:
-            self.warn(f"req-{rtype}-{e.status}", "request type %d failed: %s", rtype, e)
+            self.warn("req-failed", "request type %d failed: %s", rtype, e)
             written, status = 0, e.status
         iov_write(status_byte, bytes([status]))
         return written + 1

@@ -14,7 +14,7 @@ so the configuration space is present but not meaningful to the driver.
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from kvmpy.state.values import StateReader, b64
@@ -25,6 +25,10 @@ from kvmpy.virtio.queue import DescriptorChain
 RECEIVEQ = 0  # port 0 receiveq: device -> driver
 TRANSMITQ = 1  # port 0 transmitq: driver -> device
 MAX_PENDING_INPUT = 64 * 1024
+# Transmitted bytes reach `output` in pieces of at most this size: a chain may name
+# the same guest buffer a thousand times (an indirect table), so copying it whole
+# would let the guest choose how much host memory one request costs.
+OUTPUT_PIECE = 64 * 1024
 
 # §5.3.4 struct virtio_console_config: cols, rows, max_nr_ports, emerg_wr
 _CONFIG = struct.Struct("<HHII")
@@ -77,12 +81,17 @@ class Console(VirtioDevice):
         readable, writable = chain.buffers()
         if writable:
             self.warn("tx-writable", "transmit buffer with device-writable parts; ignored")
-        data = b"".join(bytes(v) for v in readable)
-        if data and self.output is not None:
+        if self.output is None:
+            return 0
+        for piece in _pieces(readable, OUTPUT_PIECE):
             try:
-                self.output(data)
-            except OSError as e:  # a closed terminal must not break the guest's console
-                self.warn("output", "console output failed: %s", e)
+                self.output(piece)
+            except Exception as e:
+                # The host's sink failed, not the guest: a closed terminal (OSError) or a
+                # closed file object (ValueError) must not put hvc0 in NEEDS_RESET. The
+                # rest of this chain is dropped.
+                self.warn("output", "console output failed: %r", e)
+                break
         return 0
 
     def _deliver_input(self) -> None:
@@ -104,3 +113,21 @@ class Console(VirtioDevice):
             used = True
         if used:
             self.signal_used(q)
+
+
+def _pieces(views: list[memoryview], size: int) -> Iterator[bytes]:
+    """The stream `views` hold, as bytes objects of `size` bytes (the last may be
+    shorter): small descriptors are gathered, large ones cut, so host memory per
+    piece is bounded by `size` whatever the descriptors claim."""
+    buf = bytearray()
+    for v in views:
+        pos = 0
+        while pos < v.nbytes:
+            take = min(size - len(buf), v.nbytes - pos)
+            buf += v[pos : pos + take]
+            pos += take
+            if len(buf) == size:
+                yield bytes(buf)
+                buf.clear()
+    if buf:
+        yield bytes(buf)

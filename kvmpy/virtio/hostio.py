@@ -17,6 +17,8 @@ any memory layout and buffer list, errors included (hypothesis):
 - the last few lists are remembered: a guest reading into the same pages again (dd's
   buffer, a database's O_DIRECT pool) asks for the same list. The caller gets a fresh
   copy to advance (`iovec_transfer` does, after a short transfer).
+While guest memory records written pages (a fast reset's mark, kvmpy.state.reset),
+only the plain path is taken: it is the one that records them.
 
 `iovec_transfer` repeats preadv or pwritev until a request's bytes have all moved.
 """
@@ -57,6 +59,8 @@ class Iovecs:
         self._recent: Recent[tuple[tuple[int, ...], tuple[int, ...]], array[int]] = Recent(4)
 
     def iovec(self, gpas: Sequence[int], lengths: Sequence[int]) -> array[int]:
+        if self.memory.written is not None:  # a fast reset must see the pages: the plain
+            return plain_iovec(self.memory, gpas, lengths)  # path records them
         key = (tuple(gpas), tuple(lengths))  # a tuple is its own tuple: no copy
         iov = self._recent.get(key)
         if iov is None:

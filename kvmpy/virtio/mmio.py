@@ -300,12 +300,12 @@ class VirtioMmioTransport:
     def _read(self, offset: int, size: int) -> bytes:
         if offset >= CONFIG:
             if size not in (1, 2, 4, 8):
-                self.warn(f"cfg-size-{size}", "config read of %d bytes; reads zeros", size)
+                self.warn("cfg-size", "config read of %d bytes; reads zeros", size)
                 return bytes(max(0, min(size, 8)))
             return self.device.read_config(offset - CONFIG, size)
         if size != 4 or offset % 4:
             # §4.2.2.2: control registers take aligned 32-bit accesses only.
-            self.warn(f"rd-{offset:#x}-{size}", "%d-byte read at %#x; reads zeros", size, offset)
+            self.warn("rd-size", "%d-byte read at %#x; reads zeros", size, offset)
             return bytes(max(0, min(size, 8)))
         return _U32.pack(self._read_register(offset) & 0xFFFFFFFF)
 
@@ -337,7 +337,7 @@ class VirtioMmioTransport:
             return 0  # VIRTIO_F_RING_RESET is not offered
         if offset == CONFIG_GENERATION:
             return self.config_generation
-        self.warn(f"rd-{offset:#x}", "read of write-only or unknown register %#x", offset)
+        self.warn("rd-unknown", "read of write-only or unknown register %#x", offset)
         return 0
 
     # -- writes -------------------------------------------------------------------------
@@ -345,13 +345,13 @@ class VirtioMmioTransport:
         size = len(data)
         if offset >= CONFIG:
             if size not in (1, 2, 4, 8):
-                self.warn(f"cfg-size-{size}", "config write of %d bytes; dropped", size)
+                self.warn("cfg-size", "config write of %d bytes; dropped", size)
                 return
             self.device.write_config(offset - CONFIG, data)
             self.config_generation = (self.config_generation + 1) & 0xFFFFFFFF
             return
         if size != 4 or offset % 4:
-            self.warn(f"wr-{offset:#x}-{size}", "%d-byte write at %#x; dropped", size, offset)
+            self.warn("wr-size", "%d-byte write at %#x; dropped", size, offset)
             return
         self._write_register(offset, _U32.unpack(data)[0])
 
@@ -377,7 +377,7 @@ class VirtioMmioTransport:
         elif offset == STATUS:
             self._write_status(value)
         elif offset not in (SHM_SEL, QUEUE_RESET):  # nothing to select or reset there
-            self.warn(f"wr-{offset:#x}", "write to read-only or unknown register %#x", offset)
+            self.warn("wr-unknown", "write to read-only or unknown register %#x", offset)
 
     def _write_driver_features(self, value: int) -> None:
         # §3.1.1: features are written after DRIVER and before FEATURES_OK.
@@ -439,6 +439,10 @@ class VirtioMmioTransport:
             return
         current = self.status & ~VIRTIO_STATUS_DEVICE_NEEDS_RESET
         wanted = value & ~VIRTIO_STATUS_DEVICE_NEEDS_RESET
+        if current & VIRTIO_STATUS_FAILED:
+            # §2.1.1: a driver that set FAILED must reset the device before using it again.
+            self.warn("status-failed", "status %#x after FAILED, without reset; ignored", wanted)
+            return
         if wanted & current != current:
             self.warn("status-clear", "driver cleared status bits (%#x -> %#x) without reset",
                       current, wanted)
@@ -495,7 +499,7 @@ class VirtioMmioTransport:
             if q.ready:
                 self._activate_queue(q)
             else:
-                self.warn(f"q{index}-unused", "queue %d not set up by the driver", index,
+                self.warn("q-unused", "queue %d not set up by the driver", index,
                           level=INFO)
         self.device.active = True
         self.run_guarded(self.device.activate)
@@ -524,7 +528,7 @@ class VirtioMmioTransport:
                       level=INFO)
             return
         if not 0 <= index < len(self.queues) or not self.queues[index].ready:
-            self.warn(f"notify-{index}", "notify for queue %d, which is not ready", index)
+            self.warn("notify-not-ready", "notify for queue %d, which is not ready", index)
             return
         self.run_guarded(lambda: self.device.process_queue(index))
 

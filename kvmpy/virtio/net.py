@@ -232,7 +232,7 @@ class Net(VirtioDevice):
             self.backend.write_frame(readable)
             self.stats["tx_frames"] += 1
         except OSError as e:
-            self.warn(f"tx-{e.errno}", "backend write failed: %s", e)
+            self.warn("tx-failed", "backend write failed: %s", e)
             self.stats["tx_dropped"] += 1
         return 0
 
@@ -255,7 +255,7 @@ class Net(VirtioDevice):
                 try:
                     n = self.backend.read_frame(self.rx_buf)
                 except OSError as e:
-                    self.warn(f"rx-{e.errno}", "backend read failed: %s", e)
+                    self.warn("rx-failed", "backend read failed: %s", e)
                     break
                 if n is None:
                     break

@@ -120,3 +120,21 @@ def test_host_addresses_hold_the_bytes_the_views_show(spans: list[tuple[int, int
             continue
         assert ctypes.string_at(mem.host_address(gpa, length), length) == bytes(view)
     mem.close()
+
+
+def test_written_pages_are_tracked_only_when_asked() -> None:
+    """A fast reset copies back what devices wrote (KVM's dirty log does not see it):
+    every writable window or address counts, reads do not."""
+    mem = GuestMemory.from_buffer(bytearray(1 << 20))
+    mem.write(0x1000, b"x")
+    assert mem.written is None
+    mem.track_writes()
+    mem.write(0x2FFF, b"ab")  # across a page boundary: pages 2 and 3
+    mem.write_u32(0x8000, 1)
+    mem.view(0x10000, 0x2001)  # a window a device may write through
+    mem.host_address(0x20000, 1)  # an address for preadv
+    mem.view(0x30000, 0)  # an empty window touches nothing
+    assert mem.read(0x40000, 0x1000) == bytes(0x1000) and mem.read_u64(0x50000) == 0
+    assert mem.written == {2, 3, 8, 0x10, 0x11, 0x12, 0x20}
+    mem.track_writes(False)
+    assert mem.written is None

@@ -11,6 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from kvmpy import log as kvmpy_log
 from kvmpy.bus import NullIrq
 from kvmpy.errors import ConfigError
 from kvmpy.memory import GuestMemory
@@ -31,7 +32,7 @@ from kvmpy.virtio.blk import (
     VIRTIO_BLK_T_WRITE_ZEROES,
     Block,
 )
-from kvmpy.virtio.device import VIRTIO_STATUS_DEVICE_NEEDS_RESET
+from kvmpy.virtio.device import VIRTIO_STATUS_DEVICE_NEEDS_RESET, LogOnce
 from kvmpy.virtio.driver import GuestDriver
 from kvmpy.virtio.mmio import VirtioMmioTransport
 
@@ -246,3 +247,16 @@ def test_random_requests_complete_or_reset(tmp_path_factory: pytest.TempPathFact
     if read_only:
         assert path.read_bytes() == PATTERN
     dev.close()
+
+
+def test_unknown_request_types_log_a_bounded_number_of_lines(
+        image: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A guest-chosen 32-bit request type is not a log key: 2,000 types, a few lines."""
+    monkeypatch.setattr(kvmpy_log, "_cli_level", None)
+    dev, d = attach(image)
+    with caplog.at_level("INFO", logger="kvmpy"):
+        for rtype in range(1000, 3000):
+            assert request(d, [header(rtype)], [1])[1] == [bytes([VIRTIO_BLK_S_UNSUPP])]
+            d.reset_heap()
+    assert len(caplog.records) == LogOnce.PER_SITE + 1
+    assert sum(map(len, dev.warn.seen.values())) == LogOnce.PER_SITE + 1

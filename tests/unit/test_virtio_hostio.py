@@ -49,3 +49,15 @@ def test_remembered_lists_are_handed_out_as_copies() -> None:
     for _ in range(2):  # a refused list is refused every time
         with pytest.raises(GuestMemoryError):
             iovecs.iovec([0x1F000], [0x2000])
+
+
+def test_iovecs_record_written_pages_while_memory_tracks_them() -> None:
+    """A fast reset copies back what a disk read put in guest RAM: the shortcuts,
+    which skip `host_address`, are not taken while pages are tracked."""
+    mem = GuestMemory.from_buffer(bytearray(1 << 20))
+    iovecs = Iovecs(mem)
+    iovecs.iovec([0x3000], [0x1000])  # remembered, untracked
+    mem.track_writes()
+    iov = list(iovecs.iovec([0x3000, 0x7FF0], [0x1000, 0x20]))
+    assert mem.written == {3, 7, 8}
+    assert iov == [mem.host_address(0x3000, 0x1000), 0x1000, mem.host_address(0x7FF0, 0x20), 0x20]

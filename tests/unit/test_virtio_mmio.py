@@ -9,6 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kvmpy import layout
+from kvmpy import log as kvmpy_log
 from kvmpy.bus import Bus, NullIrq
 from kvmpy.memory import GuestMemory
 from kvmpy.virtio import mmio
@@ -22,6 +23,7 @@ from kvmpy.virtio.device import (
     VIRTIO_STATUS_DRIVER_OK,
     VIRTIO_STATUS_FAILED,
     VIRTIO_STATUS_FEATURES_OK,
+    LogOnce,
 )
 from kvmpy.virtio.driver import BusWindow, GuestDriver
 from kvmpy.virtio.iothread import EventFdIrq
@@ -282,3 +284,36 @@ def test_random_register_traffic_never_escapes(ops, init_first) -> None:  # type
             assert not t.status & VIRTIO_STATUS_DEVICE_NEEDS_RESET
         if t.status & VIRTIO_STATUS_FEATURES_OK:
             assert t.device.acked_features & (1 << VIRTIO_F_VERSION_1)
+
+
+def test_guest_chosen_warnings_are_bounded(caplog: pytest.LogCaptureFixture,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """100,000 notifications of distinct missing queues: a few lines, one saying the rest
+    are suppressed, and nothing kept per guest-chosen value."""
+    monkeypatch.setattr(kvmpy_log, "_cli_level", None)
+    t, d, _ = setup()
+    assert d.init()
+    with caplog.at_level("INFO", logger="kvmpy"):
+        for index in range(1, 100_001):
+            d.w32(mmio.QUEUE_NOTIFY, index)
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == LogOnce.PER_SITE + 1, lines[:10]
+    assert "suppressed" in lines[-1]
+    assert sum(map(len, t.warn.seen.values())) == LogOnce.PER_SITE + 1
+
+
+def test_driver_ok_after_failed_does_not_go_live() -> None:
+    """§2.1: after FAILED the driver must reset the device; 0x8f is not a live device."""
+    t, d, _ = setup()
+    d.w32(mmio.STATUS, 0)
+    for status in (VIRTIO_STATUS_ACKNOWLEDGE, VIRTIO_STATUS_ACKNOWLEDGE | VIRTIO_STATUS_DRIVER):
+        d.w32(mmio.STATUS, status)
+    d.w32(mmio.DRIVER_FEATURES_SEL, 1)
+    d.w32(mmio.DRIVER_FEATURES, 1)  # VIRTIO_F_VERSION_1
+    status = VIRTIO_STATUS_ACKNOWLEDGE | VIRTIO_STATUS_DRIVER | VIRTIO_STATUS_FEATURES_OK
+    d.w32(mmio.STATUS, status)
+    d.w32(mmio.STATUS, status | VIRTIO_STATUS_FAILED)
+    d.w32(mmio.STATUS, status | VIRTIO_STATUS_FAILED | VIRTIO_STATUS_DRIVER_OK)
+    assert d.status == status | VIRTIO_STATUS_FAILED and not t.device.active
+    d.w32(mmio.STATUS, 0)  # a reset is the way back
+    assert d.status == 0 and d.init() and t.device.active
