@@ -68,7 +68,7 @@ ERROR_PREFIX = "kvmpy-lab-error:"
 BUILD_SPACE = 700 << 20
 STALE_AFTER_S = 7 * 86400  # images of other recipes are removed when this old
 
-_9P = "trans=virtio,version=9p2000.L,msize=512000"
+_9P = initramfs.NINEP_MOUNT_OPTIONS  # the same 9p mount as kvmpy's own guests'
 
 LAB_INIT = f"""#!/bin/sh
 # kvmpy lab init: load modules, mount the host, run /job/cmd.sh chrooted, power off.
