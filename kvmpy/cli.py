@@ -131,6 +131,10 @@ def build_parser() -> argparse.ArgumentParser:
                          help="the command to run, after --")
     sandbox.set_defaults(func=cmd_sandbox)
 
+    from kvmpy.fuzz import command as fuzz_command
+
+    fuzz_command.register(sub)
+
     try:
         from kvmpy.lab import command as lab_command
     except ImportError:  # the lab package is optional for flat guests

@@ -32,6 +32,14 @@ PAGE_TABLES_END = PD + PD_COUNT * 0x1000
 FLAT_LOAD = 0x10000
 FLAT_LIMIT = 0x9F000  # flat guests and their data must end below the EBDA
 
+# `kvmpy fuzz` (kvmpy.fuzz): its op interpreter (a flat guest) reads the op list at
+# FUZZ_OPS; the ops' writes to guest RAM, and the virtqueues and buffers they set up,
+# stay in the arena [FUZZ_ARENA, FUZZ_ARENA_END), clear of the interpreter and its tables
+FUZZ_OPS = 0x20_0000
+FUZZ_OPS_MAX = 0x20_0000
+FUZZ_ARENA = 0x40_0000
+FUZZ_ARENA_END = 0x80_0000
+
 CMDLINE = 0x20000  # kernel command line
 CMDLINE_MAX = 0x10000
 

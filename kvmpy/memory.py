@@ -139,9 +139,11 @@ class GuestMemory:
 
     def view(self, gpa: int, length: int) -> memoryview:
         """A zero-copy window on [gpa, gpa+length); it must lie in one region."""
-        if self.written is not None and length > 0:
+        window = self._view(gpa, length)
+        if self.written is not None and length > 0:  # (after the check: a guest's length
+            # of 4 GiB must not put a million page numbers in the set before it fails)
             self.written.update(range(gpa // PAGE, (gpa + length - 1) // PAGE + 1))
-        return self._view(gpa, length)
+        return window
 
     def _view(self, gpa: int, length: int) -> memoryview:
         """`view` that records nothing: for reads."""
@@ -162,11 +164,11 @@ class GuestMemory:
         is valid while this memory is open: `Machine.close` stops the I/O thread, their
         only user, before it closes the memory.
         """
-        if self.written is not None and length > 0:
-            self.written.update(range(gpa // PAGE, (gpa + length - 1) // PAGE + 1))
         if gpa >= 0 and length >= 0:
             for start, end, _, base in self._spans:
                 if start <= gpa and gpa + length <= end:
+                    if self.written is not None and length > 0:
+                        self.written.update(range(gpa // PAGE, (gpa + length - 1) // PAGE + 1))
                     return base + gpa - start
         raise GuestMemoryError(f"guest access [{gpa:#x}, +{length:#x}) is outside guest RAM")
 

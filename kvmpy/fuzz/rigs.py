@@ -1,0 +1,297 @@
+"""Rigs: a target's devices in a machine that runs one decoded input, then goes back.
+
+Two rigs run the same ops against the same devices, built by the same target code:
+
+- `KvmRig`: a real VM (`kvmpy.machine.Machine`) whose guest is the op interpreter
+  (guests/tests/fuzz_ops.S). kvmpy writes the op list into guest RAM and runs the
+  vCPU; every access is a real VM exit through the exit loop to the device, and the
+  run ends when the interpreter writes the test device's exit register. Between
+  inputs, a fast reset (kvmpy.state.reset) puts back RAM pages, vCPU and devices.
+  Targets with port windows run the interpreter at CPL0 (PVM emulates it), the rest
+  at CPL3 (native).
+- `BusRig`: no KVM. The same buses and devices over anonymous guest RAM; the ops go
+  straight into `Bus.read/write` and `GuestMemory.write`. Its reset is the same
+  `kvmpy.state.reset` code, over a stand-in for the VM whose dirty log is empty (the
+  devices' and the ops' writes are all in `GuestMemory.written`).
+
+What a rig leaves to its caller (kvmpy.fuzz.runner): which oracles to check, and what
+to do with a finding.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from kvmpy import layout
+from kvmpy.bus import Bus, NullIrq
+from kvmpy.errors import ConfigError
+from kvmpy.fuzz import ops as fops
+from kvmpy.fuzz.oracles import DiskWatch, Finding, Guards, Integrity, check_virtio
+from kvmpy.fuzz.targets import ConsoleSink, Target, disk_image
+from kvmpy.memory import GuestMemory
+from kvmpy.stop import Stop, StopKind
+from kvmpy.virtio.device import VirtioDevice
+from kvmpy.virtio.mmio import VirtioMmioTransport, slot_base
+
+FUZZ_MEM = 16 * layout.MiB  # guest RAM: the arena and the interpreter fit with room to spare
+INTERPRETER = "fuzz_ops.bin"
+
+
+def interpreter_path() -> Path:
+    """The op interpreter, built by `make guests` into the cache."""
+    from kvmpy.cachedir import cache_dir
+
+    path = cache_dir() / "guests" / INTERPRETER
+    if not path.is_file():
+        raise ConfigError(f"the fuzz op interpreter {path} is not built: run `make guests`")
+    return path
+
+
+class _Rig:
+    """What both rigs share: the target's devices, their windows, the oracles on them."""
+
+    target: Target
+    memory: GuestMemory
+    pio: Bus
+    mmio: Bus
+    workdir: Path
+    console: ConsoleSink
+
+    def _setup(self, target: Target, workdir: Path | None) -> None:
+        self.target = target
+        self._tmp = None if workdir is not None else tempfile.TemporaryDirectory(
+            prefix="kvmpy-fuzz-", dir="/dev/shm" if Path("/dev/shm").is_dir() else None)
+        self.workdir = workdir or Path(self._tmp.name)  # type: ignore[union-attr]
+        self.transports: list[VirtioMmioTransport] = []
+        self.power_request: str | None = None
+        self.windows = target.build(self)
+        self.disks = DiskWatch()
+        for t in self.transports:
+            if t.device.name.startswith("virtio-blk"):
+                self.disks.watch(disk_image(self.workdir), getattr(t.device, "read_only", False))
+        self.guards = Guards(self.memory)
+
+    # -- Parts (kvmpy.fuzz.targets) -----------------------------------------------------
+    def add_pio(self, section: str, attr: str, base: int, span: int, device: Any) -> None:
+        self.pio.insert(base, span, device, section)
+        self._register(section, attr, device)
+
+    def add_virtio(self, device: VirtioDevice) -> tuple[int, VirtioMmioTransport]:
+        gpa = slot_base(len(self.transports))
+        transport = VirtioMmioTransport(device, self.memory, NullIrq())
+        self.mmio.insert(gpa, layout.VIRTIO_MMIO_SIZE, transport, device.name)
+        self.transports.append(transport)
+        self._register_virtio(transport, gpa)
+        return gpa, transport
+
+    def power(self, what: str) -> Callable[[], None]:
+        """A device's reboot or poweroff line: noted, and the run ends as the VM's would."""
+        def pressed() -> None:
+            self.power_request = what
+            self._stop(Stop(StopKind.REBOOT if what == "reboot" else StopKind.POWEROFF,
+                            f"a device asked for {what}"))
+        return pressed
+
+    def _register(self, section: str, attr: str, device: Any) -> None: ...
+
+    def _register_virtio(self, transport: VirtioMmioTransport, gpa: int) -> None: ...
+
+    def _stop(self, stop: Stop) -> None: ...
+
+    # -- after an input -----------------------------------------------------------------
+    def check(self) -> None:
+        """The oracles on the devices and memory (the runner checks logs and RSS)."""
+        self.guards.check()
+        self.disks.check()
+        check_virtio(self.transports)
+
+    def power_stop(self, stop: Stop) -> None:
+        """A stop by a device's power line: fine for a target whose devices have one."""
+        if not self.target.power:
+            raise Finding("vmm-stop", f"{stop.reason}, on a target whose devices cannot "
+                          "power off or reboot")
+
+    def close(self) -> None:
+        for t in self.transports:
+            t.device.close()
+        if self._tmp is not None:
+            self._tmp.cleanup()
+
+
+class KvmRig(_Rig):
+    """The target's devices in a real VM, driven by the op interpreter."""
+
+    def __init__(self, target: Target, workdir: Path | None = None, trace: Any = None) -> None:
+        from kvmpy.machine import Machine
+        from kvmpy.options import flat_machine
+
+        image = interpreter_path()
+        self.console = ConsoleSink()
+        config = flat_machine(image, mode="long", cpl=0 if target.ports else 3, mem=FUZZ_MEM)
+        self.machine = Machine(config._replace(console=self.console, trace=trace))
+        self.memory, self.pio, self.mmio = self.machine.memory, self.machine.pio, \
+            self.machine.mmio
+        try:
+            self._setup(target, workdir)
+            from kvmpy.state.reset import mark
+
+            self.integrity = Integrity(self.memory, image.stat().st_size)
+            self.point = mark(self.machine)
+        except BaseException:
+            self.machine.close()
+            raise
+
+    def _register(self, section: str, attr: str, device: Any) -> None:
+        setattr(self.machine, attr, device)  # Machine.stateful() finds it by this name
+
+    def _register_virtio(self, transport: VirtioMmioTransport, gpa: int) -> None:
+        self.machine.virtio.append((transport, gpa, 0))
+
+    def _stop(self, stop: Stop) -> None:
+        self.machine.request_stop(stop)
+
+    def run(self, ops: list[fops.Op]) -> None:
+        encoded = fops.encode(ops)
+        self.memory.write(layout.FUZZ_OPS, encoded)
+        self.integrity.ops = encoded
+        self.power_request = None
+        stop = self.machine.run()
+        self._judge(stop)
+
+    def _judge(self, stop: Stop) -> None:
+        if stop.kind is StopKind.DEBUG_EXIT and stop.status == 0:
+            return  # the interpreter's own end
+        if stop.kind is StopKind.ERROR:
+            raise Finding("exception", stop.reason)
+        if self.power_request is not None:
+            self.power_stop(stop)
+            return
+        if stop.kind in (StopKind.FAULT, StopKind.POWEROFF) and not self.integrity.intact():
+            return  # the guest pointed a device at its own code or tables: its own doing
+        raise Finding("vmm-stop", f"the guest stopped: {stop.reason}"
+                      + (" (its code, tables and op list intact)"
+                         if stop.kind in (StopKind.FAULT, StopKind.POWEROFF) else ""))
+
+    def hang_is_guests(self) -> bool:
+        """After a hang: whether the guest looped because it wrote over itself."""
+        return not self.integrity.intact()
+
+    def reset(self) -> None:
+        self.point.reset()
+
+    def close(self) -> None:
+        self.point.close()
+        super().close()
+        self.machine.close()
+
+
+class BusRig(_Rig):
+    """The target's devices on buses, without KVM; the ops run in Python."""
+
+    def __init__(self, target: Target, workdir: Path | None = None) -> None:
+        from kvmpy.devices.serial import Serial
+        from kvmpy.state.reset import mark
+
+        self.memory = GuestMemory.anonymous(FUZZ_MEM, hole=(layout.MMIO_HOLE,
+                                                            layout.MMIO_HOLE_END))
+        self.pio, self.mmio = Bus("pio"), Bus("mmio")
+        self.console = ConsoleSink()
+        self.owners: dict[str, Any] = {}
+        self.stopped: Stop | None = None
+        self.add_pio("serial0", "serial", layout.COM1_PORT, 8,
+                     Serial(NullIrq(), self.console.write))  # as every Machine has
+        self.vm = _NoKvm(self.memory)
+        self.threads = None
+        self.paused = False
+        self._setup(target, workdir)
+        self.point = mark(self)  # type: ignore[arg-type]
+
+    def _register(self, section: str, attr: str, device: Any) -> None:
+        self.owners[section] = device
+
+    def _register_virtio(self, transport: VirtioMmioTransport, gpa: int) -> None:
+        self.owners[f"virtio{len(self.transports) - 1}"] = transport
+
+    def _stop(self, stop: Stop) -> None:
+        if self.stopped is None:
+            self.stopped = stop
+
+    def run(self, ops: list[fops.Op]) -> None:
+        self.power_request = None
+        self.stopped = None
+        memory, pio, mmio = self.memory, self.pio, self.mmio
+        for op in ops:
+            kind = op.kind
+            try:
+                if kind == fops.RAM_WRITE:
+                    memory.write(op.address, op.data)
+                    continue
+                bus = pio if kind in (fops.PIO_WRITE, fops.PIO_READ) else mmio
+                if kind in (fops.PIO_WRITE, fops.MMIO_WRITE):
+                    mask = (1 << 8 * op.size) - 1
+                    for i in range(op.count):
+                        bus.write(op.address, ((op.value + i) & mask).to_bytes(op.size, "little"))
+                        if self.stopped:
+                            break
+                else:
+                    for _ in range(op.count):
+                        bus.read(op.address, op.size)
+            except Exception as e:
+                from kvmpy.vcpu_threads import host_failure
+
+                raise Finding("exception", f"{host_failure(e)}, on {_describe(op)}") from e
+            if self.stopped is not None:
+                self.power_stop(self.stopped)
+                return
+
+    def hang_is_guests(self) -> bool:
+        return False  # no guest code here to loop
+
+    def reset(self) -> None:
+        self.point.reset()
+
+    # -- what kvmpy.state.reset asks of a machine -----------------------------------------
+    def settle(self) -> None:
+        pass
+
+    def rearm(self) -> None:
+        pass
+
+    def capture_state(self) -> dict[str, Any]:
+        return {name: owner.state() for name, owner in self.owners.items()}
+
+    def restorer(self, sections: dict[str, Any]) -> Callable[[], None]:
+        def restore() -> None:
+            for name, owner in self.owners.items():
+                owner.restore(sections[name], name)
+        return restore
+
+    def close(self) -> None:
+        self.point.close()
+        super().close()
+        self.memory.close()
+
+
+class _NoKvm:
+    """The VM as kvmpy.state.reset sees it, with no KVM: slots, and a dirty log that is
+    always clean (nothing but kvmpy writes this RAM, and those writes are tracked)."""
+
+    def __init__(self, memory: GuestMemory) -> None:
+        self.fd = -1
+        self.memory_slots = [(i, r.gpa, r.size, 0) for i, r in enumerate(memory)]
+
+    def dirty_log(self, slot: int, pages: int) -> bytes:
+        return bytes(-(-pages // 8))
+
+    def log_dirty_pages(self, on: bool) -> None:
+        pass
+
+
+def _describe(op: fops.Op) -> str:
+    names = {fops.PIO_WRITE: "port write", fops.PIO_READ: "port read",
+             fops.MMIO_WRITE: "MMIO write", fops.MMIO_READ: "MMIO read"}
+    value = f" of {op.value:#x}" if op.kind in (fops.PIO_WRITE, fops.MMIO_WRITE) else ""
+    return f"{names.get(op.kind, 'op')} {op.size} at {op.address:#x}{value}"
