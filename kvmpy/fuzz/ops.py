@@ -30,6 +30,7 @@ list is fixed before anything runs and both executors run exactly the same acces
 
 from __future__ import annotations
 
+import array
 import struct
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -49,9 +50,12 @@ from kvmpy.virtio.vsock import HDR as VSOCK_HDR
 
 PIO_WRITE, PIO_READ, MMIO_WRITE, MMIO_READ, RAM_WRITE = 1, 2, 3, 4, 5
 END = 0
-_HEADER = struct.Struct("<BBHIQQ")  # kind, size, 0, count, address, value (fuzz_ops.S)
-MAX_OPS = 48  # decoded operations (a macro counts once) per input
-MAX_BURST = 4096  # repeats of one access in one op
+HEADER = struct.Struct("<BBHIQQ")  # kind, size, 0, count, address, value (fuzz_ops.S)
+OP_SIZE = HEADER.size
+MAX_OPS = 32  # decoded operations (a macro counts once) per input
+# Repeats of one access in one op: 2^0..2^10 (most bursts short: through KVM each
+# access is an exit of ~20 us)
+MAX_BURST_LOG = 10
 
 
 class Op(NamedTuple):
@@ -103,7 +107,9 @@ class Stream:
         return chunk + bytes(n - len(chunk))
 
     def u8(self) -> int:
-        return self.take(1)[0]
+        pos = self.pos
+        self.pos = pos + 1
+        return self.data[pos] if pos < len(self.data) else 0
 
     def u16(self) -> int:
         return int.from_bytes(self.take(2), "little")
@@ -123,10 +129,10 @@ def encode(ops: list[Op]) -> bytes:
     """The op list as fuzz_ops.S reads it, ended by an END op."""
     out = bytearray()
     for op in ops:
-        out += _HEADER.pack(op.kind, op.size, 0, op.count, op.address, op.value)
+        out += HEADER.pack(op.kind, op.size, 0, op.count, op.address, op.value)
         if op.kind == RAM_WRITE:
             out += op.data + bytes(-len(op.data) % 8)
-    out += _HEADER.pack(END, 0, 0, 0, 0, 0)
+    out += HEADER.pack(END, 0, 0, 0, 0, 0)
     if len(out) > layout.FUZZ_OPS_MAX:
         raise ValueError(f"op list of {len(out)} bytes does not fit at FUZZ_OPS")
     return bytes(out)
@@ -181,12 +187,13 @@ class _Decoder:
             self.write(window.space, address, size, self.value(window))
 
     def burst(self, window: Window) -> None:
-        """One register written up to MAX_BURST times, the value counting up: a guest loop."""
+        """One register written up to 2^MAX_BURST_LOG times, the value counting up: a
+        guest loop."""
         s = self.s
         offset = s.choice(window.registers) if window.registers else s.u16() % window.length
         size = 4 if window.space == "mmio" else s.choice((1, 2, 4))
         self.write(window.space, window.base + offset, size, self.value(window),
-                   count=s.u16() % MAX_BURST + 1)
+                   count=1 + s.u16() % (1 << s.u8() % (MAX_BURST_LOG + 1)))
 
     def value(self, window: Window) -> int:
         s = self.s
@@ -199,28 +206,37 @@ class _Decoder:
             return s.u8()
         return s.u64()
 
+    def prelude(self) -> list[Op]:
+        """What runs once before the mark: every virtio device set up by its driver
+        (all features, queues of up to 256), so an input starts from a live device
+        and spends its operations past the init sequence (Nyx's snapshot after boot)."""
+        for driver in self.drivers.values():
+            driver.init(default=True)
+        return self.ops
+
     def decode(self) -> list[Op]:
         s = self.s
-        mode = s.u8()
-        if not mode & 1:  # most inputs begin with each virtio device set up (or half of it)
+        for driver in self.drivers.values():  # where the prelude left it
+            driver.init(default=True)
+        self.ops = []
+        if s.u8() < 32:  # some inputs set each device up again, their own way
             for driver in self.drivers.values():
-                driver.init(partial=mode & 6 == 6)
-        while not s.exhausted and len(self.ops) < 4 * MAX_OPS and self._steps < MAX_OPS:
-            self._steps += 1
+                driver.reinit()
+        steps = 0
+        while not s.exhausted and steps < MAX_OPS:
+            steps += 1
             window = self.windows[s.u8() % len(self.windows)]
             driver = self.drivers.get(window.base)
             pick = s.u8()
             if driver is not None and pick < 150:
                 driver.macro(pick)
-            elif pick < 230:
+            elif pick < 240:
                 self.access(window)
-            elif pick < 245:
+            elif pick < 246:
                 self.burst(window)
             else:
                 self.ram(_arena_address(s), s.take(s.u8() % 64))
         return self.ops
-
-    _steps = 0
 
 
 _ARENA_QUEUES = layout.FUZZ_ARENA  # a 16 KiB block of rings per (device, queue)
@@ -260,15 +276,16 @@ class _Driver:
     def w32(self, offset: int, value: int, count: int = 1) -> None:
         self.d.write("mmio", self.window.base + offset, 4, value, count)
 
-    def init(self, partial: bool = False) -> None:
+    def init(self, partial: bool = False, default: bool = False) -> None:
         """§3.1.1 over §4.2.3.2: reset, ACKNOWLEDGE, DRIVER, features, FEATURES_OK, the
-        queues (rings in the arena), DRIVER_OK (not when `partial`)."""
+        queues (rings in the arena), DRIVER_OK (not when `partial`). `default`: every
+        feature and queues of up to 256, whatever the input says."""
         s, facts = self.d.s, self.facts
         slot = (self.window.base - layout.VIRTIO_MMIO_BASE) // layout.VIRTIO_MMIO_SIZE
         self.w32(mmio.STATUS, 0)
         self.w32(mmio.STATUS, VIRTIO_STATUS_ACKNOWLEDGE)
         self.w32(mmio.STATUS, VIRTIO_STATUS_ACKNOWLEDGE | VIRTIO_STATUS_DRIVER)
-        drop = s.u8()
+        drop = 255 if default else s.u8()
         features = facts.features
         if drop < 128:  # some inputs drop a few features (EVENT_IDX, INDIRECT, MRG_RXBUF..)
             for i, bit in enumerate((29, 28, 15, 1, 0, 7)):
@@ -281,7 +298,7 @@ class _Driver:
             self.w32(mmio.DRIVER_FEATURES, features >> (32 * sel))
         ok = VIRTIO_STATUS_ACKNOWLEDGE | VIRTIO_STATUS_DRIVER | VIRTIO_STATUS_FEATURES_OK
         self.w32(mmio.STATUS, ok)
-        size_log = s.u8() % 9
+        size_log = 8 if default else s.u8() % 9
         self.queues = []
         for index, max_size in enumerate(facts.queue_max):
             size = min(1 << size_log, max_size)
@@ -299,26 +316,23 @@ class _Driver:
             self.w32(mmio.STATUS, ok | VIRTIO_STATUS_DRIVER_OK)
 
     def macro(self, pick: int) -> None:
+        _MACROS[pick % len(_MACROS)](self)
+
+    def notify(self) -> None:
         s = self.d.s
-        which = pick % 10
-        if which == 0:
-            self.init(partial=s.u8() < 64)
-        elif which == 1:
-            self.status()
-        elif which in (2, 3):
-            self.valid_request()
-        elif which in (4, 5):
-            self.hostile_chain()
-        elif which == 6:
-            self.repeat_chain()
-        elif which == 7:
-            index = s.u8() % 4 if s.u8() < 230 else s.u32()
-            self.w32(mmio.QUEUE_NOTIFY, index)
-        elif which == 8:
-            self.w32(mmio.INTERRUPT_ACK, s.choice((1, 2, 3, 0xFFFFFFFF)))
-        else:  # a RAM write over this device's rings or buffers
-            bases = [_ARENA_BUFFERS] + [a for q in self.queues for a in (q.desc, q.avail, q.used)]
-            self.d.ram(s.choice(tuple(bases)) + s.u16() % 512, s.take(s.u8() % 64))
+        self.w32(mmio.QUEUE_NOTIFY, s.u8() % 4 if s.u8() < 230 else s.u32())
+
+    def ack(self) -> None:
+        self.w32(mmio.INTERRUPT_ACK, self.d.s.choice((1, 2, 3, 0xFFFFFFFF)))
+
+    def scribble(self) -> None:
+        """A RAM write over this device's rings or buffers."""
+        s = self.d.s
+        bases = [_ARENA_BUFFERS] + [a for q in self.queues for a in (q.desc, q.avail, q.used)]
+        self.d.ram(s.choice(tuple(bases)) + s.u16() % 512, s.take(s.u8() % 64))
+
+    def reinit(self) -> None:
+        self.init(partial=self.d.s.u8() < 64)
 
     def status(self) -> None:
         """A Status write, mostly one a confused or failing driver might make."""
@@ -428,16 +442,34 @@ class _Driver:
         flags = VIRTQ_DESC_F_WRITE if s.u8() & 1 else 0
         buffer = self.d.alloc(length)
         table = self.d.alloc(16 * entries)
-        self.d.ram(table, _table([(buffer, length, flags)] * entries))
+        self.d.ram(table, _repeated(buffer, length, flags, entries))
         head = s.u8() % q.size
         self.d.ram(q.desc + 16 * head, _DESC.pack(table, 16 * entries, VIRTQ_DESC_F_INDIRECT, 0))
         self._publish(q, head)
 
 
+# the virtio macros, by weight
+_MACROS = (_Driver.reinit, *[_Driver.status] * 2, *[_Driver.valid_request] * 4,
+           *[_Driver.hostile_chain] * 4, _Driver.repeat_chain, *[_Driver.notify] * 3,
+           _Driver.ack, *[_Driver.scribble] * 2)
+
+
 def _table(descs: list[tuple[int, int, int]]) -> bytes:
     """An indirect table (or a chain from index 0): descriptor i's next is i + 1."""
-    return b"".join(_DESC.pack(gpa, n, flags | (VIRTQ_DESC_F_NEXT if i + 1 < len(descs) else 0),
-                               i + 1) for i, (gpa, n, flags) in enumerate(descs))
+    fields: list[int] = []
+    for i, (gpa, n, flags) in enumerate(descs):
+        fields += (gpa, n, flags | (VIRTQ_DESC_F_NEXT if i + 1 < len(descs) else 0), i + 1)
+    return struct.pack("<" + "QIHH" * len(descs), *fields)
+
+
+def _repeated(gpa: int, length: int, flags: int, entries: int) -> bytes:
+    """`_table` of `entries` copies of one descriptor, built at C speed (a table of 1,024
+    packed one by one is most of a decode)."""
+    table = bytearray(_DESC.pack(gpa, length, flags | VIRTQ_DESC_F_NEXT, 0) * entries)
+    nexts = memoryview(table).cast("H")
+    nexts[7::8] = array.array("H", range(1, entries + 1))
+    _DESC.pack_into(table, 16 * (entries - 1), gpa, length, flags, entries)
+    return bytes(table)
 
 
 _WILD_ADDRESSES = (layout.FUZZ_ARENA_END - 1, 2**64 - 1, 2**63, 2**32, 0xFFFFFFF0,
@@ -487,7 +519,13 @@ def _ninep_message(s: Stream) -> bytes:
 
 
 def decode(data: bytes, windows: list[Window]) -> list[Op]:
-    """The operations `data` stands for, against these windows (deterministic)."""
+    """The operations `data` stands for, against these windows (deterministic), run
+    after `prelude(windows)`."""
     if not windows:
         raise ValueError("a fuzz target needs at least one device window")
     return _Decoder(data, windows).decode()
+
+
+def prelude(windows: list[Window]) -> list[Op]:
+    """The operations that run once, before the machine is marked (`_Decoder.prelude`)."""
+    return _Decoder(b"", windows).prelude()

@@ -164,8 +164,8 @@ class MemoryWatch:
 class Guards:
     """Two checks that nothing is read or written outside guest RAM.
 
-    `audit` wraps the memory object's window-giving methods (`view`, `_view`,
-    `host_address`) with an independent check of each window against the regions'
+    The memory object's window-giving methods (`_view`, which `view` and every
+    read and write helper use, and `host_address`) are wrapped with an independent check of each window against the regions'
     bounds as built: a broken bounds check is caught at the access, before the data
     moves. The guard bytes catch what bypasses them (a host address used past its
     window, by preadv or a buffer used directly): the unused bytes of each region's
@@ -190,32 +190,34 @@ class Guards:
     def _audit(self) -> None:
         memory, spans = self.memory, self.spans
 
-        def inside(gpa: int, length: int, what: str) -> tuple[int, int, int]:
+        def region(gpa: int, length: int) -> tuple[int, int]:
             for start, end, host in spans:
                 if start <= gpa and gpa + length <= end:
-                    return start, end, host
-            raise Finding("outside-ram", f"{what} gave a window on [{gpa:#x}, +{length:#x}), "
-                          "which is not inside guest RAM")
+                    return start, host
+            raise Finding("outside-ram", f"guest memory gave a window on [{gpa:#x}, "
+                          f"+{length:#x}), which is not inside guest RAM")
 
-        def wrap(name: str) -> None:
-            plain = getattr(memory, name)
+        plain_view, plain_address = memory._view, memory.host_address
 
-            def audited(gpa: int, length: int) -> Any:
-                got = plain(gpa, length)  # raises GuestMemoryError when it should
-                start, _, host = inside(gpa, length, f"GuestMemory.{name}")
-                if name == "host_address":
-                    if got != host + gpa - start:
-                        raise Finding("outside-ram", f"host_address({gpa:#x}) is "
-                                      f"{got - host - gpa + start:+#x} bytes off its region")
-                elif len(got) != length:
-                    raise Finding("outside-ram", f"GuestMemory.{name}({gpa:#x}, {length:#x}) "
-                                  f"gave {len(got)} bytes")
-                return got
+        def view(gpa: int, length: int) -> memoryview:
+            got = plain_view(gpa, length)  # raises GuestMemoryError when it should
+            region(gpa, length)
+            if len(got) != length:
+                raise Finding("outside-ram", f"GuestMemory._view({gpa:#x}, {length:#x}) gave "
+                              f"{len(got)} bytes")
+            return got
 
-            setattr(memory, name, audited)
+        def host_address(gpa: int, length: int) -> int:
+            got = plain_address(gpa, length)
+            start, host = region(gpa, length)
+            if got != host + gpa - start:
+                raise Finding("outside-ram", f"host_address({gpa:#x}) is "
+                              f"{got - host - gpa + start:+#x} bytes off its region")
+            return got
 
-        for name in ("view", "_view", "host_address"):
-            wrap(name)
+        # (`view`, the write helpers and `views` all take their windows from `_view`)
+        memory._view = view  # type: ignore[method-assign]
+        memory.host_address = host_address  # type: ignore[method-assign]
 
     def check(self) -> None:
         for buffer, start, end in self.guards:

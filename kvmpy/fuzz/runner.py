@@ -25,7 +25,7 @@ from kvmpy.fuzz.ops import decode
 from kvmpy.fuzz.rigs import FUZZ_MEM, BusRig, KvmRig
 from kvmpy.fuzz.targets import Target
 
-MAX_LEN = 1024  # bytes per input: ~48 decoded operations fit
+MAX_LEN = 512  # bytes per input: about MAX_OPS decoded operations fit
 DEFAULT_TIMEOUT = 5.0  # seconds per input before the hang oracle fires
 
 

@@ -64,9 +64,6 @@ class Target:
     about: str
     options: str  # the `kvmpy run` options of the machine it stands for
     build: Callable[[Parts], list[Window]]
-    # its windows are ports: the interpreter then runs at CPL0 (PVM grants CPL3 no port
-    # I/O), where PVM emulates it instruction by instruction: slower
-    ports: bool = False
     power: bool = False  # its devices may end the VM (reboot, poweroff) when told to
 
 
@@ -188,11 +185,11 @@ def _vsock(parts: Parts) -> VirtioDevice:
 
 
 TARGETS: dict[str, Target] = {t.name: t for t in (
-    Target("serial", "the 16550 UART (COM1)", "--console serial", _serial, ports=True),
+    Target("serial", "the 16550 UART (COM1)", "--console serial", _serial),
     Target("i8042", "the PS/2 controller (reset line, keyboard)", "(Linux guests)", _i8042,
-           ports=True, power=True),
-    Target("rtc", "the CMOS RTC and its NVRAM", "(Linux guests)", _rtc, ports=True),
-    Target("acpi-pm", "the ACPI PM1 and sleep registers", "--acpi on", _acpi_pm, ports=True,
+           power=True),
+    Target("rtc", "the CMOS RTC and its NVRAM", "(Linux guests)", _rtc),
+    Target("acpi-pm", "the ACPI PM1 and sleep registers", "--acpi on", _acpi_pm,
            power=True),
     Target("blk", "virtio-blk on a read-only image", "--disk IMG,ro",
            _virtio("blk", _block(True))),
