@@ -104,6 +104,17 @@ class _Rig:
     def _stop(self, stop: Stop) -> None: ...
 
     # -- after an input -----------------------------------------------------------------
+    def reset(self) -> None:
+        """Back to the mark. Restoring state is VMM code the guest's input has fed (a
+        device's restore may look at its rings): an exception here is a finding too."""
+        try:
+            self.point.reset()
+        except Exception as e:
+            from kvmpy.vcpu_threads import host_failure
+
+            raise Finding("exception", f"{host_failure(e)}, in the reset after the input") \
+                from e
+
     def check(self) -> None:
         """The oracles on the devices and memory (the runner checks logs and RSS)."""
         self.guards.check()
@@ -183,9 +194,6 @@ class KvmRig(_Rig):
     def hang_is_guests(self) -> bool:
         """After a hang: whether the guest looped because it wrote over itself."""
         return not self.integrity.intact()
-
-    def reset(self) -> None:
-        self.point.reset()
 
     def close(self) -> None:
         self.point.close()
@@ -280,9 +288,6 @@ class BusRig(_Rig):
 
     def hang_is_guests(self) -> bool:
         return False  # no guest code here to loop
-
-    def reset(self) -> None:
-        self.point.reset()
 
     # -- what kvmpy.state.reset asks of a machine -----------------------------------------
     def settle(self) -> None:

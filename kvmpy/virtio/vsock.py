@@ -181,7 +181,12 @@ class Vsock(VirtioDevice):
         return {"cid": self.cid}
 
     def restore(self, reader: StateReader) -> None:
-        """The same CID, or a one-line error; then tell the guest its connections are gone."""
+        """The same CID, or a one-line error; the connections are gone, and the guest is
+        told so by the event its event queue gets when the transport next looks at the
+        queues (`process_all`, which a restored machine runs before its vCPUs, or a
+        notify). Not here: the transport restores its queues after its device, so
+        they still hold the state before the restore (a fast reset after a hostile
+        input met a broken ring there, and the restore failed)."""
         cid = reader.int("cid")
         reader.done()
         if cid != self.cid:
@@ -190,8 +195,6 @@ class Vsock(VirtioDevice):
             self._drop_all()
             self.control.clear()
             self.reset_event_pending = True
-            if self.active:
-                self._send_reset_event()
 
     # -- the I/O thread --------------------------------------------------------------------
     def _unwatch(self, fd: int) -> None:
