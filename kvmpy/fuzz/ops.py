@@ -362,6 +362,12 @@ class _Driver:
             if data:
                 self.d.ram(gpa, data)
             descs.append((gpa, len(data) or length, 0 if data else VIRTQ_DESC_F_WRITE))
+        s = self.d.s
+        if s.u8() < 64:  # a well-formed request with one lying buffer: address or length
+            i = s.u8() % len(descs)
+            gpa, length, flags = descs[i]
+            descs[i] = (s.choice(_WILD_ADDRESSES), length, flags) if s.u8() & 1 \
+                else (gpa, _length(s), flags)
         if indirect or len(descs) > q.size:
             table = self.d.alloc(16 * len(descs))
             self.d.ram(table, _table(descs))
@@ -394,7 +400,9 @@ class _Driver:
                 buffers.append((s.take(512 * n) or b"\0", 0))
             elif rtype in (11, 13):
                 buffers.append((struct.pack("<QII", s.u8(), s.u8() % 16, s.u8() % 3), 0))
-            buffers.append((b"", 512 * n + 1 if rtype == 0 else (21 if rtype == 8 else 1)))
+            if rtype in (0, 8) and (n or rtype == 8):  # Linux's layout: data, then status
+                buffers.append((b"", 512 * n if rtype == 0 else 20))
+            buffers.append((b"", 1))
         elif kind == "net":
             buffers = ([(b"", 12 + s.u16() % 3000)] if q.index % 2 == 0
                        else [(bytes(12), 0), (s.take(s.u8() + 1), 0)])
@@ -472,7 +480,9 @@ def _repeated(gpa: int, length: int, flags: int, entries: int) -> bytes:
     return bytes(table)
 
 
-_WILD_ADDRESSES = (layout.FUZZ_ARENA_END - 1, 2**64 - 1, 2**63, 2**32, 0xFFFFFFF0,
+_WILD_ADDRESSES = (layout.FUZZ_RAM - 1, layout.FUZZ_RAM - 8, layout.FUZZ_RAM - 16,
+                   layout.FUZZ_RAM - 512, layout.FUZZ_RAM - 4096, layout.FUZZ_RAM,
+                   layout.FUZZ_ARENA_END - 1, 2**64 - 1, 2**63, 2**32, 0xFFFFFFF0,
                    layout.VIRTIO_MMIO_BASE, 0, layout.FUZZ_OPS)
 _WILD_LENGTHS = (0, 1, 15, 16, 17, 512, 513, 2**31, 2**32 - 1, 0x10_0000)
 

@@ -107,6 +107,7 @@ class LogWatch(logging.Handler):
             record = self.caught[0]
             trace = logging.Formatter().formatException(record.exc_info) if record.exc_info \
                 else ""
+            self.caught.clear()  # (their tracebacks hold frames that hold guest memory)
             last = trace.strip().splitlines()[-1] if trace else ""
             raise Finding("vmm-stop", f"{record.getMessage()} ({last}): the device was "
                           "declared broken for an internal error")

@@ -34,11 +34,12 @@ from kvmpy.fuzz import ops as fops
 from kvmpy.fuzz.oracles import DiskWatch, Finding, Guards, Integrity, check_virtio
 from kvmpy.fuzz.targets import ConsoleSink, Target, disk_image
 from kvmpy.memory import GuestMemory
+from kvmpy.state.reset import ResetPoint
 from kvmpy.stop import Stop, StopKind
 from kvmpy.virtio.device import VirtioDevice
 from kvmpy.virtio.mmio import VirtioMmioTransport, slot_base
 
-FUZZ_MEM = 16 * layout.MiB  # guest RAM: the arena and the interpreter fit with room to spare
+FUZZ_MEM = layout.FUZZ_RAM
 INTERPRETER = "fuzz_ops.bin"
 
 
@@ -55,6 +56,7 @@ def interpreter_path() -> Path:
 class _Rig:
     """What both rigs share: the target's devices, their windows, the oracles on them."""
 
+    point: ResetPoint
     target: Target
     memory: GuestMemory
     pio: Bus
@@ -71,9 +73,8 @@ class _Rig:
         self.power_request: str | None = None
         self.windows = target.build(self)
         self.disks = DiskWatch()
-        for t in self.transports:
-            if t.device.name.startswith("virtio-blk"):
-                self.disks.watch(disk_image(self.workdir), getattr(t.device, "read_only", False))
+        if target.disk is not None:  # as the target says, whatever the device thinks
+            self.disks.watch(disk_image(self.workdir), read_only=target.disk == "ro")
         self.guards = Guards(self.memory)
 
     # -- Parts (kvmpy.fuzz.targets) -----------------------------------------------------
@@ -113,7 +114,7 @@ class _Rig:
             from kvmpy.vcpu_threads import host_failure
 
             raise Finding("exception", f"{host_failure(e)}, in the reset after the input") \
-                from e
+                from None
 
     def check(self) -> None:
         """The oracles on the devices and memory (the runner checks logs and RSS)."""
@@ -281,7 +282,7 @@ class BusRig(_Rig):
             except Exception as e:
                 from kvmpy.vcpu_threads import host_failure
 
-                raise Finding("exception", f"{host_failure(e)}, on {_describe(op)}") from e
+                raise Finding("exception", f"{host_failure(e)}, on {_describe(op)}") from None
             if self.stopped is not None:
                 self.power_stop(self.stopped)
                 return
@@ -308,7 +309,7 @@ class BusRig(_Rig):
     def close(self) -> None:
         self.point.close()
         super().close()
-        self.memory.close()
+        _close_memory(self.memory)
 
 
 class _NoKvm:
@@ -323,6 +324,19 @@ class _NoKvm:
         return bytes(-(-pages // 8))
 
     def log_dirty_pages(self, on: bool) -> None:
+        pass
+
+
+def _close_memory(memory: GuestMemory) -> None:
+    """Unmap guest RAM, once the tracebacks of what the run caught (cycles through
+    frames that hold windows on it) are collected; if something still holds one, the
+    mapping stays until the process ends."""
+    import gc
+
+    gc.collect()
+    try:
+        memory.close()
+    except BufferError:
         pass
 
 

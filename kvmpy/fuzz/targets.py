@@ -65,6 +65,7 @@ class Target:
     options: str  # the `kvmpy run` options of the machine it stands for
     build: Callable[[Parts], list[Window]]
     power: bool = False  # its devices may end the VM (reboot, poweroff) when told to
+    disk: str | None = None  # "ro" or "rw": the disk image the target has (and oracles watch)
 
 
 # -- legacy devices ----------------------------------------------------------------------
@@ -192,9 +193,9 @@ TARGETS: dict[str, Target] = {t.name: t for t in (
     Target("acpi-pm", "the ACPI PM1 and sleep registers", "--acpi on", _acpi_pm,
            power=True),
     Target("blk", "virtio-blk on a read-only image", "--disk IMG,ro",
-           _virtio("blk", _block(True))),
+           _virtio("blk", _block(True)), disk="ro"),
     Target("blk-rw", "virtio-blk on a writable image (put back after each input)",
-           "--disk IMG", _virtio("blk", _block(False))),
+           "--disk IMG", _virtio("blk", _block(False)), disk="rw"),
     Target("net", "virtio-net, frames to and from memory", "--net tap=T",
            _virtio("net", _net)),
     Target("console", "virtio-console (hvc0)", "--console virtio", _virtio("console", _console)),
