@@ -156,6 +156,7 @@ class KvmRig(_Rig):
 
             self.integrity = Integrity(self.memory, image.stat().st_size)
             self.run(fops.prelude(self.windows))
+            self.machine.rearm()  # (a reset does this after each input)
             self.point = mark(self.machine)
         except BaseException:
             self.machine.close()
@@ -199,7 +200,7 @@ class KvmRig(_Rig):
     def close(self) -> None:
         self.point.close()
         super().close()
-        self.machine.close()
+        _unmapping(self.machine.close)
 
 
 class OpCopier:
@@ -309,7 +310,7 @@ class BusRig(_Rig):
     def close(self) -> None:
         self.point.close()
         super().close()
-        _close_memory(self.memory)
+        _unmapping(self.memory.close)
 
 
 class _NoKvm:
@@ -327,15 +328,15 @@ class _NoKvm:
         pass
 
 
-def _close_memory(memory: GuestMemory) -> None:
-    """Unmap guest RAM, once the tracebacks of what the run caught (cycles through
-    frames that hold windows on it) are collected; if something still holds one, the
-    mapping stays until the process ends."""
+def _unmapping(close: Callable[[], None]) -> None:
+    """`close`, which unmaps guest RAM, once the tracebacks of what the run caught (cycles
+    through frames that hold windows on it) are collected; if something still holds
+    one, the mapping stays until the process ends."""
     import gc
 
     gc.collect()
     try:
-        memory.close()
+        close()
     except BufferError:
         pass
 
