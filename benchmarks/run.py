@@ -16,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import exit_latency  # noqa: E402
 import fast_reset  # noqa: E402
 import flat_startup  # noqa: E402
+import fuzz_rate  # noqa: E402
 import linux_boot  # noqa: E402
 import ninep  # noqa: E402
 import sandbox_start  # noqa: E402
@@ -33,6 +34,7 @@ BENCHMARKS = {
     "sandbox_true": sandbox_start.main,
     "linux_snapshot_restore": snapshot_restore.main,
     "flat_fast_reset": fast_reset.main,
+    "fuzz_inputs": fuzz_rate.main,
 }
 
 

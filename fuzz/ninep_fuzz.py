@@ -24,7 +24,7 @@ Run it (see mk/fuzz.mk):
 
     .venv/bin/python fuzz/ninep_fuzz.py --engine hypothesis --runs 20000
     .venv/bin/python fuzz/ninep_fuzz.py -runs=100000                      # atheris
-    make fuzz FUZZ_DEVICES=9p
+    make fuzz-harness FUZZ_DEVICES=9p
 """
 
 from __future__ import annotations

@@ -41,7 +41,7 @@ Run it (see mk/fuzz.mk):
 
     .venv/bin/python fuzz/virtio_fuzz.py --engine hypothesis --device blk --runs 100000
     KVMPY_FUZZ_DEVICE=net .venv/bin/python fuzz/virtio_fuzz.py -runs=100000   # atheris
-    make fuzz FUZZ_RUNS=100000 [FUZZ_ENGINE=atheris]
+    make fuzz-harness HARNESS_RUNS=100000 [FUZZ_ENGINE=atheris]
 
 What it is not: a fuzzer of the KVM layer, or of the tap (net uses an
 in-memory backend). The 9p server's messages have their own, deeper harness

@@ -30,7 +30,6 @@ list is fixed before anything runs and both executors run exactly the same acces
 
 from __future__ import annotations
 
-import array
 import struct
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -472,12 +471,20 @@ def _table(descs: list[tuple[int, int, int]]) -> bytes:
 
 def _repeated(gpa: int, length: int, flags: int, entries: int) -> bytes:
     """`_table` of `entries` copies of one descriptor, built at C speed (a table of 1,024
-    packed one by one is most of a decode)."""
-    table = bytearray(_DESC.pack(gpa, length, flags | VIRTQ_DESC_F_NEXT, 0) * entries)
-    nexts = memoryview(table).cast("H")
-    nexts[7::8] = array.array("H", range(1, entries + 1))
+    packed one by one is most of a decode): each byte column of the records is one
+    strided slice assignment."""
+    record = _DESC.pack(gpa, length, flags | VIRTQ_DESC_F_NEXT, 0)
+    table = bytearray(16 * entries)
+    for column in range(14):
+        table[column::16] = record[column : column + 1] * entries
+    table[14::16] = _NEXT_LOW[:entries]
+    table[15::16] = _NEXT_HIGH[:entries]
     _DESC.pack_into(table, 16 * (entries - 1), gpa, length, flags, entries)
     return bytes(table)
+
+
+_NEXT_LOW = bytes((i + 1) & 0xFF for i in range(1024))  # descriptor i's next: i + 1
+_NEXT_HIGH = bytes((i + 1) >> 8 & 0xFF for i in range(1024))
 
 
 _WILD_ADDRESSES = (layout.FUZZ_RAM - 1, layout.FUZZ_RAM - 8, layout.FUZZ_RAM - 16,

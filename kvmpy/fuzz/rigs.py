@@ -165,6 +165,9 @@ class KvmRig(_Rig):
     def _register(self, section: str, attr: str, device: Any) -> None:
         setattr(self.machine, attr, device)  # Machine.stateful() finds it by this name
 
+    def add_serial(self) -> None:
+        pass  # every Machine has COM1
+
     def _register_virtio(self, transport: VirtioMmioTransport, gpa: int) -> None:
         self.machine.virtio.append((transport, gpa, 0))
 
@@ -232,7 +235,6 @@ class BusRig(_Rig):
     """The target's devices on buses, without KVM; the ops run in Python."""
 
     def __init__(self, target: Target, workdir: Path | None = None) -> None:
-        from kvmpy.devices.serial import Serial
         from kvmpy.state.reset import mark
 
         self.memory = GuestMemory.anonymous(FUZZ_MEM, hole=(layout.MMIO_HOLE,
@@ -241,8 +243,6 @@ class BusRig(_Rig):
         self.console = ConsoleSink()
         self.owners: dict[str, Any] = {}
         self.stopped: Stop | None = None
-        self.add_pio("serial0", "serial", layout.COM1_PORT, 8,
-                     Serial(NullIrq(), self.console.write))  # as every Machine has
         self.vm = _NoKvm(self.memory)
         self.threads = None
         self.paused = False
@@ -252,6 +252,12 @@ class BusRig(_Rig):
 
     def _register(self, section: str, attr: str, device: Any) -> None:
         self.owners[section] = device
+
+    def add_serial(self) -> None:
+        from kvmpy.devices.serial import Serial
+
+        self.add_pio("serial0", "serial", layout.COM1_PORT, 8,
+                     Serial(NullIrq(), self.console.write))
 
     def _register_virtio(self, transport: VirtioMmioTransport, gpa: int) -> None:
         self.owners[f"virtio{len(self.transports) - 1}"] = transport

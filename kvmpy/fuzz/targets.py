@@ -57,6 +57,8 @@ class Parts(Protocol):
 
     def power(self, what: str) -> Callable[[], None]: ...  # a device's reboot/poweroff
 
+    def add_serial(self) -> None: ...
+
 
 @dataclass(frozen=True)
 class Target:
@@ -70,7 +72,8 @@ class Target:
 
 # -- legacy devices ----------------------------------------------------------------------
 def _serial(parts: Parts) -> list[Window]:
-    """COM1: every machine has it (the rig builds it); just its window."""
+    """COM1 (a Machine always has it: the rig adds it when it has none)."""
+    parts.add_serial()
     return [Window("pio", layout.COM1_PORT, 8, "serial0", registers=tuple(range(8)),
                    values=(0x80, 0x03, 0x0F, 0x07, 0xC7, 0x0B, 0x10, 0x1F))]
 
