@@ -364,7 +364,9 @@ def _seeing_inside(args: argparse.Namespace) -> tuple[Tracer | None, GdbConfig |
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    from kvmpy.fuzz.command import libfuzzer_child
+
+    args = build_parser().parse_args(libfuzzer_child(sys.argv[1:] if argv is None else argv))
     configure_cli(args.verbose)
     # `kill -USR2` prints every thread's Python stack: for a VMM that seems stuck,
     # even one whose threads hold the GIL (the dump runs in the signal handler).

@@ -12,6 +12,8 @@ starts with "finding:", names the oracle and the reproducer's path), 2 for bad u
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 from pathlib import Path
 
@@ -76,6 +78,9 @@ def cmd_fuzz(args: argparse.Namespace) -> int:
                 raise ConfigError("coverage-guided fuzzing needs atheris (pip install "
                                   "atheris); or give --seed S for seeded random inputs") \
                     from None
+            parent = ["fuzz", "--target", target.name, "--out", str(out),
+                      "--timeout", str(_timeout(args)), *(["--no-kvm"] if args.no_kvm else [])]
+            os.environ[CHILD_ENV] = json.dumps(parent)
             run_atheris(fuzzer, args.runs, out, args.libfuzzer)
             return 0  # (libFuzzer exits the process itself)
         found = run_seeded(fuzzer, args.seed, args.runs)
@@ -87,6 +92,21 @@ def cmd_fuzz(args: argparse.Namespace) -> int:
         data, finding = found
         report(save(out, fuzzer, data, finding), finding, target)
         return 1
+
+
+# libFuzzer's -minimize_crash (and -fork, -merge) run this program again with only their
+# own flags: the variable tells such a child which `kvmpy fuzz` it is (runner.run_atheris).
+CHILD_ENV = "KVMPY_FUZZ_LIBFUZZER_ARGS"
+
+
+def libfuzzer_child(argv: list[str]) -> list[str]:
+    """`argv`, or for a child libFuzzer started (argv only its -flags and inputs) the
+    `kvmpy fuzz` command line of its parent with them after `--`."""
+    parent = os.environ.get(CHILD_ENV)
+    if parent and argv and argv[0].startswith("-") and argv[0] not in ("-h", "--help", "-v",
+                                                                      "--verbose"):
+        return [*json.loads(parent), "--", *argv]
+    return argv
 
 
 def _replay(args: argparse.Namespace) -> int:

@@ -91,20 +91,23 @@ def run_seeded(fuzzer: Fuzzer, seed: int, runs: int, max_len: int = MAX_LEN
 def run_atheris(fuzzer: Fuzzer, runs: int, out: Path, libfuzzer_args: list[str]) -> None:
     """libFuzzer over `fuzzer.one`, coverage from atheris' instrumentation of kvmpy's
     bytecode. Does not return: libFuzzer exits 0 after `runs` inputs; a finding is
-    saved and reported here, then the process exits 1 (libFuzzer's -minimize_crash
-    treats that as the crash it minimizes)."""
-    import os
-
+    saved and reported here, then raised to libFuzzer as a crash (its -minimize_crash
+    minimizes those)."""
     import atheris  # type: ignore[import-not-found]
 
+    started = []
+
     def test_one_input(data: bytes) -> None:
+        if not started:  # the instrumentation and libFuzzer's start-up took memory too
+            started.append(True)
+            fuzzer.memory.rearm()
         try:
             fuzzer.one(data)
         except Finding as finding:
             report(save(out, fuzzer, data, finding), finding, fuzzer.target)
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(1)
+            # an uncaught exception is a crash to libFuzzer: it writes its own artifact
+            # (-exact_artifact_path, which -minimize_crash needs) and exits non-zero
+            raise RuntimeError(str(finding)) from None
 
     atheris.instrument_all()
     atheris.Setup([sys.argv[0], f"-runs={runs}", f"-max_len={MAX_LEN}", *libfuzzer_args],
