@@ -15,7 +15,6 @@ from __future__ import annotations
 import importlib.util
 import sys
 import time
-from pathlib import Path
 
 from common import ROOT, median
 
@@ -41,7 +40,7 @@ def kvmpy_rates(name: str, kvm: bool, inputs: list[bytes]) -> tuple[float, float
     with Fuzzer(TARGETS[name], kvm=kvm) as fuzzer:
         fuzzer.one(inputs[0])  # warm: first imports, first pages
         rates = [rate(fuzzer.one, inputs) for _ in range(ROUNDS)]
-        accesses = sum(op.count for data in inputs for op in ops.decode(data, fuzzer.rig.windows)
+        accesses = sum(op.times for data in inputs for op in ops.decode(data, fuzzer.rig.windows)
                        if op.kind != ops.RAM_WRITE) / len(inputs)
         exits = 0.0
         if kvm:

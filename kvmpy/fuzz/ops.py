@@ -10,7 +10,7 @@ executor alike:
     RAM       fuzzer-chosen bytes written into guest RAM (inside the arena,
               layout.FUZZ_ARENA, which the interpreter's own code and tables are not in)
 
-A read or write may repeat (`count`), a write's value counting up by one: a guest
+A read or write may repeat (`Op.times`), a write's value counting up by one: a guest
 loop hammering one register in a single op.
 
 The decoder is generic over windows (QEMU generic-fuzz's idea: addresses and sizes
@@ -60,7 +60,7 @@ MAX_BURST_LOG = 10
 class Op(NamedTuple):
     kind: int
     size: int  # bytes per access (a RAM write: 0)
-    count: int  # repeats; for a RAM write the length of `data`
+    times: int  # repeats; for a RAM write the length of `data`
     address: int
     value: int = 0
     data: bytes = b""
@@ -128,7 +128,7 @@ def encode(ops: list[Op]) -> bytes:
     """The op list as fuzz_ops.S reads it, ended by an END op."""
     out = bytearray()
     for op in ops:
-        out += HEADER.pack(op.kind, op.size, 0, op.count, op.address, op.value)
+        out += HEADER.pack(op.kind, op.size, 0, op.times, op.address, op.value)
         if op.kind == RAM_WRITE:
             out += op.data + bytes(-len(op.data) % 8)
     out += HEADER.pack(END, 0, 0, 0, 0, 0)
@@ -225,10 +225,10 @@ class _Decoder:
         while not s.exhausted and steps < MAX_OPS:
             steps += 1
             window = self.windows[s.u8() % len(self.windows)]
-            driver = self.drivers.get(window.base)
+            virtio = self.drivers.get(window.base)
             pick = s.u8()
-            if driver is not None and pick < 150:
-                driver.macro(pick)
+            if virtio is not None and pick < 150:
+                virtio.macro(pick)
             elif pick < 240:
                 self.access(window)
             elif pick < 246:

@@ -165,13 +165,14 @@ class MemoryWatch:
 class Guards:
     """Two checks that nothing is read or written outside guest RAM.
 
-    The memory object's window-giving methods (`_view`, which `view` and every
-    read and write helper use, and `host_address`) are wrapped with an independent check of each window against the regions'
-    bounds as built: a broken bounds check is caught at the access, before the data
-    moves. The guard bytes catch what bypasses them (a host address used past its
-    window, by preadv or a buffer used directly): the unused bytes of each region's
-    mapping on both sides (kvmpy.memory keeps 2 MiB of slack per region, to align it)
-    are filled with a pattern and checked after every input.
+    The memory object's window-giving methods (`_view`, which `view` and every read
+    and write helper use, and `host_address`) are wrapped with an independent check
+    of each window against the regions' bounds as built: a broken bounds check is
+    caught at the access, before the data moves. The guard bytes catch what bypasses
+    them (a host address used past its window, by preadv or a buffer used directly):
+    the unused bytes of each region's mapping on both sides (kvmpy.memory keeps 2 MiB
+    of slack per region, to align it) are filled with a pattern and checked after
+    every input.
     """
 
     def __init__(self, memory: GuestMemory) -> None:

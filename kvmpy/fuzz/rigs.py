@@ -98,6 +98,8 @@ class _Rig:
                             f"a device asked for {what}"))
         return pressed
 
+    def add_serial(self) -> None: ...
+
     def _register(self, section: str, attr: str, device: Any) -> None: ...
 
     def _register_virtio(self, transport: VirtioMmioTransport, gpa: int) -> None: ...
@@ -279,12 +281,12 @@ class BusRig(_Rig):
                 bus = pio if kind in (fops.PIO_WRITE, fops.PIO_READ) else mmio
                 if kind in (fops.PIO_WRITE, fops.MMIO_WRITE):
                     mask = (1 << 8 * op.size) - 1
-                    for i in range(op.count):
+                    for i in range(op.times):
                         bus.write(op.address, ((op.value + i) & mask).to_bytes(op.size, "little"))
                         if self.stopped:
                             break
                 else:
-                    for _ in range(op.count):
+                    for _ in range(op.times):
                         bus.read(op.address, op.size)
             except Exception as e:
                 from kvmpy.vcpu_threads import host_failure

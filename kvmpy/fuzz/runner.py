@@ -20,8 +20,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from kvmpy.fuzz.oracles import Finding, LogWatch, MemoryWatch, time_limit
 from kvmpy.fuzz.ops import decode
+from kvmpy.fuzz.oracles import Finding, LogWatch, MemoryWatch, time_limit
 from kvmpy.fuzz.rigs import FUZZ_MEM, BusRig, KvmRig
 from kvmpy.fuzz.targets import Target
 
@@ -95,7 +95,7 @@ def run_atheris(fuzzer: Fuzzer, runs: int, out: Path, libfuzzer_args: list[str])
     minimizes those)."""
     import atheris  # type: ignore[import-not-found]
 
-    started = []
+    started: list[bool] = []
 
     def test_one_input(data: bytes) -> None:
         if not started:  # the instrumentation and libFuzzer's start-up took memory too

@@ -89,11 +89,11 @@ def test_decoding_is_deterministic_and_stays_in_the_windows() -> None:
         assert decoded == ops.decode(data, windows)
         for op in decoded:
             if op.kind == ops.RAM_WRITE:
-                assert 0x400000 <= op.address and op.address + op.count <= 0x800000
+                assert 0x400000 <= op.address and op.address + op.times <= 0x800000
             else:
                 window = windows[0] if op.kind in (ops.PIO_READ, ops.PIO_WRITE) else windows[1]
                 assert window.base <= op.address < window.base + window.length
-                assert op.size in (1, 2, 4, 8) and op.count >= 1
+                assert op.size in (1, 2, 4, 8) and op.times >= 1
 
 
 def test_the_guard_bytes_catch_a_write_past_a_region() -> None:
