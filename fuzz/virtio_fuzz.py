@@ -64,6 +64,8 @@ from dataclasses import dataclass
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from kvmpy.bus import NullIrq  # noqa: E402
+from kvmpy.fuzz.ops import NINEP_REQUESTS as _NINEP  # noqa: E402
+from kvmpy.fuzz.ops import Stream as Input  # noqa: E402
 from kvmpy.memory import GuestMemory  # noqa: E402
 from kvmpy.virtio import mmio  # noqa: E402
 from kvmpy.virtio.blk import Block  # noqa: E402
@@ -158,38 +160,6 @@ def uninstall_trap() -> None:
 stats: Counter[str] = Counter()
 
 
-class Input:
-    """The fuzz bytes as a stream of integers; reads past the end give zeros."""
-
-    def __init__(self, data: bytes) -> None:
-        self.data = data
-        self.pos = 0
-
-    @property
-    def exhausted(self) -> bool:
-        return self.pos >= len(self.data)
-
-    def take(self, n: int) -> bytes:
-        chunk = self.data[self.pos : self.pos + n]
-        self.pos += n
-        return chunk + bytes(n - len(chunk))
-
-    def u8(self) -> int:
-        return self.take(1)[0]
-
-    def u16(self) -> int:
-        return int.from_bytes(self.take(2), "little")
-
-    def u32(self) -> int:
-        return int.from_bytes(self.take(4), "little")
-
-    def u64(self) -> int:
-        return int.from_bytes(self.take(8), "little")
-
-    def choice(self, options: tuple[int, ...]) -> int:
-        return options[self.u8() % len(options)]
-
-
 _disk_path: str | None = None
 _share_path: str | None = None
 
@@ -204,17 +174,6 @@ def _share() -> str:
         with open(os.path.join(_share_path, "file"), "wb") as f:
             f.write(bytes(range(256)))
     return _share_path
-
-
-_NINEP = (  # well-formed messages: version, attach, walk, open, read, getattr, clunk
-    struct.pack("<IBHIH8s", 21, 100, 0xFFFF, 8192, 8, b"9P2000.L"),
-    struct.pack("<IBHIIHHI", 23, 104, 1, 1, 0xFFFFFFFF, 0, 0, 0),
-    struct.pack("<IBHIIHH4s", 23, 110, 2, 1, 2, 1, 4, b"file"),
-    struct.pack("<IBHII", 15, 12, 3, 2, 0),
-    struct.pack("<IBHIQI", 23, 116, 4, 2, 0, 100),
-    struct.pack("<IBHIQ", 19, 24, 5, 1, 0x7FF),
-    struct.pack("<IBHI", 11, 120, 6, 2),
-)
 
 
 def _ninep_message(inp: Input) -> bytes:

@@ -12,7 +12,6 @@ starts with "finding:", names the oracle and the reproducer's path), 2 for bad u
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -78,6 +77,8 @@ def cmd_fuzz(args: argparse.Namespace) -> int:
                 raise ConfigError("coverage-guided fuzzing needs atheris (pip install "
                                   "atheris); or give --seed S for seeded random inputs") \
                     from None
+            import json
+
             parent = ["fuzz", "--target", target.name, "--out", str(out),
                       "--timeout", str(_timeout(args)), *(["--no-kvm"] if args.no_kvm else [])]
             os.environ[CHILD_ENV] = json.dumps(parent)
@@ -105,6 +106,8 @@ def libfuzzer_child(argv: list[str]) -> list[str]:
     parent = os.environ.get(CHILD_ENV)
     if parent and argv and argv[0].startswith("-") and argv[0] not in ("-h", "--help", "-v",
                                                                       "--verbose"):
+        import json  # (here: not on the boot path of `kvmpy run`)
+
         return [*json.loads(parent), "--", *argv]
     return argv
 

@@ -517,7 +517,7 @@ def _flags(s: Stream) -> int:
     return b & 7 if b < 240 else s.u16()
 
 
-_NINEP = (  # well-formed 9P2000.L: version, attach, walk, open, read, getattr, clunk
+NINEP_REQUESTS = (  # well-formed 9P2000.L: version, attach, walk, open, read, getattr, clunk
     struct.pack("<IBHIH8s", 21, 100, 0xFFFF, 8192, 8, b"9P2000.L"),
     struct.pack("<IBHIIHHI", 23, 104, 1, 1, 0xFFFFFFFF, 0, 0, 0),
     struct.pack("<IBHIIHH4s", 23, 110, 2, 1, 2, 1, 4, b"file"),
@@ -529,7 +529,7 @@ _NINEP = (  # well-formed 9P2000.L: version, attach, walk, open, read, getattr, 
 
 
 def _ninep_message(s: Stream) -> bytes:
-    data = bytearray(_NINEP[s.u8() % len(_NINEP)])
+    data = bytearray(NINEP_REQUESTS[s.u8() % len(NINEP_REQUESTS)])
     if s.u8() >= 160:  # a byte changed: a lying size, a wild fid, a long string...
         data[s.u8() % len(data)] = s.u8()
     return bytes(data)

@@ -108,3 +108,18 @@ def test_the_guard_bytes_catch_a_write_past_a_region() -> None:
         memory.host_address(0, 1 << 20)  # fine
         raise Finding("outside-ram", "(reached)")
     memory.close()
+
+
+def test_a_device_that_never_returns_is_a_hang(capfd: pytest.CaptureFixture[str],
+                                               tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    from kvmpy.virtio.rng import Rng
+
+    def spin(self: Rng, index: int) -> None:
+        while True:  # a descriptor-chain walk that never ends, say
+            pass
+
+    monkeypatch.setattr(Rng, "process_queue", spin)
+    status, out = fuzz(capfd, tmp_path, "rng", 50, "--no-kvm", "--timeout", "0.5")
+    assert status == 1
+    assert found(out)[:2] == ("hang", "rng")

@@ -15,18 +15,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kvmpy.virtio.console import Console
 from kvmpy.virtio.device import (
     VIRTIO_STATUS_ACKNOWLEDGE,
     VIRTIO_STATUS_DRIVER,
     VIRTIO_STATUS_FAILED,
     VIRTIO_STATUS_FEATURES_OK,
-    LogOnce,
 )
-from kvmpy.virtio.device import log as device_log
-from kvmpy.virtio.mmio import VirtioMmioTransport
-from kvmpy.virtio.queue import DescriptorChain
 from kvmpy.virtio.rng import Rng
+from tests.fuzz_plants import plant_live_after_failed, plant_log_per_value, plant_whole_copy
 
 HARNESS = Path(__file__).resolve().parents[2] / "fuzz" / "virtio_fuzz.py"
 
@@ -105,14 +101,7 @@ def test_the_planted_log_flood_is_caught_by_the_log_oracle(
         harness: ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
     """The old "log once": a key per guest-chosen value, no cap."""
     harness.run_one("rng", NOTIFY_BURST)  # the real code: a few lines
-
-    def per_value(self: LogOnce, key: str, msg: str, *args: object, level: int = 30) -> None:
-        text = msg % args
-        if text not in self.seen:
-            self.seen[text] = set()
-            device_log.log(level, f"{self.name}: {text}")
-
-    monkeypatch.setattr(LogOnce, "__call__", per_value)
+    plant_log_per_value(monkeypatch)
     with pytest.raises(harness.Failure, match=r"log flooding: \d+ lines"):
         harness.run_one("rng", NOTIFY_BURST)
 
@@ -122,13 +111,7 @@ def test_the_planted_memory_amplification_is_caught_by_the_memory_oracle(
     """The old console: a transmit chain copied whole into one bytes object."""
     monkeypatch.setattr(harness, "MEMORY_EVERY", 1)  # every input under tracemalloc
     harness.run_one("console", CONSOLE_REPEAT)  # the real code: pieces of 64 KiB
-
-    def whole(self: Console, chain: DescriptorChain) -> int:
-        readable, _ = chain.buffers()
-        self.output(b"".join(bytes(v) for v in readable))
-        return 0
-
-    monkeypatch.setattr(Console, "_transmit", whole)
+    plant_whole_copy(monkeypatch)
     with pytest.raises(harness.Failure, match="host memory: one input allocated"):
         harness.run_one("console", CONSOLE_REPEAT)
 
@@ -144,14 +127,6 @@ def test_the_planted_driver_ok_after_failed_is_caught(harness: ModuleType,
               (14, ok | VIRTIO_STATUS_FAILED), (14, ok | VIRTIO_STATUS_FAILED | 4)]
     data = bytes([1]) + b"".join(bytes([4, 0, reg, 0, 0, value]) for reg, value in writes)
     harness.run_one("rng", data)
-    original = VirtioMmioTransport._write_status
-
-    def accepts_after_failed(self: VirtioMmioTransport, value: int) -> None:
-        failed = self.status & VIRTIO_STATUS_FAILED  # (the old code had no FAILED guard)
-        self.status &= ~failed
-        original(self, value & ~failed)
-        self.status |= failed
-
-    monkeypatch.setattr(VirtioMmioTransport, "_write_status", accepts_after_failed)
+    plant_live_after_failed(monkeypatch)
     with pytest.raises(harness.Failure, match="device live with status 0x8f"):
         harness.run_one("rng", data)
