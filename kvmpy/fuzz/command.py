@@ -66,10 +66,16 @@ def cmd_fuzz(args: argparse.Namespace) -> int:
     if args.libfuzzer and args.seed is not None:
         raise ConfigError("libFuzzer flags are for the coverage-guided run, not --seed")
     target = _target(args.target)
+    from kvmpy.fuzz.oracles import Finding
     from kvmpy.fuzz.runner import Fuzzer, report, run_atheris, run_seeded, save
 
     out = args.out or _default_out()
-    with Fuzzer(target, kvm=not args.no_kvm, timeout=_timeout(args)) as fuzzer:
+    try:
+        fuzzer = Fuzzer(target, kvm=not args.no_kvm, timeout=_timeout(args))
+    except Finding as finding:  # in the prelude, before any input: any input reproduces it
+        report(save(out, target, not args.no_kvm, b"", finding), finding, target)
+        return 1
+    with fuzzer:
         if args.seed is None:
             try:
                 import atheris  # type: ignore[import-not-found]  # noqa: F401
@@ -91,7 +97,7 @@ def cmd_fuzz(args: argparse.Namespace) -> int:
                   "no finding")
             return 0
         data, finding = found
-        report(save(out, fuzzer, data, finding), finding, target)
+        report(save(out, target, fuzzer.kvm, data, finding), finding, target)
         return 1
 
 
@@ -135,12 +141,12 @@ def _replay(args: argparse.Namespace) -> int:
         from kvmpy.trace.tracer import Tracer
 
         trace = Tracer(TraceFilter.parse(""), sys.stderr)
-    with Fuzzer(target, kvm=kvm, timeout=_timeout(args), trace=trace) as fuzzer:
-        try:
+    try:
+        with Fuzzer(target, kvm=kvm, timeout=_timeout(args), trace=trace) as fuzzer:
             fuzzer.one(data)
-        except Finding as finding:
-            report(args.replay, finding, target)
-            return 1
+    except Finding as finding:
+        report(args.replay, finding, target)
+        return 1
     print(f"replay {args.replay} on {target.name} ({'through KVM' if kvm else 'KVM-free'}): "
           "no finding")
     return 0

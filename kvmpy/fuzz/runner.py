@@ -35,7 +35,8 @@ class Fuzzer:
         self.target = target
         self.kvm = kvm
         self.timeout = timeout
-        self.rig: KvmRig | BusRig = KvmRig(target, trace=trace) if kvm else BusRig(target)
+        with time_limit(timeout):  # (the rig runs the prelude: device code too)
+            self.rig: KvmRig | BusRig = KvmRig(target, trace=trace) if kvm else BusRig(target)
         self.logs = LogWatch()
         self.logs.install()
         self.memory = MemoryWatch(FUZZ_MEM)
@@ -104,7 +105,7 @@ def run_atheris(fuzzer: Fuzzer, runs: int, out: Path, libfuzzer_args: list[str])
         try:
             fuzzer.one(data)
         except Finding as finding:
-            report(save(out, fuzzer, data, finding), finding, fuzzer.target)
+            report(save(out, fuzzer.target, fuzzer.kvm, data, finding), finding, fuzzer.target)
             # an uncaught exception is a crash to libFuzzer: it writes its own artifact
             # (-exact_artifact_path, which -minimize_crash needs) and exits non-zero
             raise RuntimeError(str(finding)) from None
@@ -115,13 +116,13 @@ def run_atheris(fuzzer: Fuzzer, runs: int, out: Path, libfuzzer_args: list[str])
     atheris.Fuzz()
 
 
-def save(out: Path, fuzzer: Fuzzer, data: bytes, finding: Finding) -> Path:
+def save(out: Path, target: Target, kvm: bool, data: bytes, finding: Finding) -> Path:
     """The reproducer: the input's bytes, and beside it (.json) what replays it."""
     out.mkdir(parents=True, exist_ok=True)
-    name = f"{fuzzer.target.name}-{finding.oracle}-{hashlib.sha1(data).hexdigest()[:12]}"
+    name = f"{target.name}-{finding.oracle}-{hashlib.sha1(data).hexdigest()[:12]}"
     path = out / name
     path.write_bytes(data)
-    note = {"target": fuzzer.target.name, "kvm": fuzzer.kvm, "oracle": finding.oracle,
+    note = {"target": target.name, "kvm": kvm, "oracle": finding.oracle,
             "message": finding.message, "found": time.strftime("%Y-%m-%dT%H:%M:%SZ",
                                                                 time.gmtime())}
     path.with_suffix(".json").write_text(json.dumps(note, indent=1) + "\n")
