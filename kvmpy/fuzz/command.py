@@ -72,8 +72,8 @@ def cmd_fuzz(args: argparse.Namespace) -> int:
     out = args.out or _default_out()
     try:
         fuzzer = Fuzzer(target, kvm=not args.no_kvm, timeout=_timeout(args))
-    except Finding as finding:  # in the prelude, before any input: any input reproduces it
-        report(save(out, target, not args.no_kvm, b"", finding), finding, target)
+    except Finding as early:  # in the prelude, before any input: any input reproduces it
+        report(save(out, target, not args.no_kvm, b"", early), early, target)
         return 1
     with fuzzer:
         if args.seed is None:
