@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import os
+import resource
 import signal
 import zlib
 from collections.abc import Iterator
@@ -119,8 +120,11 @@ class LogWatch(logging.Handler):
 # -- host memory ------------------------------------------------------------------------
 class MemoryWatch:
     """The process's peak RSS (VmHWM) during each input, against its RSS when the peak
-    was last reset (Linux: "5" to /proc/self/clear_refs). One read of /proc/self/status
-    per input; the reset only when the peak has moved."""
+    was last reset (Linux: "5" to /proc/self/clear_refs); the reset only when the peak
+    has moved. getrusage's ru_maxrss is never below VmHWM (it is the larger of it and
+    the peaks of threads that ended), so while it is under the line nothing can be
+    above it: a ~2 us system call per input, and the read of /proc/self/status (~25 us,
+    the kernel formats the whole file) only when it is not."""
 
     def __init__(self, guest_ram: int) -> None:
         self.bound = guest_ram + MEMORY_SLACK
@@ -145,6 +149,9 @@ class MemoryWatch:
     def check(self) -> None:
         if self._status < 0:
             return
+        if resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 <= \
+                self.base + self.bound // 8:
+            return  # (the lower of the two lines below)
         peak = self._field(b"VmHWM:")
         if peak - self.base > self.bound:
             grown = peak - self.base
@@ -203,7 +210,11 @@ class Guards:
 
         def view(gpa: int, length: int) -> memoryview:
             got = plain_view(gpa, length)  # raises GuestMemoryError when it should
-            region(gpa, length)
+            for start, end, _ in spans:  # `region`, written out: every DMA comes here
+                if start <= gpa and gpa + length <= end:
+                    break
+            else:
+                region(gpa, length)  # (raises)
             if len(got) != length:
                 raise Finding("outside-ram", f"GuestMemory._view({gpa:#x}, {length:#x}) gave "
                               f"{len(got)} bytes")
@@ -232,24 +243,40 @@ class Guards:
 # -- disks ------------------------------------------------------------------------------
 class DiskWatch:
     """A read-only disk's checksum before and after each input; a writable one is put
-    back after each input (a reset does not restore disks) so runs stay deterministic."""
+    back after each input (a reset does not restore disks) so runs stay deterministic.
+
+    The image's modification time is set to a fixed instant in the past (`_UNTOUCHED`)
+    when it is watched and whenever it is put back. Every way the kernel lets a
+    process change a file's bytes through a descriptor or its path (write, pwritev,
+    fallocate, truncate) stamps mtime with the current time, which can never be that
+    instant; so an input whose image still has it and its size left the bytes alone,
+    and the read and checksum of the whole image are paid only after one that did not.
+    """
 
     def __init__(self) -> None:
         self.disks: list[tuple[Path, bool, bytes, int]] = []
 
     def watch(self, path: Path, read_only: bool) -> None:
         data = path.read_bytes()
+        os.utime(path, ns=(_UNTOUCHED, _UNTOUCHED))
         self.disks.append((path, read_only, data, zlib.crc32(data)))
 
     def check(self) -> None:
         for path, read_only, data, crc in self.disks:
+            st = os.stat(path)
+            if st.st_mtime_ns == _UNTOUCHED and st.st_size == len(data):
+                continue  # not written since it was put back
             now = path.read_bytes()
-            if zlib.crc32(now) == crc and len(now) == len(data):
-                continue
-            path.write_bytes(data)  # for the next input (and the next run)
-            if read_only:
+            changed = zlib.crc32(now) != crc or len(now) != len(data)
+            if changed:
+                path.write_bytes(data)  # for the next input (and the next run)
+            os.utime(path, ns=(_UNTOUCHED, _UNTOUCHED))
+            if changed and read_only:
                 raise Finding("ro-disk", f"the read-only disk {path.name} changed "
                               f"({len(data)} -> {len(now)} bytes, checksum differs)")
+
+
+_UNTOUCHED = 1_000_000_000 * 10**9 + 1  # 2001-09-09, and one ns: no write's timestamp
 
 
 # -- virtio invariants ------------------------------------------------------------------

@@ -27,6 +27,7 @@ class Kvm:
         if version != KVM_API_VERSION:
             raise KvmUnavailable(
                 f"{path}: KVM API version {version}, kvmpy needs {KVM_API_VERSION}")
+        self._extensions: dict[int, int] = {}
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -37,9 +38,14 @@ class Kvm:
         return ioctl_val(self.fd, "KVM_GET_API_VERSION")
 
     def check_extension(self, cap: str | int) -> int:
-        """KVM_CHECK_EXTENSION; `cap` is a KVM_CAP_* name or number. 0 = absent."""
+        """KVM_CHECK_EXTENSION; `cap` is a KVM_CAP_* name or number. 0 = absent.
+        Asked once per capability: /dev/kvm's answers do not change, and a fast reset
+        (kvmpy.state.reset) would otherwise ask one on every put-back of the clock."""
         number = getattr(lib, cap) if isinstance(cap, str) else cap
-        return ioctl_val(self.fd, "KVM_CHECK_EXTENSION", number)
+        known = self._extensions.get(number)
+        if known is None:
+            known = self._extensions[number] = ioctl_val(self.fd, "KVM_CHECK_EXTENSION", number)
+        return known
 
     def vcpu_mmap_size(self) -> int:
         return ioctl_val(self.fd, "KVM_GET_VCPU_MMAP_SIZE")

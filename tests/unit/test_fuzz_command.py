@@ -16,7 +16,7 @@ import pytest
 
 from kvmpy.cli import main
 from kvmpy.fuzz import ops
-from kvmpy.fuzz.oracles import Finding, Guards
+from kvmpy.fuzz.oracles import DiskWatch, Finding, Guards
 from kvmpy.fuzz.targets import TARGETS
 from kvmpy.memory import GuestMemory
 from tests.fuzz_plants import PLANTS, found, fuzz, plant_live_after_failed
@@ -108,6 +108,33 @@ def test_the_guard_bytes_catch_a_write_past_a_region() -> None:
         memory.host_address(0, 1 << 20)  # fine
         raise Finding("outside-ram", "(reached)")
     memory.close()
+
+
+def test_a_read_only_disk_written_right_after_its_put_back_is_caught(tmp_path: Path) -> None:
+    """The disk oracle skips the checksum while the image keeps the mtime it set: a
+    write in the same clock tick as the put-back, by a descriptor opened before it
+    (as a device's is), must still move it."""
+    import os
+
+    path = tmp_path / "disk.img"
+    path.write_bytes(bytes(range(256)) * 16)
+    watch = DiskWatch()
+    watch.watch(path, read_only=True)
+    fd = os.open(path, os.O_RDWR)
+    try:
+        watch.check()  # untouched
+        for write in (lambda: os.pwrite(fd, b"x", 7), lambda: os.truncate(path, 100)):
+            write()
+            with pytest.raises(Finding, match="ro-disk"):
+                watch.check()
+            assert path.read_bytes() == bytes(range(256)) * 16  # put back
+        os.pwrite(fd, b"\x07", 7)  # the byte it had: written, but not changed
+        watch.check()
+        os.pwrite(fd, b"y", 9)  # and after that, a change is still seen
+        with pytest.raises(Finding, match="ro-disk"):
+            watch.check()
+    finally:
+        os.close(fd)
 
 
 def test_a_device_that_never_returns_is_a_hang(capfd: pytest.CaptureFixture[str],
