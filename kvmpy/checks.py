@@ -183,6 +183,8 @@ def check_net(net: NetConfig) -> None:
 
 def check_shares(shares: Sequence[ShareConfig]) -> None:
     """Each share a directory kvmpy can read, with a tag a mount command can carry, once."""
+    if not shares:  # (the 9p server's import is start-up time a VM without shares saves)
+        return
     from kvmpy.virtio.ninep import check_tag
 
     tags = [s.tag for s in shares]

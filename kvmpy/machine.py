@@ -28,7 +28,6 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 from kvmpy import layout
 from kvmpy.boot.cpuid import boot_msrs, normalize_cpuid
-from kvmpy.boot.linux import BASE_CMDLINE, LinuxBoot, boot_linux
 from kvmpy.bus import Bus, IrqLine, NullIrq
 from kvmpy.checks import check_config
 from kvmpy.cpu import lapic
@@ -50,6 +49,7 @@ from kvmpy.stop import Stop, StopKind
 from kvmpy.vcpu_threads import VcpuThreads, run_guarded
 
 if TYPE_CHECKING:
+    from kvmpy.boot.linux import LinuxBoot
     from kvmpy.gdb.stub import GdbConfig, GdbStub
     from kvmpy.state.snapshot import Snapshot
     from kvmpy.trace.stats import ExitStats
@@ -401,6 +401,9 @@ class Machine:
         self.virtio.append((transport, gpa, gsi))
 
     def _boot_linux(self, linux: LinuxConfig) -> LinuxBoot:
+        # (imported here: the boot protocol's modules are start-up a restore need not pay)
+        from kvmpy.boot.linux import BASE_CMDLINE, boot_linux
+
         devices: list[str] = []
         if self.virtio:
             from kvmpy.virtio.mmio import cmdline_fragment

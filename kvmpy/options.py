@@ -17,7 +17,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from kvmpy import layout
-from kvmpy.acpi.choice import choose_acpi, kernel_release
 from kvmpy.checks import regular_file
 from kvmpy.cpu.modes import Mode
 from kvmpy.errors import ConfigError
@@ -124,6 +123,9 @@ def linux_config(kernel: str | Path | None = None, initrd: str | Path | None = N
         kernel_path = assets.kernel_path().bzimage
         if initrd_path is None:
             initrd_path = assets.initramfs_path()
+    # (imported here: reading a kernel's configuration is start-up a restore skips)
+    from kvmpy.acpi.choice import choose_acpi
+
     regular_file(kernel_path, "kernel")  # before choose_acpi reads it: never a FIFO
     choice = choose_acpi(acpi, kernel_path, modules_dir)
     get_logger(__name__).info("%s", choice.reason)
@@ -134,6 +136,7 @@ def linux_config(kernel: str | Path | None = None, initrd: str | Path | None = N
 def _modules_initrd(kernel: Path | None, initrd: Path | None, modules: Path) -> Path:
     """kvmpy's default guest plus the kernel's virtio modules (built once, cached)."""
     from kvmpy import initramfs
+    from kvmpy.acpi.choice import kernel_release
     from kvmpy.cachedir import cache_dir
 
     if kernel is None or initrd is not None:

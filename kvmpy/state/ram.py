@@ -28,7 +28,6 @@ What it is not: incremental. Every snapshot writes the whole of what the guest u
 from __future__ import annotations
 
 import errno
-import hashlib
 import mmap
 import os
 import re
@@ -113,6 +112,8 @@ def used_runs(memory: GuestMemory, region: Region) -> Iterator[tuple[int, int]]:
 
 def save_ram(memory: GuestMemory, path: Path) -> dict[str, Any]:
     """Write `memory` to a new file at `path`; returns the metadata that describes it."""
+    import hashlib  # (here: OpenSSL's, fast over megabytes, is start-up a restore skips)
+
     regions = layout((region.gpa, region.size) for region in memory)
     total = sum(size for _, size, _ in regions)
     digest = hashlib.sha256()
@@ -155,6 +156,8 @@ def map_ram(path: Path, regions: list[list[int]]) -> GuestMemory:
 
 def verify_ram(path: Path, expected_digest: str, what: str) -> None:
     """Read every data extent of the file and compare its digest; SnapshotError if not."""
+    import hashlib
+
     digest = hashlib.sha256()
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:

@@ -28,7 +28,6 @@ docs/snapshots.md describes the format field by field.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import stat
@@ -43,6 +42,7 @@ from kvmpy.log import get_logger
 from kvmpy.memory import GuestMemory, ram_spans
 from kvmpy.state import config as machine_state
 from kvmpy.state import ram, stream
+from kvmpy.state.digest import sha256
 from kvmpy.state.disks import copy_image
 from kvmpy.state.values import U64, StateReader
 
@@ -101,7 +101,7 @@ def save_snapshot(machine: Machine, path: Path) -> dict[str, Any]:
             "format": FORMAT, "version": VERSION, "kvmpy": __version__,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "machine": sections["machine"],
-            "state": {"size": len(state), "sha256": hashlib.sha256(state).hexdigest()},
+            "state": {"size": len(state), "sha256": sha256(state).hexdigest()},
             "ram": ram.save_ram(machine.memory, work / RAM),
             "disks": [_save_disk(i, disk, work) for i, disk in enumerate(machine.config.disks)],
         }
@@ -126,7 +126,7 @@ def write_metadata(directory: Path, meta: dict[str, Any]) -> None:
 
 
 def _canonical_sha(body: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":"))
+    return sha256(json.dumps(body, sort_keys=True, separators=(",", ":"))
                           .encode()).hexdigest()
 
 
@@ -273,7 +273,7 @@ def open_snapshot(path: Path | str, *, verify_ram: bool = False) -> Snapshot:
     state_size, state_sha = s.int("size", 0, MAX_STATE), s.str("sha256", 64)
     s.done()
     data = _read_exact(path / STATE, state_size, what)
-    if hashlib.sha256(data).hexdigest() != state_sha:
+    if sha256(data).hexdigest() != state_sha:
         raise SnapshotError(f"{what}: {STATE} does not match its checksum (damaged or edited)")
     sections = stream.decode(data, f"{what}: {STATE}")
     if sections.get("machine") != meta["machine"]:
