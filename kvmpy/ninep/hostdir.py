@@ -77,6 +77,14 @@ class Node:
         self.refs += 1
         return self
 
+    def path(self) -> list[bytes]:
+        """The names it was reached by, from the root's child down (the root: none)."""
+        names, node = [], self
+        while node.parent is not None:
+            names.append(node.name)
+            node = node.parent
+        return names[::-1]
+
     def release(self) -> None:
         node: Node | None = self
         while node is not None:  # a loop, not recursion: chains can be 4096 deep

@@ -154,12 +154,13 @@ class Data(NamedTuple):
 class Fid:
     """What one fid names: a node, and once opened a host fd (or an xattr's bytes)."""
 
-    __slots__ = ("node", "uid", "fd", "writable", "entries", "xattr")
+    __slots__ = ("node", "uid", "fd", "flags", "writable", "entries", "xattr")
 
     def __init__(self, node: Node, uid: int) -> None:
         self.node = node.hold()
         self.uid = uid
         self.fd = -1  # open file or directory (Tlopen, Tlcreate)
+        self.flags = 0  # the host open(2) flags of `fd` (a restore opens it again so)
         self.writable = False
         self.entries: list[bytes] | None = None  # a directory's Treaddir snapshot
         self.xattr: bytes | None = None  # an xattr fid (Txattrwalk): its value
@@ -402,7 +403,8 @@ class NinePServer:
         if stat.S_ISDIR(st.st_mode):
             if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC):
                 raise NineError(errno.EISDIR)
-            fid.fd = self.dir.reopen(fid.node, os.O_RDONLY | os.O_DIRECTORY)
+            flags = os.O_RDONLY | os.O_DIRECTORY
+            fid.fd = self.dir.reopen(fid.node, flags)
         elif stat.S_ISREG(st.st_mode):
             if flags & os.O_DIRECTORY:
                 raise NineError(errno.ENOTDIR)
@@ -412,6 +414,7 @@ class NinePServer:
             # FIFO; the server never opens a host device, FIFO, socket or symlink
             raise NineError(errno.ELOOP if stat.S_ISLNK(st.st_mode) else errno.EPERM,
                             "not a regular file or directory")
+        fid.flags = flags
         fid.writable = bool(flags & (os.O_WRONLY | os.O_RDWR))
         return self._qid(st) + _U32.pack(0)  # iounit 0: the client uses msize
 
@@ -456,6 +459,7 @@ class NinePServer:
         fid.node.release()
         fid.node = node
         fid.fd = fd
+        fid.flags = flags
         fid.writable = bool(flags & (os.O_WRONLY | os.O_RDWR))
         return qid + _U32.pack(0)
 

@@ -30,12 +30,12 @@ MAX_DEVICES = 64
 
 
 def describe(config: MachineConfig) -> dict[str, Any]:
-    if config.shares or config.vsock is not None or config.channels:
-        # a 9p fid or a vsock connection is a host fd, which no snapshot can hold
-        raise SnapshotError("snapshots of a machine with --share, --vsock or a sandbox's "
-                            "channels are not supported")
+    if config.channels:
+        # a channel hands the guest's output to a callable of this process
+        raise SnapshotError("snapshots of a machine with a sandbox's channels are not "
+                            "supported")
     flat, linux = config.flat, config.linux
-    return {
+    described = {
         "mem_size": config.mem_size,
         "cpus": config.cpus,
         "flat": None if flat is None else {
@@ -50,12 +50,28 @@ def describe(config: MachineConfig) -> dict[str, Any]:
         "rng": config.rng,
         "virtio_console": config.virtio_console,
     }
+    # (only when there are some: a machine without them is described as before they
+    # could be saved, so its snapshot stays readable by a kvmpy that cannot)
+    if config.shares:
+        described["shares"] = [{"path": str(s.path), "tag": s.tag, "read_only": s.read_only}
+                               for s in config.shares]
+    if config.vsock is not None:
+        described["vsock"] = {"cid": config.vsock.cid, "uds": str(config.vsock.uds)}
+    return described
 
 
 def machine_config(value: object, where: str = "machine") -> MachineConfig:
     """The MachineConfig a `describe` value says; SnapshotError naming a bad field."""
     from kvmpy.cpu.modes import Mode
-    from kvmpy.machine import DiskConfig, FlatConfig, LinuxConfig, MachineConfig, NetConfig
+    from kvmpy.machine import (
+        DiskConfig,
+        FlatConfig,
+        LinuxConfig,
+        MachineConfig,
+        NetConfig,
+        ShareConfig,
+        VsockConfig,
+    )
 
     r = StateReader(value, where)
     mem_size = r.int("mem_size", layout.PAGE_SIZE, U64)
@@ -89,8 +105,19 @@ def machine_config(value: object, where: str = "machine") -> MachineConfig:
         nets.append(NetConfig(tap=n.str("tap", 64), mac=None if n.null("mac")
                               else n.str("mac", 17)))
         n.done()
+    shares = []
+    for sh in r.subs("shares", MAX_DEVICES) if r.has("shares") else ():
+        shares.append(ShareConfig(Path(sh.str("path", 4096)), sh.str("tag", 64),
+                                  read_only=sh.bool("read_only")))
+        sh.done()
+    vsock = None
+    if r.has("vsock"):
+        v = r.sub("vsock")
+        vsock = VsockConfig(v.int("cid", 0, 0xFFFF_FFFF), Path(v.str("uds", 4096)))
+        v.done()
     config = MachineConfig(mem_size=mem_size, cpus=cpus, flat=flat, linux=linux, disks=disks,
-                           nets=nets, rng=r.bool("rng"), virtio_console=r.bool("virtio_console"))
+                           nets=nets, rng=r.bool("rng"), virtio_console=r.bool("virtio_console"),
+                           shares=shares, vsock=vsock)
     r.done()
     return config
 
@@ -121,3 +148,20 @@ def _say(key: str, value: object) -> str:
         return "the virtio console" if value else "the serial console"
     return f"{value} {'disk' if key == 'disks' else 'network device'}" + ("s" if value != 1
                                                                             else "")
+
+
+def moved_vsock(saved: MachineConfig, what: str, spec: str | None) -> MachineConfig:
+    """The machine with its vsock's host socket at the one `--vsock CID,uds=PATH` names
+    (the CID must be the guest's: it has it): a second restore of a snapshot cannot
+    listen where the first one does. None leaves it where it was."""
+    if spec is None:
+        return saved
+    from kvmpy.options import vsock_config
+
+    asked = vsock_config(spec)
+    if saved.vsock is None:
+        raise SnapshotError(f"--vsock: {what} has no vsock device")
+    if asked.cid != saved.vsock.cid:
+        raise SnapshotError(f"--vsock: {what} has guest CID {saved.vsock.cid}, not "
+                            f"{asked.cid}")
+    return saved._replace(vsock=asked)

@@ -16,9 +16,9 @@ A message the server cannot parse still gets an Rlerror (the server never raises
 chain whose buffers are not in guest RAM is a broken ring (DEVICE_NEEDS_RESET). A reset
 clunks every fid.
 
-State: `state()` is the share's configuration; the fids are host file descriptors and are
-not in it. After `restore()` the session starts empty: the guest's fids are unknown and
-its mount fails with EBADF/EPROTO until it is mounted again.
+State: `state()` is the share's configuration and the 9P session (kvmpy.ninep.session: each
+fid as the path it names, opened again by `restore()`), so a restored guest's mount goes
+on working; a share whose files changed under those paths is refused.
 
 What it is not: asynchronous (requests are served in order on the I/O thread), or a
 virtio-fs/FUSE server.
@@ -34,6 +34,7 @@ from kvmpy.errors import ConfigError, GuestMemoryError
 from kvmpy.libc import preadv, pwritev
 from kvmpy.ninep import wire
 from kvmpy.ninep.server import NinePServer, TransferError
+from kvmpy.ninep.session import restore_session, session_state
 from kvmpy.state.values import StateReader
 from kvmpy.virtio.device import VIRTIO_ID_9P, VirtioDevice, bit
 from kvmpy.virtio.hostio import IovecOp, Iovecs, iovec_transfer
@@ -130,21 +131,23 @@ class NinePDevice(VirtioDevice):
         self.server.close()
 
     def state(self) -> dict[str, object]:
-        """What a snapshot can keep: the share, not its open fids (host fds)."""
-        return {"path": self.path, "tag": self.tag.decode(), "read_only": self.read_only}
+        """The share, and the guest's session on it (its fids as paths)."""
+        return {"path": self.path, "tag": self.tag.decode(), "read_only": self.read_only,
+                "session": session_state(self.server)}
 
     def restore(self, reader: StateReader) -> None:
-        """The same share under the same tag, or a one-line error; the session starts
-        empty (the guest mounts it again)."""
+        """The same share under the same tag, and every fid open again on the same file,
+        or a one-line error and nothing changed."""
         path, tag, read_only = reader.str("path", 4096), reader.str("tag"), reader.bool(
             "read_only")
+        session = reader.sub("session")
         reader.done()
         if (path, tag, read_only) != (self.path, self.tag.decode(), self.read_only):
             raise reader.fail("path", f"the snapshot shares {path} as {tag}"
                               f"{' read-only' if read_only else ''}, this run "
                               f"{self.path} as {self.tag.decode()}"
                               f"{' read-only' if self.read_only else ''}")
-        self.server.reset()
+        restore_session(self.server, session)
 
     def process_queue(self, index: int) -> None:
         if index == REQUESTQ:
