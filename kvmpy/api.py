@@ -125,12 +125,14 @@ class Guest:
     def paused(self) -> bool:
         return self.machine.paused
 
-    def snapshot(self, path: str | Path) -> dict[str, Any]:
+    def snapshot(self, path: str | Path, *, base: str | Path | None = None) -> dict[str, Any]:
         """Save the guest to the new directory `path` (pausing it meanwhile if it runs);
-        returns the snapshot's metadata."""
+        returns the snapshot's metadata. With `base`, this guest's last snapshot, only
+        the RAM written since it is saved (an incremental snapshot, which needs `base`
+        to restore: docs/snapshots.md)."""
         from kvmpy.state.snapshot import take_snapshot
 
-        return take_snapshot(self.machine, path)
+        return take_snapshot(self.machine, path, base=base)
 
     def mark(self) -> ResetPoint:
         """Keep the guest's state now, in this process, for `reset()` (pausing it

@@ -299,6 +299,9 @@ class Machine:
         self.threads: VcpuThreads | None = None
         self.gdb: GdbStub | None = None  # (step 7; named here for a close() before it)
         self.paused = False
+        # who reads KVM's dirty-page log, if anyone: a fast reset's ResetPoint
+        # (kvmpy.state.reset) or incremental snapshots' DirtyTracker (kvmpy.state.diff)
+        self.dirty_log_owner: Any = None
         self._running = threading.Event()  # clear while paused: console input waits
         self._running.set()
         self._clock: dict[str, Any] | None = None  # kvmclock to put back before vCPUs run

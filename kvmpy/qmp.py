@@ -16,8 +16,8 @@ ends each of its own with CRLF, as QEMU does.
 
 Commands: qmp_capabilities, query-status, query-version, query-commands, stop,
 cont, system_powerdown, quit, and kvmpy's own, named as QMP names extensions:
-x-kvmpy-snapshot-save {"path": DIR} and x-kvmpy-stats. Events: STOP, RESUME,
-POWERDOWN, SHUTDOWN {"guest": bool, "reason": ...}, with QEMU's names and reasons.
+x-kvmpy-snapshot-save {"path": DIR, "incremental": bool} and x-kvmpy-stats. Events:
+STOP, RESUME, POWERDOWN, SHUTDOWN {"guest": bool, "reason": ...}, with QEMU's names and reasons.
 
 What it is not: the machine. The server asks a `QmpTarget` (the command line's
 adapter around a `Machine`) to act; every client runs on its own thread and the
@@ -64,7 +64,7 @@ class QmpTarget(Protocol):
 
     def quit(self) -> None: ...
 
-    def snapshot_save(self, path: str) -> dict[str, Any]: ...
+    def snapshot_save(self, path: str, incremental: bool = False) -> dict[str, Any]: ...
 
     def stats(self) -> dict[str, Any]: ...
 
@@ -175,7 +175,10 @@ class QmpServer:
         path = arguments.get("path")
         if not isinstance(path, str) or not path:
             raise QmpError("Parameter 'path' is missing or not a string")
-        meta = self.target.snapshot_save(path)
+        incremental = arguments.get("incremental", False)
+        if not isinstance(incremental, bool):
+            raise QmpError("Parameter 'incremental' is not a boolean")
+        meta = self.target.snapshot_save(path, incremental)
         return {"path": path, "seconds": meta["seconds"], "ram_bytes": meta["ram"]["data_bytes"]}
 
     # -- connections ------------------------------------------------------------------------
@@ -405,7 +408,7 @@ class MachineControl:
         self.quit_asked = True
         self.machine.request_stop(Stop(StopKind.POWEROFF, "quit (QMP)"))
 
-    def snapshot_save(self, path: str) -> dict[str, Any]:
+    def snapshot_save(self, path: str, incremental: bool = False) -> dict[str, Any]:
         from kvmpy.state.snapshot import take_snapshot
 
         with self._lock:
@@ -413,7 +416,7 @@ class MachineControl:
             if running:
                 self._emit("STOP")
             try:
-                return take_snapshot(self.machine, path)
+                return take_snapshot(self.machine, path, incremental=incremental)
             finally:
                 if running:
                     self._emit("RESUME")

@@ -35,7 +35,7 @@ def describe(config: MachineConfig) -> dict[str, Any]:
         raise SnapshotError("snapshots of a machine with a sandbox's channels are not "
                             "supported")
     flat, linux = config.flat, config.linux
-    described = {
+    described: dict[str, Any] = {
         "mem_size": config.mem_size,
         "cpus": config.cpus,
         "flat": None if flat is None else {

@@ -52,20 +52,8 @@ class ResetPoint:
 
     def dirty_pages(self) -> list[list[int]]:
         """Per region of guest RAM, the pages (offsets) changed since the mark or the
-        last reset, by the guest (KVM's dirty log, read and cleared) or by a device."""
-        machine = self.machine
-        memory = machine.memory
-        written: set[int] = set()
-        if memory.written is not None:  # (swapped, not cleared: an I/O thread may add)
-            written, memory.written = memory.written, set()
-        out: list[list[int]] = []
-        for (slot, gpa, size, _), region in zip(machine.vm.memory_slots, memory,
-                                                strict=True):
-            pages = set(_set_bits(machine.vm.dirty_log(slot, size // PAGE)))
-            first, last = gpa // PAGE, (gpa + size) // PAGE
-            pages.update(p - first for p in written if first <= p < last)
-            out.append(sorted(p * PAGE for p in pages if p * PAGE < region.size))
-        return out
+        last reset."""
+        return dirty_pages(self.machine)
 
     def reset(self) -> int:
         """Put the machine back as it was at the mark; returns the pages copied. The
@@ -91,12 +79,31 @@ class ResetPoint:
     def close(self) -> None:
         """Stop logging writes (KVM's log and the devices') and drop the copy of RAM."""
         machine = self.machine
+        if machine.dirty_log_owner is self:
+            machine.dirty_log_owner = None
         if machine.vm.fd >= 0:
             machine.vm.log_dirty_pages(False)
         machine.memory.track_writes(False)
         for copy in self.copies:
             copy.close()
         self.copies = []
+
+
+def dirty_pages(machine: Machine) -> list[list[int]]:
+    """Per region of guest RAM, the pages (offsets) changed since the log was last read,
+    by the guest (KVM's dirty log, read and cleared) or by a device (`memory.written`).
+    Shared with incremental snapshots (kvmpy.state.diff), which read the same log."""
+    memory = machine.memory
+    written: set[int] = set()
+    if memory.written is not None:  # (swapped, not cleared: an I/O thread may add)
+        written, memory.written = memory.written, set()
+    out: list[list[int]] = []
+    for (slot, gpa, size, _), region in zip(machine.vm.memory_slots, memory, strict=True):
+        pages = set(set_bits(machine.vm.dirty_log(slot, size // PAGE)))
+        first, last = gpa // PAGE, (gpa + size) // PAGE
+        pages.update(p - first for p in written if first <= p < last)
+        out.append(sorted(p * PAGE for p in pages if p * PAGE < region.size))
+    return out
 
 
 def mark(machine: Machine) -> ResetPoint:
@@ -107,11 +114,15 @@ def mark(machine: Machine) -> ResetPoint:
         machine.settle()
     sections = machine.capture_state()
     copies = [_copy(machine.memory, region) for region in machine.memory]
+    owner = machine.dirty_log_owner  # incremental snapshots counting pages: they end here
+    if owner is not None and not isinstance(owner, ResetPoint):
+        owner.close()
     machine.vm.log_dirty_pages(True)
     for slot, _, size, _ in machine.vm.memory_slots:
         machine.vm.dirty_log(slot, size // PAGE)  # from a clean log
     machine.memory.track_writes(True)
-    return ResetPoint(machine, sections, copies)
+    point = machine.dirty_log_owner = ResetPoint(machine, sections, copies)
+    return point
 
 
 def _check_not_running(machine: Machine, what: str) -> None:
@@ -120,7 +131,7 @@ def _check_not_running(machine: Machine, what: str) -> None:
         raise KvmpyError(f"{what}: the machine is running (pause it first)")
 
 
-def _set_bits(bitmap: bytes) -> list[int]:
+def set_bits(bitmap: bytes) -> list[int]:
     """The numbers of the bits set in a little-endian bitmap; the zero bytes are
     skipped at C speed (translate, then find), so the cost is the bitmap's length
     in C and the set bits in Python."""

@@ -52,7 +52,9 @@ if TYPE_CHECKING:
 log = get_logger(__name__)
 
 FORMAT = "kvmpy-snapshot"
-VERSION = 1
+VERSION = 1  # a full snapshot; what every kvmpy that reads snapshots reads
+VERSION_INCREMENTAL = 2  # RAM as the pages written since a parent (kvmpy.state.diff)
+MAX_CHAIN = 64  # incremental snapshots on top of one full one
 METADATA = "snapshot.json"
 STATE = "state.bin"
 RAM = "ram.bin"
@@ -65,9 +67,12 @@ def disk_file(index: int) -> str:
 
 
 # -- saving ------------------------------------------------------------------------------------
-def take_snapshot(machine: Machine, path: str | Path) -> dict[str, Any]:
+def take_snapshot(machine: Machine, path: str | Path, *, incremental: bool = False,
+                  base: str | Path | None = None) -> dict[str, Any]:
     """Write a snapshot of the running (or paused) `machine` to the new directory `path`;
-    a running guest is paused for it and resumed after. Returns its metadata."""
+    a running guest is paused for it and resumed after. Returns its metadata.
+    `incremental` (or a `base`, which must be the machine's last snapshot) writes only
+    the RAM written since that snapshot (kvmpy.state.diff)."""
     from kvmpy.errors import KvmpyError
 
     if machine.stopped is not None:
@@ -75,20 +80,27 @@ def take_snapshot(machine: Machine, path: str | Path) -> dict[str, Any]:
     was_running = not machine.paused
     machine.pause()
     try:
-        return save_snapshot(machine, Path(path))
+        return save_snapshot(machine, Path(path), incremental=incremental,
+                             base=None if base is None else Path(base))
     finally:
         if was_running:
             machine.resume()
 
 
-def save_snapshot(machine: Machine, path: Path) -> dict[str, Any]:
+def save_snapshot(machine: Machine, path: Path, *, incremental: bool = False,
+                  base: Path | None = None) -> dict[str, Any]:
     """Write `machine` (paused: vCPUs out of KVM_RUN, I/O thread stopped) to the new
-    directory `path`; returns the metadata written."""
+    directory `path`; returns the metadata written. Incremental when asked or given a
+    `base`. Then count the pages written from it, for an incremental snapshot after it
+    (kvmpy.state.diff)."""
+    from kvmpy.state import diff
+
     path = Path(path)
     if path.exists():
         raise SnapshotError(f"snapshot {path}: already exists (kvmpy never overwrites one)")
     if not path.parent.is_dir():
         raise SnapshotError(f"snapshot {path}: no directory {path.parent}")
+    tracker = diff.tracker_for(machine, base) if incremental or base else None
     started = time.perf_counter()
     work = path.parent / f".{path.name}.partial-{os.getpid()}"
     work.mkdir()
@@ -97,32 +109,51 @@ def save_snapshot(machine: Machine, path: Path) -> dict[str, Any]:
                     **machine.capture_state()}
         state = stream.encode(sections)
         (work / STATE).write_bytes(state)
+        if tracker is None:
+            ram_meta = ram.save_ram(machine.memory, work / RAM)
+            ram_meta.pop("file")
+        else:
+            try:  # (the log is read and cleared: a failure from here loses its pages)
+                ram_meta, bitmap = diff.save_diff_ram(machine.memory, tracker.take(),
+                                                      work / RAM)
+                (work / diff.DIRTY).write_bytes(bitmap)
+            except BaseException:
+                tracker.close()
+                raise
+            ram_meta |= {"parent": {"path": str(tracker.parent.path),
+                                    "sha256": tracker.parent.sha256},
+                         "dirty_sha256": sha256(bitmap).hexdigest()}
         meta = {
-            "format": FORMAT, "version": VERSION, "kvmpy": __version__,
+            "format": FORMAT, "version": VERSION if tracker is None else VERSION_INCREMENTAL,
+            "kvmpy": __version__,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "machine": sections["machine"],
             "state": {"size": len(state), "sha256": sha256(state).hexdigest()},
-            "ram": ram.save_ram(machine.memory, work / RAM),
+            "ram": ram_meta,
             "disks": [_save_disk(i, disk, work) for i, disk in enumerate(machine.config.disks)],
         }
-        meta["ram"].pop("file")
         meta["seconds"] = round(time.perf_counter() - started, 6)
-        write_metadata(work, meta)
+        meta["sha256"] = write_metadata(work, meta)
         os.rename(work, path)
     except BaseException:
         import shutil  # (not on a restore's path: imported when needed, like tempfile)
 
+        if tracker is not None:
+            tracker.close()
         shutil.rmtree(work, ignore_errors=True)
         raise
+    diff.track(machine, diff.Parent(path.resolve(), meta["sha256"]))
     return meta
 
 
-def write_metadata(directory: Path, meta: dict[str, Any]) -> None:
+def write_metadata(directory: Path, meta: dict[str, Any]) -> str:
     """snapshot.json: the metadata and, last, the SHA-256 of its own canonical form, so
-    that no byte of it can change unnoticed (not even the date or a version string)."""
+    that no byte of it can change unnoticed (not even the date or a version string).
+    Returns that SHA-256 (what an incremental snapshot after it names it by)."""
     body = {k: v for k, v in meta.items() if k != "sha256"}
-    (directory / METADATA).write_text(json.dumps(body | {"sha256": _canonical_sha(body)},
-                                                 indent=1) + "\n")
+    sha = _canonical_sha(body)
+    (directory / METADATA).write_text(json.dumps(body | {"sha256": sha}, indent=1) + "\n")
+    return sha
 
 
 def _canonical_sha(body: dict[str, Any]) -> str:
@@ -146,6 +177,13 @@ class DiskPart(NamedTuple):
     size: int
 
 
+class RamLayer(NamedTuple):
+    """An incremental snapshot's RAM: the pages `bitmap` marks, in `ram`."""
+
+    ram: Path
+    bitmap: bytes
+
+
 class Snapshot(NamedTuple):
     """A snapshot directory that passed every check `open_snapshot` makes."""
 
@@ -154,12 +192,27 @@ class Snapshot(NamedTuple):
     sections: dict[str, Any]
     regions: list[list[int]]  # guest RAM: [gpa, size, offset in ram.bin]
     disks: list[DiskPart]
+    sha256: str = ""  # of its snapshot.json
+    # RAM: the full snapshot's ram.bin at the root of its chain, then each incremental
+    # snapshot's layer on it, oldest first (none for a full snapshot)
+    base_ram: Path | None = None
+    layers: tuple[RamLayer, ...] = ()
 
     def what(self) -> str:
         return f"snapshot {self.path}"
 
     def map_ram(self) -> GuestMemory:
-        return ram.map_ram(self.path / RAM, self.regions)
+        memory = ram.map_ram(self.base_ram or self.path / RAM, self.regions)
+        if self.layers:
+            from kvmpy.state.diff import apply_layer
+
+            try:
+                for layer in self.layers:
+                    apply_layer(memory, self.regions, layer.ram, layer.bitmap, self.what())
+            except BaseException:
+                memory.close()
+                raise
+        return memory
 
     def check_cpuid(self, here: Callable[[int], Sequence[tuple[int, ...]]]) -> None:
         """Refuse a snapshot whose vCPUs saw CPUID this host would not give them
@@ -244,8 +297,12 @@ class WorkingCopies(NamedTuple):
             shutil.rmtree(self.temp, ignore_errors=True)
 
 
-def open_snapshot(path: Path | str, *, verify_ram: bool = False) -> Snapshot:
-    """Read and check the snapshot at `path`; SnapshotError (one line) for anything wrong."""
+def open_snapshot(path: Path | str, *, verify_ram: bool = False, _chain: int = 0,
+                  _sha: str | None = None) -> Snapshot:
+    """Read and check the snapshot at `path` (and the chain of snapshots an incremental
+    one is taken after); SnapshotError (one line) for anything wrong. (`_chain`: how
+    deep in a chain this one is; `_sha`: the checksum its child names it by, checked
+    before its own parent is opened, so no edited chain can loop.)"""
     path = Path(path)
     what = f"snapshot {path}"
     if not path.is_dir():
@@ -253,12 +310,18 @@ def open_snapshot(path: Path | str, *, verify_ram: bool = False) -> Snapshot:
     meta = _json_file(path / METADATA, what)
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise SnapshotError(f"{what}: {METADATA} is not a kvmpy snapshot's")
-    if meta.get("version") != VERSION:  # (first: another version may check itself otherwise)
-        raise SnapshotError(f"{what}: format version {repr(meta.get('version'))[:20]}; this kvmpy "
-                            f"({__version__}) reads version {VERSION}")
+    version = meta.get("version")
+    if version not in (VERSION, VERSION_INCREMENTAL):  # (first: another version may check
+        # itself otherwise)
+        raise SnapshotError(f"{what}: format version {repr(version)[:20]}; this kvmpy "
+                            f"({__version__}) reads versions {VERSION} and "
+                            f"{VERSION_INCREMENTAL}")
     if meta.get("sha256") != _canonical_sha({k: v for k, v in meta.items() if k != "sha256"}):
         raise SnapshotError(f"{what}: {METADATA} does not match its checksum (damaged or "
                             "edited)")
+    if _sha is not None and meta["sha256"] != _sha:
+        raise SnapshotError(f"{what} is another snapshot than the one its child was taken "
+                            "after (checksum differs)")
     r = StateReader(meta, METADATA)
     r.str("sha256", 64)
     r.str("format", 64)
@@ -287,13 +350,34 @@ def open_snapshot(path: Path | str, *, verify_ram: bool = False) -> Snapshot:
     size, regions = m.int("size", 0, U64), m.list("regions", 4)
     m.int("data_bytes", 0, U64)
     digest = m.str("digest", 64)
+    if version == VERSION_INCREMENTAL:
+        p = m.sub("parent")
+        parent_path, parent_sha = Path(p.str("path", 4096)), p.str("sha256", 64)
+        p.done()
+        dirty_sha = m.str("dirty_sha256", 64)
     m.done()
     expected = ram.layout(ram_spans(machine.mem_size, (layout.MMIO_HOLE, layout.MMIO_HOLE_END)))
     if regions != expected or size != machine.mem_size:
         raise SnapshotError(f"{what}: guest RAM laid out otherwise than {machine.mem_size} "
                             "bytes of RAM are")
     _check_size(path / RAM, size, what)
-    if verify_ram:
+    base_ram: Path | None = None
+    layers: tuple[RamLayer, ...] = ()
+    if version == VERSION_INCREMENTAL:
+        from kvmpy.memory import PAGE
+        from kvmpy.state import diff
+
+        bitmap = _read_exact(path / diff.DIRTY, (size // PAGE + 7) // 8, what)
+        if sha256(bitmap).hexdigest() != dirty_sha:
+            raise SnapshotError(f"{what}: {diff.DIRTY} does not match its checksum (damaged "
+                                "or edited)")
+        diff.check_bitmap(bitmap, size, what)
+        parent = _open_parent(parent_path, parent_sha, expected, what, verify_ram, _chain)
+        base_ram = parent.base_ram or parent.path / RAM
+        layers = (*parent.layers, RamLayer(path / RAM, bitmap))
+        if verify_ram:
+            diff.verify_layer(path / RAM, bitmap, digest, what)
+    elif verify_ram:
         ram.verify_ram(path / RAM, digest, what)
 
     disks = [_open_disk(path, i, d, what) for i, d in enumerate(r.subs("disks", 64))]
@@ -304,7 +388,26 @@ def open_snapshot(path: Path | str, *, verify_ram: bool = False) -> Snapshot:
     from kvmpy.machine import DiskConfig
 
     saved = machine._replace(disks=[DiskConfig(d.path, d.read_only) for d in disks])
-    return Snapshot(path, saved, sections, expected, disks)
+    return Snapshot(path, saved, sections, expected, disks, meta["sha256"], base_ram, layers)
+
+
+def _open_parent(path: Path, sha: str, regions: list[list[int]], what: str, verify_ram: bool,
+                 chain: int) -> Snapshot:
+    """The snapshot an incremental one was taken after, checked to be that very one."""
+    if chain + 1 >= MAX_CHAIN:
+        raise SnapshotError(f"{what}: more than {MAX_CHAIN} snapshots in its chain")
+    if not path.is_dir():
+        raise SnapshotError(f"{what}: its parent snapshot {path} is missing (an incremental "
+                            "snapshot holds only what changed after it)")
+    try:
+        parent = open_snapshot(path, verify_ram=verify_ram, _chain=chain + 1, _sha=sha)
+    except SnapshotError as e:
+        if chain:  # (said once, by the snapshot the restore was asked for)
+            raise
+        raise SnapshotError(f"{what}: in its chain: {e}") from None
+    if parent.regions != regions:
+        raise SnapshotError(f"{what}: its parent {path} has other guest RAM")
+    return parent
 
 
 def _open_disk(path: Path, index: int, r: StateReader, what: str) -> DiskPart:

@@ -23,6 +23,27 @@ MEM = 2 << 20
 PAGE = 4096
 
 
+class FakeVm:
+    """KVM's dirty log, of the pages a test says the guest wrote (`FakeMachine.write`)."""
+
+    def __init__(self) -> None:
+        self.memory_slots = [(0, 0, MEM, 0)]
+        self.fd = 3
+        self.logging = False
+        self.dirty: set[int] = set()
+
+    def log_dirty_pages(self, on: bool = True) -> None:
+        self.logging = on
+        self.dirty = set(range(MEM // PAGE)) if on else set()  # (KVM's starts all set)
+
+    def dirty_log(self, slot: int, pages: int) -> bytes:
+        bitmap = bytearray(pages // 8)
+        for page in self.dirty:
+            bitmap[page // 8] |= 1 << page % 8
+        self.dirty = set()
+        return bytes(bitmap)
+
+
 class FakeMachine:
     """What save_snapshot asks of a Machine, with RAM in a bytearray."""
 
@@ -33,6 +54,14 @@ class FakeMachine:
         for page in (0, 1, 7, 300, 511):  # a few used pages among zeros
             self.buf[page * PAGE: page * PAGE + 5] = b"page%d" % (page % 10)
         self.memory = GuestMemory.from_buffer(self.buf)
+        self.vm = FakeVm()
+        self.dirty_log_owner: Any = None
+
+    def write(self, gpa: int, data: bytes) -> None:
+        """The guest writes: RAM changes, and KVM logs the pages (when it logs)."""
+        self.buf[gpa:gpa + len(data)] = data
+        if self.vm.logging:
+            self.vm.dirty.update(range(gpa // PAGE, (gpa + len(data) - 1) // PAGE + 1))
 
     def as_built(self) -> MachineConfig:
         return self.config
@@ -137,8 +166,8 @@ def test_edited_state(snap: Path) -> None:
 
 def test_wrong_version(snap: Path) -> None:
     meta = json.loads((snap / METADATA).read_text())
-    (snap / METADATA).write_text(json.dumps(meta | {"version": 2}))
-    refused(snap, r"format version 2; this kvmpy \(0.1.0\) reads version 1")
+    (snap / METADATA).write_text(json.dumps(meta | {"version": 3}))
+    refused(snap, r"format version 3; this kvmpy \(0.1.0\) reads versions 1 and 2")
     (snap / METADATA).write_text(json.dumps(meta | {"format": "qemu"}))
     refused(snap, "snapshot.json is not a kvmpy snapshot's")
 
