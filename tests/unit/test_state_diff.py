@@ -138,8 +138,8 @@ def resign_bitmap(path: Path, bitmap: bytes) -> None:
     (lambda p: (p / diff.DIRTY).unlink(), "ram.dirty: No such file"),
     (lambda p: (p / diff.DIRTY).write_bytes(b"\xff" * 64), "ram.dirty does not match its "
                                                             "checksum"),
-    (lambda p: resign(p, edit=lambda m: m["ram"].pop("parent")), r"snapshot state "
-                                                                  r"snapshot.json.ram: no 'parent'"),
+    (lambda p: resign(p, edit=lambda m: m["ram"].pop("parent")),
+     r"snapshot state snapshot.json.ram: no 'parent'"),
     (lambda p: resign(p, edit=lambda m: m["ram"]["parent"].update(path=str(p))),
      "diff2 is another snapshot than the one its child was taken after"),
     (lambda p: resign(p, edit=lambda m: m["ram"]["parent"].update(path=7)),
