@@ -80,6 +80,7 @@ def track(machine: Machine, parent: Parent) -> None:
     it, if a tracker already runs) -- unless a fast reset's reset point reads the log."""
     owner = machine.dirty_log_owner
     if isinstance(owner, DirtyTracker):
+        owner.take()  # (a clean log from this snapshot, which holds what was logged)
         owner.parent = parent
         return
     if owner is not None:

@@ -112,14 +112,9 @@ def save_snapshot(machine: Machine, path: Path, *, incremental: bool = False,
         if tracker is None:
             ram_meta = ram.save_ram(machine.memory, work / RAM)
             ram_meta.pop("file")
-        else:
-            try:  # (the log is read and cleared: a failure from here loses its pages)
-                ram_meta, bitmap = diff.save_diff_ram(machine.memory, tracker.take(),
-                                                      work / RAM)
-                (work / diff.DIRTY).write_bytes(bitmap)
-            except BaseException:
-                tracker.close()
-                raise
+        else:  # (the dirty log is read and cleared: a failure from here ends the chain)
+            ram_meta, bitmap = diff.save_diff_ram(machine.memory, tracker.take(), work / RAM)
+            (work / diff.DIRTY).write_bytes(bitmap)
             ram_meta |= {"parent": {"path": str(tracker.parent.path),
                                     "sha256": tracker.parent.sha256},
                          "dirty_sha256": sha256(bitmap).hexdigest()}
@@ -138,7 +133,7 @@ def save_snapshot(machine: Machine, path: Path, *, incremental: bool = False,
     except BaseException:
         import shutil  # (not on a restore's path: imported when needed, like tempfile)
 
-        if tracker is not None:
+        if tracker is not None:  # (its pages would be missing from the next one)
             tracker.close()
         shutil.rmtree(work, ignore_errors=True)
         raise
@@ -157,8 +152,7 @@ def write_metadata(directory: Path, meta: dict[str, Any]) -> str:
 
 
 def _canonical_sha(body: dict[str, Any]) -> str:
-    return sha256(json.dumps(body, sort_keys=True, separators=(",", ":"))
-                          .encode()).hexdigest()
+    return sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def _save_disk(index: int, disk: DiskConfig, work: Path) -> dict[str, Any]:
