@@ -12,7 +12,7 @@ import pytest
 
 from kvmpy.cli import build_parser, restore_config
 from kvmpy.errors import ConfigError, SnapshotError
-from kvmpy.machine import DiskConfig, FlatConfig, MachineConfig
+from kvmpy.machine import DiskConfig, FlatConfig, MachineConfig, ShareConfig, VsockConfig
 from kvmpy.memory import GuestMemory
 from kvmpy.state import ram
 from kvmpy.state.config import describe, machine_config
@@ -273,6 +273,28 @@ def test_options_with_restore_must_match_the_snapshot(snap: Path) -> None:
         restore_config(cli("--restore", str(snap), "--kernel", "bzImage"))
     config, _, _ = restore_config(cli("--restore", str(snap), "--cpus", "1", "--mem", "2M"))
     assert config.cpus == 1 and config.flat is not None
+    with pytest.raises(ConfigError, match="--share: a restored guest has the snapshot's"):
+        restore_config(cli("--restore", str(snap), "--share", "/tmp,tag=t"))
+    with pytest.raises(SnapshotError, match="--vsock: snapshot .* has no vsock device"):
+        restore_config(cli("--restore", str(snap), "--vsock", "3,uds=/tmp/v.sock"))
+
+
+def test_shares_and_vsock_are_in_the_machine_and_vsock_can_move(tmp_path: Path) -> None:
+    machine = FakeMachine()
+    machine.config = machine.config._replace(
+        shares=[ShareConfig(tmp_path, "data", read_only=True)],
+        vsock=VsockConfig(7, tmp_path / "v.sock"))
+    save_snapshot(machine, tmp_path / "snap")  # type: ignore[arg-type]
+    saved = open_snapshot(tmp_path / "snap").machine
+    assert (saved.shares, saved.vsock) == (machine.config.shares, machine.config.vsock)
+    with pytest.raises(SnapshotError, match="--vsock: .* has guest CID 7, not 3"):
+        restore_config(cli("--restore", str(tmp_path / "snap"), "--vsock", "3,uds=/x.sock"))
+    config, _, _ = restore_config(cli("--restore", str(tmp_path / "snap"), "--vsock",
+                                      f"7,uds={tmp_path / 'w.sock'}"))
+    assert config.vsock == VsockConfig(7, tmp_path / "w.sock")
+    # a machine without them is described as before they could be saved
+    assert "shares" not in describe(FakeMachine().config) and "vsock" not in describe(
+        FakeMachine().config)
 
 
 def test_anonymous_ram_is_read_only_where_it_was_touched(tmp_path: Path) -> None:
