@@ -67,12 +67,9 @@ class DirtyTracker:
         return dirty_pages(self.machine)
 
     def close(self) -> None:
-        machine = self.machine
-        if machine.dirty_log_owner is self:
-            machine.dirty_log_owner = None
-            if machine.vm.fd >= 0:
-                machine.vm.log_dirty_pages(False)
-            machine.memory.track_writes(False)
+        from kvmpy.state.reset import stop_logging_writes
+
+        stop_logging_writes(self.machine, self)
 
 
 def track(machine: Machine, parent: Parent) -> None:
@@ -85,12 +82,9 @@ def track(machine: Machine, parent: Parent) -> None:
         return
     if owner is not None:
         return  # (a reset point: it keeps the log; incremental snapshots wait for a full one)
-    machine.dirty_log_owner = DirtyTracker(machine, parent)
-    machine.vm.log_dirty_pages(True)
-    from kvmpy.state.reset import dirty_pages
+    from kvmpy.state.reset import log_writes
 
-    dirty_pages(machine)  # a clean log from here (the log starts with every page set)
-    machine.memory.track_writes(True)
+    log_writes(machine, DirtyTracker(machine, parent))
 
 
 def tracker_for(machine: Machine, base: Path | None) -> DirtyTracker:

@@ -78,12 +78,7 @@ class ResetPoint:
 
     def close(self) -> None:
         """Stop logging writes (KVM's log and the devices') and drop the copy of RAM."""
-        machine = self.machine
-        if machine.dirty_log_owner is self:
-            machine.dirty_log_owner = None
-        if machine.vm.fd >= 0:
-            machine.vm.log_dirty_pages(False)
-        machine.memory.track_writes(False)
+        stop_logging_writes(self.machine, self)
         for copy in self.copies:
             copy.close()
         self.copies = []
@@ -117,12 +112,28 @@ def mark(machine: Machine) -> ResetPoint:
     owner = machine.dirty_log_owner  # incremental snapshots counting pages: they end here
     if owner is not None and not isinstance(owner, ResetPoint):
         owner.close()
-    machine.vm.log_dirty_pages(True)
-    for slot, _, size, _ in machine.vm.memory_slots:
-        machine.vm.dirty_log(slot, size // PAGE)  # from a clean log
-    machine.memory.track_writes(True)
-    point = machine.dirty_log_owner = ResetPoint(machine, sections, copies)
+    point = ResetPoint(machine, sections, copies)
+    log_writes(machine, point)
     return point
+
+
+def log_writes(machine: Machine, owner: object) -> None:
+    """Make `owner` the one reader of the pages written from now on: KVM's dirty log (for
+    the guest's writes) and `memory.written` (for its devices'), both from clean."""
+    machine.dirty_log_owner = owner
+    machine.vm.log_dirty_pages(True)
+    dirty_pages(machine)  # (KVM's log starts with every page set)
+    machine.memory.track_writes(True)
+
+
+def stop_logging_writes(machine: Machine, owner: object) -> None:
+    """Stop the logs `log_writes` started, if `owner` still reads them."""
+    if machine.dirty_log_owner is not owner:
+        return
+    machine.dirty_log_owner = None
+    if machine.vm.fd >= 0:
+        machine.vm.log_dirty_pages(False)
+    machine.memory.track_writes(False)
 
 
 def _check_not_running(machine: Machine, what: str) -> None:

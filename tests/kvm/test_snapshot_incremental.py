@@ -80,3 +80,19 @@ def test_qmp_incremental_snapshot_save(guest_dir: Path, tmp_path: Path) -> None:
     text = restored_output(tmp_path / "diff")
     whole = "".join(count_line(kind, n) + "\n" for n in range(0x801))
     assert len(text) > 100 and whole.endswith(text), text[:100]
+
+
+def test_a_fast_reset_point_ends_the_chain(guest_dir: Path, tmp_path: Path) -> None:
+    """Both read KVM's dirty log: a reset point takes it, and a snapshot taken while one
+    is marked does not start a chain."""
+    with Guest.from_config(counter(guest_dir, "cpl3", tmp_path)) as g:
+        g.expect(count_line("cpl3", 2) + "\n", 60)
+        g.snapshot(tmp_path / "full")
+        g.mark()
+        with pytest.raises(SnapshotError, match="take a full one first"):
+            g.snapshot(tmp_path / "diff", base=tmp_path / "full")
+        g.snapshot(tmp_path / "full2")  # the reset point keeps the log
+        with pytest.raises(SnapshotError, match="take a full one first"):
+            g.snapshot(tmp_path / "diff", base=tmp_path / "full2")
+        assert g.reset() >= 0  # and the reset still works
+        g.stop()
