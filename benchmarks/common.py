@@ -172,3 +172,17 @@ def write_result(path: str, measure: Callable[[], dict[str, object]]) -> None:
     except Exception as e:  # the reason, not just a status, reaches `make bench`
         result = {"error": f"{type(e).__name__}: {e}"}
     Path(path).write_text(json.dumps(result))
+
+
+def qmp_session(sock: Path):  # type: ignore[no-untyped-def]
+    """A negotiated QMP client (qemu.qmp) on `sock`, waiting up to a minute for it."""
+    from qemu.qmp.legacy import QEMUMonitorProtocol
+
+    deadline = time.monotonic() + 60
+    while not sock.exists():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"no QMP socket {sock}")
+        time.sleep(0.02)
+    qmp = QEMUMonitorProtocol(str(sock))
+    qmp.connect(negotiate=True)
+    return qmp

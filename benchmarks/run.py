@@ -18,6 +18,7 @@ import fast_reset  # noqa: E402
 import flat_startup  # noqa: E402
 import fuzz_rate  # noqa: E402
 import linux_boot  # noqa: E402
+import migrate  # noqa: E402
 import ninep  # noqa: E402
 import sandbox_start  # noqa: E402
 import snapshot_restore  # noqa: E402
@@ -35,6 +36,7 @@ BENCHMARKS = {
     "linux_snapshot_restore": snapshot_restore.main,
     "flat_fast_reset": fast_reset.main,
     "fuzz_inputs": fuzz_rate.main,
+    "linux_live_migration": migrate.main,
 }
 
 

@@ -32,7 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import linux_guest_benchmark, write_result
+from common import linux_guest_benchmark, qmp_session, write_result
 
 ROUNDS = int(os.environ.get("KVMPY_BENCH_ROUNDS", "5"))
 MEM_MIB = 256
@@ -110,19 +110,6 @@ def disk_bytes(path: Path) -> int:
     """Bytes a file or directory takes on disk (its allocated blocks: holes are free)."""
     files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
     return sum(os.stat(p).st_blocks * 512 for p in files)
-
-
-def qmp_session(sock: Path):  # type: ignore[no-untyped-def]
-    from qemu.qmp.legacy import QEMUMonitorProtocol
-
-    deadline = time.monotonic() + 60
-    while not sock.exists():
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"no QMP socket {sock}")
-        time.sleep(0.02)
-    qmp = QEMUMonitorProtocol(str(sock))
-    qmp.connect(negotiate=True)
-    return qmp
 
 
 def measure() -> dict[str, object]:

@@ -17,7 +17,8 @@ returns its Stop.
 
 `pause()` and `resume()` hold and release the whole guest; `snapshot(dir)` saves it
 (running or paused) to a new directory, and `Guest.restore(dir)` brings such a
-snapshot back in this process or any other (docs/snapshots.md). `mark()` keeps the
+snapshot back in this process or any other (docs/snapshots.md). `migrate(uri)` moves
+the running guest to a `kvmpy run --incoming` process (docs/migration.md). `mark()` keeps the
 guest's state in this process and `reset()` puts it back, copying only the pages that
 changed since (kvmpy.state.reset, docs/fuzzing.md).
 """
@@ -133,6 +134,28 @@ class Guest:
         from kvmpy.state.snapshot import take_snapshot
 
         return take_snapshot(self.machine, path, base=base)
+
+    def migrate(self, uri: str, *, downtime_limit_ms: int | None = None,
+                max_rounds: int | None = None, max_bandwidth: int | None = None
+                ) -> dict[str, Any]:
+        """Move the running guest to `kvmpy run ... --incoming URI` (unix:PATH or
+        tcp:HOST:PORT) while it runs; returns the migration's figures (QMP
+        query-migrate's). Afterwards this Guest has stopped (StopKind.MIGRATED). If the
+        migration fails the guest runs on here and MigrationError says why."""
+        from kvmpy.migration.source import MachineHolder, Migration, Parameters
+        from kvmpy.migration.wire import MigrationError, parse_address
+
+        params = Parameters()
+        params.set({name: value for name, value in (
+            ("downtime-limit", downtime_limit_ms), ("x-max-rounds", max_rounds),
+            ("max-bandwidth", max_bandwidth)) if value is not None})
+        migration = Migration(self.machine, parse_address(uri), params,
+                              MachineHolder(self.machine), lambda status, info: None)
+        migration.start()
+        migration.wait()
+        if migration.status != "completed":
+            raise MigrationError(f"migration to {uri} {migration.status}: {migration.error}")
+        return migration.info()
 
     def mark(self) -> ResetPoint:
         """Keep the guest's state now, in this process, for `reset()` (pausing it

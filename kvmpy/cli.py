@@ -115,6 +115,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="resume the guest saved in snapshot DIR (x-kvmpy-snapshot-save): "
                           "its machine, RAM, devices; each writable disk runs on a new copy, "
                           "at the --disk given for it or in a new temporary directory")
+    run.add_argument("--incoming", metavar="unix:PATH|tcp:HOST:PORT",
+                     help="build the machine the other options describe and wait there for "
+                          "a live migration (QMP migrate on the source, docs/migration.md); "
+                          "the guest runs here once it has arrived")
     run.set_defaults(func=cmd_run)
 
     sandbox = sub.add_parser("sandbox", help="run a command in a VM over the host's files "
@@ -244,7 +248,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         from kvmpy.qmp import parse_address
 
         qmp_path = parse_address(args.qmp)
-    snapshot = copies = None
+    snapshot = copies = incoming = None
+    if args.incoming is not None:
+        from kvmpy.migration.wire import parse_address as migration_address
+
+        if args.restore is not None:
+            raise ConfigError("--incoming, --restore: the guest comes from one or the other")
+        incoming = migration_address(args.incoming, "--incoming")
     if args.restore is not None:
         config, snapshot, copies = restore_config(args)
     else:
@@ -252,13 +262,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     trace, gdb = _seeing_inside(args)
     config = config._replace(trace=trace, gdb=gdb)
     try:
-        machine = Machine(config, snapshot=snapshot)
+        machine = Machine(config, snapshot=snapshot, incoming=incoming is not None)
     except BaseException:
         if copies is not None:
             copies.discard()
         raise
     if copies is not None:
         copies.keep()
+    if incoming is not None:
+        _receive(machine, incoming)
     unpacking = machine.unpack_for_next_boot()
     try:
         pump = qmp = None
@@ -302,6 +314,22 @@ def cmd_run(args: argparse.Namespace) -> int:
         if config.trace is not None and config.trace.out is not sys.stderr:
             config.trace.out.close()
     return stop.exit_status
+
+
+def _receive(machine: Any, address: Any) -> None:
+    """`--incoming`: the guest arrives into `machine` (closed if it does not)."""
+    from kvmpy.log import get_logger
+    from kvmpy.migration.destination import receive
+
+    log = get_logger("kvmpy.migration")
+    try:
+        got = receive(machine, address, on_listening=lambda: log.info(
+            "waiting for a migration on %s", address.text))
+    except BaseException:
+        machine.close()
+        raise
+    log.info("migration received: %d pages in %d rounds, %.3f s", got.pages, got.rounds,
+             got.seconds)
 
 
 def cmd_sandbox(args: argparse.Namespace) -> int:

@@ -11,7 +11,9 @@ A machine restored from a snapshot is built by the same recipe from the snapshot
 configuration, with guest RAM mapped from the snapshot and, instead of a boot, every
 part given back its saved state (`restore_state`). `pause()` holds the vCPUs and the I/O
 thread, `capture_state()` gathers each part's `state()`; kvmpy.state.snapshot writes
-them with RAM and disks (docs/snapshots.md).
+them with RAM and disks (docs/snapshots.md). A machine built `incoming` is the same
+recipe with neither: fresh RAM, no boot, its state still to come (a live migration's
+destination, kvmpy.migration.destination, fills RAM and calls `restore_state`).
 """
 
 from __future__ import annotations
@@ -213,12 +215,13 @@ def _prepare_for_linux(vcpu: Vcpu) -> None:
 
 class Machine:
     def __init__(self, config: MachineConfig, kvm: Kvm | None = None, *,
-                 snapshot: Snapshot | None = None) -> None:
+                 snapshot: Snapshot | None = None, incoming: bool = False) -> None:
         # 0. every option checked, and this /dev/kvm able to run the guest, before
         #    anything is built (kvmpy.checks: one-line errors naming the option); a
         #    snapshot's CPUID must be what this host gives (the rest was checked when
         #    it was opened: kvmpy.state.snapshot)
-        check_config(config, booting=snapshot is None)
+        booting = snapshot is None and not incoming
+        check_config(config, booting=booting)
         if config.linux is not None:
             require_linux_kvm()
         self.config = config
@@ -229,6 +232,7 @@ class Machine:
         tsc_deadline = bool(self.kvm.check_extension("KVM_CAP_TSC_DEADLINE_TIMER"))
         cpuids = [normalize_cpuid(supported, i, config.cpus, tsc_deadline=tsc_deadline)
                   for i in range(config.cpus)]
+        self.cpuids = cpuids  # what each vCPU is told it is (a migration compares them)
         if snapshot is not None:
             try:
                 snapshot.check_cpuid(lambda i: cpuids[i])
@@ -254,7 +258,7 @@ class Machine:
         self.vcpus = [self.vm.create_vcpu(i) for i in range(config.cpus)]
         for vcpu in self.vcpus:
             vcpu.set_cpuid2(cpuids[vcpu.index])
-            if config.linux is not None and snapshot is None:
+            if config.linux is not None and booting:
                 _prepare_for_linux(vcpu)
         # 5. devices
         self.pio = Bus("pio")
@@ -305,7 +309,7 @@ class Machine:
         self._running = threading.Event()  # clear while paused: console input waits
         self._running.set()
         self._clock: dict[str, Any] | None = None  # kvmclock to put back before vCPUs run
-        self._restored = snapshot is not None  # (see _before_run)
+        self._restored = not booting  # (see _before_run)
         # 6. boot, or every part back as the snapshot has it
         self.linux_boot: LinuxBoot | None = None
         if snapshot is not None:
@@ -315,6 +319,8 @@ class Machine:
             except BaseException:
                 self.close()
                 raise
+        elif incoming:
+            pass  # RAM and every part's state come later (restore_state)
         elif config.flat is not None:
             from kvmpy.flat import load_flat, start_flat
 

@@ -140,9 +140,10 @@ class GuestMemory:
     def view(self, gpa: int, length: int) -> memoryview:
         """A zero-copy window on [gpa, gpa+length); it must lie in one region."""
         window = self._view(gpa, length)
-        if self.written is not None and length > 0:  # (after the check: a guest's length
+        written = self.written  # (read once: `track_writes` may swap it meanwhile)
+        if written is not None and length > 0:  # (after the check: a guest's length
             # of 4 GiB must not put a million page numbers in the set before it fails)
-            self.written.update(range(gpa // PAGE, (gpa + length - 1) // PAGE + 1))
+            written.update(range(gpa // PAGE, (gpa + length - 1) // PAGE + 1))
         return window
 
     def _view(self, gpa: int, length: int) -> memoryview:
@@ -167,8 +168,9 @@ class GuestMemory:
         if gpa >= 0 and length >= 0:
             for start, end, _, base in self._spans:
                 if start <= gpa and gpa + length <= end:
-                    if self.written is not None and length > 0:
-                        self.written.update(range(gpa // PAGE, (gpa + length - 1) // PAGE + 1))
+                    written = self.written  # (read once, as in `view`)
+                    if written is not None and length > 0:
+                        written.update(range(gpa // PAGE, (gpa + length - 1) // PAGE + 1))
                     return base + gpa - start
         raise GuestMemoryError(f"guest access [{gpa:#x}, +{length:#x}) is outside guest RAM")
 

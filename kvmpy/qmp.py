@@ -15,9 +15,12 @@ objects one after another (a client need not end them with a newline); the serve
 ends each of its own with CRLF, as QEMU does.
 
 Commands: qmp_capabilities, query-status, query-version, query-commands, stop,
-cont, system_powerdown, quit, and kvmpy's own, named as QMP names extensions:
+cont, system_powerdown, quit, live migration as QEMU names it (migrate {"uri"},
+query-migrate, migrate_cancel, migrate-set-parameters, query-migrate-parameters:
+kvmpy.migration), and kvmpy's own, named as QMP names extensions:
 x-kvmpy-snapshot-save {"path": DIR, "incremental": bool} and x-kvmpy-stats. Events:
-STOP, RESUME, POWERDOWN, SHUTDOWN {"guest": bool, "reason": ...}, with QEMU's names and reasons.
+STOP, RESUME, POWERDOWN, SHUTDOWN {"guest": bool, "reason": ...}, MIGRATION
+{"status": ...}, with QEMU's names and reasons.
 
 What it is not: the machine. The server asks a `QmpTarget` (the command line's
 adapter around a `Machine`) to act; every client runs on its own thread and the
@@ -44,6 +47,7 @@ from kvmpy.stop import Stop, StopKind
 
 if TYPE_CHECKING:
     from kvmpy.machine import Machine
+    from kvmpy.migration.source import Migration
 
 log = get_logger(__name__)
 
@@ -67,6 +71,16 @@ class QmpTarget(Protocol):
     def snapshot_save(self, path: str, incremental: bool = False) -> dict[str, Any]: ...
 
     def stats(self) -> dict[str, Any]: ...
+
+    def migrate(self, uri: str) -> None: ...
+
+    def migrate_cancel(self) -> None: ...
+
+    def query_migrate(self) -> dict[str, Any]: ...
+
+    def migrate_set_parameters(self, arguments: dict[str, Any]) -> None: ...
+
+    def query_migrate_parameters(self) -> dict[str, Any]: ...
 
 
 class QmpError(Exception):
@@ -127,6 +141,11 @@ class QmpServer:
             "quit": lambda _: self.target.quit(),
             "x-kvmpy-snapshot-save": self._snapshot_save,
             "x-kvmpy-stats": lambda _: self.target.stats(),
+            "migrate": self._migrate,
+            "migrate_cancel": lambda _: self.target.migrate_cancel(),
+            "query-migrate": lambda _: self.target.query_migrate(),
+            "migrate-set-parameters": lambda a: self.target.migrate_set_parameters(a),
+            "query-migrate-parameters": lambda _: self.target.query_migrate_parameters(),
         }
 
     def start(self) -> None:
@@ -180,6 +199,12 @@ class QmpServer:
             raise QmpError("Parameter 'incremental' is not a boolean")
         meta = self.target.snapshot_save(path, incremental)
         return {"path": path, "seconds": meta["seconds"], "ram_bytes": meta["ram"]["data_bytes"]}
+
+    def _migrate(self, arguments: dict[str, Any]) -> None:
+        uri = arguments.get("uri")
+        if not isinstance(uri, str) or not uri:
+            raise QmpError("Parameter 'uri' is missing or not a string")
+        self.target.migrate(uri)
 
     # -- connections ------------------------------------------------------------------------
     def _accept(self) -> None:
@@ -373,6 +398,10 @@ class MachineControl:
         self.server: QmpServer | None = None
         self.quit_asked = False
         self._lock = threading.Lock()
+        from kvmpy.migration.source import Parameters
+
+        self.migration: Migration | None = None  # the last one started
+        self.migration_parameters = Parameters()
 
     def _emit(self, event: str, data: dict[str, Any] | None = None) -> None:
         if self.server is not None:
@@ -384,6 +413,9 @@ class MachineControl:
         return "paused" if self.machine.paused else "running"
 
     def stop(self) -> None:
+        if self._migrating():
+            raise QmpError("a migration is in progress: migrate_cancel it first (kvmpy "
+                           "migrates running guests)")
         with self._lock:
             if self.machine.stopped is None and not self.machine.paused:
                 self.machine.pause()
@@ -424,11 +456,66 @@ class MachineControl:
     def stats(self) -> dict[str, Any]:
         return {"status": self.status(), **self.machine.stats()}
 
+    # -- live migration (kvmpy.migration.source) --------------------------------------
+    def migrate(self, uri: str) -> None:
+        from kvmpy.migration.source import Migration
+        from kvmpy.migration.wire import parse_address
+
+        if self._migrating():
+            raise QmpError("a migration is already in progress")
+        address = parse_address(uri)
+        migration = Migration(self.machine, address, self.migration_parameters, self,
+                              self._migration_status)
+        migration.start()
+        self.migration = migration
+
+    def migrate_cancel(self) -> None:
+        if self.migration is not None:
+            self.migration.cancel()
+
+    def query_migrate(self) -> dict[str, Any]:
+        return {} if self.migration is None else self.migration.info()
+
+    def migrate_set_parameters(self, arguments: dict[str, Any]) -> None:
+        self.migration_parameters.set(arguments)
+
+    def query_migrate_parameters(self) -> dict[str, Any]:
+        return self.migration_parameters.query()
+
+    def _migrating(self) -> bool:
+        return self.migration is not None and not self.migration.done.is_set()
+
+    def hold(self) -> bool:
+        """The migration's last round begins: the guest paused, QMP's stop and cont held
+        off until `let_go` (a Holder, kvmpy.migration.source)."""
+        self._lock.acquire()
+        try:
+            running = self.machine.stopped is None and not self.machine.paused
+            if running:
+                self.machine.pause()
+                self._emit("STOP")
+            return running
+        except BaseException:
+            self._lock.release()
+            raise
+
+    def let_go(self, resume: bool) -> None:
+        try:
+            if resume:
+                self.machine.resume()
+                self._emit("RESUME")
+        finally:
+            self._lock.release()
+
+    def _migration_status(self, status: str, info: dict[str, Any]) -> None:
+        self._emit("MIGRATION", {"status": status})
+
     def shutdown_event(self, stop: Stop) -> dict[str, Any]:
         if self.quit_asked:
             return {"guest": False, "reason": "host-qmp-quit"}
         reason = {StopKind.POWEROFF: "guest-shutdown", StopKind.DEBUG_EXIT: "guest-shutdown",
                   StopKind.REBOOT: "guest-reset", StopKind.FAULT: "guest-panic",
                   StopKind.HALTED: "guest-panic", StopKind.ERROR: "host-error",
+                  StopKind.MIGRATED: "host-migrated",
                   StopKind.SIGINT: "host-signal", StopKind.SIGTERM: "host-signal"}[stop.kind]
         return {"guest": reason.startswith("guest"), "reason": reason}

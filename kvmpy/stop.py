@@ -16,6 +16,7 @@ class StopKind(enum.Enum):
     FAULT = 4  # triple fault, failed VM entry, emulation failure
     REBOOT = 5  # guest asked for a reset
     HALTED = 6  # every vCPU halted with interrupts disabled: the guest can never continue
+    MIGRATED = 7  # the guest runs on in another process now (kvmpy.migration)
     DEBUG_EXIT = -1  # the guest wrote its own status to the debug-exit port
     SIGINT = 130
     SIGTERM = 143

@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 
 from qemu.qmp.legacy import QEMUMonitorProtocol
+from qemu.qmp.protocol import ConnectError
 
 
 def connect(sock: Path, timeout: float = 60) -> QEMUMonitorProtocol:
@@ -14,8 +15,14 @@ def connect(sock: Path, timeout: float = 60) -> QEMUMonitorProtocol:
     while not sock.exists():
         assert time.monotonic() < deadline, f"no QMP socket at {sock}"
         time.sleep(0.02)
-    qmp = QEMUMonitorProtocol(str(sock))
-    greeting = qmp.connect(negotiate=True)
+    while True:  # (the socket exists from its bind, and takes connections from its listen)
+        qmp = QEMUMonitorProtocol(str(sock))
+        try:
+            greeting = qmp.connect(negotiate=True)
+            break
+        except ConnectError:
+            assert time.monotonic() < deadline, f"no QMP server at {sock}"
+            time.sleep(0.02)
     assert greeting is not None and greeting["QMP"]["version"]["package"].startswith("kvmpy ")
     return qmp
 

@@ -112,10 +112,12 @@ class KvmpyProcess:
         return self.console.text
 
     def wait(self, timeout: float = 120) -> tuple[int, str]:
-        """The exit status and stderr, once kvmpy has exited."""
-        _, err = self.proc.communicate(timeout=timeout)
+        """The exit status and stderr, once kvmpy has exited. (Not `communicate`, which
+        would take the stdout the pump has not read yet away from the transcript.)"""
+        assert self.proc.stderr is not None
+        self.proc.wait(timeout=timeout)
         self._pump.join(10)
-        return self.proc.returncode, err.decode(errors="replace")
+        return self.proc.returncode, self.proc.stderr.read().decode(errors="replace")
 
     def kill(self) -> None:
         if self.proc.poll() is None:
