@@ -115,6 +115,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="resume the guest saved in snapshot DIR (x-kvmpy-snapshot-save): "
                           "its machine, RAM, devices; each writable disk runs on a new copy, "
                           "at the --disk given for it or in a new temporary directory")
+    run.add_argument("--seccomp", choices=["kill", "log", "off"], default=os.environ.get("KVMPY_SECCOMP_DEFAULT", "kill"),
+                     help="after set-up, hold each thread to the system calls it needs: "
+                          "kill (default) ends kvmpy with SIGSYS at any other, naming it; "
+                          "log lets it through and the kernel logs it (docs/isolation.md)")
     run.set_defaults(func=cmd_run)
 
     sandbox = sub.add_parser("sandbox", help="run a command in a VM over the host's files "
@@ -245,7 +249,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     else:
         config = machine_config(args)
     trace, gdb = _seeing_inside(args)
-    config = config._replace(trace=trace, gdb=gdb)
+    config = config._replace(trace=trace, gdb=gdb, seccomp=args.seccomp)
     try:
         machine = Machine(config, snapshot=snapshot)
     except BaseException:
@@ -257,6 +261,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     unpacking = machine.unpack_for_next_boot()
     try:
         pump = qmp = None
+        machine.lock_down()  # set-up is over: the threads started from here inherit it
         if config.linux is not None:
             pump = StdinPump(machine.console_input, on_quit=lambda: machine.request_stop(
                 Stop(StopKind.SIGINT, "quit from the console (Ctrl-A x)")))

@@ -175,6 +175,9 @@ class MachineConfig(NamedTuple):
     trace: Tracer | None = None  # a line per VM exit (kvmpy.trace.tracer)
     gdb: GdbConfig | None = None  # vCPUs start stopped, waiting for gdb (kvmpy.gdb.stub)
     console: ConsoleSink | None = None  # guest console output; None: this process's stdout
+    # after set-up, each thread held to the system calls it needs (kvmpy.isolation.seccomp):
+    # "kill", "log" or "off" (the API's default: a test process must not be confined)
+    seccomp: str = "off"
 
 
 class KvmIrq:
@@ -219,6 +222,9 @@ class Machine:
         #    snapshot's CPUID must be what this host gives (the rest was checked when
         #    it was opened: kvmpy.state.snapshot)
         check_config(config, booting=snapshot is None)
+        from kvmpy.isolation.seccomp import Seccomp
+
+        self.seccomp = Seccomp(config.seccomp)
         if config.linux is not None:
             require_linux_kvm()
         self.config = config
@@ -634,10 +640,27 @@ class Machine:
             return self.threads.stop
         return next((loop.stop for loop in self.loops if loop.stop is not None), None)
 
+    def lock_down(self) -> None:
+        """End of set-up: from here on every thread is held to its system calls
+        (kvmpy.isolation.seccomp). The I/O thread, started during set-up, is started
+        again so that its new thread narrows itself to its own list; the vCPU threads
+        do so as they start. Called by `run` and `start`, or earlier by the caller
+        (kvmpy.cli, before it starts the QMP server)."""
+        if self.seccomp.mode == "off" or self.seccomp.locked:
+            return
+        self.seccomp.lock_down()
+        if self.iothread is not None:
+            self.iothread.on_start = lambda: self.seccomp.enter("io")
+            if self.iothread.stop():
+                self.iothread.start()
+
     def start(self) -> None:
         """Start one thread per vCPU; returns at once."""
+        self.lock_down()
         self._before_run()
-        self.threads = VcpuThreads(self.loops, on_stop=lambda _: self.serial.flush())
+        self.threads = VcpuThreads(
+            self.loops, on_stop=lambda _: self.serial.flush(),
+            on_start=lambda loop: self.seccomp.enter("vcpu", f"vcpu{loop.vcpu.index}"))
         self.threads.start()
 
     def unpack_for_next_boot(self) -> threading.Thread | None:
@@ -694,6 +717,7 @@ class Machine:
         """Run until the VM stops. A single vCPU without irqchip runs on this thread,
         unless `threads` (another thread will pause it: a QMP server)."""
         if len(self.loops) == 1 and not self.vm.irqchip and not threads:
+            self.lock_down()  # (this thread is the vCPU's too: the union of the lists)
             self._before_run()
             try:
                 return run_guarded(self.loops[0])

@@ -82,6 +82,8 @@ class IoThread:
         self._epoll.register(self._wake, select.EPOLLIN)
         self._stopping = False
         self._thread: threading.Thread | None = None
+        # run first on each new loop thread: how the machine confines it (kvmpy.isolation)
+        self.on_start: Callable[[], None] | None = None
         self._failed: set[int] = set()
 
     # -- fds --------------------------------------------------------------------------------
@@ -192,6 +194,11 @@ class IoThread:
         return ran
 
     def _loop(self) -> None:
+        if self.on_start is not None:
+            try:
+                self.on_start()
+            except Exception:  # (the thread still runs under the process's filter)
+                log.exception("%s: confining the thread failed", self.name)
         while not self._stopping:
             try:
                 self.run_once(timeout=-1)
