@@ -27,6 +27,7 @@ from kvmpy.units import parse_address
 
 if TYPE_CHECKING:
     from kvmpy.gdb.stub import GdbConfig
+    from kvmpy.isolation.landlock import Rules as LandlockRules
     from kvmpy.machine import MachineConfig
     from kvmpy.state.snapshot import Snapshot, WorkingCopies
     from kvmpy.trace.tracer import Tracer
@@ -115,10 +116,17 @@ def build_parser() -> argparse.ArgumentParser:
                      help="resume the guest saved in snapshot DIR (x-kvmpy-snapshot-save): "
                           "its machine, RAM, devices; each writable disk runs on a new copy, "
                           "at the --disk given for it or in a new temporary directory")
-    run.add_argument("--seccomp", choices=["kill", "log", "off"], default=os.environ.get("KVMPY_SECCOMP_DEFAULT", "kill"),
+    run.add_argument("--seccomp", choices=["kill", "log", "off"], default=os.environ.get("KVMPY_SECCOMP", "kill"),
                      help="after set-up, hold each thread to the system calls it needs: "
                           "kill (default) ends kvmpy with SIGSYS at any other, naming it; "
                           "log lets it through and the kernel logs it (docs/isolation.md)")
+    run.add_argument("--landlock", choices=["on", "off"], default="off",
+                     help="after set-up, let kvmpy reach only the files it was given "
+                          "(disks, shares, the QMP socket's directory, --landlock-rw): "
+                          "any other open fails with EACCES (Landlock, Linux 5.13+)")
+    run.add_argument("--landlock-rw", action="append", default=[], type=Path, metavar="DIR",
+                     help="with --landlock: a directory kvmpy may also write, e.g. where "
+                          "QMP saves snapshots (repeatable)")
     run.set_defaults(func=cmd_run)
 
     sandbox = sub.add_parser("sandbox", help="run a command in a VM over the host's files "
@@ -249,7 +257,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     else:
         config = machine_config(args)
     trace, gdb = _seeing_inside(args)
-    config = config._replace(trace=trace, gdb=gdb, seccomp=args.seccomp)
+    config = config._replace(trace=trace, gdb=gdb, seccomp=args.seccomp,
+                             landlock=_landlock_rules(args, qmp_path))
     try:
         machine = Machine(config, snapshot=snapshot)
     except BaseException:
@@ -302,6 +311,18 @@ def cmd_run(args: argparse.Namespace) -> int:
         if config.trace is not None and config.trace.out is not sys.stderr:
             config.trace.out.close()
     return stop.exit_status
+
+
+def _landlock_rules(args: argparse.Namespace, qmp_path: Path | None) -> LandlockRules | None:
+    """The files `--landlock` leaves kvmpy besides the machine's own (kvmpy.machine)."""
+    if args.landlock != "on":
+        if args.landlock_rw:
+            raise ConfigError("--landlock-rw: with --landlock on")
+        return None
+    from kvmpy.isolation.landlock import Rules
+
+    sockets = () if qmp_path is None else (Path(qmp_path).resolve().parent,)
+    return Rules(write=tuple(args.landlock_rw), sockets=sockets)
 
 
 def cmd_sandbox(args: argparse.Namespace) -> int:

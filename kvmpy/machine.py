@@ -51,6 +51,7 @@ from kvmpy.vcpu_threads import VcpuThreads, run_guarded
 
 if TYPE_CHECKING:
     from kvmpy.gdb.stub import GdbConfig, GdbStub
+    from kvmpy.isolation.landlock import Rules as LandlockRules
     from kvmpy.state.snapshot import Snapshot
     from kvmpy.trace.stats import ExitStats
     from kvmpy.trace.tracer import Tracer
@@ -178,6 +179,10 @@ class MachineConfig(NamedTuple):
     # after set-up, each thread held to the system calls it needs (kvmpy.isolation.seccomp):
     # "kill", "log" or "off" (the API's default: a test process must not be confined)
     seccomp: str = "off"
+    # after set-up, the process held to the files it was given (kvmpy.isolation.landlock):
+    # these rules (the caller's: QMP socket, snapshot directories) besides the machine's
+    # own (Python, disks, shares); None: no Landlock
+    landlock: LandlockRules | None = None
 
 
 class KvmIrq:
@@ -225,6 +230,7 @@ class Machine:
         from kvmpy.isolation.seccomp import Seccomp
 
         self.seccomp = Seccomp(config.seccomp)
+        self.locked_down = False  # (lock_down)
         if config.linux is not None:
             require_linux_kvm()
         self.config = config
@@ -270,7 +276,10 @@ class Machine:
         self.postcode = PostCode()
         self.pio.insert(layout.POST_CODE_PORT, 1, self.postcode, "post-code")
         self.pio.insert(layout.DEBUG_EXIT_PORT, 4, DebugExit(self._debug_exit), "debug-exit")
-        self.testdev = TestDevice(console=self._console_write, on_exit=self._debug_exit)
+        from kvmpy.isolation.escape import from_environment as test_escape
+
+        self.testdev = TestDevice(console=self._console_write, on_exit=self._debug_exit,
+                                  escape=test_escape())
         self.mmio.insert(layout.TEST_DEVICE_BASE, layout.TEST_DEVICE_SIZE, self.testdev,
                          "testdev")
         if config.linux is not None:
@@ -646,13 +655,35 @@ class Machine:
         again so that its new thread narrows itself to its own list; the vCPU threads
         do so as they start. Called by `run` and `start`, or earlier by the caller
         (kvmpy.cli, before it starts the QMP server)."""
-        if self.seccomp.mode == "off" or self.seccomp.locked:
+        if self.locked_down:
             return
+        self.locked_down = True
+        if self.config.landlock is not None:
+            self._landlock(self.config.landlock)
         self.seccomp.lock_down()
-        if self.iothread is not None:
+        if self.iothread is not None and (self.config.landlock is not None
+                                          or self.seccomp.mode != "off"):
             self.iothread.on_start = lambda: self.seccomp.enter("io")
             if self.iothread.stop():
                 self.iothread.start()
+
+    def _landlock(self, given: LandlockRules) -> None:
+        """This thread, and the threads it starts, held to the files the machine was
+        given (the kernel and initrd are loaded by now: they are not among them)."""
+        from kvmpy.isolation import landlock
+
+        config = self.config
+        rules = landlock.python_rules().add(
+            read=[d.path for d in config.disks if d.read_only]
+            + [s.path for s in config.shares if s.read_only],
+            write=[d.path for d in config.disks if not d.read_only]
+            + [s.path for s in config.shares if not s.read_only])
+        rules = rules.add(read=given.read, write=given.write, sockets=given.sockets)
+        if landlock.abi() == 0:
+            print("kvmpy: --landlock: this kernel has no Landlock (Linux 5.13+ with landlock "
+                  "in its lsm= list): files are not confined", file=sys.stderr)
+            return
+        landlock.restrict(rules)
 
     def start(self) -> None:
         """Start one thread per vCPU; returns at once."""

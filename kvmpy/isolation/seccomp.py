@@ -39,7 +39,6 @@ KVM's and the tty/tun request families).
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import threading
 from collections.abc import Iterable
@@ -61,6 +60,7 @@ PYTHON = frozenset({
     "getpid", "gettid", "tgkill", "getuid", "geteuid", "getgid", "getegid",
     "clock_gettime", "clock_nanosleep", "nanosleep", "gettimeofday", "getrandom",
     "poll", "ppoll", "select", "pselect6", "epoll_wait", "epoll_pwait", "epoll_ctl",
+    "epoll_create1",  # `import selectors` (by socket, subprocess) tries one
     "eventfd2", "restart_syscall", "exit", "exit_group", "prctl", "sysinfo",
 })
 # A vCPU thread: KVM_RUN and the ioctls around it, device models, console output.
@@ -105,9 +105,8 @@ class _ArgCmp(ctypes.Structure):
 
 
 def _library() -> Any:
-    name = ctypes.util.find_library("seccomp") or "libseccomp.so.2"
-    try:
-        lib = ctypes.CDLL(name, use_errno=True)
+    try:  # (by soname: ctypes.util.find_library would run ldconfig at every start)
+        lib = ctypes.CDLL("libseccomp.so.2", use_errno=True)
     except OSError:
         raise ConfigError("--seccomp: libseccomp is missing (Debian: apt-get install "
                           "libseccomp2), or give --seccomp off") from None
@@ -243,6 +242,10 @@ class Seccomp:
             raise ConfigError(f"--seccomp {mode}: one of {', '.join(MODES)}")
         self.mode = mode
         self.locked = False
+        if mode != "off":  # libseccomp loaded, and the report's names known, during
+            _seccomp()  # set-up: a Landlock domain would not let us read them later
+            if mode == "kill":
+                _install_report()
 
     def lock_down(self) -> None:
         """The union of the roles' lists on every thread of the process (main thread
@@ -250,8 +253,6 @@ class Seccomp:
         if self.mode == "off" or self.locked:
             return
         assert threading.current_thread() is threading.main_thread()
-        if self.mode == "kill":
-            _install_report()
         _name_thread("main")
         build_and_load(MAIN, self.mode, all_threads=True)
         self.locked = True

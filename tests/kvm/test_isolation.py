@@ -1,0 +1,86 @@
+"""kvmpy confined (kvmpy.isolation), seen from a guest that asks the test device to try
+an escape (kvmpy/isolation/escape.py, guests/tests/escape.S) on this machine's /dev/kvm."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.kvm
+
+ALL = "execve,open,socket,ptrace"
+
+
+def escape(guest_dir: Path, calls: str, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "KVMPY_TEST_ESCAPE": calls}
+    env.pop("KVMPY_SECCOMP", None)
+    return subprocess.run([sys.executable, "-m", "kvmpy", "run", "--flat",
+                           str(guest_dir / "escape.bin"), "--mode", "long", *args],
+                          capture_output=True, text=True, timeout=60, env=env)
+
+
+def test_unconfined_every_call_goes_through(guest_dir: Path) -> None:
+    r = escape(guest_dir, ALL, "--seccomp", "off")
+    assert r.returncode == 0, r.stderr
+    # root reads /etc/shadow; anyone else gets EACCES from the file's mode, not from us
+    expected_open = "ok" if os.geteuid() == 0 else "EACCES"
+    assert r.stdout == f"execve: ENOENT\nopen: {expected_open}\nsocket: ok\nptrace: ESRCH\n"
+
+
+def on_vcpu_thread(tmp_path: Path) -> list[str]:
+    """A single vCPU runs on the main thread (the union of the lists), unless a QMP
+    server may pause it: then on its own thread, held to the vCPU list."""
+    return ["--qmp", f"unix:{tmp_path / 'qmp.sock'}"]
+
+
+@pytest.mark.parametrize("thread", ["main", "vcpu0"])
+@pytest.mark.parametrize("call,number", [("execve", 59), ("socket", 41), ("ptrace", 101)])
+def test_kill_by_default_names_the_call(guest_dir: Path, tmp_path: Path, call: str,
+                                        number: int, thread: str) -> None:
+    """SIGSYS, one line naming the call and the thread, no report reaches the guest."""
+    where = on_vcpu_thread(tmp_path) if thread == "vcpu0" else []
+    r = escape(guest_dir, f"open,{call}", *where)
+    assert r.returncode == -signal.SIGSYS, (r.returncode, r.stderr)
+    assert r.stdout == ""
+    assert r.stderr == (f"kvmpy: seccomp: the {thread} thread called {call} ({number}), "
+                        "which its allow-list denies: killed by SIGSYS\n")
+
+
+def test_log_lets_the_calls_through_and_the_kernel_logs_them(guest_dir: Path,
+                                                             tmp_path: Path) -> None:
+    r = escape(guest_dir, "execve,socket", "--seccomp", "log", *on_vcpu_thread(tmp_path))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "execve: ENOENT\nsocket: ok\n"
+    log = subprocess.run(["dmesg"], capture_output=True, text=True, check=True).stdout
+    denied = re.findall(r'type=1326 .* comm="kvmpy-vcpu0" .* syscall=(\d+) ', log)
+    assert {"59", "41"} <= set(denied)
+
+
+def test_a_normal_run_is_not_killed(guest_dir: Path, tmp_path: Path) -> None:
+    """The default (kill) through a whole run on a vCPU thread, with a QMP server, to
+    the end of the process."""
+    r = subprocess.run([sys.executable, "-m", "kvmpy", "run", "--flat",
+                        str(guest_dir / "mmio_echo.bin"), "--mode", "long", "--stats",
+                        *on_vcpu_thread(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "mmio ok\n"
+
+
+def landlock_abi() -> int:
+    from kvmpy.isolation.landlock import abi
+
+    return abi()
+
+
+@pytest.mark.skipif(landlock_abi() == 0, reason="this kernel has no Landlock (5.13+, "
+                    "landlock in lsm=)")
+def test_landlock_open_outside_the_given_files_fails_with_eacces(guest_dir: Path) -> None:
+    r = escape(guest_dir, "open,socket", "--seccomp", "off", "--landlock", "on")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "open: EACCES\nsocket: ok\n"  # (seccomp's to stop, not Landlock's)
