@@ -116,10 +116,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="resume the guest saved in snapshot DIR (x-kvmpy-snapshot-save): "
                           "its machine, RAM, devices; each writable disk runs on a new copy, "
                           "at the --disk given for it or in a new temporary directory")
-    run.add_argument("--seccomp", choices=["kill", "log", "off"], default=os.environ.get("KVMPY_SECCOMP", "kill"),
+    run.add_argument("--seccomp", choices=["kill", "log", "off"],
+                     default=os.environ.get("KVMPY_SECCOMP", "kill"),
                      help="after set-up, hold each thread to the system calls it needs: "
-                          "kill (default) ends kvmpy with SIGSYS at any other, naming it; "
-                          "log lets it through and the kernel logs it (docs/isolation.md)")
+                          "kill (default; env KVMPY_SECCOMP) ends kvmpy with SIGSYS at any "
+                          "other, naming it; log lets it through and the kernel logs it "
+                          "(docs/isolation.md)")
     run.add_argument("--landlock", choices=["on", "off"], default="off",
                      help="after set-up, let kvmpy reach only the files it was given "
                           "(disks, shares, the QMP socket's directory, --landlock-rw): "
