@@ -6,8 +6,9 @@
  * there (the thread may hold the GIL, or be halfway through a C call), so this
  * handler is C and uses only write(2) and tgkill(2), which every thread's list allows:
  * it prints one line naming the call, from the table of names Python gave it, and
- * sends its thread SIGSYS again, now at its default action (SA_RESETHAND): when the
- * handler returns it ends the whole process, as SECCOMP_RET_KILL_PROCESS would.
+ * sends its thread SIGSYS again, now at its default action (SA_RESETHAND), which ends
+ * the whole process as SECCOMP_RET_KILL_PROCESS would (status 128 + SIGSYS = 159 if
+ * it cannot: PID 1 of a namespace ignores its own default-action signals).
  */
 #include <signal.h>
 #include <string.h>
@@ -43,8 +44,14 @@ static void kvmpy_sigsys_handler(int sig, siginfo_t *info, void *ctx)
     kvmpy_sigsys_put(" (");
     kvmpy_sigsys_put(number + i);
     kvmpy_sigsys_put("), which its allow-list denies: killed by SIGSYS\n");
-    /* blocked until we return; then its default action ends the process */
+    /* unblocked, at its default action now: this ends the process, unless it is
+     * PID 1 of a namespace (--jail), which the kernel keeps from killing itself */
+    sigset_t set;
+    sigemptyset(&set);
+    sigaddset(&set, sig);
+    sigprocmask(SIG_UNBLOCK, &set, NULL);
     syscall(SYS_tgkill, getpid(), syscall(SYS_gettid), sig);
+    syscall(SYS_exit_group, 128 + sig);
 }
 
 /* Install the handler; `names[nr]` is system call nr's name (NULL: unknown). */

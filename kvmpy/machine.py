@@ -51,6 +51,7 @@ from kvmpy.vcpu_threads import VcpuThreads, run_guarded
 
 if TYPE_CHECKING:
     from kvmpy.gdb.stub import GdbConfig, GdbStub
+    from kvmpy.isolation.jail import Jail
     from kvmpy.isolation.landlock import Rules as LandlockRules
     from kvmpy.state.snapshot import Snapshot
     from kvmpy.trace.stats import ExitStats
@@ -183,6 +184,9 @@ class MachineConfig(NamedTuple):
     # these rules (the caller's: QMP socket, snapshot directories) besides the machine's
     # own (Python, disks, shares); None: no Landlock
     landlock: LandlockRules | None = None
+    # kvmpy runs in this jail (kvmpy.isolation.jail: entered before the machine is
+    # built); at the end of set-up, a new network namespace and the unprivileged user
+    jail: Jail | None = None
 
 
 class KvmIrq:
@@ -658,10 +662,15 @@ class Machine:
         if self.locked_down:
             return
         self.locked_down = True
+        if self.config.jail is not None:
+            from kvmpy.isolation import jail
+
+            jail.drop(self.config.jail)
         if self.config.landlock is not None:
             self._landlock(self.config.landlock)
         self.seccomp.lock_down()
         if self.iothread is not None and (self.config.landlock is not None
+                                          or self.config.jail is not None
                                           or self.seccomp.mode != "off"):
             self.iothread.on_start = lambda: self.seccomp.enter("io")
             if self.iothread.stop():

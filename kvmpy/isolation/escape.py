@@ -9,6 +9,8 @@ and shows the guest one line per call ("socket: ok", "open: EACCES"):
     open     open("/etc/shadow", O_RDONLY)          a host file it was not given
     socket   socket(AF_INET, SOCK_STREAM)           the network beyond the VM's tap
     ptrace   ptrace(PTRACE_ATTACH, pid 2**22+1)     another process's memory
+    look     what it can see: "look: uid U gid G files PATH PATH..." (every file
+             and device under /, but for the interpreter's own trees and /proc)
 
 Each is the real system call, made harmless where nothing stops it: the program does
 not exist, the file is closed unread, the socket closed unused, the pid beyond
@@ -50,8 +52,19 @@ def _ptrace() -> None:
         raise OSError(e, os.strerror(e))
 
 
-ATTEMPTS: dict[str, Callable[[], None]] = {
-    "execve": _execve, "open": _open, "socket": _socket, "ptrace": _ptrace}
+def _look() -> str:
+    from kvmpy.isolation.jail import runtime_paths
+
+    skip = {str(p) for p in runtime_paths()} | {"/proc", "/sys"}
+    found = []
+    for top, dirs, files in os.walk("/"):
+        dirs[:] = [d for d in dirs if os.path.join(top, d) not in skip]
+        found += [os.path.join(top, f) for f in files]
+    return f"uid {os.getuid()} gid {os.getgid()} files {' '.join(sorted(found))}"
+
+
+ATTEMPTS: dict[str, Callable[[], str | None]] = {
+    "execve": _execve, "open": _open, "socket": _socket, "ptrace": _ptrace, "look": _look}
 
 
 def from_environment() -> Callable[[], bytes] | None:
@@ -73,8 +86,7 @@ def attempt(names: list[str]) -> bytes:
     lines = []
     for name in names:
         try:
-            ATTEMPTS[name]()
-            outcome = "ok"
+            outcome = ATTEMPTS[name]() or "ok"
         except OSError as e:
             outcome = errno.errorcode.get(e.errno or 0, str(e.errno))
         lines.append(f"{name}: {outcome}\n")

@@ -84,3 +84,45 @@ def test_landlock_open_outside_the_given_files_fails_with_eacces(guest_dir: Path
     r = escape(guest_dir, "open,socket", "--seccomp", "off", "--landlock", "on")
     assert r.returncode == 0, r.stderr
     assert r.stdout == "open: EACCES\nsocket: ok\n"  # (seccomp's to stop, not Landlock's)
+
+
+NOBODY = "65534"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="--jail needs root")
+def test_in_the_jail_root_holds_only_the_vms_files_and_kvmpy_is_unprivileged(
+        guest_dir: Path, tmp_path: Path) -> None:
+    image = (guest_dir / "escape.bin").resolve()
+    r = escape(guest_dir, "look,open", "--jail", str(tmp_path / "jail"), "--uid", NOBODY,
+               "--gid", NOBODY)
+    assert r.returncode == 0, r.stderr
+    # (besides the interpreter's read-only trees: kvmpy.isolation.jail.runtime_paths)
+    assert r.stdout == (f"look: uid {NOBODY} gid {NOBODY} files /dev/kvm {image}\n"
+                        "open: ENOENT\n")
+    assert list((tmp_path / "jail").iterdir()) == []  # the jail's root was its own tmpfs
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="--jail needs root")
+def test_seccomp_in_the_jail_names_the_call(guest_dir: Path, tmp_path: Path) -> None:
+    """kvmpy is PID 1 of its namespace there, which cannot kill itself with a signal:
+    it exits with 128 + SIGSYS instead, and the parent outside passes that on."""
+    r = escape(guest_dir, "ptrace", "--jail", str(tmp_path / "jail"), "--uid", NOBODY,
+               "--gid", NOBODY)
+    assert r.returncode == 128 + signal.SIGSYS
+    assert r.stderr.endswith("kvmpy: seccomp: the main thread called ptrace (101), which "
+                             "its allow-list denies: killed by SIGSYS\n")
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--jail", "J"], "--jail: give --uid and --gid"),
+    (["--jail", "J", "--uid", "0", "--gid", "0"], "--jail: --uid and --gid must not be 0"),
+    (["--uid", "1000"], "--uid, --gid: with --jail"),
+    (["--landlock-rw", "/tmp"], "--landlock-rw: with --landlock on"),
+])
+def test_isolation_options_refused_in_one_line(guest_dir: Path, tmp_path: Path,
+                                               args: list[str], message: str) -> None:
+    args = [str(tmp_path / "jail") if a == "J" else a for a in args]
+    r = escape(guest_dir, "open", *args)
+    assert r.returncode != 0
+    assert r.stdout == ""
+    assert r.stderr.startswith(f"kvmpy: {message}") and r.stderr.count("\n") == 1, r.stderr
