@@ -87,10 +87,14 @@ def build_parser() -> argparse.ArgumentParser:
                           "its KASLR); off: the decompressor every time (default on)")
     run.add_argument("--entry64", action="store_true",
                      help="enter a vmlinux at its 64-bit entry even if it has a PVH note")
-    run.add_argument("--disk", action="append", default=[], metavar="PATH[,ro]",
-                     help="a raw disk image as virtio-blk (repeatable; ,ro for read-only)")
-    run.add_argument("--net", action="append", default=[], metavar="tap=NAME[,mac=MAC]",
-                     help="a virtio-net device on a tap interface (repeatable)")
+    run.add_argument("--disk", action="append", default=[],
+                     metavar="PATH[,ro][,bw=MB/s][,iops=N]",
+                     help="a raw disk image as virtio-blk (repeatable; ,ro for read-only; "
+                          "bw, iops: rate limits)")
+    run.add_argument("--net", action="append", default=[],
+                     metavar="tap=NAME[,mac=MAC][,bw=MB/s]",
+                     help="a virtio-net device on a tap interface (repeatable; bw: a rate "
+                          "limit each way)")
     add_share_arguments(run)
     run.add_argument("--rng", choices=["on", "off"], default=None,
                      help="virtio-rng fed by the host's getrandom() (default: on for the "

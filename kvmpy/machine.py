@@ -46,6 +46,7 @@ from kvmpy.kvm import Kvm, Vcpu
 from kvmpy.kvm.detect import require_linux_kvm
 from kvmpy.log import get_logger
 from kvmpy.memory import GuestMemory
+from kvmpy.ratelimit import Limits
 from kvmpy.stop import Stop, StopKind
 from kvmpy.vcpu_threads import VcpuThreads, run_guarded
 
@@ -134,11 +135,13 @@ class ConsoleSink(Protocol):
 class DiskConfig(NamedTuple):
     path: Path
     read_only: bool = False
+    limits: Limits = Limits()  # bytes/s and requests/s (kvmpy.ratelimit)
 
 
 class NetConfig(NamedTuple):
     tap: str = ""  # attach to this tap interface; "" lets the kernel name a new one
     mac: str | None = None
+    limits: Limits = Limits()  # bytes/s each way (kvmpy.ratelimit)
 
 
 class ShareConfig(NamedTuple):
@@ -384,12 +387,13 @@ class Machine:
         if config.disks:
             from kvmpy.virtio.blk import Block
 
-            devices += [Block(str(d.path), read_only=d.read_only) for d in config.disks]
+            devices += [Block(str(d.path), read_only=d.read_only, limits=d.limits)
+                        for d in config.disks]
         if config.nets:
             from kvmpy.virtio.net import Net
             from kvmpy.virtio.tap import Tap
 
-            devices += [Net(Tap(n.tap), n.mac) for n in config.nets]
+            devices += [Net(Tap(n.tap), n.mac, limits=n.limits) for n in config.nets]
         if config.shares:
             from kvmpy.virtio.ninep import NinePDevice
 
