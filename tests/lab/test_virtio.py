@@ -73,6 +73,11 @@ for i in 1 2; do
 done
 """
 
+DD_SH = """\
+dd if=/dev/vda of=/dev/null bs=1M count=20 2>&1 | tr '\\n' ' '
+echo
+"""
+
 GUEST_IP, HOST_IP = "10.0.2.15", "10.0.2.1"
 GUEST_MAC = "52:54:00:6b:76:6d"
 TO_GUEST_PORT, FROM_GUEST_PORT = 5001, 5002
@@ -106,7 +111,7 @@ def initrd(tmp_path_factory: pytest.TempPathFactory) -> Path:
         files["etc/mke2fs.conf"] = Path("/etc/mke2fs.conf").read_bytes()
     return guest_initrd(tmp_path_factory.mktemp("initrd") / "virtio-tests.cpio",
                         scripts={"ext4.sh": EXT4_SH, "ro.sh": READ_ONLY_SH, "rng.sh": RNG_SH,
-                                 "net.sh": NET_SH},
+                                 "net.sh": NET_SH, "dd.sh": DD_SH},
                         programs={"sbin/mkfs.ext4": Path(mke2fs)}, files=files)
 
 
@@ -248,6 +253,7 @@ def _receive_all(server: socket.socket, result: dict[str, object]) -> None:
     """Accept one connection on `server` and hash what arrives until the peer's EOF."""
     try:
         conn, _ = server.accept()
+        started = time.monotonic()
         with conn:
             conn.settimeout(120)
             h, n = hashlib.sha256(), 0
@@ -255,6 +261,7 @@ def _receive_all(server: socket.socket, result: dict[str, object]) -> None:
                 h.update(chunk)
                 n += len(chunk)
         result.update(size=n, sha256=h.hexdigest())
+        result["seconds"] = time.monotonic() - started
     except OSError as e:
         result["error"] = repr(e)
 
@@ -278,7 +285,31 @@ def _send_to_guest(data: bytes, timeout: float = 60) -> None:
             pass
 
 
-def test_guest_and_host_tap_ping_and_move_10_mb(kernel: Path, initrd: Path) -> None:
+def test_disk_rate_limit_holds_dd_within_10_percent(kernel: Path, initrd: Path,
+                                                    tmp_path: Path) -> None:
+    """`--disk PATH,bw=4`: the guest's dd reads 20 MiB at 4 MB/s (its initial burst, a
+    tenth of a second's worth, is in the figure), through the command line, sandboxed."""
+    image = tmp_path / "disk.img"
+    with open(image, "wb") as f:
+        f.truncate(32 << 20)
+    vm = KvmpyProcess(["--kernel", str(kernel), "--initrd", str(initrd),
+                       "--disk", f"{image},bw=4", "--append", "-- sh /dd.sh"])
+    try:
+        done = vm.expect(r"(\d+) bytes .*copied, ([\d.]+) seconds", 240)
+        status, err = vm.wait(120)
+    finally:
+        vm.kill()
+    rate = int(done.group(1)) / float(done.group(2))
+    assert int(done.group(1)) == 20 << 20
+    assert rate == pytest.approx(4_000_000, rel=0.10), done.group(0)
+    assert status == StopKind.POWEROFF.value, err
+
+
+@pytest.mark.parametrize("bw", [None, 1], ids=["unlimited", "bw=1"])
+def test_guest_and_host_tap_ping_and_move_10_mb(kernel: Path, initrd: Path,
+                                                bw: int | None) -> None:
+    """With `bw=1` (1 MB/s each way, counting Ethernet frames) each 10 MiB takes its
+    time: the TCP payload's rate, within 10% of the limit."""
     tap = "kvmtap0"
     payload = os.urandom(NET_BYTES)
     with netns(f"kvmpy-virtio-{os.getpid()}"):
@@ -290,15 +321,18 @@ def test_guest_and_host_tap_ping_and_move_10_mb(kernel: Path, initrd: Path) -> N
         received: dict[str, object] = {}
         receiver = threading.Thread(target=_receive_all, args=(server, received), daemon=True)
         receiver.start()
+        limit = "" if bw is None else f",bw={bw}"
         vm = KvmpyProcess(["--kernel", str(kernel), "--initrd", str(initrd),
-                           "--net", f"tap={tap},mac={GUEST_MAC}",
+                           "--net", f"tap={tap},mac={GUEST_MAC}{limit}",
                            "--append", "-- sh /net.sh"])
         try:
             guest_ping = vm.expect(r"ping-host-status=(\d+)", 120)
             vm.expect("net-listening", 30)
             host_ping = subprocess.run(["busybox", "ping", "-c", "3", "-W", "5", GUEST_IP],
                                        capture_output=True, text=True, timeout=60)
+            sending = time.monotonic()
             _send_to_guest(payload)
+            to_guest_s = time.monotonic() - sending
             got = vm.expect(r"guest-received (\d+) ([0-9a-f]{64})", 240)
             vm.expect(r"guest-sent-status=(\d+)", 240)
             receiver.join(240)
@@ -312,6 +346,10 @@ def test_guest_and_host_tap_ping_and_move_10_mb(kernel: Path, initrd: Path) -> N
     assert "3 packets received" in host_ping.stdout, host_ping.stdout + host_ping.stderr
     assert got.group(1) == str(NET_BYTES)  # host -> guest, 10 MiB over TCP
     assert got.group(2) == hashlib.sha256(payload).hexdigest()
+    received_s = received.pop("seconds", None)
     assert received == {"size": NET_BYTES, "sha256": got.group(2)}  # guest -> host
     assert "guest-sent-status=0" in log
     assert status == StopKind.POWEROFF.value, err
+    if bw is not None:
+        rates = NET_BYTES / to_guest_s, NET_BYTES / float(received_s)  # type: ignore[arg-type]
+        assert rates == pytest.approx((bw * 1e6, bw * 1e6), rel=0.10), rates
