@@ -71,7 +71,8 @@ IO = PYTHON | {
     "fallocate", "fsync", "fdatasync", "ftruncate", "fstatfs", "statfs",
     "mkdirat", "unlinkat", "renameat", "renameat2", "linkat", "symlinkat", "readlinkat",
     "fchmod", "fchmodat", "fchown", "fchownat", "utimensat", "fgetxattr", "flistxattr",
-    "openat2", "socket", "connect", "getsockopt", "setsockopt", "sendmsg", "recvmsg",
+    "openat2", "copy_file_range",  # (a snapshot's disk copy, when FICLONE cannot)
+    "socket", "connect", "getsockopt", "setsockopt", "sendmsg", "recvmsg",
     "sendto", "recvfrom", "shutdown", "getsockname", "getpeername",
 }
 # The main thread, and the threads it started before `lock_down` (QMP, gdb stub, stdin
@@ -88,6 +89,7 @@ ROLES = {"main": MAIN, "io": IO, "vcpu": VCPU}
 CLONE_THREAD = 0x10000
 AF_UNIX = 1
 IOCTL_FAMILIES = (0xAE, ord("T"))  # KVM's ioctls; terminal and tun ('T' in <asm/ioctls.h>)
+FICLONE = 0x40049409  # and this one: a snapshot's reflinked disk copy (kvmpy.state.disks)
 
 # <seccomp.h>
 _ACT_TRAP = 0x00030000
@@ -165,6 +167,7 @@ def _rules(names: Iterable[str]) -> list[tuple[int, list[tuple[int, int, int, in
         elif name == "ioctl":
             rules += [(nr, [(1, _CMP_MASKED_EQ, 0xFF00, family << 8)])
                       for family in IOCTL_FAMILIES]
+            rules.append((nr, [(1, _CMP_EQ, FICLONE, 0)]))
         elif name != "clone3":  # (below: clone3's flags are in memory, out of BPF's reach)
             rules.append((nr, []))
     return rules

@@ -126,3 +126,34 @@ def test_isolation_options_refused_in_one_line(guest_dir: Path, tmp_path: Path,
     assert r.returncode != 0
     assert r.stdout == ""
     assert r.stderr.startswith(f"kvmpy: {message}") and r.stderr.count("\n") == 1, r.stderr
+
+
+@pytest.mark.parametrize("landlock", [[], ["--landlock", "on", "--landlock-rw", "{tmp}"]],
+                         ids=["seccomp", "seccomp+landlock"])
+def test_a_snapshot_with_a_disk_over_qmp_is_not_killed(guest_dir: Path, tmp_path: Path,
+                                                       landlock: list[str]) -> None:
+    """Saving writes RAM, device state and a copy of the disk (FICLONE, or
+    copy_file_range) from the QMP thread, all after set-up: on the lists (and, with
+    Landlock, in the directory given for it)."""
+    from tests.qmp_kit import close, connect
+
+    disk, sock, snap = tmp_path / "disk.img", tmp_path / "qmp.sock", tmp_path / "snap"
+    disk.write_bytes(os.urandom(1 << 20))
+    run = subprocess.Popen(
+        [sys.executable, "-m", "kvmpy", "run", "--flat", str(guest_dir / "counter_cpl3.bin"),
+         "--mode", "long", "--cpl", "3", "--disk", str(disk), "--qmp", f"unix:{sock}",
+         *(a.replace("{tmp}", str(tmp_path)) for a in landlock)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        qmp = connect(sock)
+        qmp.cmd("stop")
+        reply = qmp.cmd("x-kvmpy-snapshot-save", path=str(snap))
+        assert reply["path"] == str(snap)
+        qmp.cmd("cont")
+        assert qmp.cmd("quit") == {}
+        _, err = run.communicate(timeout=30)
+        close(qmp)
+    finally:
+        run.kill()
+    assert run.returncode == 0, err
+    assert (snap / "disk0.img").read_bytes() == disk.read_bytes()
