@@ -59,15 +59,16 @@ def measure() -> dict[str, object]:
             print(f"isolation_cost round {i}: boot off {boots['off'][-1]:.2f} s, "
                   f"kill {boots['kill'][-1]:.2f} s", file=sys.stderr, flush=True)
     out: dict[str, object] = {"rounds": ROUNDS}
+    boot_s = {m: median(boots[m]) for m in MODES}
     for m in MODES:
-        out[f"boot_s_seccomp_{m}"] = round(median(boots[m]), 3)
+        out[f"boot_s_seccomp_{m}"] = round(boot_s[m], 3)
         out[f"boot_all_s_seccomp_{m}"] = [round(x, 3) for x in boots[m]]
-        for key in ("write_mb_s", "read_mb_s"):
-            out[f"blk_{key}_seccomp_{m}"] = round(median([r[key] for r in disks[m]]), 1)
-    out["boot_cost"] = round(out["boot_s_seccomp_kill"] / out["boot_s_seccomp_off"] - 1, 4)  # type: ignore[operator]
+    out["boot_cost"] = round(boot_s["kill"] / boot_s["off"] - 1, 4)
     for key in ("write_mb_s", "read_mb_s"):
-        off, kill = out[f"blk_{key}_seccomp_off"], out[f"blk_{key}_seccomp_kill"]
-        out[f"blk_{key.removesuffix('_mb_s')}_cost"] = round(1 - kill / off, 4)  # type: ignore[operator]
+        mb_s = {m: median([r[key] for r in disks[m]]) for m in MODES}
+        for m in MODES:
+            out[f"blk_{key}_seccomp_{m}"] = round(mb_s[m], 1)
+        out[f"blk_{key.removesuffix('_mb_s')}_cost"] = round(1 - mb_s["kill"] / mb_s["off"], 4)
     out["target_cost_max"] = 0.03
     return out
 
