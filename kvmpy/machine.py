@@ -46,7 +46,7 @@ from kvmpy.kvm import Kvm, Vcpu
 from kvmpy.kvm.detect import require_linux_kvm
 from kvmpy.log import get_logger
 from kvmpy.memory import GuestMemory
-from kvmpy.ratelimit import Limits
+from kvmpy.ratelimit import NO_LIMITS, Limits
 from kvmpy.stop import Stop, StopKind
 from kvmpy.vcpu_threads import VcpuThreads, run_guarded
 
@@ -135,13 +135,13 @@ class ConsoleSink(Protocol):
 class DiskConfig(NamedTuple):
     path: Path
     read_only: bool = False
-    limits: Limits = Limits()  # bytes/s and requests/s (kvmpy.ratelimit)
+    limits: Limits = NO_LIMITS  # bytes/s and requests/s (kvmpy.ratelimit)
 
 
 class NetConfig(NamedTuple):
     tap: str = ""  # attach to this tap interface; "" lets the kernel name a new one
     mac: str | None = None
-    limits: Limits = Limits()  # bytes/s each way (kvmpy.ratelimit)
+    limits: Limits = NO_LIMITS  # bytes/s each way (kvmpy.ratelimit)
 
 
 class ShareConfig(NamedTuple):
@@ -658,11 +658,14 @@ class Machine:
         return next((loop.stop for loop in self.loops if loop.stop is not None), None)
 
     def lock_down(self) -> None:
-        """End of set-up: from here on every thread is held to its system calls
-        (kvmpy.isolation.seccomp). The I/O thread, started during set-up, is started
-        again so that its new thread narrows itself to its own list; the vCPU threads
-        do so as they start. Called by `run` and `start`, or earlier by the caller
-        (kvmpy.cli, before it starts the QMP server)."""
+        """End of set-up (kvmpy.isolation, docs/isolation.md), in this order: in a jail,
+        an empty network namespace and the unprivileged user; with Landlock, only the
+        files given stay reachable; then every thread held to its system calls. The
+        jail's network namespace and Landlock belong to this thread and the threads it
+        starts from now on, and a seccomp filter is narrowed per thread, so the I/O
+        thread, started during set-up, is started again; the vCPU threads narrow
+        themselves as they start. Called by `run` and `start`, or earlier by the caller
+        (kvmpy.cli, before it starts the QMP server and the console pump)."""
         if self.locked_down:
             return
         self.locked_down = True
