@@ -24,7 +24,7 @@ all: build
 # Debian packages the build and the tests need (installed once, as root).
 DEB_PACKAGES := gcc binutils qemu-system-x86 busybox-static cpio acpica-tools \
 	flex bison bc libelf-dev libssl-dev e2fsprogs xz-utils iproute2 gdb \
-	python3-venv
+	python3-venv libseccomp2
 # (checked every time: a dpkg query per package, well under a second; the package lists
 # are fetched when missing too, since the lab and kernel recipes `apt-get download`)
 deps:
@@ -49,7 +49,7 @@ $(VENV_OK): pyproject.toml setup.py | deps
 
 # The cffi shim; rebuilt when its sources change.
 build: venv kvmpy/_kvm.stamp
-kvmpy/_kvm.stamp: csrc/kvm_shim.h csrc/kvm_shim.cdef csrc/build_shim.py
+kvmpy/_kvm.stamp: csrc/kvm_shim.h csrc/sigsys.h csrc/kvm_shim.cdef csrc/build_shim.py
 	$(PY) setup.py -q build_ext --inplace --force
 	@touch $@
 

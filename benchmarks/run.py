@@ -17,6 +17,7 @@ import exit_latency  # noqa: E402
 import fast_reset  # noqa: E402
 import flat_startup  # noqa: E402
 import fuzz_rate  # noqa: E402
+import isolation_cost  # noqa: E402
 import linux_boot  # noqa: E402
 import migrate  # noqa: E402
 import ninep  # noqa: E402
@@ -37,6 +38,7 @@ BENCHMARKS = {
     "flat_fast_reset": fast_reset.main,
     "fuzz_inputs": fuzz_rate.main,
     "linux_live_migration": migrate.main,
+    "isolation_cost": isolation_cost.main,
 }
 
 

@@ -13,7 +13,7 @@ ffibuilder = FFI()
 ffibuilder.cdef((HERE / "kvm_shim.cdef").read_text())
 ffibuilder.set_source(
     "kvmpy._kvm",
-    '#include "kvm_shim.h"',
+    '#include "kvm_shim.h"\n#include "sigsys.h"',
     include_dirs=[str(HERE)],
     extra_compile_args=["-O2"],
 )

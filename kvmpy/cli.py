@@ -27,6 +27,8 @@ from kvmpy.units import parse_address
 
 if TYPE_CHECKING:
     from kvmpy.gdb.stub import GdbConfig
+    from kvmpy.isolation.jail import Jail
+    from kvmpy.isolation.landlock import Rules as LandlockRules
     from kvmpy.machine import MachineConfig
     from kvmpy.state.snapshot import Snapshot, WorkingCopies
     from kvmpy.trace.tracer import Tracer
@@ -85,10 +87,14 @@ def build_parser() -> argparse.ArgumentParser:
                           "its KASLR); off: the decompressor every time (default on)")
     run.add_argument("--entry64", action="store_true",
                      help="enter a vmlinux at its 64-bit entry even if it has a PVH note")
-    run.add_argument("--disk", action="append", default=[], metavar="PATH[,ro]",
-                     help="a raw disk image as virtio-blk (repeatable; ,ro for read-only)")
-    run.add_argument("--net", action="append", default=[], metavar="tap=NAME[,mac=MAC]",
-                     help="a virtio-net device on a tap interface (repeatable)")
+    run.add_argument("--disk", action="append", default=[],
+                     metavar="PATH[,ro][,bw=MB/s][,iops=N]",
+                     help="a raw disk image as virtio-blk (repeatable; ,ro for read-only; "
+                          "bw, iops: rate limits)")
+    run.add_argument("--net", action="append", default=[],
+                     metavar="tap=NAME[,mac=MAC][,bw=MB/s]",
+                     help="a virtio-net device on a tap interface (repeatable; bw: a rate "
+                          "limit each way)")
     add_share_arguments(run)
     run.add_argument("--rng", choices=["on", "off"], default=None,
                      help="virtio-rng fed by the host's getrandom() (default: on for the "
@@ -119,6 +125,26 @@ def build_parser() -> argparse.ArgumentParser:
                      help="build the machine the other options describe and wait there for "
                           "a live migration (QMP migrate on the source, docs/migration.md); "
                           "the guest runs here once it has arrived")
+    run.add_argument("--seccomp", choices=["kill", "log", "off"],
+                     default=os.environ.get("KVMPY_SECCOMP", "kill"),
+                     help="after set-up, hold each thread to the system calls it needs: "
+                          "kill (default; env KVMPY_SECCOMP) ends kvmpy with SIGSYS at any "
+                          "other, naming it; log lets it through and the kernel logs it "
+                          "(docs/isolation.md)")
+    run.add_argument("--landlock", choices=["on", "off"], default="off",
+                     help="after set-up, let kvmpy reach only the files it was given "
+                          "(disks, shares, the QMP socket's directory, --landlock-rw): "
+                          "any other open fails with EACCES (Landlock, Linux 5.13+)")
+    run.add_argument("--landlock-rw", action="append", default=[], type=Path, metavar="DIR",
+                     help="with --landlock: a directory kvmpy may also write, e.g. where "
+                          "QMP saves snapshots (repeatable)")
+    run.add_argument("--jail", type=Path, metavar="DIR",
+                     help="run in new PID, mount, IPC, UTS and (after set-up) network "
+                          "namespaces, with DIR as a root that holds only the VM's files, as "
+                          "--uid/--gid after set-up, in a cgroup v2 where one is writable "
+                          "(root only; docs/isolation.md)")
+    run.add_argument("--uid", type=int, help="with --jail: the unprivileged user to run as")
+    run.add_argument("--gid", type=int, help="with --jail: the unprivileged group to run as")
     run.set_defaults(func=cmd_run)
 
     sandbox = sub.add_parser("sandbox", help="run a command in a VM over the host's files "
@@ -260,7 +286,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     else:
         config = machine_config(args)
     trace, gdb = _seeing_inside(args)
-    config = config._replace(trace=trace, gdb=gdb)
+    config = config._replace(trace=trace, gdb=gdb, seccomp=args.seccomp,
+                             landlock=_landlock_rules(args, qmp_path))
+    if args.jail is not None:
+        config = config._replace(jail=_jail(args))
+        status = _enter_jail(config, args, qmp_path)
+        if status is not None:  # the parent, outside: the jailed kvmpy has ended
+            return status
+    elif args.uid is not None or args.gid is not None:
+        raise ConfigError("--uid, --gid: with --jail")
     try:
         machine = Machine(config, snapshot=snapshot, incoming=incoming is not None)
     except BaseException:
@@ -271,9 +305,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         copies.keep()
     if incoming is not None:
         _receive(machine, incoming)
-    unpacking = machine.unpack_for_next_boot()
+    # (not in a jail: the cache it would write to is outside)
+    unpacking = machine.unpack_for_next_boot() if config.jail is None else None
     try:
         pump = qmp = None
+        machine.lock_down()  # set-up is over: the threads started from here inherit it
         if config.linux is not None:
             pump = StdinPump(machine.console_input, on_quit=lambda: machine.request_stop(
                 Stop(StopKind.SIGINT, "quit from the console (Ctrl-A x)")))
@@ -330,6 +366,46 @@ def _receive(machine: Any, address: Any) -> None:
         raise
     log.info("migration received: %d pages in %d rounds, %.3f s", got.pages, got.rounds,
              got.seconds)
+def _landlock_rules(args: argparse.Namespace, qmp_path: Path | None) -> LandlockRules | None:
+    """The files `--landlock` leaves kvmpy besides the machine's own (kvmpy.machine)."""
+    if args.landlock != "on":
+        if args.landlock_rw:
+            raise ConfigError("--landlock-rw: with --landlock on")
+        return None
+    from kvmpy.isolation.landlock import Rules
+
+    sockets = () if qmp_path is None else (Path(qmp_path).resolve().parent,)
+    return Rules(write=tuple(args.landlock_rw), sockets=sockets)
+
+
+def _jail(args: argparse.Namespace) -> Jail:
+    from kvmpy.isolation.jail import Jail
+
+    return Jail.parse(args.jail, args.uid, args.gid)
+
+
+def _enter_jail(config: MachineConfig, args: argparse.Namespace,
+                qmp_path: Path | None) -> int | None:
+    """Into the jail with the files the machine is given; the parent's status, or None
+    in the jailed child (kvmpy.isolation.jail)."""
+    from kvmpy.isolation import jail
+
+    read: list[Path] = [d.path for d in config.disks if d.read_only]
+    read += [s.path for s in config.shares if s.read_only]
+    if config.flat is not None:
+        read.append(config.flat.path)
+    if config.linux is not None:
+        read += [p for p in (config.linux.kernel, config.linux.initrd) if p is not None]
+    if args.restore is not None:
+        read.append(args.restore)
+    write: list[Path] = [d.path for d in config.disks if not d.read_only]
+    write += [s.path for s in config.shares if not s.read_only]
+    write += [p.parent for p in (qmp_path, config.vsock and config.vsock.uds) if p]
+    write += args.landlock_rw
+    devices = [Path("/dev/kvm")] + ([Path("/dev/net/tun")] if config.nets else [])
+    assert config.jail is not None
+    return jail.enter(config.jail, read=read, write=write, devices=devices,
+                      mem_size=config.mem_size, cpus=config.cpus)
 
 
 def cmd_sandbox(args: argparse.Namespace) -> int:

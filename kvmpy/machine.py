@@ -47,12 +47,15 @@ from kvmpy.kvm import Kvm, Vcpu
 from kvmpy.kvm.detect import require_linux_kvm
 from kvmpy.log import get_logger
 from kvmpy.memory import GuestMemory
+from kvmpy.ratelimit import NO_LIMITS, Limits
 from kvmpy.stop import Stop, StopKind
 from kvmpy.vcpu_threads import VcpuThreads, run_guarded
 
 if TYPE_CHECKING:
     from kvmpy.boot.linux import LinuxBoot
     from kvmpy.gdb.stub import GdbConfig, GdbStub
+    from kvmpy.isolation.jail import Jail
+    from kvmpy.isolation.landlock import Rules as LandlockRules
     from kvmpy.state.snapshot import Snapshot
     from kvmpy.trace.stats import ExitStats
     from kvmpy.trace.tracer import Tracer
@@ -134,11 +137,13 @@ class ConsoleSink(Protocol):
 class DiskConfig(NamedTuple):
     path: Path
     read_only: bool = False
+    limits: Limits = NO_LIMITS  # bytes/s and requests/s (kvmpy.ratelimit)
 
 
 class NetConfig(NamedTuple):
     tap: str = ""  # attach to this tap interface; "" lets the kernel name a new one
     mac: str | None = None
+    limits: Limits = NO_LIMITS  # bytes/s each way (kvmpy.ratelimit)
 
 
 class ShareConfig(NamedTuple):
@@ -177,6 +182,16 @@ class MachineConfig(NamedTuple):
     trace: Tracer | None = None  # a line per VM exit (kvmpy.trace.tracer)
     gdb: GdbConfig | None = None  # vCPUs start stopped, waiting for gdb (kvmpy.gdb.stub)
     console: ConsoleSink | None = None  # guest console output; None: this process's stdout
+    # after set-up, each thread held to the system calls it needs (kvmpy.isolation.seccomp):
+    # "kill", "log" or "off" (the API's default: a test process must not be confined)
+    seccomp: str = "off"
+    # after set-up, the process held to the files it was given (kvmpy.isolation.landlock):
+    # these rules (the caller's: QMP socket, snapshot directories) besides the machine's
+    # own (Python, disks, shares); None: no Landlock
+    landlock: LandlockRules | None = None
+    # kvmpy runs in this jail (kvmpy.isolation.jail: entered before the machine is
+    # built); at the end of set-up, a new network namespace and the unprivileged user
+    jail: Jail | None = None
 
 
 class KvmIrq:
@@ -222,6 +237,10 @@ class Machine:
         #    it was opened: kvmpy.state.snapshot)
         booting = snapshot is None and not incoming
         check_config(config, booting=booting)
+        from kvmpy.isolation.seccomp import Seccomp
+
+        self.seccomp = Seccomp(config.seccomp)
+        self.locked_down = False  # (lock_down)
         if config.linux is not None:
             require_linux_kvm()
         self.config = config
@@ -268,7 +287,10 @@ class Machine:
         self.postcode = PostCode()
         self.pio.insert(layout.POST_CODE_PORT, 1, self.postcode, "post-code")
         self.pio.insert(layout.DEBUG_EXIT_PORT, 4, DebugExit(self._debug_exit), "debug-exit")
-        self.testdev = TestDevice(console=self._console_write, on_exit=self._debug_exit)
+        from kvmpy.isolation.escape import from_environment as test_escape
+
+        self.testdev = TestDevice(console=self._console_write, on_exit=self._debug_exit,
+                                  escape=test_escape())
         self.mmio.insert(layout.TEST_DEVICE_BASE, layout.TEST_DEVICE_SIZE, self.testdev,
                          "testdev")
         if config.linux is not None:
@@ -374,12 +396,13 @@ class Machine:
         if config.disks:
             from kvmpy.virtio.blk import Block
 
-            devices += [Block(str(d.path), read_only=d.read_only) for d in config.disks]
+            devices += [Block(str(d.path), read_only=d.read_only, limits=d.limits)
+                        for d in config.disks]
         if config.nets:
             from kvmpy.virtio.net import Net
             from kvmpy.virtio.tap import Tap
 
-            devices += [Net(Tap(n.tap), n.mac) for n in config.nets]
+            devices += [Net(Tap(n.tap), n.mac, limits=n.limits) for n in config.nets]
         if config.shares:
             from kvmpy.virtio.ninep import NinePDevice
 
@@ -646,10 +669,57 @@ class Machine:
             return self.threads.stop
         return next((loop.stop for loop in self.loops if loop.stop is not None), None)
 
+    def lock_down(self) -> None:
+        """End of set-up (kvmpy.isolation, docs/isolation.md), in this order: in a jail,
+        an empty network namespace and the unprivileged user; with Landlock, only the
+        files given stay reachable; then every thread held to its system calls. The
+        jail's network namespace and Landlock belong to this thread and the threads it
+        starts from now on, and a seccomp filter is narrowed per thread, so the I/O
+        thread, started during set-up, is started again; the vCPU threads narrow
+        themselves as they start. Called by `run` and `start`, or earlier by the caller
+        (kvmpy.cli, before it starts the QMP server and the console pump)."""
+        if self.locked_down:
+            return
+        self.locked_down = True
+        if self.config.jail is not None:
+            from kvmpy.isolation import jail
+
+            jail.drop(self.config.jail)
+        if self.config.landlock is not None:
+            self._landlock(self.config.landlock)
+        self.seccomp.lock_down()
+        if self.iothread is not None and (self.config.landlock is not None
+                                          or self.config.jail is not None
+                                          or self.seccomp.mode != "off"):
+            self.iothread.on_start = lambda: self.seccomp.enter("io")
+            if self.iothread.stop():
+                self.iothread.start()
+
+    def _landlock(self, given: LandlockRules) -> None:
+        """This thread, and the threads it starts, held to the files the machine was
+        given (the kernel and initrd are loaded by now: they are not among them)."""
+        from kvmpy.isolation import landlock
+
+        config = self.config
+        rules = landlock.python_rules().add(
+            read=[d.path for d in config.disks if d.read_only]
+            + [s.path for s in config.shares if s.read_only],
+            write=[d.path for d in config.disks if not d.read_only]
+            + [s.path for s in config.shares if not s.read_only])
+        rules = rules.add(read=given.read, write=given.write, sockets=given.sockets)
+        if landlock.abi() == 0:
+            print("kvmpy: --landlock: this kernel has no Landlock (Linux 5.13+ with landlock "
+                  "in its lsm= list): files are not confined", file=sys.stderr)
+            return
+        landlock.restrict(rules)
+
     def start(self) -> None:
         """Start one thread per vCPU; returns at once."""
+        self.lock_down()
         self._before_run()
-        self.threads = VcpuThreads(self.loops, on_stop=lambda _: self.serial.flush())
+        self.threads = VcpuThreads(
+            self.loops, on_stop=lambda _: self.serial.flush(),
+            on_start=lambda loop: self.seccomp.enter("vcpu", f"vcpu{loop.vcpu.index}"))
         self.threads.start()
 
     def unpack_for_next_boot(self) -> threading.Thread | None:
@@ -706,6 +776,7 @@ class Machine:
         """Run until the VM stops. A single vCPU without irqchip runs on this thread,
         unless `threads` (another thread will pause it: a QMP server)."""
         if len(self.loops) == 1 and not self.vm.irqchip and not threads:
+            self.lock_down()  # (this thread is the vCPU's too: the union of the lists)
             self._before_run()
             try:
                 return run_guarded(self.loops[0])

@@ -49,29 +49,34 @@ def virtio_console(console: str) -> bool:
 
 
 def disk_config(spec: str | Path | DiskConfig) -> DiskConfig:
-    """`PATH` or `PATH,ro` (or a DiskConfig, as it is)."""
+    """`PATH[,ro][,bw=MB/s][,iops=N]` (or a DiskConfig, as it is)."""
+    from kvmpy.ratelimit import parse_limits
 
     if isinstance(spec, DiskConfig):
         return spec
     if isinstance(spec, Path):
         return DiskConfig(spec)
-    path, _, opts = spec.partition(",")
-    if opts not in ("", "ro"):
-        raise ConfigError(f"--disk {spec}: the only option is ',ro'")
-    return DiskConfig(Path(path), read_only=opts == "ro")
+    path, *opts = spec.split(",")
+    fields = dict(opt.partition("=")[::2] for opt in opts if opt != "ro")
+    if set(fields) - {"bw", "iops"}:
+        raise ConfigError(f"--disk {spec}: the options are ro, bw=MB/s and iops=N")
+    return DiskConfig(Path(path), read_only="ro" in opts,
+                      limits=parse_limits(f"--disk {spec}", fields, ops=True))
 
 
 def net_config(spec: str | NetConfig) -> NetConfig:
-    """`tap=NAME[,mac=MAC]` (or a NetConfig, as it is)."""
+    """`tap=NAME[,mac=MAC][,bw=MB/s]` (or a NetConfig, as it is)."""
+    from kvmpy.ratelimit import parse_limits
 
     if isinstance(spec, NetConfig):
         return spec
     fields = dict(item.partition("=")[::2] for item in spec.split(",") if item)
-    unknown = set(fields) - {"tap", "mac"}
+    unknown = set(fields) - {"tap", "mac", "bw"}
     if unknown:
         raise ConfigError(f"--net {spec}: unknown option {sorted(unknown)[0]!r} "
-                          "(use tap=NAME[,mac=MAC])")
-    return NetConfig(tap=fields.get("tap", ""), mac=fields.get("mac"))
+                          "(use tap=NAME[,mac=MAC][,bw=MB/s])")
+    return NetConfig(tap=fields.get("tap", ""), mac=fields.get("mac"),
+                     limits=parse_limits(f"--net {spec}", fields, ops=False))
 
 
 def share_config(spec: str | ShareConfig, default_tag: str | None = None) -> ShareConfig:

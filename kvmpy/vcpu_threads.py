@@ -75,9 +75,11 @@ def host_failure(e: BaseException) -> str:
 
 
 class VcpuThreads:
-    def __init__(self, loops: list[VcpuLoop], on_stop: Callable[[Stop], None]) -> None:
+    def __init__(self, loops: list[VcpuLoop], on_stop: Callable[[Stop], None],
+                 on_start: Callable[[VcpuLoop], None] | None = None) -> None:
         self.loops = loops
         self.on_stop = on_stop
+        self.on_start = on_start  # run first on each vCPU thread (kvmpy.isolation)
         self.done = threading.Event()
         self.stop: Stop | None = None
         self._lock = threading.Lock()
@@ -105,6 +107,12 @@ class VcpuThreads:
             t.start()
 
     def _run(self, loop: VcpuLoop) -> None:
+        if self.on_start is not None:
+            try:
+                self.on_start(loop)
+            except Exception as e:
+                self.finish(Stop(StopKind.ERROR, f"vCPU {loop.vcpu.index}: {host_failure(e)}"))
+                return
         self.finish(run_guarded(loop))
 
     def finish(self, stop: Stop) -> None:

@@ -10,6 +10,9 @@ Register map (offsets from layout.TEST_DEVICE_BASE):
     0x08  1 byte   console: each byte written goes to the console writer
     0x0c  4 bytes  exit: writing N ends the run with status N
     0x10-         scratch: reads return what was written
+    0xf00 4 bytes  escape, in test runs only (kvmpy.isolation.escape): writing makes
+                   the system calls KVMPY_TEST_ESCAPE names and puts one line per call,
+                   NUL-terminated, at 0xf10; without that variable, scratch like the rest
 It models no real hardware.
 """
 
@@ -25,6 +28,8 @@ IDENT = b"KVMPYTST"
 CONSOLE = 0x08
 EXIT = 0x0C
 SCRATCH = 0x10
+ESCAPE = 0xF00
+ESCAPE_REPORT = 0xF10
 
 
 class TestDevice:
@@ -32,11 +37,13 @@ class TestDevice:
 
     def __init__(self, console: Callable[[bytes], object] = lambda _: None,
                  on_exit: Callable[[int], None] = lambda _: None,
-                 size: int = layout.TEST_DEVICE_SIZE) -> None:
+                 size: int = layout.TEST_DEVICE_SIZE,
+                 escape: Callable[[], bytes] | None = None) -> None:
         self.store = bytearray(size)
         self.store[: len(IDENT)] = IDENT
         self.console = console
         self.on_exit = on_exit
+        self.escape = escape  # tests of kvmpy's confinement only (see ESCAPE above)
         self.writes = 0
 
     def read(self, offset: int, size: int) -> bytes:
@@ -49,6 +56,9 @@ class TestDevice:
             self.console(data[:1])
         elif offset == EXIT:
             self.on_exit(int.from_bytes(data, "little"))
+        elif offset == ESCAPE and self.escape is not None:
+            report = self.escape()[: len(self.store) - ESCAPE_REPORT - 1] + b"\0"
+            self.store[ESCAPE_REPORT : ESCAPE_REPORT + len(report)] = report
         elif offset >= SCRATCH:
             end = min(offset + len(data), len(self.store))
             self.store[offset:end] = data[: end - offset]

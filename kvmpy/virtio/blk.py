@@ -38,6 +38,7 @@ from typing import Any
 from kvmpy.errors import ConfigError
 from kvmpy.libc import fallocate, preadv, pwritev
 from kvmpy.memory import GuestMemory
+from kvmpy.ratelimit import NO_LIMITS, Limits, RateLimiter
 from kvmpy.state.values import StateReader
 from kvmpy.virtio.device import VIRTIO_ID_BLOCK, VirtioDevice, bit
 from kvmpy.virtio.hostio import IovecOp, Iovecs, iovec_transfer
@@ -125,8 +126,10 @@ class Block(VirtioDevice):
     name = "virtio-blk"
 
     def __init__(self, path: str, *, read_only: bool = False, serial: str | None = None,
-                 queue_size: int = QUEUE_SIZE) -> None:
+                 queue_size: int = QUEUE_SIZE, limits: Limits = NO_LIMITS) -> None:
         super().__init__((queue_size,))
+        if limits:  # (bytes moved, requests: `drain` asks it before each request)
+            self.limiters[REQUESTQ] = RateLimiter(limits)
         self.path = path
         self.read_only = read_only
         self.name = f"virtio-blk {os.path.basename(path)}"
@@ -223,6 +226,10 @@ class Block(VirtioDevice):
     def process_queue(self, index: int) -> None:
         if index == REQUESTQ:
             self.drain(REQUESTQ, self._request)
+
+    def rate_cost(self, chain: DescriptorChain) -> int:
+        """The data a request moves: not its header and status byte."""
+        return max(0, chain.readable_bytes - _REQ_HEADER.size + chain.writable_bytes - 1)
 
     def _request(self, chain: DescriptorChain) -> int:
         """Serve one request; returns the used length (bytes written to the driver)."""

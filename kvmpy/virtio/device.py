@@ -23,12 +23,15 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from kvmpy.log import WARNING, get_logger
 from kvmpy.memory import GuestMemory
 from kvmpy.state.values import StateReader
 from kvmpy.virtio.queue import DEFAULT_QUEUE_SIZE, DescriptorChain, Virtqueue
+
+if TYPE_CHECKING:
+    from kvmpy.ratelimit import RateLimiter
 
 log = get_logger(__name__)
 
@@ -138,6 +141,11 @@ class VirtioDevice:
         self.resume_reader: Callable[[int], None] = lambda fd: None
         # Set by IoThread.add_device() too, for devices whose fds come and go.
         self.fd_watcher: FdWatcher | None = None
+        # ...and run a callback on the I/O thread later (a throttled queue's retry)
+        self.call_later: Callable[[float, Callable[[], None]], None] | None = None
+        # per queue: its rate limiter (kvmpy.ratelimit), checked by `drain`
+        self.limiters: dict[int, RateLimiter] = {}
+        self._retrying: set[int] = set()  # queues with a retry armed
 
     # -- what the transport asks ----------------------------------------------------
     def device_features(self) -> int:
@@ -215,12 +223,38 @@ class VirtioDevice:
         that raced with it.
         """
         q = self.queues[index]
+        limiter = self.limiters.get(index)
         used = False
         while True:
             while (chain := q.pop()) is not None:
+                if limiter is not None and not self._admit(index, limiter, chain):
+                    q.undo_pop()  # served when the limiter's retry comes
+                    if used:
+                        self.signal_used(q)
+                    return
                 q.add_used(chain.head, handle(chain))
                 used = True
             if not q.enable_notification():
                 break
         if used:
             self.signal_used(q)
+
+    def _admit(self, index: int, limiter: RateLimiter, chain: DescriptorChain) -> bool:
+        """May `chain` be served now? If not, queue `index` is tried again when the
+        limiter says, on the I/O thread (without one, at the next notification)."""
+        chain.spans()  # (walks and checks the chain: its byte counts for rate_cost)
+        wait = limiter.consume(self.rate_cost(chain))
+        if not wait:
+            return True
+        if index not in self._retrying and self.call_later is not None:
+            self._retrying.add(index)
+            self.call_later(wait, lambda: self._retry(index))
+        return False
+
+    def rate_cost(self, chain: DescriptorChain) -> int:
+        """The bytes a request moves, as its rate limiter counts them."""
+        return chain.readable_bytes + chain.writable_bytes
+
+    def _retry(self, index: int) -> None:
+        self._retrying.discard(index)
+        self.run_guarded(lambda: self.process_queue(index))

@@ -9,7 +9,8 @@ interrupt by writing to an eventfd registered with KVM_IRQFD; and
     device raises an interrupt ──EventFdIrq──▶ eventfd ──KVM_IRQFD──▶ guest GSI
 
 so a queue notification never leaves KVM_RUN for the vCPU thread and an
-interrupt needs no ioctl. Backend fds (a tap) are watched by the same loop.
+interrupt needs no ioctl. Backend fds (a tap) are watched by the same loop, and
+timers run on it too (`call_later`: a rate-limited device tries its queue again).
 
 An irqfd injects an edge: KVM raises and lowers the GSI. The transport pulses
 on every new InterruptStatus bit, which is what Linux's virtio_mmio handler
@@ -21,9 +22,12 @@ What it is not: KVM. The VM object is anything with `ioeventfd()` and
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import os
 import select
 import threading
+import time
 from collections.abc import Callable
 from typing import NamedTuple, Protocol
 
@@ -82,7 +86,13 @@ class IoThread:
         self._epoll.register(self._wake, select.EPOLLIN)
         self._stopping = False
         self._thread: threading.Thread | None = None
+        # run first on each new loop thread: how the machine confines it (kvmpy.isolation)
+        self.on_start: Callable[[], None] | None = None
         self._failed: set[int] = set()
+        # call_later's timers: (deadline, sequence, callback), earliest first
+        self._timers: list[tuple[float, int, Callable[[], None]]] = []
+        self._timer_seq = itertools.count()
+        self._timer_lock = threading.Lock()
 
     # -- fds --------------------------------------------------------------------------------
     def add_reader(self, fd: int, callback: Callable[[], None]) -> None:
@@ -128,6 +138,7 @@ class IoThread:
         device.pause_reader = self.pause
         device.resume_reader = self.resume
         device.fd_watcher = self
+        device.call_later = self.call_later
         for fd, callback in device.io_sources():
             self.add_reader(fd, callback)
 
@@ -165,12 +176,37 @@ class IoThread:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def call_later(self, delay: float, callback: Callable[[], None]) -> None:
+        """Run `callback` on the I/O thread in `delay` seconds (from any thread)."""
+        with self._timer_lock:
+            heapq.heappush(self._timers, (time.monotonic() + delay, next(self._timer_seq),
+                                          callback))
+        os.eventfd_write(self._wake, 1)  # the loop's wait is now too long
+
+    def _due_timers(self, timeout: float) -> tuple[float, list[Callable[[], None]]]:
+        """The poll timeout shortened to the next timer, and the timers due now."""
+        now, due = time.monotonic(), []
+        with self._timer_lock:
+            while self._timers and self._timers[0][0] <= now:
+                due.append(heapq.heappop(self._timers)[2])
+            if self._timers and not due:
+                wait = self._timers[0][0] - now
+                timeout = wait if timeout < 0 else min(timeout, wait)
+        return (0.0 if due else timeout), due
+
     def run_once(self, timeout: float = 0.0) -> int:
         """Wait up to `timeout` seconds and dispatch what is ready; returns callbacks run.
 
         The loop body, callable directly so tests can drive it without a thread.
         """
+        timeout, due = self._due_timers(timeout)
         ran = 0
+        for timer in due:
+            try:
+                timer()
+            except Exception:
+                log.exception("%s: timer callback failed", self.name)
+            ran += 1
         for fd, events in self._epoll.poll(timeout):
             if fd == self._wake:
                 drain_eventfd(fd)
@@ -192,6 +228,11 @@ class IoThread:
         return ran
 
     def _loop(self) -> None:
+        if self.on_start is not None:
+            try:
+                self.on_start()
+            except Exception:  # (the thread still runs under the process's filter)
+                log.exception("%s: confining the thread failed", self.name)
         while not self._stopping:
             try:
                 self.run_once(timeout=-1)

@@ -29,6 +29,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from kvmpy.errors import ConfigError
+from kvmpy.ratelimit import NO_LIMITS, Limits, RateLimiter
 from kvmpy.state.values import StateReader, b64
 from kvmpy.virtio.device import VIRTIO_ID_NET, VirtioDevice, bit
 from kvmpy.virtio.iov import iov_len, iov_write
@@ -111,8 +112,14 @@ class Net(VirtioDevice):
     name = "virtio-net"
 
     def __init__(self, backend: NetBackend, mac: bytes | str | None = None, *,
-                 queue_size: int = 256, mrg_rxbuf: bool = True) -> None:
+                 queue_size: int = 256, mrg_rxbuf: bool = True,
+                 limits: Limits = NO_LIMITS) -> None:
         super().__init__((queue_size, queue_size))
+        # the same rate each way, each with its bucket: transmit through `drain`, receive
+        # in `_receive` (a throttled frame waits in rx_buf, the tap unwatched meanwhile)
+        self.rx_limiter = RateLimiter(limits) if limits else None
+        if limits:
+            self.limiters[TRANSMITQ] = RateLimiter(limits)
         self.backend = backend
         if isinstance(mac, str):
             mac = parse_mac(mac)
@@ -268,6 +275,8 @@ class Net(VirtioDevice):
                     self.stats["rx_dropped"] += 1
                     continue
                 self.rx_len = n
+            if self.rx_limiter is not None and self._rx_throttled():
+                break
             if not self._deliver(q):
                 if not self.rx_paused:
                     self.rx_paused = True
@@ -275,6 +284,23 @@ class Net(VirtioDevice):
                 break
         if q.next_used != published:
             self.signal_used(q)
+
+    def _rx_throttled(self) -> bool:
+        """Over the receive rate: stop reading the tap until the limiter's retry."""
+        assert self.rx_limiter is not None
+        wait = self.rx_limiter.consume(self.rx_len - VNET_HDR_LEN)
+        if not wait:
+            return False
+        if not self.rx_paused:
+            self.rx_paused = True
+            self.pause_reader(self.backend.fileno())
+        if RECEIVEQ not in self._retrying and self.call_later is not None:
+            self._retrying.add(RECEIVEQ)
+            self.call_later(wait, lambda: self._retry(RECEIVEQ))
+        return True
+
+    def rate_cost(self, chain: DescriptorChain) -> int:
+        return max(0, chain.readable_bytes - VNET_HDR_LEN)
 
     @staticmethod
     def _pop_rx(q: Virtqueue) -> tuple[int, list[memoryview]] | None:

@@ -73,6 +73,18 @@ for i in 1 2; do
 done
 """
 
+DD_MIB, DD_OPS = 20, 300
+DD_SH = f"""\
+t0=$(cut -d' ' -f1 /proc/uptime)
+dd if=/dev/zero of=/dev/vda bs=1M count={DD_MIB} oflag=direct conv=fsync 2>/dev/null
+t1=$(cut -d' ' -f1 /proc/uptime)
+dd if=/dev/vda of=/dev/null bs=1M count={DD_MIB} iflag=direct 2>/dev/null
+t2=$(cut -d' ' -f1 /proc/uptime)
+dd if=/dev/vda of=/dev/null bs=4096 count={DD_OPS} iflag=direct 2>/dev/null
+t3=$(cut -d' ' -f1 /proc/uptime)
+echo "ddrate $t0 $t1 $t2 $t3 end"
+"""
+
 GUEST_IP, HOST_IP = "10.0.2.15", "10.0.2.1"
 GUEST_MAC = "52:54:00:6b:76:6d"
 TO_GUEST_PORT, FROM_GUEST_PORT = 5001, 5002
@@ -86,6 +98,7 @@ ping -c 3 -W 5 {HOST_IP}
 echo "ping-host-status=$?"
 echo net-listening
 nc -l -p {TO_GUEST_PORT} < /dev/null > /tmp/blob
+echo guest-got-all
 echo "guest-received $(wc -c < /tmp/blob) $(sha256sum /tmp/blob | cut -d' ' -f1)"
 nc {HOST_IP} {FROM_GUEST_PORT} < /tmp/blob > /dev/null
 echo "guest-sent-status=$?"
@@ -106,7 +119,7 @@ def initrd(tmp_path_factory: pytest.TempPathFactory) -> Path:
         files["etc/mke2fs.conf"] = Path("/etc/mke2fs.conf").read_bytes()
     return guest_initrd(tmp_path_factory.mktemp("initrd") / "virtio-tests.cpio",
                         scripts={"ext4.sh": EXT4_SH, "ro.sh": READ_ONLY_SH, "rng.sh": RNG_SH,
-                                 "net.sh": NET_SH},
+                                 "net.sh": NET_SH, "dd.sh": DD_SH},
                         programs={"sbin/mkfs.ext4": Path(mke2fs)}, files=files)
 
 
@@ -248,6 +261,7 @@ def _receive_all(server: socket.socket, result: dict[str, object]) -> None:
     """Accept one connection on `server` and hash what arrives until the peer's EOF."""
     try:
         conn, _ = server.accept()
+        started = time.monotonic()
         with conn:
             conn.settimeout(120)
             h, n = hashlib.sha256(), 0
@@ -255,6 +269,7 @@ def _receive_all(server: socket.socket, result: dict[str, object]) -> None:
                 h.update(chunk)
                 n += len(chunk)
         result.update(size=n, sha256=h.hexdigest())
+        result["seconds"] = time.monotonic() - started
     except OSError as e:
         result["error"] = repr(e)
 
@@ -278,7 +293,32 @@ def _send_to_guest(data: bytes, timeout: float = 60) -> None:
             pass
 
 
-def test_guest_and_host_tap_ping_and_move_10_mb(kernel: Path, initrd: Path) -> None:
+def test_disk_rate_limits_hold_dd_within_10_percent(kernel: Path, initrd: Path,
+                                                     tmp_path: Path) -> None:
+    """`--disk PATH,bw=4,iops=100`: the guest's dd writes and reads 20 MiB at 4 MB/s, and
+    reads 300 4-KiB blocks at 100 requests a second (each with its initial burst, a tenth
+    of a second's worth), through the command line, under the default seccomp filter."""
+    image = tmp_path / "disk.img"
+    with open(image, "wb") as f:
+        f.truncate(32 << 20)
+    vm = KvmpyProcess(["--kernel", str(kernel), "--initrd", str(initrd),
+                       "--disk", f"{image},bw=4,iops=100", "--append", "-- sh /dd.sh"])
+    try:
+        done = vm.expect(r"ddrate ([\d.]+) ([\d.]+) ([\d.]+) ([\d.]+) end", 240)
+        status, err = vm.wait(120)
+    finally:
+        vm.kill()
+    t0, t1, t2, t3 = (float(t) for t in done.groups())
+    rates = ((DD_MIB << 20) / (t1 - t0), (DD_MIB << 20) / (t2 - t1), DD_OPS / (t3 - t2))
+    assert rates == pytest.approx((4e6, 4e6, 100), rel=0.10), rates
+    assert status == StopKind.POWEROFF.value, err
+
+
+@pytest.mark.parametrize("bw", [None, 1], ids=["unlimited", "bw=1"])
+def test_guest_and_host_tap_ping_and_move_10_mb(kernel: Path, initrd: Path,
+                                                bw: int | None) -> None:
+    """With `bw=1` (1 MB/s each way, counting Ethernet frames) each 10 MiB takes its
+    time: the TCP payload's rate, never over the limit."""
     tap = "kvmtap0"
     payload = os.urandom(NET_BYTES)
     with netns(f"kvmpy-virtio-{os.getpid()}"):
@@ -290,15 +330,21 @@ def test_guest_and_host_tap_ping_and_move_10_mb(kernel: Path, initrd: Path) -> N
         received: dict[str, object] = {}
         receiver = threading.Thread(target=_receive_all, args=(server, received), daemon=True)
         receiver.start()
+        limit = "" if bw is None else f",bw={bw}"
         vm = KvmpyProcess(["--kernel", str(kernel), "--initrd", str(initrd),
-                           "--net", f"tap={tap},mac={GUEST_MAC}",
+                           "--net", f"tap={tap},mac={GUEST_MAC}{limit}",
                            "--append", "-- sh /net.sh"])
         try:
             guest_ping = vm.expect(r"ping-host-status=(\d+)", 120)
             vm.expect("net-listening", 30)
             host_ping = subprocess.run(["busybox", "ping", "-c", "3", "-W", "5", GUEST_IP],
                                        capture_output=True, text=True, timeout=60)
+            sending = time.monotonic()
             _send_to_guest(payload)
+            # (until the guest has it all, not its checksum: the guest's nc may close its
+            # side early, and the host's socket buffers hold megabytes when sendall returns)
+            vm.expect("guest-got-all", 240)
+            to_guest_s = time.monotonic() - sending
             got = vm.expect(r"guest-received (\d+) ([0-9a-f]{64})", 240)
             vm.expect(r"guest-sent-status=(\d+)", 240)
             receiver.join(240)
@@ -312,6 +358,13 @@ def test_guest_and_host_tap_ping_and_move_10_mb(kernel: Path, initrd: Path) -> N
     assert "3 packets received" in host_ping.stdout, host_ping.stdout + host_ping.stderr
     assert got.group(1) == str(NET_BYTES)  # host -> guest, 10 MiB over TCP
     assert got.group(2) == hashlib.sha256(payload).hexdigest()
+    received_s = received.pop("seconds", None)
     assert received == {"size": NET_BYTES, "sha256": got.group(2)}  # guest -> host
     assert "guest-sent-status=0" in log
     assert status == StopKind.POWEROFF.value, err
+    if bw is not None:
+        # Never over the limit; under it by up to a quarter: measured 0.85-1.0 MB/s of TCP
+        # payload on 1 MB/s in four lab runs (frame headers count, slow start, frames
+        # the host's TCP loses while the tap is not read). Not yet the 10% the disk meets.
+        rates = NET_BYTES / to_guest_s, NET_BYTES / float(received_s)  # type: ignore[arg-type]
+        assert all(0.75 * bw * 1e6 <= r <= 1.10 * bw * 1e6 for r in rates), rates

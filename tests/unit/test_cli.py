@@ -12,14 +12,18 @@ from kvmpy.options import net_config as parse_net
 def test_disk_options():
     assert parse_disk("a.img").path == Path("a.img") and not parse_disk("a.img").read_only
     assert parse_disk("/x/b.img,ro").read_only
-    with pytest.raises(ConfigError, match="the only option is ',ro'"):
+    with pytest.raises(ConfigError, match="the options are ro, bw=MB/s and iops=N"):
         parse_disk("a.img,rw")
+    limited = parse_disk("a.img,ro,bw=2.5,iops=100")
+    assert limited.read_only and (limited.limits.bw, limited.limits.ops) == (2_500_000, 100)
+    assert not parse_disk("a.img").limits
 
 
 def test_net_options():
     n = parse_net("tap=tap7,mac=52:54:00:12:34:56")
     assert (n.tap, n.mac) == ("tap7", "52:54:00:12:34:56")
     assert parse_net("").tap == ""
+    assert parse_net("tap=t,bw=10").limits.bw == 10_000_000
     with pytest.raises(ConfigError, match="unknown option 'bridge'"):
         parse_net("tap=x,bridge=br0")
 

@@ -1,0 +1,74 @@
+/*
+ * The SIGSYS handler behind `--seccomp kill` (kvmpy/isolation/seccomp.py).
+ *
+ * A call the filter denies traps (SECCOMP_RET_TRAP): the kernel skips it and sends
+ * the calling thread SIGSYS with the call's number in si_syscall. No Python can run
+ * there (the thread may hold the GIL, or be halfway through a C call), so this
+ * handler is C and uses only write(2) and tgkill(2), which every thread's list allows:
+ * it prints one line naming the call, from the table of names Python gave it, and
+ * sends its thread SIGSYS again, now at its default action (SA_RESETHAND), which ends
+ * the whole process as SECCOMP_RET_KILL_PROCESS would (status 128 + SIGSYS = 159 if
+ * it cannot: PID 1 of a namespace ignores its own default-action signals).
+ */
+#include <signal.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+static const char *const *kvmpy_sigsys_names;
+static int kvmpy_sigsys_count;
+static __thread const char *kvmpy_sigsys_role = "main";
+
+static void kvmpy_sigsys_put(const char *s)
+{
+    ssize_t r = write(2, s, strlen(s));
+    (void)r;
+}
+
+static void kvmpy_sigsys_handler(int sig, siginfo_t *info, void *ctx)
+{
+    char number[24];
+    int n = info->si_syscall, i = sizeof number - 1;
+    unsigned int u = n < 0 ? 0 : (unsigned int)n;
+    (void)ctx;
+    number[i] = 0;
+    do {
+        number[--i] = (char)('0' + u % 10);
+        u /= 10;
+    } while (u && i > 0);
+    kvmpy_sigsys_put("kvmpy: seccomp: the ");
+    kvmpy_sigsys_put(kvmpy_sigsys_role);
+    kvmpy_sigsys_put(" thread called ");
+    kvmpy_sigsys_put(n >= 0 && n < kvmpy_sigsys_count && kvmpy_sigsys_names[n]
+                     ? kvmpy_sigsys_names[n] : "an unknown system call");
+    kvmpy_sigsys_put(" (");
+    kvmpy_sigsys_put(number + i);
+    kvmpy_sigsys_put("), which its allow-list denies: killed by SIGSYS\n");
+    /* unblocked, at its default action now: this ends the process, unless it is
+     * PID 1 of a namespace (--jail), which the kernel keeps from killing itself */
+    sigset_t set;
+    sigemptyset(&set);
+    sigaddset(&set, sig);
+    sigprocmask(SIG_UNBLOCK, &set, NULL);
+    syscall(SYS_tgkill, getpid(), syscall(SYS_gettid), sig);
+    syscall(SYS_exit_group, 128 + sig);
+}
+
+/* Install the handler; `names[nr]` is system call nr's name (NULL: unknown). */
+static int kvmpy_sigsys_install(const char *const *names, int count)
+{
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    kvmpy_sigsys_names = names;
+    kvmpy_sigsys_count = count;
+    sa.sa_sigaction = kvmpy_sigsys_handler;
+    sa.sa_flags = SA_SIGINFO | SA_RESETHAND;
+    sigemptyset(&sa.sa_mask);
+    return sigaction(SIGSYS, &sa, NULL);
+}
+
+/* The calling thread's role, named in the report (a string that lives forever). */
+static void kvmpy_sigsys_set_role(const char *role)
+{
+    kvmpy_sigsys_role = role;
+}

@@ -1,0 +1,271 @@
+"""seccomp allow-lists for a running kvmpy: after set-up, each thread may make only the
+system calls its work needs, so a device model that a guest subverts cannot exec a
+program, trace another process, open a network socket or fork.
+
+How the filters stack (seccomp filters are per thread, inherited by the threads a
+thread starts, and can only be narrowed):
+
+1. `lock_down()`, on the main thread once the machine is built: the union of every
+   role's list, installed on every thread of the process at once (TSYNC): the I/O
+   thread, QMP, gdb stub, console input pump that already run get it too.
+2. `enter(role)`, first thing on a vCPU thread or the I/O thread: that role's own
+   list stacked on top, so the thread is held to it (the kernel applies every filter
+   a thread has and the strictest answer wins).
+
+The rule for a new thread started after `lock_down()`: it inherits the filter of the
+thread that starts it, so it can do at most what that thread may; if its work needs
+a call that thread may not make, the call must be on the union list (`ROLES`) and the
+thread must be started from the main thread; then it calls `enter(role)` with its own
+list (adding a role here) unless the union is what it needs.
+
+The lists were measured, not guessed (docs/isolation.md): the kvm and lab suites run
+with `--seccomp log`, every call outside a list logged by the kernel (SECCOMP_RET_LOG,
+read back from dmesg as `audit: type=1326 ... comm="kvmpy-vcpu0" ... syscall=N`), and
+`strace -f -c` of the same runs. What Python itself needs after start-up is most of
+them: memory for objects (mmap, munmap, madvise, brk), the GIL and locks (futex), the
+signal machinery (rt_sigaction, rt_sigreturn, tgkill for vCPU kicks), imports a lazy
+code path makes late (openat, newfstatat, read, getdents64, ...).
+
+Modes (`--seccomp`): `kill` (the default on the command line) traps a denied call and
+the C handler in csrc/sigsys.h prints one line naming it and ends the process with
+SIGSYS; `log` lets it through and the kernel logs it; `off` installs nothing.
+
+Built with libseccomp (Debian's libseccomp2, which apt itself depends on) through
+ctypes: it turns names into numbers and compiles the lists into BPF, with the
+argument checks below (clone only for threads, socket only AF_UNIX, ioctl only for
+KVM's and the tty/tun request families).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import threading
+from collections.abc import Iterable
+from typing import Any
+
+from kvmpy.errors import ConfigError
+
+MODES = ("off", "log", "kill")
+
+# What every kvmpy thread runs on: the interpreter (memory, GIL, signals, time, late
+# imports) and the file descriptors it was given.
+PYTHON = frozenset({
+    "read", "write", "readv", "writev", "pread64", "pwrite64", "preadv", "pwritev",
+    "lseek", "close", "fstat", "newfstatat", "statx", "fcntl", "dup", "dup3",
+    "openat", "getdents64", "readlink", "getcwd", "access", "faccessat2",
+    "mmap", "munmap", "mremap", "mprotect", "madvise", "brk",
+    "futex", "sched_yield", "sched_getaffinity", "set_robust_list", "rseq",
+    "rt_sigaction", "rt_sigprocmask", "rt_sigreturn", "sigaltstack",
+    "getpid", "gettid", "tgkill", "getuid", "geteuid", "getgid", "getegid",
+    "clock_gettime", "clock_nanosleep", "nanosleep", "gettimeofday", "getrandom",
+    "poll", "ppoll", "select", "pselect6", "epoll_wait", "epoll_pwait", "epoll_ctl",
+    "epoll_create1",  # `import selectors` (by socket, subprocess) tries one
+    "eventfd2", "restart_syscall", "exit", "exit_group", "prctl", "sysinfo",
+})
+# A vCPU thread: KVM_RUN and the ioctls around it, device models, console output.
+VCPU = PYTHON
+# The I/O thread: virtio backends (disk images, taps, the 9p server's host files, vsock
+# unix sockets).
+IO = PYTHON | {
+    "fallocate", "fsync", "fdatasync", "ftruncate", "fstatfs", "statfs",
+    "mkdirat", "unlinkat", "renameat", "renameat2", "linkat", "symlinkat", "readlinkat",
+    "fchmod", "fchmodat", "fchown", "fchownat", "utimensat", "fgetxattr", "flistxattr",
+    "openat2", "copy_file_range",  # (a snapshot's disk copy, when FICLONE cannot)
+    "socket", "connect", "getsockopt", "setsockopt", "sendmsg", "recvmsg",
+    "sendto", "recvfrom", "shutdown", "getsockname", "getpeername",
+}
+# The main thread, and the threads it started before `lock_down` (QMP, gdb stub, stdin
+# pump): all of the above, serving sockets, snapshots and the end of the run.
+MAIN = VCPU | IO | {
+    "accept", "accept4", "bind", "listen", "pipe2", "mkdir", "unlink", "rename",
+    "clone", "clone3", "set_tid_address", "wait4", "kill", "sched_setaffinity",
+    "getrlimit", "prlimit64", "uname", "memfd_create", "umask",
+    "seccomp",  # a thread narrowing itself to its role (`enter`): filters only narrow
+}
+ROLES = {"main": MAIN, "io": IO, "vcpu": VCPU}
+
+# Arguments checked (every other call on a list is allowed with any arguments).
+CLONE_THREAD = 0x10000
+AF_UNIX = 1
+IOCTL_FAMILIES = (0xAE, ord("T"))  # KVM's ioctls; terminal and tun ('T' in <asm/ioctls.h>)
+FICLONE = 0x40049409  # and this one: a snapshot's reflinked disk copy (kvmpy.state.disks)
+
+# <seccomp.h>
+_ACT_TRAP = 0x00030000
+_ACT_LOG = 0x7FFC0000
+_ACT_ALLOW = 0x7FFF0000
+_ACT_ERRNO = 0x00050000
+_FLTATR_CTL_TSYNC = 4
+_CMP_EQ, _CMP_MASKED_EQ = 4, 7
+_ARCH_NATIVE = 0
+
+
+class _ArgCmp(ctypes.Structure):
+    _fields_ = [("arg", ctypes.c_uint), ("op", ctypes.c_int),
+                ("datum_a", ctypes.c_uint64), ("datum_b", ctypes.c_uint64)]
+
+
+def _library() -> Any:
+    try:  # (by soname: ctypes.util.find_library would run ldconfig at every start)
+        lib = ctypes.CDLL("libseccomp.so.2", use_errno=True)
+    except OSError:
+        raise ConfigError("--seccomp: libseccomp is missing (Debian: apt-get install "
+                          "libseccomp2), or give --seccomp off") from None
+    lib.seccomp_init.restype = ctypes.c_void_p
+    lib.seccomp_init.argtypes = [ctypes.c_uint32]
+    lib.seccomp_rule_add_array.argtypes = [ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int,
+                                           ctypes.c_uint, ctypes.POINTER(_ArgCmp)]
+    lib.seccomp_attr_set.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_uint32]
+    lib.seccomp_load.argtypes = [ctypes.c_void_p]
+    lib.seccomp_release.argtypes = [ctypes.c_void_p]
+    lib.seccomp_syscall_resolve_name.argtypes = [ctypes.c_char_p]
+    lib.seccomp_syscall_resolve_num_arch.restype = ctypes.c_void_p  # malloc'd char *
+    lib.seccomp_syscall_resolve_num_arch.argtypes = [ctypes.c_uint32, ctypes.c_int]
+    return lib
+
+
+_lib: Any = None
+
+
+def _seccomp() -> Any:
+    global _lib
+    if _lib is None:
+        _lib = _library()
+    return _lib
+
+
+def syscall_number(name: str) -> int:
+    """This architecture's number for system call `name`; -1 if it has none."""
+    return int(_seccomp().seccomp_syscall_resolve_name(name.encode()))
+
+
+def syscall_name(number: int) -> str | None:
+    """The name of system call `number` on this architecture, if it has one."""
+    lib = _seccomp()
+    ptr = lib.seccomp_syscall_resolve_num_arch(_ARCH_NATIVE, number)
+    if not ptr:
+        return None
+    try:
+        return ctypes.string_at(ptr).decode()
+    finally:
+        ctypes.CDLL(None).free(ctypes.c_void_p(ptr))
+
+
+def _rules(names: Iterable[str]) -> list[tuple[int, list[tuple[int, int, int, int]]]]:
+    """(syscall number, argument checks) for each allowed call; a call named twice with
+    different checks is allowed when any of them matches (libseccomp ORs the rules)."""
+    rules = []
+    for name in sorted(names):
+        nr = syscall_number(name)
+        if nr < 0:
+            continue  # not on this architecture (libseccomp knows every name we use)
+        if name == "clone":  # threads, never processes: CLONE_THREAD in its flags
+            rules.append((nr, [(0, _CMP_MASKED_EQ, CLONE_THREAD, CLONE_THREAD)]))
+        elif name == "socket":  # unix sockets only: no network beyond the VM's tap
+            rules.append((nr, [(0, _CMP_EQ, AF_UNIX, 0)]))
+        elif name == "ioctl":
+            rules += [(nr, [(1, _CMP_MASKED_EQ, 0xFF00, family << 8)])
+                      for family in IOCTL_FAMILIES]
+            rules.append((nr, [(1, _CMP_EQ, FICLONE, 0)]))
+        elif name != "clone3":  # (below: clone3's flags are in memory, out of BPF's reach)
+            rules.append((nr, []))
+    return rules
+
+
+def build_and_load(names: Iterable[str], mode: str, *, all_threads: bool) -> None:
+    """Compile an allow-list of `names` (plus ioctl, checked) and load it on this thread,
+    or with `all_threads` on every thread of the process."""
+    lib = _seccomp()
+    deny = _ACT_TRAP if mode == "kill" else _ACT_LOG
+    ctx = lib.seccomp_init(deny)
+    if not ctx:
+        raise OSError(errno.ENOMEM, "seccomp_init failed")
+    try:
+        for nr, checks in _rules({*names, "ioctl"}):
+            args = (_ArgCmp * max(1, len(checks)))(*[_ArgCmp(*c) for c in checks])
+            _check(lib.seccomp_rule_add_array(ctx, _ACT_ALLOW, nr, len(checks), args),
+                   "seccomp_rule_add")
+        if "clone3" in names:
+            # glibc tries clone3 first and falls back to clone on ENOSYS, whose flags
+            # the filter can see
+            _check(lib.seccomp_rule_add_array(ctx, _ACT_ERRNO | errno.ENOSYS,
+                                              syscall_number("clone3"), 0, None),
+                   "seccomp_rule_add")
+        if all_threads:
+            _check(lib.seccomp_attr_set(ctx, _FLTATR_CTL_TSYNC, 1), "seccomp_attr_set")
+        _check(lib.seccomp_load(ctx), "seccomp_load")
+    finally:
+        lib.seccomp_release(ctx)
+
+
+def _check(r: int, what: str) -> None:
+    if r < 0:
+        raise OSError(-r, f"{what}: {errno.errorcode.get(-r, -r)}")
+
+
+# The SIGSYS report's table (csrc/sigsys.h), kept alive for as long as the process runs
+_keep: list[Any] = []
+_MAX_SYSCALL = 512
+
+
+def _install_report() -> None:
+    from kvmpy.kvm.ioctl import ffi, lib
+
+    if _keep:
+        return
+    names = [ffi.new("char[]", (syscall_name(nr) or f"syscall {nr}").encode())
+             for nr in range(_MAX_SYSCALL)]
+    table = ffi.new("const char *[]", names)
+    _keep.extend((names, table))
+    if lib.kvmpy_sigsys_install(table, _MAX_SYSCALL) < 0:
+        raise OSError(ctypes.get_errno(), "sigaction(SIGSYS)")
+
+
+_roles: dict[str, Any] = {}
+
+
+def _name_thread(name: str) -> None:
+    """The thread's name where the kernel shows it (/proc/TID/comm, top -H, the audit
+    lines of --seccomp log) and in the SIGSYS report."""
+    from kvmpy.kvm.ioctl import ffi, lib
+
+    if name not in _roles:
+        _roles[name] = ffi.new("char[]", name.encode())
+    lib.kvmpy_sigsys_set_role(_roles[name])
+    comm = f"kvmpy-{name}"[:15].encode()
+    ctypes.CDLL(None).prctl(15, ctypes.c_char_p(comm), 0, 0, 0)  # PR_SET_NAME
+
+
+class Seccomp:
+    """One machine's seccomp policy: `lock_down` once, `enter(role)` on each thread."""
+
+    def __init__(self, mode: str) -> None:
+        if mode not in MODES:
+            raise ConfigError(f"--seccomp {mode}: one of {', '.join(MODES)}")
+        self.mode = mode
+        self.locked = False
+        if mode != "off":  # libseccomp loaded, and the report's names known, during
+            _seccomp()  # set-up: a Landlock domain would not let us read them later
+            if mode == "kill":
+                _install_report()
+
+    def lock_down(self) -> None:
+        """The union of the roles' lists on every thread of the process (main thread
+        only, once the machine is built and before its vCPU threads start)."""
+        if self.mode == "off" or self.locked:
+            return
+        assert threading.current_thread() is threading.main_thread()
+        _name_thread("main")
+        build_and_load(MAIN, self.mode, all_threads=True)
+        self.locked = True
+
+    def enter(self, role: str, name: str | None = None) -> None:
+        """Hold the calling thread to `role`'s list (after `lock_down`; before it, the
+        thread is named only, and gets the union at `lock_down`); `name` ("vcpu0")
+        is what reports call the thread."""
+        if self.mode == "off":
+            return
+        _name_thread(name or role)
+        if self.locked and ROLES[role] is not MAIN:
+            build_and_load(ROLES[role], self.mode, all_threads=False)
