@@ -309,7 +309,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     unpacking = machine.unpack_for_next_boot() if config.jail is None else None
     try:
         pump = qmp = None
-        machine.lock_down()  # set-up is over: the threads started from here inherit it
+        # set-up is over: the threads started from here inherit it (with QMP, a
+        # migration's thread may connect over TCP)
+        machine.lock_down(network=qmp_path is not None)
         if config.linux is not None:
             pump = StdinPump(machine.console_input, on_quit=lambda: machine.request_stop(
                 Stop(StopKind.SIGINT, "quit from the console (Ctrl-A x)")))

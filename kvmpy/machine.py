@@ -669,7 +669,7 @@ class Machine:
             return self.threads.stop
         return next((loop.stop for loop in self.loops if loop.stop is not None), None)
 
-    def lock_down(self) -> None:
+    def lock_down(self, *, network: bool = False) -> None:
         """End of set-up (kvmpy.isolation, docs/isolation.md), in this order: in a jail,
         an empty network namespace and the unprivileged user; with Landlock, only the
         files given stay reachable; then every thread held to its system calls. The
@@ -677,7 +677,8 @@ class Machine:
         starts from now on, and a seccomp filter is narrowed per thread, so the I/O
         thread, started during set-up, is started again; the vCPU threads narrow
         themselves as they start. Called by `run` and `start`, or earlier by the caller
-        (kvmpy.cli, before it starts the QMP server and the console pump)."""
+        (kvmpy.cli, before it starts the QMP server and the console pump). `network`:
+        the main thread may open TCP sockets later, for a QMP `migrate` to `tcp:`."""
         if self.locked_down:
             return
         self.locked_down = True
@@ -687,7 +688,7 @@ class Machine:
             jail.drop(self.config.jail)
         if self.config.landlock is not None:
             self._landlock(self.config.landlock)
-        self.seccomp.lock_down()
+        self.seccomp.lock_down(network=network)
         if self.iothread is not None and (self.config.landlock is not None
                                           or self.config.jail is not None
                                           or self.seccomp.mode != "off"):

@@ -87,7 +87,7 @@ ROLES = {"main": MAIN, "io": IO, "vcpu": VCPU}
 
 # Arguments checked (every other call on a list is allowed with any arguments).
 CLONE_THREAD = 0x10000
-AF_UNIX = 1
+AF_UNIX, AF_INET, AF_INET6 = 1, 2, 10
 IOCTL_FAMILIES = (0xAE, ord("T"))  # KVM's ioctls; terminal and tun ('T' in <asm/ioctls.h>)
 FICLONE = 0x40049409  # and this one: a snapshot's reflinked disk copy (kvmpy.state.disks)
 
@@ -152,9 +152,11 @@ def syscall_name(number: int) -> str | None:
         ctypes.CDLL(None).free(ctypes.c_void_p(ptr))
 
 
-def _rules(names: Iterable[str]) -> list[tuple[int, list[tuple[int, int, int, int]]]]:
+def _rules(names: Iterable[str], families: tuple[int, ...] = (AF_UNIX,)
+           ) -> list[tuple[int, list[tuple[int, int, int, int]]]]:
     """(syscall number, argument checks) for each allowed call; a call named twice with
-    different checks is allowed when any of them matches (libseccomp ORs the rules)."""
+    different checks is allowed when any of them matches (libseccomp ORs the rules).
+    `families`: the socket address families `socket` may create."""
     rules = []
     for name in sorted(names):
         nr = syscall_number(name)
@@ -162,8 +164,8 @@ def _rules(names: Iterable[str]) -> list[tuple[int, list[tuple[int, int, int, in
             continue  # not on this architecture (libseccomp knows every name we use)
         if name == "clone":  # threads, never processes: CLONE_THREAD in its flags
             rules.append((nr, [(0, _CMP_MASKED_EQ, CLONE_THREAD, CLONE_THREAD)]))
-        elif name == "socket":  # unix sockets only: no network beyond the VM's tap
-            rules.append((nr, [(0, _CMP_EQ, AF_UNIX, 0)]))
+        elif name == "socket":  # unix sockets (and TCP for a migration's main thread)
+            rules += [(nr, [(0, _CMP_EQ, family, 0)]) for family in families]
         elif name == "ioctl":
             rules += [(nr, [(1, _CMP_MASKED_EQ, 0xFF00, family << 8)])
                       for family in IOCTL_FAMILIES]
@@ -173,7 +175,8 @@ def _rules(names: Iterable[str]) -> list[tuple[int, list[tuple[int, int, int, in
     return rules
 
 
-def build_and_load(names: Iterable[str], mode: str, *, all_threads: bool) -> None:
+def build_and_load(names: Iterable[str], mode: str, *, all_threads: bool,
+                   families: tuple[int, ...] = (AF_UNIX,)) -> None:
     """Compile an allow-list of `names` (plus ioctl, checked) and load it on this thread,
     or with `all_threads` on every thread of the process."""
     lib = _seccomp()
@@ -182,7 +185,7 @@ def build_and_load(names: Iterable[str], mode: str, *, all_threads: bool) -> Non
     if not ctx:
         raise OSError(errno.ENOMEM, "seccomp_init failed")
     try:
-        for nr, checks in _rules({*names, "ioctl"}):
+        for nr, checks in _rules({*names, "ioctl"}, families):
             args = (_ArgCmp * max(1, len(checks)))(*[_ArgCmp(*c) for c in checks])
             _check(lib.seccomp_rule_add_array(ctx, _ACT_ALLOW, nr, len(checks), args),
                    "seccomp_rule_add")
@@ -250,14 +253,19 @@ class Seccomp:
             if mode == "kill":
                 _install_report()
 
-    def lock_down(self) -> None:
+    def lock_down(self, *, network: bool = False) -> None:
         """The union of the roles' lists on every thread of the process (main thread
-        only, once the machine is built and before its vCPU threads start)."""
+        only, once the machine is built and before its vCPU threads start).
+
+        `network`: the main thread may also open TCP sockets, for a live migration
+        over `tcp:` that QMP starts later (its thread inherits this list). The vCPU and
+        I/O threads narrow themselves to unix sockets all the same (`enter`)."""
         if self.mode == "off" or self.locked:
             return
         assert threading.current_thread() is threading.main_thread()
         _name_thread("main")
-        build_and_load(MAIN, self.mode, all_threads=True)
+        families = (AF_UNIX, AF_INET, AF_INET6) if network else (AF_UNIX,)
+        build_and_load(MAIN, self.mode, all_threads=True, families=families)
         self.locked = True
 
     def enter(self, role: str, name: str | None = None) -> None:
