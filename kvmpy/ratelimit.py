@@ -2,11 +2,18 @@
 one guest's disk or network cannot take all of the host's.
 
 A `TokenBucket` holds up to `capacity` tokens and gains `rate` tokens a second. A
-request of n tokens goes when the bucket holds n (or, for a request bigger than the
-whole bucket, when the bucket is full) and takes n, leaving a debt that later requests
-wait out: over any long stretch the rate is exactly `rate`, whatever the request sizes.
+request goes whenever the bucket is not in debt, and takes its n tokens, which may leave
+a debt that the next request waits out (Linux's HTB lets tokens go negative the same
+way): over any long stretch the rate is exactly `rate`, whatever the request sizes.
 The capacity is a tenth of a second of the rate (BURST_S): a device that was idle may
-burst that much, no more.
+burst that much and one request more, no more.
+
+Waiting only for the debt, never for "n tokens", is what keeps the rate when a retry
+comes late. The bucket goes on filling until the retry really runs, and only tokens
+beyond the capacity are lost, so a retry may be up to a tenth of a second late (a busy
+I/O thread, a descheduled process) at no cost. Had a request waited for its n tokens,
+one as big as the bucket would wait for a full bucket, and each millisecond its retry
+ran late would be lost from the rate.
 
 A `RateLimiter` is a bandwidth bucket (bytes) and an operations bucket (requests), each
 optional. `consume(bytes)` either takes from both and answers 0, or takes nothing and
@@ -42,16 +49,20 @@ class TokenBucket:
         self.tokens = min(self.capacity, self.tokens + (now - self.stamp) * self.rate)
         self.stamp = now
 
-    def wait_for(self, n: float) -> float:
-        """Seconds until a request of `n` tokens may go (0: now)."""
+    def wait(self) -> float:
+        """Seconds until the bucket is out of debt and a request may go (0: now)."""
         self._refill()
-        missing = min(n, self.capacity) - self.tokens
         # (a retry timed for exactly the wait may still find a rounding error's worth)
-        return missing / self.rate if missing > 1e-6 else 0.0
+        return -self.tokens / self.rate if self.tokens < -1e-6 else 0.0
 
     def take(self, n: float) -> None:
         self._refill()
         self.tokens -= n
+
+    def give_back(self, n: float) -> None:
+        """Undo a `take` of `n` whose request did not go after all."""
+        self._refill()
+        self.tokens = min(self.capacity, self.tokens + n)
 
 
 class Limits(NamedTuple):
@@ -77,8 +88,8 @@ class RateLimiter:
     def consume(self, nbytes: int, ops: int = 1) -> float:
         """Take `nbytes` and `ops` tokens and return 0, or take none and return the
         seconds to wait before asking again."""
-        wait = max(self.bytes.wait_for(nbytes) if self.bytes else 0.0,
-                   self.ops.wait_for(ops) if self.ops else 0.0)
+        wait = max(self.bytes.wait() if self.bytes else 0.0,
+                   self.ops.wait() if self.ops else 0.0)
         if wait > 0:
             self.throttled += 1
             return wait
@@ -87,6 +98,14 @@ class RateLimiter:
         if self.ops:
             self.ops.take(ops)
         return 0.0
+
+    def refund(self, nbytes: int, ops: int = 1) -> None:
+        """Give back what a `consume` took for a request that then could not go (net's
+        receive: the guest had no buffer), so that it is not paid for twice."""
+        if self.bytes:
+            self.bytes.give_back(nbytes)
+        if self.ops:
+            self.ops.give_back(ops)
 
 
 def parse_limits(spec: str, options: dict[str, str], *, ops: bool) -> Limits:

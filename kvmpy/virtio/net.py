@@ -278,6 +278,8 @@ class Net(VirtioDevice):
             if self.rx_limiter is not None and self._rx_throttled():
                 break
             if not self._deliver(q):
+                if self.rx_limiter is not None:  # the frame is paid for when it goes
+                    self.rx_limiter.refund(self.rx_len - VNET_HDR_LEN)
                 if not self.rx_paused:
                     self.rx_paused = True
                     self.pause_reader(self.backend.fileno())
