@@ -274,8 +274,9 @@ def _receive_all(server: socket.socket, result: dict[str, object]) -> None:
         result["error"] = repr(e)
 
 
-def _send_to_guest(data: bytes, timeout: float = 60) -> None:
-    """Connect to the guest's `nc -l` (it may not listen yet) and send `data`."""
+def _send_to_guest(data: bytes, timeout: float = 60) -> float:
+    """Connect to the guest's `nc -l` (it may not listen yet) and send `data`; the
+    monotonic time the connection was made (where a transfer's time starts)."""
     deadline = time.monotonic() + timeout
     while True:
         try:
@@ -285,12 +286,14 @@ def _send_to_guest(data: bytes, timeout: float = 60) -> None:
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.2)
+    connected = time.monotonic()
     with conn:
         conn.settimeout(120)
         conn.sendall(data)
         conn.shutdown(socket.SHUT_WR)
         while conn.recv(4096):  # the guest's nc closes when it has all of it
             pass
+    return connected
 
 
 def test_disk_rate_limits_hold_dd_within_10_percent(kernel: Path, initrd: Path,
@@ -310,6 +313,8 @@ def test_disk_rate_limits_hold_dd_within_10_percent(kernel: Path, initrd: Path,
         vm.kill()
     t0, t1, t2, t3 = (float(t) for t in done.groups())
     rates = ((DD_MIB << 20) / (t1 - t0), (DD_MIB << 20) / (t2 - t1), DD_OPS / (t3 - t2))
+    print(f"bw=4,iops=100: write {rates[0] / 1e6:.3f} MB/s, read {rates[1] / 1e6:.3f} MB/s, "
+          f"{rates[2]:.1f} reads/s")
     assert rates == pytest.approx((4e6, 4e6, 100), rel=0.10), rates
     assert status == StopKind.POWEROFF.value, err
 
@@ -339,8 +344,7 @@ def test_guest_and_host_tap_ping_and_move_10_mb(kernel: Path, initrd: Path,
             vm.expect("net-listening", 30)
             host_ping = subprocess.run(["busybox", "ping", "-c", "3", "-W", "5", GUEST_IP],
                                        capture_output=True, text=True, timeout=60)
-            sending = time.monotonic()
-            _send_to_guest(payload)
+            sending = _send_to_guest(payload)
             # (until the guest has it all, not its checksum: the guest's nc may close its
             # side early, and the host's socket buffers hold megabytes when sendall returns)
             vm.expect("guest-got-all", 240)
@@ -363,8 +367,9 @@ def test_guest_and_host_tap_ping_and_move_10_mb(kernel: Path, initrd: Path,
     assert "guest-sent-status=0" in log
     assert status == StopKind.POWEROFF.value, err
     if bw is not None:
-        # Never over the limit; under it by up to a quarter: measured 0.85-1.0 MB/s of TCP
-        # payload on 1 MB/s in four lab runs (frame headers count, slow start, frames
-        # the host's TCP loses while the tap is not read). Not yet the 10% the disk meets.
+        # TCP payload from the connection to the last byte, within 10% of the limit
+        # (which counts Ethernet frames: their headers are 2-4% of them here)
         rates = NET_BYTES / to_guest_s, NET_BYTES / float(received_s)  # type: ignore[arg-type]
-        assert all(0.75 * bw * 1e6 <= r <= 1.10 * bw * 1e6 for r in rates), rates
+        print(f"bw={bw} MB/s: to the guest {rates[0] / 1e6:.3f} MB/s, "
+              f"from it {rates[1] / 1e6:.3f} MB/s")
+        assert rates == pytest.approx((bw * 1e6, bw * 1e6), rel=0.10), rates
