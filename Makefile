@@ -73,8 +73,9 @@ test-unit: build
 test-kvm: build guests tutorial-guests
 	$(PY) -m pytest tests -m kvm
 
+# `make bench BENCH="isolation_cost virtio_blk_throughput"`: only those (benchmarks/run.py's names)
 bench: deps build guests lab-assets
-	$(PY) benchmarks/run.py
+	$(PY) benchmarks/run.py $(BENCH)
 
 # Boot the default guest (minimal kernel + busybox initramfs) to a shell on this
 # terminal; in the lab when this machine's /dev/kvm cannot boot Linux.
