@@ -233,7 +233,10 @@ class GuestDriver:
         while q.last_used != used_idx:
             slot = q.last_used % q.size
             head, length = struct.unpack("<II", self.mem.read(q.used + 4 + 8 * slot, 8))
-            descs, writable = q.chains.pop(head, ([], []))
+            if head not in q.chains:  # what Linux's virtio_ring calls a broken ring
+                raise AssertionError(f"queue {qi}: used id {head} is not a head the "
+                                     "driver offered (or it came back twice)")
+            descs, writable = q.chains.pop(head)
             q.free.extend(descs)
             out.append((head, length, [self.mem.read(gpa, n) for gpa, n in writable]))
             q.last_used = (q.last_used + 1) & 0xFFFF
