@@ -298,14 +298,17 @@ def _send_to_guest(data: bytes, timeout: float = 60) -> float:
 
 def test_disk_rate_limits_hold_dd_within_10_percent(kernel: Path, initrd: Path,
                                                      tmp_path: Path) -> None:
-    """`--disk PATH,bw=4,iops=100`: the guest's dd writes and reads 20 MiB at 4 MB/s, and
-    reads 300 4-KiB blocks at 100 requests a second (each with its initial burst, a tenth
-    of a second's worth), through the command line, under the default seccomp filter."""
+    """`--disk PATH,bw=4,iops=50`: the guest's dd writes and reads 20 MiB at 4 MB/s, and
+    reads 300 4-KiB blocks at 50 requests a second (each with its initial burst, a tenth
+    of a second's worth and one request), through the command line, under the default
+    seccomp filter. (dd reads one block at a time, and a read's round trip through the
+    lab's guest is close to 10 ms: at 100 a second, 95-99 were measured, the lab's speed
+    as much as the limit.)"""
     image = tmp_path / "disk.img"
     with open(image, "wb") as f:
         f.truncate(32 << 20)
     vm = KvmpyProcess(["--kernel", str(kernel), "--initrd", str(initrd),
-                       "--disk", f"{image},bw=4,iops=100", "--append", "-- sh /dd.sh"])
+                       "--disk", f"{image},bw=4,iops=50", "--append", "-- sh /dd.sh"])
     try:
         done = vm.expect(r"ddrate ([\d.]+) ([\d.]+) ([\d.]+) ([\d.]+) end", 240)
         status, err = vm.wait(120)
@@ -313,9 +316,9 @@ def test_disk_rate_limits_hold_dd_within_10_percent(kernel: Path, initrd: Path,
         vm.kill()
     t0, t1, t2, t3 = (float(t) for t in done.groups())
     rates = ((DD_MIB << 20) / (t1 - t0), (DD_MIB << 20) / (t2 - t1), DD_OPS / (t3 - t2))
-    print(f"bw=4,iops=100: write {rates[0] / 1e6:.3f} MB/s, read {rates[1] / 1e6:.3f} MB/s, "
+    print(f"bw=4,iops=50: write {rates[0] / 1e6:.3f} MB/s, read {rates[1] / 1e6:.3f} MB/s, "
           f"{rates[2]:.1f} reads/s")
-    assert rates == pytest.approx((4e6, 4e6, 100), rel=0.10), rates
+    assert rates == pytest.approx((4e6, 4e6, 50), rel=0.10), rates
     assert status == StopKind.POWEROFF.value, err
 
 
