@@ -225,18 +225,22 @@ class GuestDriver:
     def kick(self, qi: int) -> None:
         self.w32(mmio.QUEUE_NOTIFY, qi)
 
-    def used(self, qi: int) -> list[tuple[int, int, list[bytes]]]:
-        """New used entries: (head, len, contents of each writable buffer); frees descriptors."""
+    def used(self, qi: int, *, strict: bool = True) -> list[tuple[int, int, list[bytes]]]:
+        """New used entries: (head, len, contents of each writable buffer); frees descriptors.
+
+        `strict`: a used id that is not a chain this driver offered and has not had back
+        fails, as Linux's virtio_ring does ("id N is not a head!"); a fuzzer that wrote
+        rings behind the driver's back turns it off."""
         q = self.queues[qi]
         out = []
         used_idx = self.mem.read_u16(q.used + 2)
         while q.last_used != used_idx:
             slot = q.last_used % q.size
             head, length = struct.unpack("<II", self.mem.read(q.used + 4 + 8 * slot, 8))
-            if head not in q.chains:  # what Linux's virtio_ring calls a broken ring
+            if strict and head not in q.chains:
                 raise AssertionError(f"queue {qi}: used id {head} is not a head the "
                                      "driver offered (or it came back twice)")
-            descs, writable = q.chains.pop(head)
+            descs, writable = q.chains.pop(head, ([], []))
             q.free.extend(descs)
             out.append((head, length, [self.mem.read(gpa, n) for gpa, n in writable]))
             q.last_used = (q.last_used + 1) & 0xFFFF
