@@ -304,7 +304,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if copies is not None:
         copies.keep()
     if incoming is not None:
-        _receive(machine, incoming)
+        _receive(machine, incoming, network=qmp_path is not None)
     # (not in a jail: the cache it would write to is outside)
     unpacking = machine.unpack_for_next_boot() if config.jail is None else None
     try:
@@ -354,20 +354,30 @@ def cmd_run(args: argparse.Namespace) -> int:
     return stop.exit_status
 
 
-def _receive(machine: Any, address: Any) -> None:
-    """`--incoming`: the guest arrives into `machine` (closed if it does not)."""
+def _receive(machine: Any, address: Any, network: bool) -> None:
+    """`--incoming`: the guest arrives into `machine` (closed if it does not), and runs.
+    Set-up ends (`lock_down`) and the vCPU threads start, held, while the first round
+    comes: the pause then waits for neither."""
     from kvmpy.log import get_logger
     from kvmpy.migration.destination import receive
 
     log = get_logger("kvmpy.migration")
+
+    def ready() -> None:
+        machine.lock_down(network=network)
+        machine.start(held=True)
+
     try:
-        got = receive(machine, address, on_listening=lambda: log.info(
+        got = receive(machine, address, on_agreed=ready, on_listening=lambda: log.info(
             "waiting for a migration on %s", address.text))
     except BaseException:
+        machine.request_stop(Stop(StopKind.ERROR, "no guest arrived"))  # (held threads end)
         machine.close()
         raise
-    log.info("migration received: %d pages in %d rounds, %.3f s", got.pages, got.rounds,
-             got.seconds)
+    machine.resume()
+    got.phases.mark("resumed")
+    log.info("migration received: %d pages in %d rounds, %.3f s; %s", got.pages, got.rounds,
+             got.seconds, got.phases.text())
 def _landlock_rules(args: argparse.Namespace, qmp_path: Path | None) -> LandlockRules | None:
     """The files `--landlock` leaves kvmpy besides the machine's own (kvmpy.machine)."""
     if args.landlock != "on":

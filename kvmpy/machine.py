@@ -487,17 +487,18 @@ class Machine:
             owners[f"virtio{i}"] = transport
         return owners
 
-    def capture_state(self) -> dict[str, Any]:
+    def capture_state(self, compact: bool = False) -> dict[str, Any]:
         """The saved state of every part, a section each (kvmpy.state.stream): the VM,
         each vCPU, each device. Paused machines only (`pause`), or machines not started
-        yet. (kvmpy.state.snapshot adds the configuration, from `as_built`.)"""
+        yet. (kvmpy.state.snapshot adds the configuration, from `as_built`.) `compact`:
+        the vCPUs' register structs as bytes (a migration's: `capture_vcpu`)."""
         from kvmpy.kvm.state import capture_vcpu, capture_vm
 
         sections = {"vm": capture_vm(self.vm)}
         if self._clock is not None:  # the clock as it was when the guest stopped
             sections["vm"]["clock"] = self._clock
         for vcpu in self.vcpus:
-            sections[f"vcpu{vcpu.index}"] = capture_vcpu(vcpu)
+            sections[f"vcpu{vcpu.index}"] = capture_vcpu(vcpu, compact)
         for name, owner in self.stateful().items():
             sections[name] = owner.state()
         return sections
@@ -714,14 +715,20 @@ class Machine:
             return
         landlock.restrict(rules)
 
-    def start(self) -> None:
-        """Start one thread per vCPU; returns at once."""
+    def start(self, *, held: bool = False) -> None:
+        """Start one thread per vCPU; returns at once. `held`: started paused, each
+        thread ready and waiting before its first entry until `resume` (a migration's
+        destination, kvmpy.cli: the guest's state arrives meanwhile)."""
         self.lock_down()
-        self._before_run()
+        if held:
+            self._running.clear()
+            self.paused = True
+        else:
+            self._before_run()
         self.threads = VcpuThreads(
             self.loops, on_stop=lambda _: self.serial.flush(),
             on_start=lambda loop: self.seccomp.enter("vcpu", f"vcpu{loop.vcpu.index}"))
-        self.threads.start()
+        self.threads.start(held=held)
 
     def unpack_for_next_boot(self) -> threading.Thread | None:
         """A bzImage booting through its decompressor (`LinuxConfig.unpack`, and no copy
@@ -775,8 +782,10 @@ class Machine:
 
     def run(self, *, threads: bool = False) -> Stop:
         """Run until the VM stops. A single vCPU without irqchip runs on this thread,
-        unless `threads` (another thread will pause it: a QMP server)."""
-        if len(self.loops) == 1 and not self.vm.irqchip and not threads:
+        unless `threads` (another thread will pause it: a QMP server). A machine
+        started `held` is let go."""
+        if self.threads is None and len(self.loops) == 1 and not self.vm.irqchip \
+                and not threads:
             self.lock_down()  # (this thread is the vCPU's too: the union of the lists)
             self._before_run()
             try:
@@ -784,7 +793,10 @@ class Machine:
             finally:
                 self.serial.flush()
         with _host_signals(self.request_stop, self.describe_vcpus):
-            self.start()
+            if self.threads is None:
+                self.start()
+            else:  # started `held`, and let go since, or now
+                self.resume()
             stop = self.wait()
         assert stop is not None
         return stop

@@ -97,9 +97,14 @@ class VcpuThreads:
         for i, loop in enumerate(loops):
             loop.on_kick = lambda i=i: self._on_kick(i)  # type: ignore[misc]
 
-    def start(self) -> None:
+    def start(self, *, held: bool = False) -> None:
+        """A thread per vCPU. `held`: each starts paused, waiting before its first entry
+        until `resume` (a migration's destination has them ready before the guest
+        arrives: starting a thread and narrowing it to its system calls is not left
+        for the pause)."""
         if threading.current_thread() is threading.main_thread():
             signal.signal(KICK_SIGNAL, lambda *_: None)  # only to interrupt KVM_RUN
+        self._pausing = held
         for loop in self.loops:
             t = threading.Thread(target=self._run, args=(loop,), name=f"vcpu{loop.vcpu.index}",
                                  daemon=True)
@@ -113,6 +118,8 @@ class VcpuThreads:
             except Exception as e:
                 self.finish(Stop(StopKind.ERROR, f"vCPU {loop.vcpu.index}: {host_failure(e)}"))
                 return
+        if self._pausing:  # (started held)
+            self._hold(loop.vcpu.index)
         self.finish(run_guarded(loop))
 
     def finish(self, stop: Stop) -> None:

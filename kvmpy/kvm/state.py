@@ -63,34 +63,51 @@ IRQCHIPS = {"pic_master": "KVM_IRQCHIP_PIC_MASTER", "pic_slave": "KVM_IRQCHIP_PI
 # -- cffi structs as values ------------------------------------------------------------------
 def struct_value(cdata: Any) -> dict[str, Any]:
     """A struct's declared fields as an object: integers, lists, nested objects."""
-    return {name: _field_value(getattr(cdata, name), field.type)
-            for name, field in _struct_type(cdata).fields}
-
-
-def _field_value(value: Any, ctype: Any) -> Any:
-    if ctype.kind == "struct":
-        return struct_value(value)
-    if ctype.kind == "array":
-        return [_field_value(v, ctype.item) for v in value]
-    return int(value)
+    out: dict[str, Any] = {}
+    for name, kind, _, _ in _fields(_struct_type(cdata)):
+        value = getattr(cdata, name)
+        if kind == "struct":
+            out[name] = struct_value(value)
+        elif kind == "array":  # (of integers: `_fields` says so)
+            out[name] = list(value)
+        else:
+            out[name] = int(value)
+    return out
 
 
 def fill_struct(cdata: Any, reader: StateReader) -> None:
     """Set every declared field of a (zeroed) struct from `reader`, checking each."""
-    for name, field in _struct_type(cdata).fields:
-        ctype = field.type
-        if ctype.kind == "struct":
+    for name, kind, length, top in _fields(_struct_type(cdata)):
+        if kind == "struct":
             sub = reader.sub(name)
             fill_struct(getattr(cdata, name), sub)
             sub.done()
-        elif ctype.kind == "array":
-            array = getattr(cdata, name)
-            for i, value in enumerate(reader.ints(name, ctype.length, 0, _max(ctype.item),
-                                                  exact=ctype.length)):
-                array[i] = value
+        elif kind == "array":
+            getattr(cdata, name)[0:length] = reader.ints(name, length, 0, top, exact=length)
         else:
-            setattr(cdata, name, reader.int(name, 0, _max(ctype)))
+            setattr(cdata, name, reader.int(name, 0, top))
     reader.done()
+
+
+_FIELDS: dict[Any, list[tuple[str, str, int, int]]] = {}
+
+
+def _fields(ctype: Any) -> list[tuple[str, str, int, int]]:
+    """(name, kind, array length, largest value) of each field of a struct type, found
+    once per type (a migration's pause reads and fills a few hundred fields)."""
+    fields = _FIELDS.get(ctype)
+    if fields is None:
+        fields = []
+        for name, field in ctype.fields:
+            t = field.type
+            if t.kind == "struct":
+                fields.append((name, "struct", 0, 0))
+            elif t.kind == "array":
+                fields.append((name, "array", t.length, _max(t.item)))
+            else:
+                fields.append((name, "primitive", 0, _max(t)))
+        _FIELDS[ctype] = fields
+    return fields
 
 
 def _struct_type(cdata: Any) -> Any:
@@ -105,9 +122,19 @@ def _max(ctype: Any) -> int:
     return (1 << 8 * ffi.sizeof(ctype)) - 1
 
 
-def _struct_from(ctype: str, reader: StateReader) -> Any:
+def _struct_bytes(cdata: Any) -> str:
+    return b64(ffi.buffer(cdata))
+
+
+def _struct_from(ctype: str, reader: StateReader, key: str) -> Any:
+    """The struct saved at `key`: an object of its fields (each checked), or its bytes
+    in base64 (`capture_vcpu(compact=True)`)."""
     cdata = ffi.new(f"{ctype} *")
-    fill_struct(cdata, reader)
+    if reader.is_str(key):
+        size = ffi.sizeof(ctype)
+        ffi.memmove(cdata, reader.bytes(key, size, exact=size), size)
+    else:
+        fill_struct(cdata, reader.sub(key))
     return cdata
 
 
@@ -122,19 +149,23 @@ def _put(where: str, what: str, fn: Callable[..., None], *args: Any) -> None:
 
 
 # -- a vCPU ------------------------------------------------------------------------------------
-def capture_vcpu(vcpu: Vcpu) -> dict[str, Any]:
-    """Everything KVM holds of `vcpu` (which must be out of KVM_RUN), in capture order."""
+def capture_vcpu(vcpu: Vcpu, compact: bool = False) -> dict[str, Any]:
+    """Everything KVM holds of `vcpu` (which must be out of KVM_RUN), in capture order.
+    `compact`: the register structs (regs, sregs, debugregs) as their bytes in base64,
+    not an object of their fields: a migration's pause, where reading and checking
+    a few hundred fields one by one costs milliseconds under the lab's emulation
+    (KVM checks what it is given all the same); snapshots keep them readable."""
     vm = vcpu.vm
-    state: dict[str, Any] = {"mp_state": vcpu.get_mp_state(),
-                             "regs": struct_value(vcpu.get_regs())}
+    value = _struct_bytes if compact else struct_value
+    state: dict[str, Any] = {"mp_state": vcpu.get_mp_state(), "regs": value(vcpu.get_regs())}
     if vm.kvm.check_extension("KVM_CAP_SREGS2"):
-        state["sregs2"] = struct_value(vcpu.get_sregs2())
+        state["sregs2"] = value(vcpu.get_sregs2())
     else:
-        state["sregs"] = struct_value(vcpu.get_sregs())
+        state["sregs"] = value(vcpu.get_sregs())
     state["xsave"] = b64(vcpu.get_xsave())
     xcrs = vcpu.get_xcrs()
     state["xcrs"] = [[xcrs.xcrs[i].xcr, xcrs.xcrs[i].value] for i in range(xcrs.nr_xcrs)]
-    state["debugregs"] = struct_value(vcpu.get_debugregs())
+    state["debugregs"] = value(vcpu.get_debugregs())
     state["lapic"] = b64(vcpu.get_lapic()) if vm.irqchip else None
     state["tsc_khz"] = _tsc_khz(vcpu)
     state["cpuid"] = [list(e) for e in (vcpu.cpuid or vcpu.get_cpuid2())]
@@ -177,15 +208,22 @@ def prepare_vcpu(vcpu: Vcpu, state: object, where: str) -> Callable[[], None]:
     later puts set the MSRs in one ioctl)."""
     vm = vcpu.vm
     r = StateReader(state, where)
-    _cpuid(r)  # set when the vCPU was created; read here only to be checked
+    # set when the vCPU was created; read here only to be checked: at once when they
+    # are this vCPU's own (as a migration's are: its ends compared them first)
+    own = [list(e) for e in vcpu.cpuid] if vcpu.cpuid else None
+    saved = r.again().list("cpuid", MAX_CPUID_ENTRIES)
+    if saved == own and all(type(v) is int for e in saved for v in e):
+        r.list("cpuid", MAX_CPUID_ENTRIES)
+    else:
+        _cpuid(r)
     mp_state = r.int("mp_state", 0, U32)
-    regs = _struct_from("struct kvm_regs", r.sub("regs"))
+    regs = _struct_from("struct kvm_regs", r, "regs")
     if r.has("sregs2"):
         if not vm.kvm.check_extension("KVM_CAP_SREGS2"):
             raise r.fail("sregs2", "this KVM has no KVM_CAP_SREGS2")
-        sregs, set_sregs = _struct_from("struct kvm_sregs2", r.sub("sregs2")), vcpu.set_sregs2
+        sregs, set_sregs = _struct_from("struct kvm_sregs2", r, "sregs2"), vcpu.set_sregs2
     else:
-        sregs, set_sregs = _struct_from("struct kvm_sregs", r.sub("sregs")), vcpu.set_sregs
+        sregs, set_sregs = _struct_from("struct kvm_sregs", r, "sregs"), vcpu.set_sregs
     xsave = r.bytes("xsave", 1 << 20)
     if len(xsave) != vm.xsave_size:
         raise r.fail("xsave", f"{len(xsave)} bytes; this host's XSAVE area is "
@@ -195,7 +233,7 @@ def prepare_vcpu(vcpu: Vcpu, state: object, where: str) -> Callable[[], None]:
     xcrs.nr_xcrs = len(pairs)
     for i, pair in enumerate(pairs):
         xcrs.xcrs[i].xcr, xcrs.xcrs[i].value = _ints(pair, 2, f"{where}.xcrs[{i}]", (U32, U64))
-    debugregs = _struct_from("struct kvm_debugregs", r.sub("debugregs"))
+    debugregs = _struct_from("struct kvm_debugregs", r, "debugregs")
     lapic_size = ffi.sizeof("struct kvm_lapic_state")
     lapic = r.bytes("lapic", lapic_size, exact=lapic_size) if vm.irqchip else None
     if not vm.irqchip and r.optional_int("lapic") is not None:
@@ -235,20 +273,25 @@ def prepare_vcpu(vcpu: Vcpu, state: object, where: str) -> Callable[[], None]:
 
 
 def _set_msrs(vcpu: Vcpu, msrs: list[tuple[int, ...]], where: str) -> list[tuple[int, int]]:
-    """KVM_SET_MSRS one MSR at a time, in order; returns those KVM took. One that KVM
-    refuses is skipped only when the vCPU already holds the saved value
-    (MSR_KVM_ASYNC_PF_INT reads 0 but cannot be written without an in-kernel LAPIC);
-    any other refusal is the snapshot's fault."""
-    accepted = []
-    for index, value in msrs:
-        try:
-            vcpu.set_msrs([(index, value)])
-        except KvmIoctlError as e:
-            if vcpu.get_msrs([index]).get(index) != value:
-                raise SnapshotError(f"snapshot state {where}.msrs: KVM refused MSR "
-                                    f"{index:#x} = {value:#x} ({e.strerror})") from None
-        else:
-            accepted.append((index, value))
+    """KVM_SET_MSRS of every MSR in order; returns those KVM took. KVM sets them in
+    order and stops at the first it refuses, saying how many it set: the rest go
+    again in one call after it (a few ioctls, not one per MSR: each costs a good part
+    of a millisecond in the lab, inside a migration's pause). One that KVM refuses is
+    skipped only when the vCPU already holds the saved value (MSR_KVM_ASYNC_PF_INT
+    reads 0 but cannot be written without an in-kernel LAPIC); any other refusal is
+    the snapshot's fault."""
+    accepted: list[tuple[int, int]] = []
+    rest = [(index, value) for index, value in msrs]
+    while rest:
+        done = vcpu.set_msrs_upto(rest)
+        accepted += rest[:done]
+        if done == len(rest):
+            break
+        index, value = rest[done]
+        if vcpu.get_msrs([index]).get(index) != value:
+            raise SnapshotError(f"snapshot state {where}.msrs: KVM refused MSR "
+                                f"{index:#x} = {value:#x}")
+        rest = rest[done + 1:]
     return accepted
 
 

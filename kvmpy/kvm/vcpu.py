@@ -112,11 +112,15 @@ class Vcpu:
         return {msrs.entries[i].index: msrs.entries[i].data for i in range(n)}
 
     def set_msrs(self, values: list[tuple[int, int]]) -> None:
-        msrs, _keep = _msrs(values)
-        n = ioctl(self.fd, "KVM_SET_MSRS", msrs)
+        n = self.set_msrs_upto(values)
         if n != len(values):
             bad = values[n][0]
             raise KvmIoctlError(f"KVM_SET_MSRS (MSR {bad:#x} refused)", 22)
+
+    def set_msrs_upto(self, values: list[tuple[int, int]]) -> int:
+        """KVM_SET_MSRS: KVM sets them in order up to the first it refuses; how many."""
+        msrs, _keep = _msrs(values)
+        return int(ioctl(self.fd, "KVM_SET_MSRS", msrs))
 
     def set_cpuid2(self, entries: Sequence[tuple[int, int, int, int, int, int, int]]) -> None:
         """Entries are (function, index, flags, eax, ebx, ecx, edx)."""

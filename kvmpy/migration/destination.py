@@ -26,8 +26,9 @@ from typing import TYPE_CHECKING, Any
 
 from kvmpy import __version__
 from kvmpy.errors import KvmpyError
+from kvmpy.kvm import state as _kvm_state  # noqa: F401  (restore_state's: imported
 from kvmpy.log import get_logger
-from kvmpy.migration import agree, wire
+from kvmpy.migration import agree, wire  # before the guest's pause, not in it)
 from kvmpy.migration.wire import PAGE, MigrationError
 from kvmpy.state import stream
 
@@ -46,12 +47,16 @@ class Incoming:
         self.pages = 0
         self.rounds = 0
         self.seconds = 0.0
+        self.phases = wire.Phases()  # the last steps, from the STATE record on
 
 
-def receive(machine: Machine, address: wire.Address,
-            on_listening: Any = None) -> Incoming:
+def receive(machine: Machine, address: wire.Address, on_listening: Any = None,
+            on_agreed: Any = None) -> Incoming:
     """Wait for one migration at `address` and put it into `machine`; MigrationError in
-    one line for anything that is not a whole, matching stream."""
+    one line for anything that is not a whole, matching stream. `on_agreed()` runs once
+    both ends have agreed, while the source sends its first round: what the guest's
+    state does not change (kvmpy.cli starts the vCPU threads, held) is done there,
+    not in the pause."""
     listener = wire.listen(address)
     try:
         if on_listening is not None:
@@ -68,8 +73,12 @@ def receive(machine: Machine, address: wire.Address,
         error = None
         try:
             _agree(conn, machine)
+            machine.vm.msrs_to_save(machine.vcpus[0])  # (found once: not in the pause)
+            if on_agreed is not None:
+                on_agreed()
             sections = _records(conn, machine, incoming)
             machine.restore_state(sections)
+            incoming.phases.mark("restored")
         except KvmpyError as e:
             error = str(e)
         if error is not None:  # (raised out here: no traceback left holding guest RAM)
@@ -79,6 +88,7 @@ def receive(machine: Machine, address: wire.Address,
         # not hear it (gone, or the connection broken) knows the guest did not run here
         try:
             wire.send_message(conn, {"status": "running"})
+            incoming.phases.mark("running-sent")
         except OSError as e:
             raise MigrationError("incoming migration: the source went away before the "
                                  f"handover ({e.strerror or e}); the guest was not "
@@ -99,13 +109,46 @@ def _agree(conn: socket.socket, machine: Machine) -> None:
         raise MigrationError(f"refused: the source's machine is not this one: {difference}")
 
 
+class _Stream:
+    """The connection read through a buffer: the many small records of a round of
+    scattered pages (a header, a page or a few) come a buffer's worth to a `recv`, not
+    two `recv`s each; a large run of pages is read straight into guest RAM."""
+
+    BUFFER = 256 << 10
+
+    def __init__(self, conn: socket.socket) -> None:
+        self.conn = conn
+        self.buffer = bytearray(self.BUFFER)
+        self.start = self.end = 0  # what is buffered and not yet read
+
+    def into(self, view: memoryview, what: str) -> None:
+        """Fill `view` (MigrationError if the stream ends or breaks first)."""
+        got = min(len(view), self.end - self.start)
+        view[:got] = self.buffer[self.start : self.start + got]
+        self.start += got
+        while got < len(view):
+            if len(view) - got >= self.BUFFER // 2:
+                wire.recv_into_exactly(self.conn, view[got:], what)
+                return
+            self.end = wire.recv_into_some(self.conn, memoryview(self.buffer), what)
+            self.start = take = min(len(view) - got, self.end)
+            view[got : got + take] = self.buffer[:take]
+            got += take
+
+    def exactly(self, n: int, what: str) -> bytes:
+        data = bytearray(n)
+        self.into(memoryview(data), what)
+        return bytes(data)
+
+
 def _records(conn: socket.socket, machine: Machine, incoming: Incoming) -> dict[str, Any]:
     """Every record up to END into guest RAM; returns the STATE record's sections."""
     memory = machine.memory
-    header = bytearray(wire.RECORD.size)
+    reader = _Stream(conn)
+    header = memoryview(bytearray(wire.RECORD.size))
     sections: dict[str, Any] | None = None
     while True:
-        wire.recv_into_exactly(conn, memoryview(header), "a record header")
+        reader.into(header, "a record header")
         kind, count, gpa = wire.RECORD.unpack(header)
         if kind == wire.PAGES or kind == wire.ZEROS:
             if not 0 < count <= wire.MAX_PAGES or gpa % PAGE or \
@@ -114,7 +157,7 @@ def _records(conn: socket.socket, machine: Machine, incoming: Incoming) -> dict[
                                      f"[{gpa:#x}, +{count} pages), not guest RAM here")
             window = memory.view(gpa, count * PAGE)
             if kind == wire.PAGES:
-                wire.recv_into_exactly(conn, window, "a page record")
+                reader.into(window, "a page record")
                 incoming.pages += count
             else:
                 window[:] = bytes(count * PAGE)
@@ -123,8 +166,11 @@ def _records(conn: socket.socket, machine: Machine, incoming: Incoming) -> dict[
         elif kind == wire.STATE:
             if sections is not None or count > wire.MAX_STATE:
                 raise MigrationError("a second or oversized STATE record")
-            data = wire.recv_exactly(conn, count, "the state record")
+            incoming.phases.mark("state-record")
+            data = reader.exactly(count, "the state record")
+            incoming.phases.mark("state-received")
             sections = stream.decode(data, "the state")
+            incoming.phases.mark("decoded")
         elif kind == wire.END:
             if sections is None:
                 raise MigrationError("END before any state")

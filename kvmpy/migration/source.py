@@ -39,8 +39,9 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from kvmpy import __version__
 from kvmpy.errors import KvmpyError
+from kvmpy.kvm import state as _kvm_state  # noqa: F401  (capture_state's: imported
 from kvmpy.log import get_logger
-from kvmpy.migration import agree, wire
+from kvmpy.migration import agree, wire  # before the guest's pause, not in it)
 from kvmpy.migration.wire import PAGE, MigrationError
 from kvmpy.state import stream
 from kvmpy.state.ram import used_runs
@@ -57,6 +58,10 @@ CONNECT_TIMEOUT_S = 10.0
 SILENCE_TIMEOUT_S = 60.0  # a destination that says nothing this long is gone
 MIN_RATE_SAMPLE = 256  # pages: a round this small measures overhead, not the link
 SMALL_REST = 256  # pages (1 MiB): a rest this small goes in the pause, however it shrinks
+QUIET_WAIT_S = 0.5  # once the rest fits, how long rounds go on looking for a small one,
+QUIET_REST = 64  # pages (256 KiB): this small (a few ms in the pause, even in the lab)
+BATCH_BUFFERS = 512  # buffers in one sendmsg (headers and runs; the kernel takes 1024)
+BATCH_BYTES = 4 << 20  # bytes in one sendmsg (a cancel waits at most for one)
 
 
 class Parameters:
@@ -196,6 +201,7 @@ class Migration:
         self.expected_downtime_s = 0.0
         self.downtime_s: float | None = None
         self.total_s: float | None = None
+        self.phases = wire.Phases()  # the pause's steps
 
     # -- control ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -242,6 +248,8 @@ class Migration:
         }
         if self.downtime_s is not None:
             out["downtime"] = round(self.downtime_s * 1000, 3)
+        if phases := self.phases.since("pause"):
+            out["x-pause-phases"] = phases
         if self.error:
             out["error-desc"] = self.error
         return out
@@ -272,8 +280,10 @@ class Migration:
             self._set("active")
             tracker = self._log = DirtyPages(self.machine)
             pending = self._precopy(sock, tracker)
+            paused_at = time.monotonic()  # (downtime counts the kick, as QEMU's does)
+            self.phases.mark("pause")
             held, was_running = True, self.holder.hold()
-            paused_at = time.monotonic()
+            self.phases.mark("paused")
             self._set("device")
             if not was_running:
                 raise MigrationError("the guest was paused during the migration")
@@ -286,6 +296,8 @@ class Migration:
             if reply.get("status") != "running":  # said before running anything
                 raise MigrationError(f"the destination failed: {_line(reply.get('error'))}")
             self.downtime_s = time.monotonic() - paused_at
+            self.phases.mark("answer")
+            log.info("migration: the pause's steps: %s", self.phases.text())
             outcome = "completed"
         except Cancelled:
             outcome, self.error = "cancelled", "cancelled"
@@ -335,7 +347,7 @@ class Migration:
         sent = self._send_runs(sock, ((r, s - r.offset, n) for r in memory
                                       for s, n in used_runs(memory, r)))
         self._measure(sent, time.monotonic() - started)
-        last_take, before = started, None
+        last_take, before, fitted = started, None, None
         while True:
             self.rounds += 1
             now = time.monotonic()
@@ -346,10 +358,17 @@ class Migration:
             last_take = now
             self.expected_downtime_s = self.remaining / self.rate if self.rate else 0.0
             fits = self.expected_downtime_s * 1000 <= self.params.downtime_limit_ms
+            if fits and fitted is None:
+                fitted = now
             # within the limit, one more round is worth it while rounds still halve what
-            # is left: the pause then carries only what the guest dirties in a round
+            # is left: the pause then carries only what the guest dirties in a round;
+            # and, for a while, until a round finds little: a guest that writes in
+            # bursts (most do: a tick's work, then a sleep) is caught between two
             shrinking = count > SMALL_REST and (before is None or count < before / 2)
-            if (fits and not shrinking) or self.rounds >= self.params.max_rounds:
+            waiting = count > QUIET_REST and fitted is not None and \
+                now - fitted < QUIET_WAIT_S
+            if (fits and not shrinking and not waiting) or \
+                    self.rounds >= self.params.max_rounds:
                 return pending
             before = count
             self._send_record(sock, wire.ROUND, self.rounds, 0)
@@ -363,13 +382,19 @@ class Migration:
         last = [sorted(set(a) | set(b)) for a, b in zip(pending, tracker.take(),
                                                           strict=True)]
         self.remaining = sum(len(p) for p in last) * PAGE
+        self.phases.mark("taken")
         self._send_record(sock, wire.ROUND, self.rounds + 1, 0)
         self._send_runs(sock, _runs(memory, last))
         self.remaining = 0
-        state = stream.encode(self.machine.capture_state())
+        self.phases.mark("pages-sent")
+        sections = self.machine.capture_state(compact=True)
+        self.phases.mark("captured")
+        state = stream.encode(sections)
+        self.phases.mark("encoded")
         self._send_record(sock, wire.STATE, len(state), 0)
         self._send(sock, state)
         self._send_record(sock, wire.END, 0, 0)
+        self.phases.mark("state-sent")
 
     def _answer(self, sock: socket.socket) -> dict[str, Any]:
         """The destination's last word. A close or a break without it means the guest
@@ -386,25 +411,43 @@ class Migration:
             self.rate = sent_pages * PAGE / max(seconds, 1e-6)
 
     def _send_runs(self, sock: socket.socket, runs: Iterable[tuple[Region, int, int]]) -> int:
-        """Send each (region, offset, length) of guest RAM as PAGES records; returns pages."""
+        """Send each (region, offset, length) of guest RAM as PAGES records; returns pages.
+        Records go out many to a `sendmsg` (each header and window of guest RAM one
+        buffer of it, nothing copied): the scattered pages of a last round cost a
+        system call per batch, not two per run."""
         pages = 0
+        batch: list[bytes | memoryview] = []
+        size = 0
         for region, offset, length in runs:
             for start in range(offset, offset + length, wire.MAX_PAGES * PAGE):
                 n = min(wire.MAX_PAGES * PAGE, offset + length - start)
-                self._send_record(sock, wire.PAGES, n // PAGE, region.gpa + start)
-                self._send(sock, region.view[start : start + n])
+                batch += (wire.RECORD.pack(wire.PAGES, n // PAGE, region.gpa + start),
+                          region.view[start : start + n])
+                size += n
                 pages += n // PAGE
+                if len(batch) >= BATCH_BUFFERS or size >= BATCH_BYTES:
+                    self._send(sock, batch)
+                    batch, size = [], 0
+        if batch:
+            self._send(sock, batch)
         self.pages += pages
         return pages
 
     def _send_record(self, sock: socket.socket, kind: int, count: int, gpa: int) -> None:
         self._send(sock, wire.RECORD.pack(kind, count, gpa))
 
-    def _send(self, sock: socket.socket, data: bytes | memoryview) -> None:
+    def _send(self, sock: socket.socket, data: bytes | memoryview | list[bytes | memoryview]
+              ) -> None:
+        """Send `data` (one buffer, or several in order) whole, or raise MigrationError
+        (Cancelled once cancelled)."""
         if self._cancel.is_set():
             raise Cancelled("cancelled")
         try:
-            sock.sendall(data)
+            if isinstance(data, list):
+                sent = _sendmsg_all(sock, data)
+            else:
+                sock.sendall(data)
+                sent = len(data)
         except TimeoutError:
             raise MigrationError(f"the destination took nothing for {SILENCE_TIMEOUT_S:g} s"
                                  ) from None
@@ -413,12 +456,28 @@ class Migration:
                 raise Cancelled("cancelled") from None
             raise MigrationError(f"the connection to the destination broke: "
                                  f"{e.strerror or e}") from None
-        self.transferred += len(data)
+        self.transferred += sent
         limit = self.params.max_bandwidth
         if limit:
             ahead = self.transferred / limit - (time.monotonic() - self._started)
             if ahead > 0:
                 time.sleep(min(ahead, 1.0))
+
+
+def _sendmsg_all(sock: socket.socket, buffers: list[bytes | memoryview]) -> int:
+    """`sendall` for several buffers: `sendmsg` until every byte has gone; returns bytes.
+    (A socket with a timeout may take part of them.)"""
+    total = sum(len(b) for b in buffers)
+    left = total
+    while True:
+        sent = sock.sendmsg(buffers)
+        left -= sent
+        if not left:
+            return total
+        while sent >= len(buffers[0]):  # drop what went, cut into the first that did not
+            sent -= len(buffers[0])
+            buffers = buffers[1:]
+        buffers = [memoryview(buffers[0])[sent:], *buffers[1:]]
 
 
 def _runs(memory: Any, pending: list[list[int]]) -> Iterator[tuple[Region, int, int]]:

@@ -65,6 +65,29 @@ class Silence(MigrationError):
     """The other end sent nothing for the socket's timeout (and did not close)."""
 
 
+class Phases:
+    """When each step of a migration's pause happened (monotonic clock, shared by both
+    ends on one host): where the downtime goes, in query-migrate's `x-pause-phases`
+    and the destination's -v log."""
+
+    def __init__(self) -> None:
+        self.marks: list[tuple[str, float]] = []
+
+    def mark(self, name: str) -> None:
+        self.marks.append((name, time.monotonic()))
+
+    def since(self, origin: str) -> dict[str, float]:
+        """Each mark in ms after the mark `origin` (empty until it is made)."""
+        start = next((t for n, t in self.marks if n == origin), None)
+        if start is None:
+            return {}
+        return {n: round((t - start) * 1000, 1) for n, t in self.marks if t >= start}
+
+    def text(self) -> str:
+        """'name at T' for each mark, T the monotonic clock in ms (for the -v log)."""
+        return ", ".join(f"{n} at {t * 1000:.1f}" for n, t in self.marks)
+
+
 class Address(NamedTuple):
     """`unix:PATH` or `tcp:HOST:PORT`, as given (`text`) and parsed."""
 
@@ -185,15 +208,21 @@ def recv_into_exactly(sock: socket.socket, view: memoryview, what: str) -> None:
     ends or breaks first."""
     got = 0
     while got < len(view):
-        try:
-            n = sock.recv_into(view[got:])
-        except TimeoutError:
-            raise Silence(f"the other end sent nothing for {sock.gettimeout():g} s "
-                          f"(inside {what})") from None
-        except OSError as e:
-            raise MigrationError(f"the connection broke inside {what}: "
-                                 f"{e.strerror or e}") from None
-        if n == 0:
-            raise MigrationError(f"the other end closed the connection inside {what} "
-                                 "(the stream is cut short)")
-        got += n
+        got += recv_into_some(sock, view[got:], what)
+
+
+def recv_into_some(sock: socket.socket, view: memoryview, what: str) -> int:
+    """One `recv_into`: how many bytes came (at least one); MigrationError if the
+    stream ends or breaks instead."""
+    try:
+        n = sock.recv_into(view)
+    except TimeoutError:
+        raise Silence(f"the other end sent nothing for {sock.gettimeout():g} s "
+                      f"(inside {what})") from None
+    except OSError as e:
+        raise MigrationError(f"the connection broke inside {what}: "
+                             f"{e.strerror or e}") from None
+    if n == 0:
+        raise MigrationError(f"the other end closed the connection inside {what} "
+                             "(the stream is cut short)")
+    return n

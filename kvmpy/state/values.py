@@ -70,6 +70,10 @@ class StateReader:
     def has(self, key: _Str) -> _Bool:
         return key in self._state
 
+    def is_str(self, key: _Str) -> _Bool:
+        """Whether the field is a string (nothing taken): a value saved in two forms."""
+        return isinstance(self._state.get(key), str)
+
     def null(self, key: _Str) -> _Bool:
         """Whether the field is null (taken if so); else read it with another method."""
         if self._get(key) is None:
