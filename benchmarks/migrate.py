@@ -20,6 +20,7 @@ QEMU's bandwidth cap, 128 MiB/s by default, lifted, as kvmpy has none). Figures:
   sent_ms           kvmpy: from pausing the source to its last byte written, QEMU's measure
   pause_phases_ms   kvmpy: each step of the pause, in ms from its start, both ends (their
                     -v lines: kvmpy.migration.wire.Phases; "dst-" the destination's)
+  gap_split_ms      kvmpy: switch_gap cut at the pause and at the destination's resume
   guest_stall_ms    seen from the guest's own sequence numbers: the host-side gap between
                     the last `seq=` line the source printed and the first the destination
                     printed, less the workload's median tick period
@@ -147,8 +148,15 @@ def one_migration(vmm: str, argv: list[str], rate: str, work: Path) -> dict[str,
         last = src.seqs()[-1][1]
         dst.wait_for(rf"seq={last + 10}\r?\n".encode(), 120)
         if vmm == "kvmpy":
-            phases = result["pause_phases_ms"] = _phases(src.err, dst.err)
+            marks = _marks(src.err, dst.err)
+            phases = result["pause_phases_ms"] = _since(marks, "pause")
             result["sent_ms"] = phases.get("state-sent")
+            if "pause" in marks and "dst-resumed" in marks:
+                result["gap_split_ms"] = {  # (one clock: CLOCK_MONOTONIC, both ends)
+                    "last_line_to_pause": round(marks["pause"] - src.seqs()[-1][0] * 1000, 1),
+                    "pause_to_resumed": round(marks["dst-resumed"] - marks["pause"], 1),
+                    "resumed_to_first_line": round(dst.seqs()[0][0] * 1000
+                                                   - marks["dst-resumed"], 1)}
         return result | _guest_view(src.seqs(), dst.seqs())
     finally:
         src.close()
@@ -177,17 +185,21 @@ def _kvmpy_result(src: Console, qmp: Any) -> dict[str, Any]:
             "mbytes": round(info.get("ram", {}).get("transferred", 0) / 1e6, 1)}
 
 
-def _phases(src_err: Path, dst_err: Path) -> dict[str, float]:
+def _marks(src_err: Path, dst_err: Path) -> dict[str, float]:
     """kvmpy's pause, step by step (both ends' -v lines: kvmpy.migration.wire.Phases),
-    in ms from the source's decision to pause; the destination's steps prefixed "dst-"."""
+    each on the monotonic clock in ms; the destination's steps prefixed "dst-"."""
     marks = {}
     for prefix, err in (("", src_err), ("dst-", dst_err)):
         for line in err.read_text(errors="replace").splitlines():
             if "pause's steps" in line or "migration received" in line:
                 marks.update({prefix + name: float(t) for name, t in MARK.findall(line)})
-    if "pause" not in marks:
+    return marks
+
+
+def _since(marks: dict[str, float], origin: str) -> dict[str, float]:
+    if origin not in marks:
         return {}
-    return {name: round(t - marks["pause"], 1) for name, t in
+    return {name: round(t - marks[origin], 1) for name, t in
             sorted(marks.items(), key=lambda item: item[1])}
 
 
