@@ -10,13 +10,15 @@ keeps running while its RAM is copied:
    while it runs), then every page the guest has used sent while it runs.
 3. rounds 1..n: the pages dirtied meanwhile, read from both logs, sent again, until
    what is left would take no longer than the downtime limit at the rate the link
-   has been measured at and rounds no longer halve it (or it is 1 MiB or less), or
-   the round limit is reached (a guest that dirties faster than the link carries
-   never converges: the limit ends it).
+   has been measured at and rounds no longer halve it (or it is 1 MiB or less), and
+   (for up to QUIET_WAIT_S) a round finds it small, between two of the guest's
+   bursts of writes; or the round limit is reached (a guest that dirties faster than
+   the link carries never converges: the limit ends it).
 4. the pause: vCPUs held out of KVM_RUN and the I/O thread stopped between two
    requests (a disk request the guest made is done, or still in its queue for the
    destination to take); the last dirty pages, then every part's state (the same
-   sections a snapshot holds), then END.
+   sections a snapshot holds, the registers as bytes), then END. Each step is timed
+   (`phases`: query-migrate's x-pause-phases, the -v log).
 5. the handover: the destination answers "running" once it has restored everything,
    just before it runs the guest; only then has the guest left. Any failure before
    that answer (a refusal, a dropped connection, a destination that dies, garbage)
@@ -58,8 +60,8 @@ CONNECT_TIMEOUT_S = 10.0
 SILENCE_TIMEOUT_S = 60.0  # a destination that says nothing this long is gone
 MIN_RATE_SAMPLE = 256  # pages: a round this small measures overhead, not the link
 SMALL_REST = 256  # pages (1 MiB): a rest this small goes in the pause, however it shrinks
-QUIET_WAIT_S = 0.5  # once the rest fits, how long rounds go on looking for a small one,
-QUIET_REST = 64  # pages (256 KiB): this small (a few ms in the pause, even in the lab)
+QUIET_WAIT_S = 0.5  # once the rest fits, how long rounds go on looking for a small one:
+QUIET_REST = 64  # pages (256 KiB) or fewer (a few ms of the pause, even in the lab)
 BATCH_BUFFERS = 512  # buffers in one sendmsg (headers and runs; the kernel takes 1024)
 BATCH_BYTES = 4 << 20  # bytes in one sendmsg (a cancel waits at most for one)
 

@@ -134,6 +134,11 @@ def test_guest_migrate_moves_devices_irqchip_and_two_vcpus(guest_dir: Path, tmp_
             g.snapshot(tmp_path / "snap")  # (its incremental-snapshot tracker gives way)
             info = g.migrate(uri)
             assert info["status"] == "completed" and info["downtime"] > 0, info
+            steps = info["x-pause-phases"]  # each step of the pause, in order, timed
+            assert list(steps) == ["pause", "paused", "taken", "pages-sent", "captured",
+                                   "encoded", "state-sent", "answer"], steps
+            assert steps["answer"] <= info["downtime"] + 1 and sorted(steps.values()) == \
+                list(steps.values()), steps
             assert g.machine.stopped is not None
             assert g.machine.stopped.kind is StopKind.MIGRATED
             before = g.output

@@ -130,14 +130,17 @@ def test_qmp_stop_snapshot_cont_quit_and_restore_with_qmp(guest_dir: Path, tmp_p
 COMPARED = ("regs", "sregs2", "xsave", "xcrs", "debugregs", "lapic", "events", "mp_state")
 
 
-def test_vcpu_state_comes_back_byte_for_byte(guest_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("compact", [False, True])  # (True: registers as bytes, migration's)
+def test_vcpu_state_comes_back_byte_for_byte(guest_dir: Path, tmp_path: Path,
+                                            compact: bool) -> None:
     config = counter(guest_dir, "real", tmp_path)
     first = Machine(config._replace(console=open(os.devnull, "wb")))
     try:
         first.start()
         time.sleep(0.2)
         first.pause()
-        sections = first.capture_state()
+        sections = first.capture_state(compact)
+        assert isinstance(sections["vcpu0"]["regs"], str if compact else dict)
     finally:
         first.request_stop(first.stopped or _host_stop())
         first.close()
@@ -145,7 +148,7 @@ def test_vcpu_state_comes_back_byte_for_byte(guest_dir: Path, tmp_path: Path) ->
     try:
         for vcpu in second.vcpus:
             restore_vcpu(vcpu, sections[f"vcpu{vcpu.index}"], f"vcpu{vcpu.index}")
-            again = capture_vcpu(vcpu)
+            again = capture_vcpu(vcpu, compact)
             for part in COMPARED:
                 assert again[part] == sections[f"vcpu{vcpu.index}"][part], part
             saved_msrs = dict(map(tuple, sections[f"vcpu{vcpu.index}"]["msrs"]))
@@ -180,6 +183,7 @@ def saved_real_counter(guest_dir: Path, tmp_path: Path) -> Path:
     ("xsave", "AAAA", "xsave: 3 bytes; this host's XSAVE area is"),
     ("mp_state", 99, "vcpu0.mp_state: KVM refused it"),
     ("events", "A" * 88, "events: 66 bytes, expected 64"),
+    ("regs", "AAAA", r"vcpu0.regs: 3 bytes, expected 144"),  # (the compact form)
 ])
 def test_values_kvm_cannot_take_are_refused_in_one_line(guest_dir: Path, tmp_path: Path,
                                                          part: str, value: Any,

@@ -17,7 +17,7 @@ from kvmpy.errors import ConfigError, KvmpyError
 from kvmpy.memory import GuestMemory
 from kvmpy.migration import agree, wire
 from kvmpy.migration.destination import Incoming, _records
-from kvmpy.migration.source import Parameters, _runs
+from kvmpy.migration.source import Parameters, _runs, _sendmsg_all
 from kvmpy.migration.wire import PAGE, MigrationError
 from kvmpy.state import stream
 
@@ -67,6 +67,20 @@ def test_runs_group_consecutive_pages() -> None:
         (0, 3 * PAGE), (5 * PAGE, PAGE), (7 * PAGE, 2 * PAGE)]
 
 
+def test_sendmsg_all_sends_every_byte_in_order_when_taken_in_parts() -> None:
+    sent = bytearray()
+
+    class Stingy:  # takes at most 5 bytes a call, as a socket with a timeout may
+        def sendmsg(self, buffers: list[Any]) -> int:
+            data = b"".join(bytes(b) for b in buffers)[:5]
+            sent.extend(data)
+            return len(data)
+
+    buffers: list[Any] = [b"abc", memoryview(b"defghijkl"), b"m", b"nopqrstuvwxyz"]
+    assert _sendmsg_all(Stingy(), buffers) == 26  # type: ignore[arg-type]
+    assert bytes(sent) == b"abcdefghijklmnopqrstuvwxyz"
+
+
 def _receive(data: bytes, ram: bytearray) -> dict[str, Any]:
     """`data` fed to a destination's record reader over a socket pair."""
     a, b = socket.socketpair()
@@ -82,17 +96,20 @@ def _receive(data: bytes, ram: bytearray) -> dict[str, Any]:
 
 
 def test_records_fill_ram_and_return_the_state() -> None:
-    ram = bytearray(8 * PAGE)
+    ram = bytearray(80 * PAGE)
     ram[PAGE : 2 * PAGE] = b"\x55" * PAGE
     state = stream.encode({"serial0": {"x": 1}})
     data = (wire.RECORD.pack(wire.ROUND, 0, 0) +
             wire.RECORD.pack(wire.PAGES, 2, 4 * PAGE) + b"\xaa" * PAGE + b"\xbb" * PAGE +
             wire.RECORD.pack(wire.ZEROS, 1, PAGE) +
+            # (a run larger than the reader's buffer goes straight into RAM)
+            wire.RECORD.pack(wire.PAGES, 70, 8 * PAGE) + b"\xcc" * (70 * PAGE) +
             wire.RECORD.pack(wire.STATE, len(state), 0) + state +
             wire.RECORD.pack(wire.END, 0, 0))
     assert _receive(data, ram) == {"serial0": {"x": 1}}
     assert ram[4 * PAGE : 6 * PAGE] == b"\xaa" * PAGE + b"\xbb" * PAGE
     assert ram[PAGE : 2 * PAGE] == bytes(PAGE)
+    assert ram[8 * PAGE : 78 * PAGE] == b"\xcc" * (70 * PAGE)
 
 
 @pytest.mark.parametrize(("data", "message"), [
