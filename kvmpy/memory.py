@@ -154,6 +154,22 @@ class GuestMemory:
                     return view[gpa - start : gpa - start + length]
         raise GuestMemoryError(f"guest access [{gpa:#x}, +{length:#x}) is outside guest RAM")
 
+    def window(self, gpa: int, length: int) -> tuple[memoryview, int]:
+        """The region view that holds [gpa, gpa+length), and the offset of `gpa` in it.
+
+        For structures a device reads and writes at fixed places for as long as the
+        guest keeps them there (a virtqueue's rings): checked once here, then accessed
+        with `struct.unpack_from`/`pack_into` at offsets, with no window made per access.
+        No buffer is exported, so `close` still can release the region; an access
+        after that raises ValueError. Writes this way are not recorded in `written`:
+        the caller records them (`view`) while `written` is not None.
+        """
+        if gpa >= 0 and length >= 0:
+            for start, end, view, _ in self._spans:
+                if start <= gpa and gpa + length <= end:
+                    return view, gpa - start
+        raise GuestMemoryError(f"guest access [{gpa:#x}, +{length:#x}) is outside guest RAM")
+
     def views(self, gpas: Sequence[int], lengths: Sequence[int]) -> list[memoryview]:
         """`view` of each (gpas[i], lengths[i]), in order: a scatter list in one call."""
         return [self.view(gpa, n) for gpa, n in zip(gpas, lengths, strict=True)]

@@ -14,6 +14,8 @@ were already bounds-checked by `GuestMemory`.
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import operator
 import os
 from collections.abc import Iterator, Sequence
@@ -48,9 +50,29 @@ def iov_slice(views: Sequence[memoryview], start: int, end: int | None = None) -
 
 def span_slice(gpas: Sequence[int], lengths: Sequence[int], start: int,
                end: int | None = None) -> tuple[list[int], list[int]]:
-    """`iov_slice` for buffers still given as guest addresses and lengths (columns)."""
-    pieces = list(_pieces(lengths, start, end))
-    return [gpas[i] + lo for i, lo, _ in pieces], [hi - lo for _, lo, hi in pieces]
+    """`iov_slice` for buffers still given as guest addresses and lengths (columns).
+
+    Found by bisection on the running totals, so a request's data in 125 pages is
+    sliced without a Python step per page (Rread's data: all but the header's buffer).
+    """
+    ends = list(itertools.accumulate(lengths))
+    stop = ends[-1] if ends else 0
+    if end is not None:
+        stop = min(stop, end)
+    start = max(start, 0)
+    if start >= stop:
+        return [], []
+    first = bisect.bisect_right(ends, start)  # the first buffer ending after `start`
+    last = bisect.bisect_left(ends, stop, first)  # the first ending at or after `stop`
+    out_gpas, out_lens = list(gpas[first:last + 1]), list(lengths[first:last + 1])
+    out_lens[-1] -= ends[last] - stop
+    skip = start - (ends[first] - lengths[first])
+    out_gpas[0] += skip
+    out_lens[0] -= skip
+    if 0 in out_lens:  # empty buffers inside the slice are no pieces of it
+        kept = [i for i, n in enumerate(out_lens) if n]
+        return [out_gpas[i] for i in kept], [out_lens[i] for i in kept]
+    return out_gpas, out_lens
 
 
 def iov_read(views: Sequence[memoryview], start: int, length: int) -> bytes:

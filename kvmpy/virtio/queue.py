@@ -60,8 +60,11 @@ from kvmpy.virtio.ring import (
 DEFAULT_QUEUE_SIZE = 256
 
 _USED_ELEM = struct.Struct("<II")  # id, len
+_U16 = struct.Struct("<H")
+_DESC_WORDS = struct.Struct("<QQ")  # addr, then len | flags << 32 | next << 48
 
 _barrier_lock = threading.Lock()
+_NO_RING = memoryview(b"")  # a queue's rings before `activate`
 
 
 def full_barrier() -> None:
@@ -112,21 +115,24 @@ class DescriptorChain:
         queue_size: int,
         head: int,
         indirect_ok: bool,
+        table: tuple[memoryview, int] | None = None,
     ) -> None:
         self.mem = mem
         self.desc_table = desc_table
         self.queue_size = queue_size
         self.head = head
         self.indirect_ok = indirect_ok
+        # the ring's descriptor table as `GuestMemory.window` gives it (the queue's, kept
+        # from its activation), or None to look it up
+        self.table = table
         # set by a walk: the bytes the device may read, and may write
         self.readable_bytes = self.writable_bytes = 0
 
-    def _table(self, gpa: int, entries: int) -> memoryview:
-        """A descriptor table as 64-bit words (addr, then len|flags<<32|next<<48), read
-        through one checked view: a chain costs one bounds check per table, not one per
-        descriptor. Native order is little-endian, as the split ring is on x86."""
+    def _ring_table(self) -> tuple[memoryview, int]:
+        if self.table is not None:
+            return self.table
         try:
-            return self.mem.view(gpa, entries * DESC_SIZE).cast("Q")
+            return self.mem.window(self.desc_table, self.queue_size * DESC_SIZE)
         except GuestMemoryError as e:
             raise VirtqueueError(f"descriptor table not in guest RAM: {e}") from None
 
@@ -137,7 +143,12 @@ class DescriptorChain:
         The spans themselves are checked against guest RAM when their views are made;
         everything else about the chain is checked here, before anything is returned.
         """
-        words: memoryview | list[int] = self._table(self.desc_table, self.queue_size)
+        # The ring's table is read a descriptor at a time, in place (a chain from Linux
+        # is one indirect descriptor); an indirect table is copied once and unpacked
+        # whole. Words: addr, then len | flags << 32 | next << 48 (little-endian, as the
+        # split ring is on x86).
+        ring, ring_offset = self._ring_table()
+        words: list[int] | None = None  # the indirect table's, once in one
         table_size, index = self.queue_size, self.head
         in_indirect = False
         visited = 0  # descriptors read from the current table
@@ -152,8 +163,10 @@ class DescriptorChain:
             if visited > table_size:
                 # §2.7.5.3.1 / §2.7.5.2: no chain longer than its table; a loop is one.
                 raise VirtqueueError(f"chain longer than its table of {table_size} (a loop?)")
-            addr = words[2 * index]
-            word = words[2 * index + 1]
+            if words is None:
+                addr, word = _DESC_WORDS.unpack_from(ring, ring_offset + DESC_SIZE * index)
+            else:
+                addr, word = words[2 * index], words[2 * index + 1]
             flags = (word >> 32) & 0xFFFF
             if flags & VIRTQ_DESC_F_INDIRECT:
                 length = word & 0xFFFFFFFF
@@ -169,17 +182,19 @@ class DescriptorChain:
                 entries = length // DESC_SIZE
                 if entries > QUEUE_SIZE_MAX:
                     raise VirtqueueError(f"indirect table of {entries} entries")
-                if not self.mem.contains(addr, length):
-                    raise VirtqueueError(f"indirect table [{addr:#x}, +{length:#x}) not in RAM")
+                try:  # one copy: what is checked is what is used
+                    table = self.mem.read(addr, length)
+                except GuestMemoryError:
+                    raise VirtqueueError(f"indirect table [{addr:#x}, +{length:#x}) not in RAM"
+                                         ) from None
                 # The WRITE flag of the descriptor naming the table is ignored (§2.7.5.3.2).
                 if not r_gpas and not w_gpas:
                     # A table laid out as Linux lays them out is checked a column at a
                     # time, by the rules below (kvmpy.virtio.linear_table; tested to agree)
-                    spans = linear_table.spans(bytes(self.mem.view(addr, length)))
+                    spans = linear_table.spans(table)
                     if spans is not None:
                         return spans
-                # An indirect table is read whole, so it is unpacked at once.
-                words = self._table(addr, entries).tolist()
+                words = memoryview(table).cast("Q").tolist()
                 table_size, index = entries, 0
                 in_indirect, visited = True, 0
                 continue
@@ -257,6 +272,12 @@ class Virtqueue:
     event_idx: bool
     indirect: bool
     mem: GuestMemory | None  # bound by `activate`
+    # where the rings are (`GuestMemory.window`: region view, offset), from `activate`
+    _desc: tuple[memoryview, int] | None
+    _avail: memoryview
+    _avail_at: int
+    _used: memoryview
+    _used_at: int
 
     def __init__(self, max_size: int = DEFAULT_QUEUE_SIZE) -> None:
         if not 0 < max_size <= QUEUE_SIZE_MAX or max_size & (max_size - 1):
@@ -277,6 +298,9 @@ class Virtqueue:
         self.event_idx = False
         self.indirect = False
         self.mem = None
+        self._desc = None
+        self._avail = self._used = _NO_RING
+        self._avail_at = self._used_at = 0
 
     # -- state --------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
@@ -327,9 +351,19 @@ class Virtqueue:
         return None
 
     def activate(self, mem: GuestMemory, *, event_idx: bool, indirect: bool) -> None:
+        """Bind guest memory and the ring features; `check` has passed for this queue.
+
+        The rings are found in guest RAM once, here: every later access is an unpack or
+        pack at an offset of the region's view (`GuestMemory.window`). The driver cannot
+        move them while the queue is ready (§4.2.2.3, refused by the transport).
+        """
         self.mem = mem
         self.event_idx = event_idx
         self.indirect = indirect
+        size = self.size
+        self._desc = mem.window(self.desc_table, DESC_SIZE * size)
+        self._avail, self._avail_at = mem.window(self.avail_ring, 6 + 2 * size)
+        self._used, self._used_at = mem.window(self.used_ring, 6 + USED_ELEM_SIZE * size)
 
     def _memory(self) -> GuestMemory:
         if self.mem is None:
@@ -338,7 +372,8 @@ class Virtqueue:
 
     # -- available ring ---------------------------------------------------------
     def avail_idx(self) -> int:
-        return self._memory().read_u16(self.avail_ring + 2)
+        self._memory()
+        return _U16.unpack_from(self._avail, self._avail_at + 2)[0]  # type: ignore[no-any-return]
 
     def has_available(self) -> bool:
         return self.avail_idx() != self.next_avail
@@ -346,18 +381,18 @@ class Virtqueue:
     def pop(self) -> DescriptorChain | None:
         """The next available chain, or None when the driver has offered nothing new."""
         mem = self._memory()
-        pending = (self.avail_idx() - self.next_avail) & 0xFFFF
+        avail, at = self._avail, self._avail_at
+        pending = (_U16.unpack_from(avail, at + 2)[0] - self.next_avail) & 0xFFFF
         if pending == 0:
             return None
         if pending > self.size:
             # §2.7.6: idx only moves forward, by at most the ring size.
             raise VirtqueueError(f"avail idx {pending} entries ahead of a ring of {self.size}")
-        slot = self.next_avail % self.size
-        head = mem.read_u16(self.avail_ring + 4 + 2 * slot)
+        (head,) = _U16.unpack_from(avail, at + 4 + 2 * (self.next_avail % self.size))
         if head >= self.size:
             raise VirtqueueError(f"available ring names head {head} in a table of {self.size}")
         self.next_avail = (self.next_avail + 1) & 0xFFFF
-        return DescriptorChain(mem, self.desc_table, self.size, head, self.indirect)
+        return DescriptorChain(mem, self.desc_table, self.size, head, self.indirect, self._desc)
 
     def undo_pop(self, count: int = 1) -> None:
         """Give back chains that were popped but not used (e.g. net rx ran short)."""
@@ -373,14 +408,21 @@ class Virtqueue:
         One store matters for net's mergeable buffers: the driver must never
         see the first buffer of a packet before the rest.
         """
-        mem = self._memory()
+        self._record_used_write()
+        used, at, size = self._used, self._used_at, self.size
         for head, length in entries:
-            slot = self.next_used % self.size
-            elem = mem.view(self.used_ring + 4 + USED_ELEM_SIZE * slot, USED_ELEM_SIZE)
-            _USED_ELEM.pack_into(elem, 0, head, length & 0xFFFFFFFF)
+            _USED_ELEM.pack_into(used, at + 4 + USED_ELEM_SIZE * (self.next_used % size), head,
+                                 length & 0xFFFFFFFF)
             self.next_used = (self.next_used + 1) & 0xFFFF
         # TSO keeps the element stores before this one; see the module docstring.
-        mem.write_u16(self.used_ring + 2, self.next_used)
+        _U16.pack_into(used, at + 2, self.next_used)
+
+    def _record_used_write(self) -> None:
+        """Writes to the used ring go through its window, which `GuestMemory.written`
+        does not see: while it records, take a `view` of the ring, which does."""
+        mem = self._memory()
+        if mem.written is not None:
+            mem.view(self.used_ring, 6 + USED_ELEM_SIZE * self.size)
 
     # -- notification suppression -------------------------------------------------
     def needs_notification(self) -> bool:
@@ -389,16 +431,17 @@ class Virtqueue:
         §2.7.7: with EVENT_IDX, only when used.idx passes `used_event`;
         without it, unless the driver set VIRTQ_AVAIL_F_NO_INTERRUPT.
         """
-        mem = self._memory()
+        self._memory()
         full_barrier()  # used.idx store before the used_event / flags load
+        avail, at = self._avail, self._avail_at
         if not self.event_idx:
-            flags = mem.read_u16(self.avail_ring)
+            (flags,) = _U16.unpack_from(avail, at)
             return not flags & VIRTQ_AVAIL_F_NO_INTERRUPT
         new, old = self.next_used, self.signalled_used
         self.signalled_used = new
         if old is None:
             return True
-        used_event = mem.read_u16(self.avail_ring + 4 + 2 * self.size)
+        (used_event,) = _U16.unpack_from(avail, at + 4 + 2 * self.size)
         return vring_need_event(used_event, new, old)
 
     def enable_notification(self) -> bool:
@@ -409,9 +452,10 @@ class Virtqueue:
         the barrier closes the race with a driver that published a buffer
         just before reading `avail_event`.
         """
-        mem = self._memory()
         if self.event_idx:
-            mem.write_u16(self.used_ring + 4 + USED_ELEM_SIZE * self.size, self.next_avail)
+            self._record_used_write()
+            _U16.pack_into(self._used, self._used_at + 4 + USED_ELEM_SIZE * self.size,
+                           self.next_avail)
         full_barrier()
         return self.has_available()
 
