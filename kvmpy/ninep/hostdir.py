@@ -121,12 +121,11 @@ class QidPaths:
         return path
 
 
+_QID_TYPES = {stat.S_IFDIR: QTDIR, stat.S_IFLNK: QTSYMLINK}
+
+
 def qid_type(mode: int) -> int:
-    if stat.S_ISDIR(mode):
-        return QTDIR
-    if stat.S_ISLNK(mode):
-        return QTSYMLINK
-    return QTFILE
+    return _QID_TYPES.get(stat.S_IFMT(mode), QTFILE)
 
 
 class HostDir:
@@ -187,7 +186,8 @@ class HostDir:
     def qid(self, st: os.stat_result) -> tuple[int, int, int]:
         """(type, version, path). The version is 0: Linux compares it to decide whether a
         looked-up inode is one it has, and a changing version would give one file two."""
-        return qid_type(st.st_mode), 0, self.qid_path(st.st_dev, st.st_ino)
+        return _QID_TYPES.get(st.st_mode & 0o170000, QTFILE), 0, self.qid_path(st.st_dev,
+                                                                               st.st_ino)
 
 
 def _probe_openat2(dirfd: int) -> bool:

@@ -93,6 +93,12 @@ DT_DIR, DT_REG, DT_LNK = 4, 8, 10
 
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
+_U16 = struct.Struct("<H")
+_U64_MASK = (1 << 64) - 1
+_TGETATTR = struct.Struct("<IQ")  # fid, request_mask
+_QID = wire.QID
+_HEADER, _HEADER_SIZE, _NOTAG = wire.HEADER, wire.HEADER_SIZE, wire.NOTAG
+_TWRITE = wire.TWRITE
 _TVERSION = struct.Struct("<I")
 _TWALK = struct.Struct("<IIH")
 _TIO = struct.Struct("<IQI")  # fid, offset, count (Tread, Twrite, Treaddir)
@@ -234,33 +240,35 @@ class NinePServer:
         `io.reply_room` or the negotiated msize; if not even an Rlerror fits, the
         answer is (b"", 0).
         """
-        tag, mtype = wire.NOTAG, -1
+        tag, mtype = _NOTAG, -1
         try:
-            if len(msg) < wire.HEADER_SIZE:
-                raise Malformed(f"{len(msg)}-byte message: no room for its header")
-            size, mtype, tag = wire.HEADER.unpack_from(msg)
-            limit = self.msize or self.max_msize
-            if not wire.HEADER_SIZE <= size <= io.request_len:
+            got = len(msg)
+            if got < _HEADER_SIZE:
+                raise Malformed(f"{got}-byte message: no room for its header")
+            size, mtype, tag = _HEADER.unpack_from(msg)
+            msize = self.msize
+            limit = msize or self.max_msize
+            if not _HEADER_SIZE <= size <= io.request_len:
                 raise Malformed(f"size field {size} for {io.request_len} bytes given")
             if size > limit:
                 raise Malformed(f"{size}-byte message, larger than msize {limit}")
-            if mtype != wire.TWRITE and len(msg) < size:
-                raise Malformed(f"{size}-byte message, {len(msg)} bytes copied")
+            if got < size and mtype != _TWRITE:
+                raise Malformed(f"{size}-byte message, {got} bytes copied")
             handler = self._handlers.get(mtype)
             if handler is None:
                 raise NineError(errno.EOPNOTSUPP, f"message type {mtype}")
-            if not self.msize and mtype != wire.TVERSION:
+            if not msize and mtype != wire.TVERSION:
                 raise NineError(errno.EPROTO, "request before Tversion")
-            answer = handler(Reader(msg, min(size, len(msg))), io)
+            answer = handler(Reader(msg, size if size < got else got), io)
             count = 0
             if isinstance(answer, Data):
                 answer, count = answer
-            head = wire.HEADER.pack(wire.HEADER_SIZE + len(answer) + count, mtype + 1, tag) \
-                + answer
-            # (Linux's client takes a reply of msize bytes or more for a broken one)
-            if len(head) + count > min(io.reply_room, (self.msize or limit + 1) - 1):
-                raise NineError(errno.EMSGSIZE, f"{len(head) + count}-byte reply")
-            return head, count
+            length = _HEADER_SIZE + len(answer) + count
+            # (Linux's client takes a reply of msize bytes or more for a broken one;
+            # Tversion may just have set msize)
+            if length > io.reply_room or length >= (self.msize or limit + 1):
+                raise NineError(errno.EMSGSIZE, f"{length}-byte reply")
+            return _HEADER.pack(length, mtype + 1, tag) + answer, count
         except TransferError:
             raise
         except NineError as e:
@@ -296,7 +304,7 @@ class NinePServer:
             raise NineError(errno.EROFS)
 
     def _qid(self, st: os.stat_result) -> bytes:
-        return wire.QID.pack(*self.dir.qid(st))
+        return _QID.pack(*self.dir.qid(st))
 
     def _new_node(self, parent: Node, name: bytes) -> Node:
         """The node for an entry just made in `parent` (not yet held by a fid)."""
@@ -329,8 +337,10 @@ class NinePServer:
 
     def _clunk(self, r: Reader, io: Transfer) -> bytes:
         number = r.u32()
-        self._fid(number).close()
-        del self.fids[number]
+        fid = self.fids.pop(number, None)
+        if fid is None:
+            raise NineError(errno.EBADF, f"unknown fid {number}")
+        fid.close()
         return b""
 
     # -- walking ----------------------------------------------------------------------------
@@ -350,10 +360,11 @@ class NinePServer:
         node = src.node
         qids: list[bytes] = []
         made: list[Node] = []  # nodes opened by this walk, in order: parents first
+        lookup, qid = self.dir.lookup, self.dir.qid
         try:
             for name in names:
                 try:
-                    nxt = self.dir.lookup(node, name)
+                    nxt = lookup(node, name)
                     if nxt.parent is node:  # not "." or "..": a node just opened
                         made.append(nxt)
                     st = os.fstat(nxt.fd)
@@ -362,7 +373,7 @@ class NinePServer:
                         raise
                     break  # a partial walk: the qids so far, and newfid stays unused
                 node = nxt
-                qids.append(self._qid(st))
+                qids.append(_QID.pack(*qid(st)))
             if len(qids) == count:
                 if newnumber != number:
                     self._new_fid(newnumber, node, src.uid)
@@ -371,9 +382,10 @@ class NinePServer:
                     src.node.release()
                     src.node = node
         finally:
-            for n in made:  # close what no fid took
-                self._drop(n)
-        return struct.pack("<H", len(qids)) + b"".join(qids)
+            for n in made:  # close what no fid took (a child's release closes its parents)
+                if not n.refs:
+                    self._drop(n)
+        return _U16.pack(len(qids)) + b"".join(qids)
 
     @staticmethod
     def _drop(node: Node) -> None:
@@ -686,17 +698,24 @@ class NinePServer:
 
     # -- attributes ----------------------------------------------------------------------
     def _getattr(self, r: Reader, io: Transfer) -> bytes:
-        fid = self._fid(r.u32())
-        r.u64()  # request_mask: the basic fields are always there
+        number, _mask = r.fields(_TGETATTR)  # the basic fields are always there
+        fid = self.fids.get(number)
+        if fid is None:
+            raise NineError(errno.EBADF, f"unknown fid {number}")
         st = os.fstat(fid.node.fd)
-        rdev = os.major(st.st_rdev), os.minor(st.st_rdev)
+        rdev = st.st_rdev
+        if rdev:  # Linux's new_decode_dev() encoding of the device number
+            major, minor = os.major(rdev), os.minor(rdev)
+            rdev = (major & 0xFFF) << 8 | (minor & 0xFF) | (minor & ~0xFF) << 12
+        # times as (tv_sec as the wire's u64, two's complement before 1970; tv_nsec)
+        atime, atime_ns = divmod(st.st_atime_ns, 1_000_000_000)
+        mtime, mtime_ns = divmod(st.st_mtime_ns, 1_000_000_000)
+        ctime, ctime_ns = divmod(st.st_ctime_ns, 1_000_000_000)
         return _RGETATTR.pack(
-            GETATTR_BASIC, self._qid(st), st.st_mode, st.st_uid, st.st_gid, st.st_nlink,
-            # Linux's new_decode_dev() encoding of the device number
-            (rdev[0] & 0xFFF) << 8 | (rdev[1] & 0xFF) | (rdev[1] & ~0xFF) << 12,
-            st.st_size, st.st_blksize, st.st_blocks,
-            *_timespec(st.st_atime_ns), *_timespec(st.st_mtime_ns), *_timespec(st.st_ctime_ns),
-            0, 0, 0, 0)  # btime, gen, data_version: not in the valid mask
+            GETATTR_BASIC, _QID.pack(*self.dir.qid(st)), st.st_mode, st.st_uid, st.st_gid,
+            st.st_nlink, rdev, st.st_size, st.st_blksize, st.st_blocks,
+            atime & _U64_MASK, atime_ns, mtime & _U64_MASK, mtime_ns, ctime & _U64_MASK,
+            ctime_ns, 0, 0, 0, 0)  # btime, gen, data_version: not in the valid mask
 
     def _setattr(self, r: Reader, io: Transfer) -> bytes:
         (number, valid, mode, uid, gid, size, atime_s, atime_ns, mtime_s,
@@ -791,12 +810,6 @@ class NinePServer:
             gstart, glen, gpid = start, length, pid
         return _RGETLOCK.pack(_P9_LOCK[gtype], gstart, glen, gpid & 0xFFFFFFFF) \
             + wire.pack_string(client)
-
-
-def _timespec(ns: int) -> tuple[int, int]:
-    """(tv_sec as the wire's u64, two's complement before 1970; tv_nsec)."""
-    sec, nsec = divmod(ns, 10**9)
-    return sec & 0xFFFFFFFFFFFFFFFF, nsec
 
 
 def _unlink_name(name: bytes) -> bytes:

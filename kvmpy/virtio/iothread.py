@@ -7,6 +7,7 @@ interrupt by writing to an eventfd registered with KVM_IRQFD; and
 
     guest writes QueueNotify ──KVM_IOEVENTFD──▶ eventfd ──IoThread──▶ handle_notify(i)
     device raises an interrupt ──EventFdIrq──▶ eventfd ──KVM_IRQFD──▶ guest GSI
+    guest writes InterruptACK ──KVM_IOEVENTFD──▶ eventfd ◀── read by the transport
 
 so a queue notification never leaves KVM_RUN for the vCPU thread and an
 interrupt needs no ioctl. Backend fds (a tap) are watched by the same loop, and
@@ -33,7 +34,12 @@ from typing import NamedTuple, Protocol
 
 from kvmpy.log import get_logger
 from kvmpy.virtio.device import VirtioDevice
-from kvmpy.virtio.mmio import QUEUE_NOTIFY, VirtioMmioTransport
+from kvmpy.virtio.mmio import (
+    INTERRUPT_ACK,
+    QUEUE_NOTIFY,
+    VIRTIO_MMIO_INT_VRING,
+    VirtioMmioTransport,
+)
 
 log = get_logger(__name__)
 
@@ -199,14 +205,15 @@ class IoThread:
 
         The loop body, callable directly so tests can drive it without a thread.
         """
-        timeout, due = self._due_timers(timeout)
         ran = 0
-        for timer in due:
-            try:
-                timer()
-            except Exception:
-                log.exception("%s: timer callback failed", self.name)
-            ran += 1
+        if self._timers:  # (none but while a rate-limited queue waits)
+            timeout, due = self._due_timers(timeout)
+            for timer in due:
+                try:
+                    timer()
+                except Exception:
+                    log.exception("%s: timer callback failed", self.name)
+                ran += 1
         for fd, events in self._epoll.poll(timeout):
             if fd == self._wake:
                 drain_eventfd(fd)
@@ -256,6 +263,8 @@ class EventFdWiring(NamedTuple):
     gsi: int
     irq: EventFdIrq
     notify_fds: list[int]  # one ioeventfd per queue
+    ack_fd: int  # the ioeventfd on InterruptACK
+    transport: VirtioMmioTransport
 
     def unwire(self, vm: EventFdVm, iothread: IoThread) -> None:
         for index, fd in enumerate(self.notify_fds):
@@ -263,6 +272,11 @@ class EventFdWiring(NamedTuple):
             vm.ioeventfd(self.base + QUEUE_NOTIFY, 4, fd, datamatch=index, deassign=True)
             os.close(fd)
         self.notify_fds.clear()
+        if self.ack_fd >= 0:
+            vm.ioeventfd(self.base + INTERRUPT_ACK, 4, self.ack_fd,
+                         datamatch=VIRTIO_MMIO_INT_VRING, deassign=True)
+            self.transport.take_acks_from(-1)
+            os.close(self.ack_fd)
         vm.irqfd(self.irq.fd, self.gsi, deassign=True)
         self.irq.close()
 
@@ -273,12 +287,17 @@ def wire_eventfds(vm: EventFdVm, iothread: IoThread, transport: VirtioMmioTransp
 
     One ioeventfd per queue on `base + QueueNotify` with datamatch = queue
     index (a write with another value still exits to the bus, which handles
-    it), one irqfd for `gsi`, and the device's backend fds on the I/O thread.
+    it), one on `base + InterruptACK` for the driver's acknowledgement of a
+    used-buffer interrupt (`VirtioMmioTransport.take_acks_from`), one irqfd for
+    `gsi`, and the device's backend fds on the I/O thread.
     """
     irq = EventFdIrq()
     vm.irqfd(irq.fd, gsi)
     transport.irq = irq
-    wiring = EventFdWiring(base, gsi, irq, [])
+    ack_fd = new_eventfd()
+    vm.ioeventfd(base + INTERRUPT_ACK, 4, ack_fd, datamatch=VIRTIO_MMIO_INT_VRING)
+    transport.take_acks_from(ack_fd)
+    wiring = EventFdWiring(base, gsi, irq, [], ack_fd, transport)
     for index in range(len(transport.queues)):
         fd = new_eventfd()
         vm.ioeventfd(base + QUEUE_NOTIFY, 4, fd, datamatch=index)

@@ -36,6 +36,8 @@ drivers/virtio/virtio_mmio.c (what a real driver does, in which order).
 from __future__ import annotations
 
 import functools
+import os
+import select
 import struct
 import threading
 from collections.abc import Callable
@@ -164,6 +166,10 @@ class VirtioMmioTransport:
         # InterruptStatus has its own lock (taken after device.lock, never before it) so
         # that reading and acknowledging it never waits for a request being served.
         self._irq_lock = threading.Lock()
+        # an eventfd KVM signals for each InterruptACK of VIRTIO_MMIO_INT_VRING alone, with
+        # no exit (`take_acks_from`), and a poll on it; -1 / None: acks come as writes
+        self._ack_fd = -1
+        self._ack_poll: select.poll | None = None
         device.host = self
         device.mem = mem
         self._clear()
@@ -194,6 +200,8 @@ class VirtioMmioTransport:
         device's own state. The caller keeps the device quiet (no notification or
         backend callback runs meanwhile); a request is never half done under the lock."""
         with self.device.lock, self._irq_lock:
+            if self._ack_fd >= 0:
+                self._take_acks()
             return {"device_id": self.device.device_id, "status": self.status,
                     "device_features_sel": self.device_features_sel,
                     "driver_features_sel": self.driver_features_sel,
@@ -251,6 +259,8 @@ class VirtioMmioTransport:
             self.device_features_sel, self.driver_features_sel, self.queue_sel = selectors
             self.driver_features = driver_features
             self.config_generation = config_generation
+            if self._ack_fd >= 0:
+                self._take_acks()  # (acknowledgements of what the state replaces)
             self.interrupt_status = interrupt_status
             if status & VIRTIO_STATUS_DRIVER_OK:
                 for q in self.queues:
@@ -271,6 +281,8 @@ class VirtioMmioTransport:
         if offset == INTERRUPT_STATUS and size == 4:
             # The guest's interrupt handler must not wait for device I/O in progress.
             with self._irq_lock:
+                if self._ack_poll is not None and self._ack_poll.poll(0):
+                    self._take_acks()  # (a poll, not a read: usually there are none)
                 return _U32.pack(self.interrupt_status)
         with self.device.lock:
             try:
@@ -293,8 +305,15 @@ class VirtioMmioTransport:
 
     def handle_notify(self, index: int) -> None:
         """A QueueNotify that came through an ioeventfd (called by the I/O thread)."""
-        with self.device.lock:
-            self._notify(index)
+        device = self.device
+        with device.lock:
+            if device.active and 0 <= index < len(self.queues) and self.queues[index].ready:
+                try:  # (`run_guarded`, written out: this is every request's path)
+                    device.process_queue(index)
+                except Exception as e:
+                    self._failed(e)
+            else:
+                self._notify(index)  # which says what is wrong
 
     # -- reads --------------------------------------------------------------------------
     def _read(self, offset: int, size: int) -> bytes:
@@ -536,12 +555,17 @@ class VirtioMmioTransport:
         """Run device work; a broken ring or a device failure becomes NEEDS_RESET."""
         try:
             fn()
-        except VirtqueueError as e:
-            self.needs_reset(str(e))
-        except GuestMemoryError as e:
-            self.needs_reset(f"guest memory: {e}")
         except Exception as e:
-            log.exception("%s: device failure", self.label)
+            self._failed(e)
+
+    def _failed(self, e: Exception) -> None:
+        """Device work failed: the driver broke a rule, or the device has a bug."""
+        if isinstance(e, VirtqueueError):
+            self.needs_reset(str(e))
+        elif isinstance(e, GuestMemoryError):
+            self.needs_reset(f"guest memory: {e}")
+        else:
+            log.exception("%s: device failure", self.label)  # (called inside `except`)
             self.needs_reset(f"device failure: {e!r}")
 
     def signal_used(self, queue: Virtqueue) -> None:
@@ -550,6 +574,8 @@ class VirtioMmioTransport:
 
     def raise_interrupt(self, bits: int) -> None:
         with self._irq_lock:
+            if self._ack_fd >= 0:
+                self._take_acks()
             old = self.interrupt_status
             self.interrupt_status = old | bits
             if self.interrupt_status & ~old:
@@ -557,10 +583,48 @@ class VirtioMmioTransport:
 
     def _ack_interrupt(self, value: int) -> None:
         with self._irq_lock:
+            if self._ack_fd >= 0:
+                self._take_acks()
             old = self.interrupt_status
             self.interrupt_status &= ~value
             if old and not self.interrupt_status:
                 self.irq.set_level(False)
+
+    # -- acknowledgements without an exit ----------------------------------------------------
+    def take_acks_from(self, fd: int) -> None:
+        """Acknowledgements of used-buffer interrupts arrive on eventfd `fd` (-1: as
+        register writes again).
+
+        Linux's interrupt handler reads InterruptStatus, then writes what it read to
+        InterruptACK: VIRTIO_MMIO_INT_VRING, nearly always. With KVM_IOEVENTFD on
+        InterruptACK matching that value (kvmpy.virtio.iothread.wire_eventfds) KVM
+        counts such writes on `fd` instead of leaving KVM_RUN: one exit to userspace
+        less per interrupt. Every step that depends on InterruptStatus takes the acks
+        counted so far first (`_take_acks`, under the status lock): the guest's next
+        read of it, the device's next interrupt (which pulses only on a bit going from
+        0 to 1), another acknowledgement, a snapshot. KVM counts a write before the
+        vCPU goes on, so each of those sees every acknowledgement the guest made before
+        it, as if it had been a register write. Other values still exit as writes.
+        """
+        with self._irq_lock:
+            if fd < 0 and self._ack_fd >= 0:
+                self._take_acks()
+            self._ack_fd = fd
+            self._ack_poll = None
+            if fd >= 0:
+                self._ack_poll = select.poll()
+                self._ack_poll.register(fd, select.POLLIN)
+
+    def _take_acks(self) -> None:
+        """Apply the acknowledgements KVM counted on the eventfd (under `_irq_lock`)."""
+        try:
+            os.eventfd_read(self._ack_fd)
+        except BlockingIOError:
+            return
+        old = self.interrupt_status
+        self.interrupt_status &= ~VIRTIO_MMIO_INT_VRING
+        if old and not self.interrupt_status:
+            self.irq.set_level(False)
 
     def config_changed(self) -> None:
         """The device changed its configuration space (§2.5.1, §4.2.3.3)."""

@@ -400,7 +400,12 @@ class Virtqueue:
 
     # -- used ring --------------------------------------------------------------
     def add_used(self, head: int, length: int) -> None:
-        self.add_used_batch([(head, length)])
+        """One used element, published (`add_used_batch` of one, as one store each)."""
+        self._record_used_write()
+        used, at, slot = self._used, self._used_at, self.next_used % self.size
+        _USED_ELEM.pack_into(used, at + 4 + USED_ELEM_SIZE * slot, head, length & 0xFFFFFFFF)
+        self.next_used = (self.next_used + 1) & 0xFFFF
+        _U16.pack_into(used, at + 2, self.next_used)  # after the element (TSO)
 
     def add_used_batch(self, entries: list[tuple[int, int]]) -> None:
         """Write used elements, then publish them with one `used.idx` store (§2.7.8).

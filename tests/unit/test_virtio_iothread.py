@@ -9,7 +9,16 @@ import time
 from kvmpy.memory import GuestMemory
 from kvmpy.virtio.driver import GuestDriver, SocketPairBackend
 from kvmpy.virtio.iothread import EventFdIrq, IoThread, new_eventfd, wire_eventfds
-from kvmpy.virtio.mmio import QUEUE_NOTIFY, VirtioMmioTransport, slot_base, slot_irq
+from kvmpy.virtio.mmio import (
+    INTERRUPT_ACK,
+    INTERRUPT_STATUS,
+    QUEUE_NOTIFY,
+    VIRTIO_MMIO_INT_CONFIG,
+    VIRTIO_MMIO_INT_VRING,
+    VirtioMmioTransport,
+    slot_base,
+    slot_irq,
+)
 from kvmpy.virtio.net import Net
 from kvmpy.virtio.rng import Rng
 
@@ -139,7 +148,8 @@ def test_wired_device_is_served_by_the_iothread() -> None:
     with IoThread() as io:
         wiring = wire_eventfds(vm, io, t, base, gsi)
         assert vm.irqfds == {gsi: t.irq.fd}  # type: ignore[attr-defined]
-        assert list(vm.ioeventfds) == [(base + QUEUE_NOTIFY, 0)]
+        assert list(vm.ioeventfds) == [(base + INTERRUPT_ACK, VIRTIO_MMIO_INT_VRING),
+                                       (base + QUEUE_NOTIFY, 0)]
         d = GuestDriver(t, mem)
         assert d.init()
         d.add_chain(0, [], [32], kick=False)
@@ -151,6 +161,43 @@ def test_wired_device_is_served_by_the_iothread() -> None:
         assert length == 32
         wiring.unwire(vm, io)
         assert vm.ioeventfds == {} and vm.irqfds == {}
+
+
+def test_acknowledgements_through_the_eventfd_are_as_register_writes() -> None:
+    """Linux's handler reads InterruptStatus and writes it back to InterruptACK; KVM
+    takes a write of VRING alone through the eventfd, without an exit. The guest's next
+    read, the device's next interrupt and a snapshot must all see it as if written."""
+    mem = GuestMemory.from_buffer(bytearray(1 << 20))
+    t = VirtioMmioTransport(Rng(), mem)
+    vm = FakeVm()
+    base = slot_base(0)
+    with IoThread() as io:
+        wiring = wire_eventfds(vm, io, t, base, slot_irq(0))
+        irq_fd = t.irq.fd  # type: ignore[attr-defined]
+        d = GuestDriver(t, mem)
+        assert d.init()
+
+        def interrupt() -> None:  # a request served, and the pulse it raised
+            d.add_chain(0, [], [8])
+            assert wait_for(lambda: select.select([irq_fd], [], [], 0)[0] != [])
+            os.eventfd_read(irq_fd)
+            d.used(0)
+
+        interrupt()
+        assert d.r32(INTERRUPT_STATUS) == VIRTIO_MMIO_INT_VRING
+        assert vm.guest_notify(base + INTERRUPT_ACK, VIRTIO_MMIO_INT_VRING)  # no exit
+        assert d.r32(INTERRUPT_STATUS) == 0  # the next read sees it
+        interrupt()  # so the bit went from 0 to 1 again: a new pulse
+        assert vm.guest_notify(base + INTERRUPT_ACK, VIRTIO_MMIO_INT_VRING)
+        assert t.state()["interrupt_status"] == 0  # a snapshot sees it
+        interrupt()
+        t.raise_interrupt(VIRTIO_MMIO_INT_CONFIG)
+        assert not vm.guest_notify(base + INTERRUPT_ACK, 3)  # other values exit
+        d.w32(INTERRUPT_ACK, 3)
+        assert d.r32(INTERRUPT_STATUS) == 0
+        wiring.unwire(vm, io)
+        assert vm.ioeventfds == {} and vm.irqfds == {}
+        d.w32(INTERRUPT_ACK, 1)  # (a register write again)
 
 
 def test_net_backend_is_watched_by_the_iothread() -> None:
