@@ -281,8 +281,8 @@ def _mmio(page: memoryview) -> VcpuExit:
     gpa, data, length, is_write = _MMIO.unpack_from(page, RUN_UNION)
     length = min(length, 8)
     if is_write:
-        return MmioWrite(gpa, data[:length])
-    return MmioRead(gpa, page[_MMIO_DATA : _MMIO_DATA + length])
+        return _new(MmioWrite, (gpa, data[:length]))  # type: ignore[no-any-return]
+    return _new(MmioRead, (gpa, page[_MMIO_DATA : _MMIO_DATA + length]))  # type: ignore[no-any-return]
 
 
 def _internal(page: memoryview) -> VcpuExit:
