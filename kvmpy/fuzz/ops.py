@@ -2,7 +2,7 @@
 
 What it is: `decode(data, windows)` turns any bytes into a list of `Op`s, the same
 bytes always into the same list. There are three primitive kinds, the whole
-vocabulary of the op interpreter (guests/tests/fuzz_ops.S) and of the KVM-free
+vocabulary of the op interpreter (guests/tests/fuzz_interp.S) and of the KVM-free
 executor alike:
 
     port I/O  read or write, 1/2/4 bytes, at an address inside a port window
@@ -49,7 +49,9 @@ from kvmpy.virtio.vsock import HDR as VSOCK_HDR
 
 PIO_WRITE, PIO_READ, MMIO_WRITE, MMIO_READ, RAM_WRITE = 1, 2, 3, 4, 5
 END = 0
-HEADER = struct.Struct("<BBHIQQ")  # kind, size, 0, count, address, value (fuzz_ops.S)
+# kind, size, code, count, address, value (fuzz_interp.S; code = kind << 4 | size: the
+# interpreter's jump-table index)
+HEADER = struct.Struct("<BBHIQQ")
 OP_SIZE = HEADER.size
 MAX_OPS = 32  # decoded operations (a macro counts once) per input
 # Repeats of one access in one op: 2^0..2^10 (most bursts short: through KVM each
@@ -125,10 +127,11 @@ class Stream:
 
 # -- encoding for the interpreter ------------------------------------------------------
 def encode(ops: list[Op]) -> bytes:
-    """The op list as fuzz_ops.S reads it, ended by an END op."""
+    """The op list as fuzz_interp.S reads it, ended by an END op."""
     out = bytearray()
     for op in ops:
-        out += HEADER.pack(op.kind, op.size, 0, op.times, op.address, op.value)
+        out += HEADER.pack(op.kind, op.size, op.kind << 4 | op.size, op.times, op.address,
+                           op.value)
         if op.kind == RAM_WRITE:
             out += op.data + bytes(-len(op.data) % 8)
     out += HEADER.pack(END, 0, 0, 0, 0, 0)

@@ -3,7 +3,7 @@
 Two rigs run the same ops against the same devices, built by the same target code:
 
 - `KvmRig`: a real VM (`kvmpy.machine.Machine`) whose guest is the op interpreter
-  (guests/tests/fuzz_ops.S). kvmpy writes the op list into guest RAM and runs the
+  (guests/tests/fuzz_interp.S). kvmpy writes the op list into guest RAM and runs the
   vCPU; every access is a real VM exit through the exit loop to the device, and the
   run ends when the interpreter writes the test device's exit register. Between
   inputs, a fast reset (kvmpy.state.reset) puts back RAM pages, vCPU and devices.
@@ -40,7 +40,7 @@ from kvmpy.virtio.device import VirtioDevice
 from kvmpy.virtio.mmio import VirtioMmioTransport, slot_base
 
 FUZZ_MEM = layout.FUZZ_RAM
-INTERPRETER = "fuzz_ops.bin"
+INTERPRETER = "fuzz_interp.bin"
 
 
 def interpreter_path() -> Path:
