@@ -529,6 +529,7 @@ class Machine:
         (`settle`)."""
         from kvmpy.errors import SnapshotError
         from kvmpy.kvm.state import prepare_vcpu, restore_vm
+        from kvmpy.state.values import restorer
 
         owners = self.stateful()
         expected = {"vm", *owners, *(f"vcpu{v.index}" for v in self.vcpus)}
@@ -537,11 +538,15 @@ class Machine:
             raise SnapshotError("snapshot state: " + (
                 f"{extra[0]} is not part of this machine" if extra else
                 f"no state for {missing[0]}") + " (another device set)")
+        devices: list[Callable[[], None]] = []
         vcpus: list[Callable[[], None]] = []
 
         def restore() -> None:
-            for name, owner in owners.items():
-                owner.restore(sections[name], name)
+            if not devices:  # every device's state checked before any is put back
+                devices.extend([restorer(owner, sections[name], name)
+                                for name, owner in owners.items()])
+            for put in devices:
+                put()
             self._clock = restore_vm(self.vm, sections["vm"])
             if not vcpus:  # checked on the first restore, after the devices and VM were
                 vcpus.extend(prepare_vcpu(v, sections[f"vcpu{v.index}"], f"vcpu{v.index}")

@@ -244,6 +244,10 @@ class Serial:
     def restore(self, state: object, where: str = "serial") -> None:
         """Take a `state()`; every value is checked first, so a bad one changes nothing.
         The interrupt line is driven to what the restored registers say."""
+        self.restorer(state, where)()
+
+    def restorer(self, state: object, where: str = "serial") -> Callable[[], None]:
+        """`restore`, checked now: returns what puts the state back, as often as asked."""
         r = StateReader(state, where)
         regs = {name: r.int(name, 0, U8) for name in ("dll", "dlm", "lcr", "scr")}
         for name, allowed in (("ier", IER_MASK), ("fcr", FCR_FIFO_ENABLE | FCR_TRIGGER),
@@ -255,16 +259,20 @@ class Serial:
         rx = r.bytes("rx", self._rx_capacity)
         tx = r.bytes("tx", TX_FLUSH_AT)
         r.done()
-        with self._lock:
-            self._dll, self._dlm, self._lcr, self._scr = (regs["dll"], regs["dlm"], regs["lcr"],
-                                                          regs["scr"])
-            self._ier, self._fcr, self._mcr = regs["ier"], regs["fcr"], regs["mcr"]
-            self._lsr_errors, self._msr_delta = regs["lsr_errors"], regs["msr_delta"]
-            self._thre_pending = thre_pending
-            self._rx[:] = rx
-            self._tx[:] = tx
-            self._level = self._pending_iid() != IIR_NO_INT
-            self._irq.set_level(self._level)
+
+        def put() -> None:
+            with self._lock:
+                self._dll, self._dlm, self._lcr, self._scr = (regs["dll"], regs["dlm"],
+                                                              regs["lcr"], regs["scr"])
+                self._ier, self._fcr, self._mcr = regs["ier"], regs["fcr"], regs["mcr"]
+                self._lsr_errors, self._msr_delta = regs["lsr_errors"], regs["msr_delta"]
+                self._thre_pending = thre_pending
+                self._rx[:] = rx
+                self._tx[:] = tx
+                self._level = self._pending_iid() != IIR_NO_INT
+                self._irq.set_level(self._level)
+
+        return put
 
     # -- registers ----------------------------------------------------------
     def _read_register(self, offset: int) -> int:

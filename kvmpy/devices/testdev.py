@@ -68,8 +68,16 @@ class TestDevice:
         return {"scratch": b64(self.store[SCRATCH:])}
 
     def restore(self, state: object, where: str = "testdev") -> None:
+        self.restorer(state, where)()
+
+    def restorer(self, state: object, where: str = "testdev") -> Callable[[], None]:
+        """`restore`, checked now: returns what puts the state back, as often as asked."""
         r = StateReader(state, where)
         size = len(self.store) - SCRATCH
         scratch = r.bytes("scratch", size, exact=size)
         r.done()
-        self.store[SCRATCH:] = scratch
+
+        def put() -> None:
+            self.store[SCRATCH:] = scratch
+
+        return put

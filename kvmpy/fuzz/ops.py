@@ -68,6 +68,9 @@ class Op(NamedTuple):
     data: bytes = b""
 
 
+_new = tuple.__new__  # `Op(...)` without the Python frame of a NamedTuple's __new__
+
+
 @dataclass(frozen=True)
 class Window:
     """A device window the ops may hit: where it is, and what a driver writes there."""
@@ -156,18 +159,19 @@ class _Decoder:
     # primitives
     def write(self, space: str, address: int, size: int, value: int, count: int = 1) -> None:
         kind = PIO_WRITE if space == "pio" else MMIO_WRITE
-        self.ops.append(Op(kind, size, count, address, value % (1 << (8 * size))))
+        self.ops.append(_new(Op, (kind, size, count, address, value % (1 << (8 * size)), b"")))
 
     def read(self, space: str, address: int, size: int, count: int = 1) -> None:
-        self.ops.append(Op(PIO_READ if space == "pio" else MMIO_READ, size, count, address))
+        self.ops.append(_new(Op, (PIO_READ if space == "pio" else MMIO_READ, size, count,
+                                  address, 0, b"")))
 
     def ram(self, gpa: int, data: bytes) -> None:
         """A RAM write, clipped to the arena (the interpreter's own memory is not a target)."""
         start = max(gpa, layout.FUZZ_ARENA)
         end = min(gpa + len(data), layout.FUZZ_ARENA_END)
         if start < end:
-            self.ops.append(Op(RAM_WRITE, 0, end - start, start, 0,
-                               bytes(data[start - gpa : end - gpa])))
+            self.ops.append(_new(Op, (RAM_WRITE, 0, end - start, start, 0,
+                                      bytes(data[start - gpa : end - gpa]))))
 
     def alloc(self, length: int, align: int = 16) -> int:
         gpa = -(-self.heap // align) * align
@@ -219,8 +223,7 @@ class _Decoder:
     def decode(self) -> list[Op]:
         s = self.s
         for driver in self.drivers.values():  # where the prelude left it
-            driver.init(default=True)
-        self.ops = []
+            driver.queues = driver.layout(8)
         if s.u8() < 32:  # some inputs set each device up again, their own way
             for driver in self.drivers.values():
                 driver.reinit()
@@ -283,7 +286,6 @@ class _Driver:
         queues (rings in the arena), DRIVER_OK (not when `partial`). `default`: every
         feature and queues of up to 256, whatever the input says."""
         s, facts = self.d.s, self.facts
-        slot = (self.window.base - layout.VIRTIO_MMIO_BASE) // layout.VIRTIO_MMIO_SIZE
         self.w32(mmio.STATUS, 0)
         self.w32(mmio.STATUS, VIRTIO_STATUS_ACKNOWLEDGE)
         self.w32(mmio.STATUS, VIRTIO_STATUS_ACKNOWLEDGE | VIRTIO_STATUS_DRIVER)
@@ -300,22 +302,29 @@ class _Driver:
             self.w32(mmio.DRIVER_FEATURES, features >> (32 * sel))
         ok = VIRTIO_STATUS_ACKNOWLEDGE | VIRTIO_STATUS_DRIVER | VIRTIO_STATUS_FEATURES_OK
         self.w32(mmio.STATUS, ok)
-        size_log = 8 if default else s.u8() % 9
-        self.queues = []
-        for index, max_size in enumerate(facts.queue_max):
-            size = min(1 << size_log, max_size)
-            block = _ARENA_QUEUES + (slot * 8 + index % 8) * _QUEUE_BLOCK
-            q = _Queue(index, size, block, block + 0x1000, block + 0x2000)
-            self.w32(mmio.QUEUE_SEL, index)
-            self.w32(mmio.QUEUE_NUM, size)
+        self.queues = self.layout(8 if default else s.u8() % 9)
+        for q in self.queues:
+            self.w32(mmio.QUEUE_SEL, q.index)
+            self.w32(mmio.QUEUE_NUM, q.size)
             for low, gpa in ((mmio.QUEUE_DESC_LOW, q.desc), (mmio.QUEUE_DRIVER_LOW, q.avail),
                              (mmio.QUEUE_DEVICE_LOW, q.used)):
                 self.w32(low, gpa)
                 self.w32(low + 4, 0)
             self.w32(mmio.QUEUE_READY, 1)
-            self.queues.append(q)
         if not partial:
             self.w32(mmio.STATUS, ok | VIRTIO_STATUS_DRIVER_OK)
+
+    def layout(self, size_log: int) -> list[_Queue]:
+        """Where `init` puts each queue's rings (a 16 KiB block per device and queue in
+        the arena), queues of up to 2^size_log: what a decode starts from, as the
+        prelude's `init(default=True)` left the device, without its ops."""
+        slot = (self.window.base - layout.VIRTIO_MMIO_BASE) // layout.VIRTIO_MMIO_SIZE
+        queues = []
+        for index, max_size in enumerate(self.facts.queue_max):
+            block = _ARENA_QUEUES + (slot * 8 + index % 8) * _QUEUE_BLOCK
+            queues.append(_Queue(index, min(1 << size_log, max_size), block, block + 0x1000,
+                                 block + 0x2000))
+        return queues
 
     def macro(self, pick: int) -> None:
         _MACROS[pick % len(_MACROS)](self)

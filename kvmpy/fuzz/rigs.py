@@ -312,9 +312,13 @@ class BusRig(_Rig):
         return {name: owner.state() for name, owner in self.owners.items()}
 
     def restorer(self, sections: dict[str, Any]) -> Callable[[], None]:
+        from kvmpy.state.values import restorer
+
+        puts = [restorer(owner, sections[name], name) for name, owner in self.owners.items()]
+
         def restore() -> None:
-            for name, owner in self.owners.items():
-                owner.restore(sections[name], name)
+            for put in puts:
+                put()
         return restore
 
     def close(self) -> None:

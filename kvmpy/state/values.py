@@ -18,7 +18,9 @@ from __future__ import annotations
 import base64
 import binascii
 import builtins
+import functools
 import math
+from collections.abc import Callable
 from typing import Any, TypeAlias
 
 from kvmpy.errors import SnapshotError
@@ -147,6 +149,18 @@ class StateReader:
         extra = sorted(set(self._state) - self._taken)
         if extra:
             raise SnapshotError(f"snapshot state {self.where}: unknown field {extra[0]!r}")
+
+
+def restorer(owner: Any, state: object, where: str) -> Callable[[], None]:
+    """What puts `state` back into `owner` (a device), as often as asked: its own
+    `restorer(state, where)` if it has one (the checks done once, here), else its
+    `restore(state, where)` at every call. A fast reset (kvmpy.state.reset) puts the
+    same state back after every input; checking it again each time is most of a
+    device's share of that."""
+    make = getattr(owner, "restorer", None)
+    if make is not None:
+        return make(state, where)  # type: ignore[no-any-return]
+    return functools.partial(owner.restore, state, where)
 
 
 def _int(value: object, lo: int, hi: int, where: str) -> int:

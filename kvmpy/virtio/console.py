@@ -67,9 +67,16 @@ class Console(VirtioDevice):
         return {"pending": b64(self.pending)}
 
     def restore(self, reader: StateReader) -> None:
+        self.restorer(reader)()
+
+    def restorer(self, reader: StateReader) -> Callable[[], None]:
         pending = reader.bytes("pending", MAX_PENDING_INPUT)
         reader.done()
-        self.pending[:] = pending
+
+        def put() -> None:
+            self.pending[:] = pending
+
+        return put
 
     def process_queue(self, index: int) -> None:
         if index == TRANSMITQ:

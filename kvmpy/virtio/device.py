@@ -193,6 +193,12 @@ class VirtioDevice:
         with `lock` held, after it restored `acked_features`, the queues and `active`."""
         reader.done()
 
+    def restorer(self, reader: StateReader) -> Callable[[], None]:
+        """What `restore`s this state as often as asked (the transport's `restorer`). By
+        default `restore` itself each time, checks and all; a device whose checks cost
+        more than its state does overrides it to check once."""
+        return lambda: self.restore(reader.again())
+
     # -- helpers for subclasses -------------------------------------------------------
     def has_feature(self, n: int) -> bool:
         return bool(self.acked_features & (1 << n))

@@ -216,6 +216,11 @@ class VirtioMmioTransport:
         features ones this device offers and accepts, every ready queue inside guest
         RAM; nothing changes unless all of it holds. The device is live again exactly
         when DRIVER_OK is set without FAILED or DEVICE_NEEDS_RESET."""
+        self.restorer(state, where)()
+
+    def restorer(self, state: object, where: str = "virtio") -> Callable[[], None]:
+        """`restore`, checked now (the device's own part as its `restorer` says): returns
+        what puts the state back, as often as asked."""
         r = StateReader(state, where)
         device_id = r.int("device_id", 0, U32)
         if device_id != self.device.device_id:
@@ -238,35 +243,39 @@ class VirtioMmioTransport:
                              f"{self.device.name} offers and accepts")
         elif acked:
             raise r.fail("acked_features", "features acked before FEATURES_OK")
-        queues = r.subs("queues", len(self.queues), exact=len(self.queues))
-        for q, reader in zip(self.queues, queues, strict=True):  # checked on copies first
-            Virtqueue(q.max_size).restore(reader.again(), self.mem)
-        device = r.sub("device")
+        queues = [q.restorer(reader, self.mem) for q, reader in zip(
+            self.queues, r.subs("queues", len(self.queues), exact=len(self.queues)),
+            strict=True)]
+        device = self.device.restorer(r.sub("device"))
         r.done()
         active = bool(status & VIRTIO_STATUS_DRIVER_OK) and not status & (
             VIRTIO_STATUS_FAILED | VIRTIO_STATUS_DEVICE_NEEDS_RESET)
-        with self.device.lock, self._irq_lock:
-            before = self.device.acked_features, self.device.active
-            self.device.acked_features, self.device.active = acked, active
-            try:
-                self.device.restore(device)
-            except Exception:
-                self.device.acked_features, self.device.active = before
-                raise
-            for q, reader in zip(self.queues, queues, strict=True):
-                q.restore(reader, self.mem)
-            self.status = status
-            self.device_features_sel, self.driver_features_sel, self.queue_sel = selectors
-            self.driver_features = driver_features
-            self.config_generation = config_generation
-            if self._ack_fd >= 0:
-                self._take_acks()  # (acknowledgements of what the state replaces)
-            self.interrupt_status = interrupt_status
-            if status & VIRTIO_STATUS_DRIVER_OK:
-                for q in self.queues:
-                    if q.ready:
-                        self._activate_queue(q)
-            self.irq.set_level(bool(interrupt_status))
+
+        def put() -> None:
+            with self.device.lock, self._irq_lock:
+                before = self.device.acked_features, self.device.active
+                self.device.acked_features, self.device.active = acked, active
+                try:
+                    device()
+                except Exception:
+                    self.device.acked_features, self.device.active = before
+                    raise
+                for queue in queues:
+                    queue()
+                self.status = status
+                self.device_features_sel, self.driver_features_sel, self.queue_sel = selectors
+                self.driver_features = driver_features
+                self.config_generation = config_generation
+                if self._ack_fd >= 0:
+                    self._take_acks()  # (acknowledgements of what the state replaces)
+                self.interrupt_status = interrupt_status
+                if status & VIRTIO_STATUS_DRIVER_OK:
+                    for q in self.queues:
+                        if q.ready:
+                            self._activate_queue(q)
+                self.irq.set_level(bool(interrupt_status))
+
+        return put
 
     def process_all(self) -> None:
         """Look at every ready queue of a live device once, as after DRIVER_OK: a restored

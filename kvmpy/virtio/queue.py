@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import struct
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 from kvmpy.errors import GuestMemoryError
@@ -314,6 +314,10 @@ class Virtqueue:
     def restore(self, reader: StateReader, mem: GuestMemory) -> None:
         """Take a `state()` (as read by the transport); a ready queue must pass `check`.
         The queue comes back inactive: the transport activates it as DRIVER_OK would."""
+        self.restorer(reader, mem)()
+
+    def restorer(self, reader: StateReader, mem: GuestMemory) -> Callable[[], None]:
+        """`restore`, checked now: returns what puts the state back, as often as asked."""
         size = reader.int("size", 0, U32)  # any value the driver wrote, until QueueReady
         ready = reader.bool("ready")
         addresses = [reader.int(name) for name in ("desc_table", "avail_ring", "used_ring")]
@@ -326,11 +330,15 @@ class Virtqueue:
         problem = restored.check(mem) if ready else None
         if problem is not None:
             raise reader.fail("ready", f"a ready queue whose {problem}")
-        self.reset()
-        self.size, self.ready = size, ready
-        self.desc_table, self.avail_ring, self.used_ring = addresses
-        self.next_avail, self.next_used, self.signalled_used = (next_avail, next_used,
-                                                                signalled_used)
+
+        def put() -> None:
+            self.reset()
+            self.size, self.ready = size, ready
+            self.desc_table, self.avail_ring, self.used_ring = addresses
+            self.next_avail, self.next_used, self.signalled_used = (next_avail, next_used,
+                                                                    signalled_used)
+
+        return put
 
     # -- configuration ----------------------------------------------------------
     def check(self, mem: GuestMemory) -> str | None:

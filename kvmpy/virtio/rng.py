@@ -17,8 +17,8 @@ from __future__ import annotations
 import os
 
 from kvmpy.virtio.device import VIRTIO_ID_ENTROPY, VirtioDevice
-from kvmpy.virtio.iov import iov_len, iov_write
-from kvmpy.virtio.queue import DescriptorChain
+from kvmpy.virtio.iov import iov_write, span_slice
+from kvmpy.virtio.queue import DescriptorChain, VirtqueueError
 
 REQUESTQ = 0
 MAX_REQUEST = 64 * 1024
@@ -36,9 +36,16 @@ class Rng(VirtioDevice):
             self.drain(REQUESTQ, self._fill)
 
     def _fill(self, chain: DescriptorChain) -> int:
-        readable, writable = chain.buffers()
-        if readable:
+        r_gpas, r_lengths, gpas, lengths = chain.spans()
+        if r_gpas:
             # §5.4.6.1: the driver offers device-writable buffers only.
             self.warn("readable", "request with device-readable buffers; they are ignored")
-        n = min(iov_len(writable), MAX_REQUEST)
-        return iov_write(writable, os.getrandom(n)) if n else 0
+        # Every buffer must be in guest RAM, as for any chain (`buffers`), but windows are
+        # taken only on the bytes filled: a chain may name one buffer a thousand times.
+        mem = chain.mem
+        for gpa, length in dict.fromkeys(zip(r_gpas + gpas, r_lengths + lengths)):
+            if not mem.contains(gpa, length):
+                raise VirtqueueError(f"buffer [{gpa:#x}, +{length:#x}) is not in guest RAM")
+        n = min(chain.writable_bytes, MAX_REQUEST)
+        return iov_write(mem.views(*span_slice(gpas, lengths, 0, n)), os.getrandom(n)) \
+            if n else 0
