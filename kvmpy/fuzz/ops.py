@@ -95,37 +95,52 @@ class VirtioFacts:
 
 # -- the input as a stream of numbers --------------------------------------------------
 class Stream:
-    """The fuzz bytes as integers; reads past the end give zeros."""
+    """The fuzz bytes as integers; reads past the end give zeros (the bytes are kept
+    with zeros after them, so most reads past the end need no test)."""
 
     def __init__(self, data: bytes) -> None:
-        self.data = data
+        self.end = len(data)
+        self.data = bytes(data) + _PADDING
         self.pos = 0
 
     @property
     def exhausted(self) -> bool:
-        return self.pos >= len(self.data)
+        return self.pos >= self.end
 
     def take(self, n: int) -> bytes:
-        chunk = self.data[self.pos : self.pos + n]
-        self.pos += n
-        return chunk + bytes(n - len(chunk))
+        pos = self.pos
+        self.pos = pos + n
+        chunk = self.data[pos : pos + n]
+        return chunk if len(chunk) == n else chunk + bytes(n - len(chunk))
 
     def u8(self) -> int:
         pos = self.pos
         self.pos = pos + 1
-        return self.data[pos] if pos < len(self.data) else 0
+        try:
+            return self.data[pos]
+        except IndexError:
+            return 0
 
     def u16(self) -> int:
-        return int.from_bytes(self.take(2), "little")
+        pos = self.pos
+        self.pos = pos + 2
+        return int.from_bytes(self.data[pos : pos + 2], "little")
 
     def u32(self) -> int:
-        return int.from_bytes(self.take(4), "little")
+        pos = self.pos
+        self.pos = pos + 4
+        return int.from_bytes(self.data[pos : pos + 4], "little")
 
     def u64(self) -> int:
-        return int.from_bytes(self.take(8), "little")
+        pos = self.pos
+        self.pos = pos + 8
+        return int.from_bytes(self.data[pos : pos + 8], "little")
 
     def choice(self, options: tuple[int, ...]) -> int:
         return options[self.u8() % len(options)]
+
+
+_PADDING = bytes(4096)
 
 
 # -- encoding for the interpreter ------------------------------------------------------

@@ -221,18 +221,23 @@ class OpCopier:
         return bytes(size)
 
     def write(self, offset: int, data: bytes) -> None:
-        memory, unpack = self.memory, fops.HEADER.unpack_from
+        memory, unpack, op_size = self.memory, fops.HEADER.unpack_from, fops.OP_SIZE
         gpa = int.from_bytes(data, "little")
-        while memory.contains(gpa, fops.OP_SIZE):
-            kind, _, _, count, address, _ = unpack(memory.read(gpa, fops.OP_SIZE))
-            gpa += fops.OP_SIZE
-            if kind != fops.RAM_WRITE or not memory.contains(gpa, count):
+        region = next((r for r in memory if r.gpa <= gpa < r.end), None)
+        if region is None:
+            return
+        ops = memory._view(gpa, region.end - gpa)  # the list from this op on: one window
+        pos, end = 0, len(ops)
+        while pos + op_size <= end:
+            kind, _, _, count, address, _ = unpack(ops, pos)
+            pos += op_size
+            if kind != fops.RAM_WRITE or pos + count > end:
                 return
             if layout.FUZZ_ARENA <= address and address + count <= layout.FUZZ_ARENA_END:
                 # one copy, window to window (a memoryview copy is a memmove: a
                 # corrupted list that reaches into the arena still copies right)
-                memory.view(address, count)[:] = memory._view(gpa, count)
-            gpa += count + -count % 8
+                memory.view(address, count)[:] = ops[pos : pos + count]
+            pos += count + -count % 8
 
 
 class BusRig(_Rig):
@@ -275,21 +280,30 @@ class BusRig(_Rig):
         self.stopped = None
         memory, pio, mmio = self.memory, self.pio, self.mmio
         for op in ops:
-            kind = op.kind
+            kind, size, times, address, value, data = op
             try:
                 if kind == fops.RAM_WRITE:
-                    memory.write(op.address, op.data)
+                    memory.write(address, data)
                     continue
                 bus = pio if kind in (fops.PIO_WRITE, fops.PIO_READ) else mmio
+                # the device, found once for all of the op's accesses, as a vCPU's
+                # exit finds it (kvmpy.exitloop); an address without one goes to the
+                # bus, which counts it
+                hit = bus.lookup(address)
+                if hit is None:
+                    device, offset = bus, address
+                else:
+                    device, offset, _ = hit
                 if kind in (fops.PIO_WRITE, fops.MMIO_WRITE):
-                    mask = (1 << 8 * op.size) - 1
-                    for i in range(op.times):
-                        bus.write(op.address, ((op.value + i) & mask).to_bytes(op.size, "little"))
+                    mask = (1 << 8 * size) - 1
+                    for i in range(times):
+                        device.write(offset, ((value + i) & mask).to_bytes(size, "little"))
                         if self.stopped:
                             break
                 else:
-                    for _ in range(op.times):
-                        bus.read(op.address, op.size)
+                    read = device.read
+                    for _ in range(times):
+                        read(offset, size)
             except Exception as e:
                 from kvmpy.vcpu_threads import host_failure
 

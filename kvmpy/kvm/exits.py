@@ -274,6 +274,7 @@ IO_OUT = lib.KVM_EXIT_IO_OUT
 
 # -- the decoder -------------------------------------------------------------------------
 _KVM_EXIT_IO = int(ExitReason.IO)
+_KVM_EXIT_MMIO = int(ExitReason.MMIO)
 _new = tuple.__new__  # what `IoOut(port, size, data)` does, without its Python frame
 
 
@@ -313,5 +314,7 @@ def decode(page: memoryview) -> VcpuExit:
         if direction == IO_OUT:
             return _new(IoOut, (port, size, bytes(data)))  # type: ignore[no-any-return]
         return _new(IoIn, (port, size, data))  # type: ignore[no-any-return]
+    if reason == _KVM_EXIT_MMIO:  # the next commonest
+        return _mmio(page)
     decoder = _DECODERS.get(reason)
     return Unsupported(reason) if decoder is None else decoder(page)

@@ -128,9 +128,13 @@ def _pieces(views: list[memoryview], size: int) -> Iterator[bytes]:
     piece is bounded by `size` whatever the descriptors claim."""
     buf = bytearray()
     for v in views:
-        pos = 0
-        while pos < v.nbytes:
-            take = min(size - len(buf), v.nbytes - pos)
+        pos, end = 0, v.nbytes
+        while pos < end:
+            if not buf and end - pos >= size:  # a whole piece from one view: one copy
+                yield bytes(v[pos : pos + size])
+                pos += size
+                continue
+            take = min(size - len(buf), end - pos)
             buf += v[pos : pos + take]
             pos += take
             if len(buf) == size:

@@ -384,11 +384,12 @@ class VirtioMmioTransport:
         self._write_register(offset, _U32.unpack(data)[0])
 
     def _write_register(self, offset: int, value: int) -> None:
-        q = self._selected_queue()
-        if offset in _QUEUE_ADDRESS or offset == QUEUE_NUM:
-            self._write_queue_config(q, offset, value)
-            return
-        if offset == DEVICE_FEATURES_SEL:
+        if offset == QUEUE_NOTIFY:  # the hot one: a driver's every request
+            # (no VIRTIO_F_NOTIFICATION_DATA: the value is the index)
+            self._notify(value)
+        elif offset in _QUEUE_ADDRESS or offset == QUEUE_NUM:
+            self._write_queue_config(self._selected_queue(), offset, value)
+        elif offset == DEVICE_FEATURES_SEL:
             self.device_features_sel = value
         elif offset == DRIVER_FEATURES:
             self._write_driver_features(value)
@@ -397,9 +398,7 @@ class VirtioMmioTransport:
         elif offset == QUEUE_SEL:
             self.queue_sel = value
         elif offset == QUEUE_READY:
-            self._write_queue_ready(q, value)
-        elif offset == QUEUE_NOTIFY:  # no VIRTIO_F_NOTIFICATION_DATA: the value is the index
-            self._notify(value)
+            self._write_queue_ready(self._selected_queue(), value)
         elif offset == INTERRUPT_ACK:
             self._ack_interrupt(value)
         elif offset == STATUS:
