@@ -14,13 +14,15 @@
  *
  * Why it is written this way: PVM emulates CPL0 code an instruction at a time (~1 us
  * each), so what an op costs beyond its exit is the instructions around the access.
- * `code` is kind << 4 | size, which the encoder works out: one table jump picks the
- * loop for that kind and size (a two-instruction dispatch, copied to the end of every
- * loop), and each loop is the access and its count, nothing else. A code without a
- * loop (END, a corrupted list) ends the list. */
+ * `code` is kind << 4 | size, with 0x80 added when count is 1, which the encoder
+ * works out: one table jump picks the code for that kind, size and count (a
+ * two-instruction dispatch, copied to the end of each), and each is the access, its
+ * operands and (for a count) its loop, nothing else. A code without an entry (END,
+ * a corrupted list) ends the list. */
 #include "testdev.inc"
         .set FUZZ_OPS, 0x200000
         .set FUZZ_COPIER, 0xe0001000
+        .set ONCE, 0x80
         .code64
         .text
 
@@ -29,10 +31,24 @@
         jmp *table(, %rax, 8)
 .endm
 
-/* count in rcx, address in rdx (a port) or rdi, a write's value in rax; rbx on to
- * the next op */
-.macro FIELDS port, write
-        mov 4(%rbx), %ecx
+/* One access kind: `name` repeats it count times (rcx), a write's value (rax)
+ * counting up; `name`1 does it once. The address goes to rdx (a port) or rdi. */
+.macro ACCESS name, port, write, insn:vararg
+\name:  mov 4(%rbx), %ecx
+        OPERANDS \port, \write
+1:      \insn
+.if \write
+        inc %rax
+.endif
+        loop 1b
+        DISPATCH
+\name\()1:
+        OPERANDS \port, \write
+        \insn
+        DISPATCH
+.endm
+
+.macro OPERANDS port, write
 .if \port
         mov 8(%rbx), %edx
 .else
@@ -53,72 +69,20 @@ end:    mov $TESTDEV, %edi
         movl $0, EXIT(%rdi)             /* the run ends on this exit... */
         jmp _start                      /* ...and the next one starts here */
 
-pw1:    FIELDS 1, 1
-1:      outb %al, %dx
-        inc %rax
-        loop 1b
-        DISPATCH
-pw2:    FIELDS 1, 1
-1:      outw %ax, %dx
-        inc %rax
-        loop 1b
-        DISPATCH
-pw4:    FIELDS 1, 1
-1:      outl %eax, %dx
-        inc %rax
-        loop 1b
-        DISPATCH
-
-pr1:    FIELDS 1, 0
-1:      inb %dx, %al
-        loop 1b
-        DISPATCH
-pr2:    FIELDS 1, 0
-1:      inw %dx, %ax
-        loop 1b
-        DISPATCH
-pr4:    FIELDS 1, 0
-1:      inl %dx, %eax
-        loop 1b
-        DISPATCH
-
-mw1:    FIELDS 0, 1
-1:      movb %al, (%rdi)
-        inc %rax
-        loop 1b
-        DISPATCH
-mw2:    FIELDS 0, 1
-1:      movw %ax, (%rdi)
-        inc %rax
-        loop 1b
-        DISPATCH
-mw4:    FIELDS 0, 1
-1:      movl %eax, (%rdi)
-        inc %rax
-        loop 1b
-        DISPATCH
-mw8:    FIELDS 0, 1
-1:      mov %rax, (%rdi)
-        inc %rax
-        loop 1b
-        DISPATCH
-
-mr1:    FIELDS 0, 0
-1:      movb (%rdi), %al
-        loop 1b
-        DISPATCH
-mr2:    FIELDS 0, 0
-1:      movw (%rdi), %ax
-        loop 1b
-        DISPATCH
-mr4:    FIELDS 0, 0
-1:      movl (%rdi), %eax
-        loop 1b
-        DISPATCH
-mr8:    FIELDS 0, 0
-1:      mov (%rdi), %rax
-        loop 1b
-        DISPATCH
+        ACCESS pw1, 1, 1, outb %al, %dx
+        ACCESS pw2, 1, 1, outw %ax, %dx
+        ACCESS pw4, 1, 1, outl %eax, %dx
+        ACCESS pr1, 1, 0, inb %dx, %al
+        ACCESS pr2, 1, 0, inw %dx, %ax
+        ACCESS pr4, 1, 0, inl %dx, %eax
+        ACCESS mw1, 0, 1, movb %al, (%rdi)
+        ACCESS mw2, 0, 1, movw %ax, (%rdi)
+        ACCESS mw4, 0, 1, movl %eax, (%rdi)
+        ACCESS mw8, 0, 1, mov %rax, (%rdi)
+        ACCESS mr1, 0, 0, movb (%rdi), %al
+        ACCESS mr2, 0, 0, movw (%rdi), %ax
+        ACCESS mr4, 0, 0, movl (%rdi), %eax
+        ACCESS mr8, 0, 0, mov (%rdi), %rax
 
 ram:    mov $FUZZ_COPIER, %edx          /* one doorbell for a run of RAM writes */
         mov %rbx, (%rdx)                /* the op's address */
@@ -130,43 +94,42 @@ ram:    mov $FUZZ_COPIER, %edx          /* one doorbell for a run of RAM writes 
         je 1b
         DISPATCH
 
-/* code -> loop: every byte value has an entry, so no code jumps out of the table */
+/* code -> its code: every byte value has an entry, so no code jumps out of the table */
+.macro ENTRY code, name
+        .if (c & ~ONCE) == \code
+        .if c & ONCE
+        .quad \name\()1
+        .else
+        .quad \name
+        .endif
+        .set found, 1
+        .endif
+.endm
         .balign 8
 table:
-        .set code, 0
+        .set c, 0
         .rept 256
-        .if code == 0x11
-        .quad pw1
-        .elseif code == 0x12
-        .quad pw2
-        .elseif code == 0x14
-        .quad pw4
-        .elseif code == 0x21
-        .quad pr1
-        .elseif code == 0x22
-        .quad pr2
-        .elseif code == 0x24
-        .quad pr4
-        .elseif code == 0x31
-        .quad mw1
-        .elseif code == 0x32
-        .quad mw2
-        .elseif code == 0x34
-        .quad mw4
-        .elseif code == 0x38
-        .quad mw8
-        .elseif code == 0x41
-        .quad mr1
-        .elseif code == 0x42
-        .quad mr2
-        .elseif code == 0x44
-        .quad mr4
-        .elseif code == 0x48
-        .quad mr8
-        .elseif code == 0x50
+        .set found, 0
+        ENTRY 0x11, pw1
+        ENTRY 0x12, pw2
+        ENTRY 0x14, pw4
+        ENTRY 0x21, pr1
+        ENTRY 0x22, pr2
+        ENTRY 0x24, pr4
+        ENTRY 0x31, mw1
+        ENTRY 0x32, mw2
+        ENTRY 0x34, mw4
+        ENTRY 0x38, mw8
+        ENTRY 0x41, mr1
+        ENTRY 0x42, mr2
+        ENTRY 0x44, mr4
+        ENTRY 0x48, mr8
+        .if found == 0
+        .if c == 0x50 || c == 0xD0
         .quad ram
         .else
         .quad end
         .endif
-        .set code, code + 1
+        .endif
+        .set c, c + 1
         .endr

@@ -49,9 +49,10 @@ from kvmpy.virtio.vsock import HDR as VSOCK_HDR
 
 PIO_WRITE, PIO_READ, MMIO_WRITE, MMIO_READ, RAM_WRITE = 1, 2, 3, 4, 5
 END = 0
-# kind, size, code, count, address, value (fuzz_interp.S; code = kind << 4 | size: the
-# interpreter's jump-table index)
+# kind, size, code, count, address, value (fuzz_interp.S: code, the interpreter's
+# jump-table index, is kind << 4 | size, plus ONCE when count is 1)
 HEADER = struct.Struct("<BBHIQQ")
+ONCE = 0x80
 OP_SIZE = HEADER.size
 MAX_OPS = 32  # decoded operations (a macro counts once) per input
 # Repeats of one access in one op: 2^0..2^10 (most bursts short: through KVM each
@@ -147,12 +148,16 @@ _PADDING = bytes(4096)
 def encode(ops: list[Op]) -> bytes:
     """The op list as fuzz_interp.S reads it, ended by an END op."""
     out = bytearray()
-    for op in ops:
-        out += HEADER.pack(op.kind, op.size, op.kind << 4 | op.size, op.times, op.address,
-                           op.value)
-        if op.kind == RAM_WRITE:
-            out += op.data + bytes(-len(op.data) % 8)
-    out += HEADER.pack(END, 0, 0, 0, 0, 0)
+    pack = HEADER.pack
+    for kind, size, times, address, value, data in ops:
+        if kind == RAM_WRITE:
+            out += pack(kind, size, kind << 4 | size, times, address, value)
+            out += data
+            out += bytes(-len(data) % 8)
+        else:
+            out += pack(kind, size, kind << 4 | size | (ONCE if times == 1 else 0), times,
+                        address, value)
+    out += pack(END, 0, 0, 0, 0, 0)
     if len(out) > layout.FUZZ_OPS_MAX:
         raise ValueError(f"op list of {len(out)} bytes does not fit at FUZZ_OPS")
     return bytes(out)

@@ -290,10 +290,8 @@ class BusRig(_Rig):
                 # exit finds it (kvmpy.exitloop); an address without one goes to the
                 # bus, which counts it
                 hit = bus.lookup(address)
-                if hit is None:
-                    device, offset = bus, address
-                else:
-                    device, offset, _ = hit
+                device: Any = bus if hit is None else hit[0]
+                offset = address if hit is None else hit[1]
                 if kind in (fops.PIO_WRITE, fops.MMIO_WRITE):
                     mask = (1 << 8 * size) - 1
                     for i in range(times):

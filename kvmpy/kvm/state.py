@@ -249,10 +249,10 @@ def prepare_vcpu(vcpu: Vcpu, state: object, where: str) -> Callable[[], None]:
     events_size = ffi.sizeof("struct kvm_vcpu_events")
     events = r.bytes("events", events_size, exact=events_size)
     r.done()
-    accepted: list[tuple[int, int]] | None = None  # the MSRs KVM took, once it has
+    set_accepted: Callable[[], None] | None = None  # the MSRs KVM took, once it has
 
     def put() -> None:
-        nonlocal accepted
+        nonlocal set_accepted
         _put(where, "mp_state", vcpu.set_mp_state, mp_state)
         _put(where, "regs", vcpu.set_regs, regs)
         _put(where, "sregs", set_sregs, sregs)
@@ -261,12 +261,12 @@ def prepare_vcpu(vcpu: Vcpu, state: object, where: str) -> Callable[[], None]:
         _put(where, "debugregs", vcpu.set_debugregs, debugregs)
         if lapic is not None:
             _put(where, "lapic", vcpu.set_lapic, lapic)
-        if accepted is None:
+        if set_accepted is None:
             if tsc_khz is not None:
                 _match_tsc_khz(vcpu, tsc_khz, where)
-            accepted = _set_msrs(vcpu, msrs, where)
+            set_accepted = vcpu.msrs_setter(_set_msrs(vcpu, msrs, where))
         else:
-            _put(where, "msrs", vcpu.set_msrs, accepted)
+            _put(where, "msrs", set_accepted)
         _put(where, "events", vcpu.set_vcpu_events, events)
 
     return put

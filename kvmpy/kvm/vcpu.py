@@ -11,7 +11,7 @@ import enum
 import errno
 import mmap
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from kvmpy.errors import KvmIoctlError
@@ -116,6 +116,19 @@ class Vcpu:
         if n != len(values):
             bad = values[n][0]
             raise KvmIoctlError(f"KVM_SET_MSRS (MSR {bad:#x} refused)", 22)
+
+    def msrs_setter(self, values: list[tuple[int, int]]) -> Callable[[], None]:
+        """What sets these MSRs, as often as asked: the struct KVM reads is built once
+        (a fast reset puts the same MSRs back after every input)."""
+        struct = _msrs(values)  # (the struct and its buffer: the closure keeps both)
+
+        def put() -> None:
+            n = ioctl(self.fd, "KVM_SET_MSRS", struct[0])
+            if n != len(values):
+                bad = values[n][0]
+                raise KvmIoctlError(f"KVM_SET_MSRS (MSR {bad:#x} refused)", 22)
+
+        return put
 
     def set_msrs_upto(self, values: list[tuple[int, int]]) -> int:
         """KVM_SET_MSRS: KVM sets them in order up to the first it refuses; how many."""

@@ -43,7 +43,7 @@ class Rng(VirtioDevice):
         # Every buffer must be in guest RAM, as for any chain (`buffers`), but windows are
         # taken only on the bytes filled: a chain may name one buffer a thousand times.
         mem = chain.mem
-        for gpa, length in dict.fromkeys(zip(r_gpas + gpas, r_lengths + lengths,
+        for gpa, length in dict.fromkeys(zip([*r_gpas, *gpas], [*r_lengths, *lengths],
                                              strict=True)):
             if not mem.contains(gpa, length):
                 raise VirtqueueError(f"buffer [{gpa:#x}, +{length:#x}) is not in guest RAM")
