@@ -174,6 +174,16 @@ class GuestMemory:
         """`view` of each (gpas[i], lengths[i]), in order: a scatter list in one call."""
         return [self.view(gpa, n) for gpa, n in zip(gpas, lengths, strict=True)]
 
+    def read_view(self, gpa: int, length: int) -> memoryview:
+        """`view`, read-only: a window only read through (nothing is recorded in
+        `written`, since nothing can be written through it)."""
+        return self._view(gpa, length).toreadonly()
+
+    def read_views(self, gpas: Sequence[int], lengths: Sequence[int]) -> list[memoryview]:
+        """`read_view` of each (gpas[i], lengths[i]), in order."""
+        _view = self._view
+        return [_view(gpa, n).toreadonly() for gpa, n in zip(gpas, lengths, strict=True)]
+
     def host_address(self, gpa: int, length: int) -> int:
         """The host virtual address of [gpa, gpa+length), checked exactly as `view` is.
 

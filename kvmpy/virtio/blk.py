@@ -245,7 +245,7 @@ class Block(VirtioDevice):
         data_in: Span
         if r_lens[0] == _REQ_HEADER.size and w_lens[-1] == 1:
             # Linux's layout: the header and the status byte in descriptors of their own
-            header: bytes | memoryview = mem.view(r_gpas[0], _REQ_HEADER.size)
+            header: bytes | memoryview = mem.read_view(r_gpas[0], _REQ_HEADER.size)
             data_out, data_in = (r_gpas[1:], r_lens[1:]), (w_gpas[:-1], w_lens[:-1])
             status_at: Span = (w_gpas[-1:], w_lens[-1:])
         else:  # any other split of the same bytes is as valid (§2.7.4)

@@ -85,8 +85,10 @@ class Console(VirtioDevice):
             self._deliver_input()
 
     def _transmit(self, chain: DescriptorChain) -> int:
-        readable, writable = chain.buffers()
-        if writable:
+        r_gpas, r_lengths, w_gpas, w_lengths = chain.spans()
+        readable = chain.views(r_gpas, r_lengths, writable=False)
+        if w_gpas:
+            chain.require(w_gpas, w_lengths)  # (in RAM, as any chain's buffers must be)
             self.warn("tx-writable", "transmit buffer with device-writable parts; ignored")
         if self.output is None:
             return 0

@@ -224,13 +224,28 @@ class DescriptorChain:
             raise VirtqueueError("chain of 4 GiB or more")
         return spans
 
-    def _views(self, gpas: Sequence[int], lengths: Sequence[int]) -> list[memoryview]:
+    def views(self, gpas: Sequence[int], lengths: Sequence[int],
+               writable: bool = True) -> list[memoryview]:
+        """Windows on the buffers; read-only ones when not `writable` (a device-readable
+        buffer: the device cannot write there by mistake, and its pages need not be
+        counted as written for a fast reset)."""
         try:
+            if not writable:
+                return self.mem.read_views(gpas, lengths)
             return self.mem.views(gpas, lengths)
         except GuestMemoryError:
             addr, length = next((g, n) for g, n in zip(gpas, lengths, strict=True)
                                 if not self.mem.contains(g, n))
             raise VirtqueueError(f"buffer [{addr:#x}, +{length:#x}) is not in guest RAM") from None
+
+    def require(self, gpas: Sequence[int], lengths: Sequence[int]) -> None:
+        """That these buffers are in guest RAM, as `views` would, without windows on
+        them: for buffers a device ignores, or uses a part of (a chain may name one
+        buffer a thousand times; each is checked once)."""
+        mem = self.mem
+        for gpa, length in dict.fromkeys(zip(gpas, lengths, strict=True)):
+            if not mem.contains(gpa, length):
+                raise VirtqueueError(f"buffer [{gpa:#x}, +{length:#x}) is not in guest RAM")
 
     def __iter__(self) -> Iterator[Descriptor]:
         return iter(self.descriptors())
@@ -240,7 +255,8 @@ class DescriptorChain:
         r_gpas, r_lens, w_gpas, w_lens = self.spans()
         return [Descriptor(addr, length, flags, view)
                 for gpas, lens, flags in ((r_gpas, r_lens, 0), (w_gpas, w_lens, VIRTQ_DESC_F_WRITE))
-                for addr, length, view in zip(gpas, lens, self._views(gpas, lens), strict=True)]
+                for addr, length, view in zip(gpas, lens, self.views(gpas, lens, bool(flags)),
+                                              strict=True)]
 
     def buffers(self) -> tuple[list[memoryview], list[memoryview]]:
         """The whole chain, validated: (device-readable views, device-writable views).
@@ -249,7 +265,7 @@ class DescriptorChain:
         `preadv`/`pwritev` and sockets take as they are.
         """
         r_gpas, r_lens, w_gpas, w_lens = self.spans()
-        return self._views(r_gpas, r_lens), self._views(w_gpas, w_lens)
+        return self.views(r_gpas, r_lens, writable=False), self.views(w_gpas, w_lens)
 
 
 class Virtqueue:

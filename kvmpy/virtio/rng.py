@@ -18,7 +18,7 @@ import os
 
 from kvmpy.virtio.device import VIRTIO_ID_ENTROPY, VirtioDevice
 from kvmpy.virtio.iov import iov_write, span_slice
-from kvmpy.virtio.queue import DescriptorChain, VirtqueueError
+from kvmpy.virtio.queue import DescriptorChain
 
 REQUESTQ = 0
 MAX_REQUEST = 64 * 1024
@@ -40,13 +40,10 @@ class Rng(VirtioDevice):
         if r_gpas:
             # §5.4.6.1: the driver offers device-writable buffers only.
             self.warn("readable", "request with device-readable buffers; they are ignored")
-        # Every buffer must be in guest RAM, as for any chain (`buffers`), but windows are
-        # taken only on the bytes filled: a chain may name one buffer a thousand times.
-        mem = chain.mem
-        for gpa, length in dict.fromkeys(zip([*r_gpas, *gpas], [*r_lengths, *lengths],
-                                             strict=True)):
-            if not mem.contains(gpa, length):
-                raise VirtqueueError(f"buffer [{gpa:#x}, +{length:#x}) is not in guest RAM")
+        # Every buffer must be in guest RAM, as for any chain, but windows are taken only
+        # on the bytes filled
+        chain.require(r_gpas, r_lengths)
+        chain.require(gpas, lengths)
         n = min(chain.writable_bytes, MAX_REQUEST)
-        return iov_write(mem.views(*span_slice(gpas, lengths, 0, n)), os.getrandom(n)) \
+        return iov_write(chain.views(*span_slice(gpas, lengths, 0, n)), os.getrandom(n)) \
             if n else 0
