@@ -10,7 +10,9 @@
  * value counting up by one); kind 5: the `count` bytes that follow the op (padded to
  * 8) go to guest RAM at `address`: the interpreter rings the copier's doorbell with the
  * op's own address and kvmpy copies them, and those of the RAM writes right after it
- * (an emulated `rep movsb` costs ~1.3 us a byte); anything else ends the list.
+ * (an emulated `rep movsb` costs ~1.3 us a byte); the first RAM write of such a run
+ * holds in `value` the address of the op after the run, where the list goes on.
+ * Anything else ends the list.
  *
  * Why it is written this way: PVM emulates CPL0 code an instruction at a time (~1 us
  * each), so what an op costs beyond its exit is the instructions around the access.
@@ -86,12 +88,7 @@ end:    mov $TESTDEV, %edi
 
 ram:    mov $FUZZ_COPIER, %edx          /* one doorbell for a run of RAM writes */
         mov %rbx, (%rdx)                /* the op's address */
-1:      mov 4(%rbx), %ecx               /* past it and its bytes (padded to 8) */
-        add $31, %rcx
-        and $~7, %rcx
-        add %rcx, %rbx
-        cmpb $5, (%rbx)                 /* another RAM write: the copier did it too */
-        je 1b
+        mov 16(%rbx), %rbx              /* on after the run: the encoder says where */
         DISPATCH
 
 /* code -> its code: every byte value has an entry, so no code jumps out of the table */

@@ -53,6 +53,7 @@ END = 0
 # jump-table index, is kind << 4 | size, plus ONCE when count is 1)
 HEADER = struct.Struct("<BBHIQQ")
 ONCE = 0x80
+_NEXT, _NEXT_AT = struct.Struct("<Q"), 16  # a RAM write's value: see `encode`
 OP_SIZE = HEADER.size
 MAX_OPS = 32  # decoded operations (a macro counts once) per input
 # Repeats of one access in one op: 2^0..2^10 (most bursts short: through KVM each
@@ -146,17 +147,27 @@ _PADDING = bytes(4096)
 
 # -- encoding for the interpreter ------------------------------------------------------
 def encode(ops: list[Op]) -> bytes:
-    """The op list as fuzz_interp.S reads it, ended by an END op."""
+    """The op list as fuzz_interp.S reads it, ended by an END op. The first RAM write of
+    a run of them holds, as its value, the address of the op after the run: the
+    copier does the whole run at one doorbell, and the interpreter goes on there."""
     out = bytearray()
     pack = HEADER.pack
+    run = -1  # where the run of RAM writes being encoded starts
     for kind, size, times, address, value, data in ops:
         if kind == RAM_WRITE:
-            out += pack(kind, size, kind << 4 | size, times, address, value)
+            if run < 0:
+                run = len(out)
+            out += pack(kind, size, kind << 4 | size, times, address, 0)
             out += data
             out += bytes(-len(data) % 8)
-        else:
-            out += pack(kind, size, kind << 4 | size | (ONCE if times == 1 else 0), times,
-                        address, value)
+            continue
+        if run >= 0:  # the interpreter goes on here after the run's doorbell
+            _NEXT.pack_into(out, run + _NEXT_AT, layout.FUZZ_OPS + len(out))
+            run = -1
+        out += pack(kind, size, kind << 4 | size | (ONCE if times == 1 else 0), times,
+                    address, value)
+    if run >= 0:
+        _NEXT.pack_into(out, run + _NEXT_AT, layout.FUZZ_OPS + len(out))
     out += pack(END, 0, 0, 0, 0, 0)
     if len(out) > layout.FUZZ_OPS_MAX:
         raise ValueError(f"op list of {len(out)} bytes does not fit at FUZZ_OPS")
