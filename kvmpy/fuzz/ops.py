@@ -197,12 +197,20 @@ class _Decoder:
                                   address, 0, b"")))
 
     def ram(self, gpa: int, data: bytes) -> None:
-        """A RAM write, clipped to the arena (the interpreter's own memory is not a target)."""
+        """A RAM write, clipped to the arena (the interpreter's own memory is not a target);
+        one that starts where the RAM write just before it ended extends that one (the
+        same bytes land: consecutive descriptors are one write, not one each)."""
         start = max(gpa, layout.FUZZ_ARENA)
         end = min(gpa + len(data), layout.FUZZ_ARENA_END)
         if start < end:
-            self.ops.append(_new(Op, (RAM_WRITE, 0, end - start, start, 0,
-                                      bytes(data[start - gpa : end - gpa]))))
+            chunk = bytes(data[start - gpa : end - gpa])
+            ops = self.ops
+            if ops and (last := ops[-1]).kind == RAM_WRITE and \
+                    last.address + last.times == start:
+                ops[-1] = _new(Op, (RAM_WRITE, 0, last.times + end - start, last.address, 0,
+                                    last.data + chunk))
+            else:
+                ops.append(_new(Op, (RAM_WRITE, 0, end - start, start, 0, chunk)))
 
     def alloc(self, length: int, align: int = 16) -> int:
         gpa = -(-self.heap // align) * align

@@ -307,7 +307,10 @@ class VirtioMmioTransport:
             return
         with self.device.lock:
             try:
-                self._write(offset, bytes(data))
+                if len(data) == 4 and offset < CONFIG and not offset % 4:  # a register
+                    self._write_register(offset, _U32.unpack(data)[0])
+                else:
+                    self._write(offset, bytes(data))
             except Exception:
                 log.exception("%s: write at %#x", self.label, offset)
                 self.needs_reset("internal error in a register write")
