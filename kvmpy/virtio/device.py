@@ -109,8 +109,10 @@ class LogOnce:
         self.seen: dict[str, set[str]] = {}
 
     def __call__(self, key: str, msg: str, *args: object, level: int = WARNING) -> None:
-        seen = self.seen.setdefault(key, set())
-        if len(seen) > self.PER_SITE:
+        seen = self.seen.get(key)
+        if seen is None:
+            seen = self.seen[key] = set()
+        elif len(seen) > self.PER_SITE:
             return
         text = msg % args if args else msg
         if text in seen:
