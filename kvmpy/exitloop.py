@@ -3,9 +3,9 @@
 What it is: a table from the type of exit (`kvmpy.kvm.exits`: `IoOut`, `MmioRead`,
 `Hlt`, ...) to a small named handler. Port and MMIO accesses go to the buses,
 which pick the device; HLT, SHUTDOWN, failed entries, emulation failures and
-system events end the run with a `Stop`. The hot path (a port write) is one
-KVM_RUN call, one decode of the kvm_run page, a dict lookup for the handler, one
-for the port, and the device call.
+system events end the run with a `Stop`. The hot path (a port write, an MMIO
+access) is one KVM_RUN call, one decode of the kvm_run page, a dict lookup for the
+handler, one for the port or address (kvmpy.portcache), and the device call.
 
 Observers (the tracer, exit statistics, the gdb stub) are a list given at
 construction: the loop calls each one's `before` and `after` around the handler
@@ -49,6 +49,7 @@ if TYPE_CHECKING:
     from kvmpy.memory import GuestMemory
 
 Handler = Callable[[Any], "Stop | None"]
+MMIO_CACHE_LIMIT = 4096  # MMIO addresses whose device the loop remembers (kvmpy.portcache)
 
 
 class HandlerTable(dict[type, Handler]):
@@ -93,6 +94,7 @@ class VcpuLoop:
         # called on the vCPU's own thread after a kick (KVM_RUN returned EINTR)
         self.on_kick: Callable[[], None] | None = None
         self.ports = PortCache(pio)
+        self.addresses = PortCache(mmio, limit=MMIO_CACHE_LIMIT)
         self.handlers = HandlerTable({
             IoOut: self.on_io_out,
             IoIn: self.on_io_in,
@@ -171,12 +173,19 @@ class VcpuLoop:
         return None
 
     def on_mmio_write(self, exit: MmioWrite) -> None:
-        self.mmio.write(exit.gpa, exit.data)
+        gpa, data = exit
+        hit = self.addresses[gpa]
+        if hit is None:
+            self.mmio.write(gpa, data)  # counts and logs the unclaimed access
+        else:
+            hit[0].write(hit[1], data)
         return None
 
     def on_mmio_read(self, exit: MmioRead) -> None:
         gpa, data = exit
-        data[:] = self.mmio.read(gpa, len(data))[: len(data)]
+        n = len(data)
+        hit = self.addresses[gpa]
+        data[:] = (self.mmio.read(gpa, n) if hit is None else hit[0].read(hit[1], n))[:n]
         return None
 
     def on_hlt(self, exit: Hlt) -> Stop:

@@ -11,6 +11,11 @@ always hits it at the same offset. A miss is not remembered: the bus counts and
 logs an unclaimed access itself (`Bus.read`, `Bus.write`), and a device inserted
 later still gets its ports.
 
+The exit loop keeps one for MMIO addresses too, with a `limit`: an MMIO window can be
+large, and a guest touching each of its addresses must not grow the cache without end
+(at the limit it starts again empty, which costs a lookup per address, never a wrong
+answer).
+
 tests/unit/test_portcache.py checks it against `Bus.lookup` for any ranges, ports
 and order of inserts and lookups (hypothesis).
 """
@@ -23,14 +28,17 @@ from kvmpy.bus import Bus, Device
 class PortCache(dict[int, "tuple[Device, int] | None"]):
     """`cache[port]`: (device, offset into it) as `bus.lookup(port)` says, or None."""
 
-    def __init__(self, bus: Bus) -> None:
+    def __init__(self, bus: Bus, limit: int | None = None) -> None:
         super().__init__()
         self.bus = bus
+        self.limit = limit
 
     def __missing__(self, port: int) -> tuple[Device, int] | None:
         hit = self.bus.lookup(port)
         if hit is None:
             return None
         device, offset, _ = hit
+        if self.limit is not None and len(self) >= self.limit:
+            self.clear()
         self[port] = device, offset
         return device, offset

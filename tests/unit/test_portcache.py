@@ -44,3 +44,20 @@ def test_a_miss_is_not_remembered() -> None:
     dev = Dev()
     bus.insert(0x80, 1, dev)
     assert cache[0x80] == (dev, 0)
+
+
+@given(EVENTS, st.integers(1, 4))
+def test_a_bounded_cache_agrees_and_stays_within_its_limit(events: list[tuple[str, int, int]],
+                                                           limit: int) -> None:
+    bus = Bus("mmio")
+    cache = PortCache(bus, limit=limit)
+    for what, port, length in events:
+        if what == "insert":
+            try:
+                bus.insert(port, length, Dev())
+            except ConfigError:
+                pass
+        else:
+            hit = bus.lookup(port)
+            assert cache[port] == (None if hit is None else hit[:2])
+            assert len(cache) <= limit
