@@ -323,21 +323,42 @@ class Integrity:
 
 
 # -- time -------------------------------------------------------------------------------
+class TimeLimit:
+    """`with limit:` raises a `hang` Finding in this (the main) thread if the block runs
+    longer than `seconds` (0: no limit). A SIGALRM also takes a vCPU out of KVM_RUN, so
+    a guest that never exits is caught too. The handler is installed once (`install`,
+    until `uninstall`); each block only arms and disarms the timer."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self._previous: Any = None
+
+    def _expired(self, _signum: int, _frame: object) -> None:
+        raise Finding("hang", f"one input ran longer than {self.seconds:g} s")
+
+    def install(self) -> None:
+        self._previous = signal.signal(signal.SIGALRM, self._expired)
+
+    def uninstall(self) -> None:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, self._previous)
+
+    def __enter__(self) -> None:
+        if self.seconds > 0:
+            signal.setitimer(signal.ITIMER_REAL, self.seconds)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.seconds > 0:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+
+
 @contextmanager
 def time_limit(seconds: float) -> Iterator[None]:
-    """Raise a `hang` Finding in this (the main) thread if the block runs too long. A
-    SIGALRM also takes a vCPU out of KVM_RUN, so a guest that never exits is caught too."""
-    if seconds <= 0:
-        yield
-        return
-
-    def expired(_signum: int, _frame: object) -> None:
-        raise Finding("hang", f"one input ran longer than {seconds:g} s")
-
-    previous = signal.signal(signal.SIGALRM, expired)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
+    """A `TimeLimit` for one block, its handler installed for that block only."""
+    limit = TimeLimit(seconds)
+    limit.install()
     try:
-        yield
+        with limit:
+            yield
     finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
+        limit.uninstall()

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from kvmpy.fuzz.ops import decode
-from kvmpy.fuzz.oracles import Finding, LogWatch, MemoryWatch, time_limit
+from kvmpy.fuzz.oracles import Finding, LogWatch, MemoryWatch, TimeLimit, time_limit
 from kvmpy.fuzz.rigs import FUZZ_MEM, BusRig, KvmRig
 from kvmpy.fuzz.targets import Target
 
@@ -40,6 +40,8 @@ class Fuzzer:
         self.logs = LogWatch()
         self.logs.install()
         self.memory = MemoryWatch(FUZZ_MEM)
+        self.limit = TimeLimit(timeout)
+        self.limit.install()
         self.inputs = 0
 
     def one(self, data: bytes) -> None:
@@ -48,7 +50,7 @@ class Fuzzer:
         self.inputs += 1
         self.logs.begin()
         try:
-            with time_limit(self.timeout):
+            with self.limit:
                 self.rig.run(ops)
         except Finding as finding:
             if finding.oracle != "hang" or not self.rig.hang_is_guests():
@@ -61,6 +63,7 @@ class Fuzzer:
         self.rig.reset()
 
     def close(self) -> None:
+        self.limit.uninstall()
         self.logs.uninstall()
         self.memory.close()
         self.rig.close()
