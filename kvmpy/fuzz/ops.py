@@ -143,6 +143,7 @@ class Stream:
 
 
 _PADDING = bytes(4096)
+_ARENA_START, _ARENA_LIMIT = layout.FUZZ_ARENA, layout.FUZZ_ARENA_END
 
 
 # -- encoding for the interpreter ------------------------------------------------------
@@ -200,10 +201,13 @@ class _Decoder:
         """A RAM write, clipped to the arena (the interpreter's own memory is not a target);
         one that starts where the RAM write just before it ended extends that one (the
         same bytes land: consecutive descriptors are one write, not one each)."""
-        start = max(gpa, layout.FUZZ_ARENA)
-        end = min(gpa + len(data), layout.FUZZ_ARENA_END)
-        if start < end:
+        end = gpa + len(data)
+        if _ARENA_START <= gpa and end <= _ARENA_LIMIT:  # (most are: nothing to clip)
+            start, chunk = gpa, bytes(data)
+        else:
+            start, end = max(gpa, _ARENA_START), min(end, _ARENA_LIMIT)
             chunk = bytes(data[start - gpa : end - gpa])
+        if start < end:
             ops = self.ops
             if ops and (last := ops[-1]).kind == RAM_WRITE and \
                     last.address + last.times == start:
@@ -267,7 +271,7 @@ class _Decoder:
             for driver in self.drivers.values():
                 driver.reinit()
         steps = 0
-        while not s.exhausted and steps < MAX_OPS:
+        while s.pos < s.end and steps < MAX_OPS:  # (`exhausted`, written out)
             steps += 1
             window = self.windows[s.u8() % len(self.windows)]
             virtio = self.drivers.get(window.base)
@@ -318,7 +322,8 @@ class _Driver:
         return self.window.virtio
 
     def w32(self, offset: int, value: int, count: int = 1) -> None:
-        self.d.write("mmio", self.window.base + offset, 4, value, count)
+        self.d.ops.append(_new(Op, (MMIO_WRITE, 4, count, self.window.base + offset,
+                                    value & 0xFFFFFFFF, b"")))
 
     def init(self, partial: bool = False, default: bool = False) -> None:
         """§3.1.1 over §4.2.3.2: reset, ACKNOWLEDGE, DRIVER, features, FEATURES_OK, the
