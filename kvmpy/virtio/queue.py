@@ -241,8 +241,14 @@ class DescriptorChain:
     def require(self, gpas: Sequence[int], lengths: Sequence[int]) -> None:
         """That these buffers are in guest RAM, as `views` would, without windows on
         them: for buffers a device ignores, or uses a part of (a chain may name one
-        buffer a thousand times; each is checked once)."""
+        buffer a thousand times: first one span that holds them all is tried, then each
+        distinct buffer once)."""
         mem = self.mem
+        if not gpas:
+            return
+        low = min(gpas)
+        if mem.contains(low, max(gpas) + max(lengths) - low):
+            return  # (a span in one region of RAM, and every buffer inside it)
         for gpa, length in dict.fromkeys(zip(gpas, lengths, strict=True)):
             if not mem.contains(gpa, length):
                 raise VirtqueueError(f"buffer [{gpa:#x}, +{length:#x}) is not in guest RAM")
