@@ -37,13 +37,13 @@ class Rng(VirtioDevice):
 
     def _fill(self, chain: DescriptorChain) -> int:
         r_gpas, r_lengths, gpas, lengths = chain.spans()
-        if r_gpas:
-            # §5.4.6.1: the driver offers device-writable buffers only.
-            self.warn("readable", "request with device-readable buffers; they are ignored")
         # Every buffer must be in guest RAM, as for any chain, but windows are taken only
         # on the bytes filled
         chain.require(r_gpas, r_lengths)
         chain.require(gpas, lengths)
+        if r_gpas:
+            # §5.4.6.1: the driver offers device-writable buffers only.
+            self.warn("readable", "request with device-readable buffers; they are ignored")
         n = min(chain.writable_bytes, MAX_REQUEST)
         return iov_write(chain.views(*span_slice(gpas, lengths, 0, n)), os.getrandom(n)) \
             if n else 0
