@@ -148,11 +148,8 @@ class GuestMemory:
 
     def _view(self, gpa: int, length: int) -> memoryview:
         """`view` that records nothing: for reads."""
-        if gpa >= 0 and length >= 0:
-            for start, end, view, _ in self._spans:
-                if start <= gpa and gpa + length <= end:
-                    return view[gpa - start : gpa - start + length]
-        raise GuestMemoryError(f"guest access [{gpa:#x}, +{length:#x}) is outside guest RAM")
+        view, offset = self.window(gpa, length)
+        return view[offset : offset + length]
 
     def window(self, gpa: int, length: int) -> tuple[memoryview, int]:
         """The region view that holds [gpa, gpa+length), and the offset of `gpa` in it.

@@ -112,10 +112,7 @@ class Vcpu:
         return {msrs.entries[i].index: msrs.entries[i].data for i in range(n)}
 
     def set_msrs(self, values: list[tuple[int, int]]) -> None:
-        n = self.set_msrs_upto(values)
-        if n != len(values):
-            bad = values[n][0]
-            raise KvmIoctlError(f"KVM_SET_MSRS (MSR {bad:#x} refused)", 22)
+        self.msrs_setter(values)()
 
     def msrs_setter(self, values: list[tuple[int, int]]) -> Callable[[], None]:
         """What sets these MSRs, as often as asked: the struct KVM reads is built once
