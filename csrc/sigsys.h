@@ -5,7 +5,8 @@
  * the calling thread SIGSYS with the call's number in si_syscall. No Python can run
  * there (the thread may hold the GIL, or be halfway through a C call), so this
  * handler is C and uses only write(2) and tgkill(2), which every thread's list allows:
- * it prints one line naming the call, from the table of names Python gave it, and
+ * it prints one line naming the call, from the table of names written into the shim
+ * when it was built (kvmpy_syscall_names, csrc/build_shim.py), and
  * sends its thread SIGSYS again, now at its default action (SA_RESETHAND), which ends
  * the whole process as SECCOMP_RET_KILL_PROCESS would (status 128 + SIGSYS = 159 if
  * it cannot: PID 1 of a namespace ignores its own default-action signals).
@@ -15,9 +16,13 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
-static const char *const *kvmpy_sigsys_names;
-static int kvmpy_sigsys_count;
 static __thread const char *kvmpy_sigsys_role = "main";
+
+/* System call `nr`'s name on this architecture; NULL if the table has none. */
+static const char *kvmpy_syscall_name(int nr)
+{
+    return nr >= 0 && nr < KVMPY_SYSCALLS ? kvmpy_syscall_names[nr] : NULL;
+}
 
 static void kvmpy_sigsys_put(const char *s)
 {
@@ -39,8 +44,8 @@ static void kvmpy_sigsys_handler(int sig, siginfo_t *info, void *ctx)
     kvmpy_sigsys_put("kvmpy: seccomp: the ");
     kvmpy_sigsys_put(kvmpy_sigsys_role);
     kvmpy_sigsys_put(" thread called ");
-    kvmpy_sigsys_put(n >= 0 && n < kvmpy_sigsys_count && kvmpy_sigsys_names[n]
-                     ? kvmpy_sigsys_names[n] : "an unknown system call");
+    kvmpy_sigsys_put(kvmpy_syscall_name(n) ? kvmpy_syscall_name(n)
+                                           : "an unknown system call");
     kvmpy_sigsys_put(" (");
     kvmpy_sigsys_put(number + i);
     kvmpy_sigsys_put("), which its allow-list denies: killed by SIGSYS\n");
@@ -54,13 +59,11 @@ static void kvmpy_sigsys_handler(int sig, siginfo_t *info, void *ctx)
     syscall(SYS_exit_group, 128 + sig);
 }
 
-/* Install the handler; `names[nr]` is system call nr's name (NULL: unknown). */
-static int kvmpy_sigsys_install(const char *const *names, int count)
+/* Install the handler. */
+static int kvmpy_sigsys_install(void)
 {
     struct sigaction sa;
     memset(&sa, 0, sizeof sa);
-    kvmpy_sigsys_names = names;
-    kvmpy_sigsys_count = count;
     sa.sa_sigaction = kvmpy_sigsys_handler;
     sa.sa_flags = SA_SIGINFO | SA_RESETHAND;
     sigemptyset(&sa.sa_mask);

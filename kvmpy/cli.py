@@ -400,8 +400,10 @@ def _enter_jail(config: MachineConfig, args: argparse.Namespace,
                 qmp_path: Path | None) -> int | None:
     """Into the jail with the files the machine is given; the parent's status, or None
     in the jailed child (kvmpy.isolation.jail)."""
-    from kvmpy.isolation import jail
+    from kvmpy.isolation import jail, seccomp
 
+    if config.seccomp in seccomp.MODES[1:]:  # (read where the cache is, not in the jail)
+        seccomp.programs(config.seccomp)
     read: list[Path] = [d.path for d in config.disks if d.read_only]
     read += [s.path for s in config.shares if s.read_only]
     if config.flat is not None:

@@ -318,10 +318,9 @@ class Machine:
         if devices:
             from kvmpy.virtio.iothread import IoThread
 
-            self.iothread = IoThread()
+            self.iothread = IoThread()  # (started at the end of set-up: lock_down)
             for device in devices:
                 self._add_virtio(device, self.iothread)
-            self.iothread.start()
         self.threads: VcpuThreads | None = None
         self.gdb: GdbStub | None = None  # (step 7; named here for a close() before it)
         self.paused = False
@@ -681,7 +680,8 @@ class Machine:
         files given stay reachable; then every thread held to its system calls. The
         jail's network namespace and Landlock belong to this thread and the threads it
         starts from now on, and a seccomp filter is narrowed per thread, so the I/O
-        thread, started during set-up, is started again; the vCPU threads narrow
+        thread starts here, confining itself first (and is started again if it ran
+        before: a `pause` and `resume` during set-up); the vCPU threads narrow
         themselves as they start. Called by `run` and `start`, or earlier by the caller
         (kvmpy.cli, before it starts the QMP server and the console pump). `network`:
         the main thread may open TCP sockets later, for a QMP `migrate` to `tcp:`."""
@@ -695,9 +695,7 @@ class Machine:
         if self.config.landlock is not None:
             self._landlock(self.config.landlock)
         self.seccomp.lock_down(network=network)
-        if self.iothread is not None and (self.config.landlock is not None
-                                          or self.config.jail is not None
-                                          or self.seccomp.mode != "off"):
+        if self.iothread is not None:
             self.iothread.on_start = lambda: self.seccomp.enter("io")
             if self.iothread.stop():
                 self.iothread.start()

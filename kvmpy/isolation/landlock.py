@@ -29,7 +29,6 @@ import os
 import stat
 import struct
 import sys
-import sysconfig
 from collections.abc import Iterable
 from pathlib import Path
 from typing import NamedTuple
@@ -97,14 +96,15 @@ class Rules(NamedTuple):
 
 
 def python_rules() -> Rules:
-    """What the interpreter reads after set-up: its standard library and extension
-    modules (imports a late code path makes), and kvmpy's own package."""
-    paths = {Path(sysconfig.get_paths()[key]) for key in ("stdlib", "platstdlib",
-                                                          "purelib", "platlib")}
-    paths.add(Path(__file__).resolve().parent.parent)  # kvmpy/
-    paths.add(Path(sys.base_prefix) / "lib" / f"python{sys.version_info[0]}"
-              f".{sys.version_info[1]}")
-    return Rules(read=tuple(sorted(p for p in paths if p.exists())))
+    """What the interpreter reads after set-up: the directories it imports from that
+    belong to it (its entries on sys.path under its own prefixes: the standard library,
+    its extension modules, the installed packages; not the current directory or
+    PYTHONPATH's), and kvmpy's own package."""
+    prefixes = tuple({os.path.join(p, "") for p in (sys.prefix, sys.exec_prefix,
+                                                     sys.base_prefix, sys.base_exec_prefix)})
+    paths = {p for p in sys.path if os.path.isabs(p) and p.startswith(prefixes)}
+    paths.add(os.path.dirname(os.path.dirname(os.path.realpath(__file__))))  # kvmpy/
+    return Rules(read=tuple(Path(p) for p in sorted(paths) if os.path.exists(p)))
 
 
 def restrict(rules: Rules) -> int:
@@ -126,6 +126,9 @@ def restrict(rules: Rules) -> int:
                               (rules.sockets, MAKE_SOCK | REMOVE_FILE)):
             for path in paths:
                 _add_rule(ruleset, path, access & handled_fs)
+        # glibc loads libgcc_s the first time a thread ends (pthread_exit unwinds its
+        # stack), and aborts the process if it cannot: loaded now, while it can be
+        ctypes.CDLL("libgcc_s.so.1")
         # (required unless CAP_SYS_ADMIN; and no exec could gain privileges anyway)
         _syscall(SYS_PRCTL, PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
         _syscall(SYS_RESTRICT_SELF, ruleset, 0)

@@ -33,19 +33,26 @@ SIGSYS; `log` lets it through and the kernel logs it; `off` installs nothing.
 Built with libseccomp (Debian's libseccomp2, which apt itself depends on) through
 ctypes: it turns names into numbers and compiles the lists into BPF, with the
 argument checks below (clone only for threads, socket only AF_UNIX, ioctl only for
-KVM's and the tty/tun request families).
+KVM's and the tty/tun request families). Compiled once, not at every start: the
+programs of a mode are kept in `$KVMPY_CACHE/seccomp/` under a checksum of this file
+(`make build` writes them), and a start reads them back and hands them to the kernel
+(`seccomp(SECCOMP_SET_MODE_FILTER)`) itself; libseccomp is loaded only to compile.
 """
 
 from __future__ import annotations
 
 import ctypes
 import errno
+import marshal
 import os
 import struct
 import threading
+import zlib
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
+from kvmpy.cachedir import cache_dir
 from kvmpy.errors import ConfigError
 
 MODES = ("off", "log", "kill")
@@ -98,9 +105,14 @@ _ACT_TRAP = 0x00030000
 _ACT_LOG = 0x7FFC0000
 _ACT_ALLOW = 0x7FFF0000
 _ACT_ERRNO = 0x00050000
-_FLTATR_CTL_TSYNC = 4
 _CMP_EQ, _CMP_MASKED_EQ = 4, 7
-_ARCH_NATIVE = 0
+# <linux/seccomp.h>, <linux/prctl.h>; the system call numbers are x86-64's
+_SYS_SECCOMP, _SET_MODE_FILTER, _FILTER_FLAG_TSYNC = 317, 1, 1
+_PR_SET_NAME, _PR_SET_NO_NEW_PRIVS = 15, 38
+
+# The programs a machine may load, by key: (allowed calls, socket address families)
+PROGRAMS = {"main": (MAIN, (AF_UNIX,)), "main+inet": (MAIN, (AF_UNIX, AF_INET, AF_INET6)),
+            "io": (IO, (AF_UNIX,)), "vcpu": (VCPU, (AF_UNIX,))}
 
 
 class _ArgCmp(ctypes.Structure):
@@ -118,14 +130,10 @@ def _library() -> Any:
     lib.seccomp_init.argtypes = [ctypes.c_uint32]
     lib.seccomp_rule_add_array.argtypes = [ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int,
                                            ctypes.c_uint, ctypes.POINTER(_ArgCmp)]
-    lib.seccomp_attr_set.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_uint32]
-    lib.seccomp_load.argtypes = [ctypes.c_void_p]
     lib.seccomp_release.argtypes = [ctypes.c_void_p]
     lib.seccomp_export_bpf.argtypes = [ctypes.c_void_p, ctypes.c_int]
     lib.seccomp_syscall_priority.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_uint8]
     lib.seccomp_syscall_resolve_name.argtypes = [ctypes.c_char_p]
-    lib.seccomp_syscall_resolve_num_arch.restype = ctypes.c_void_p  # malloc'd char *
-    lib.seccomp_syscall_resolve_num_arch.argtypes = [ctypes.c_uint32, ctypes.c_int]
     return lib
 
 
@@ -145,15 +153,12 @@ def syscall_number(name: str) -> int:
 
 
 def syscall_name(number: int) -> str | None:
-    """The name of system call `number` on this architecture, if it has one."""
-    lib = _seccomp()
-    ptr = lib.seccomp_syscall_resolve_num_arch(_ARCH_NATIVE, number)
-    if not ptr:
-        return None
-    try:
-        return ctypes.string_at(ptr).decode()
-    finally:
-        ctypes.CDLL(None).free(ctypes.c_void_p(ptr))
+    """The name of system call `number` on this architecture, if it has one (the
+    SIGSYS report's table, written into the shim when it was built)."""
+    from kvmpy.kvm.ioctl import ffi, lib
+
+    name = lib.kvmpy_syscall_name(number) if -(1 << 31) <= number < 1 << 31 else ffi.NULL
+    return ffi.string(name).decode() if name != ffi.NULL else None
 
 
 def _rules(names: Iterable[str], families: tuple[int, ...] = (AF_UNIX,)
@@ -209,23 +214,15 @@ def _compile(names: Iterable[str], mode: str, families: tuple[int, ...]) -> Any:
     return ctx
 
 
-def build_and_load(names: Iterable[str], mode: str, *, all_threads: bool,
-                   families: tuple[int, ...] = (AF_UNIX,)) -> None:
-    """Compile an allow-list of `names` (plus ioctl, checked) and load it on this thread,
-    or with `all_threads` on every thread of the process."""
-    lib = _seccomp()
-    ctx = _compile(names, mode, families)
-    try:
-        if all_threads:
-            _check(lib.seccomp_attr_set(ctx, _FLTATR_CTL_TSYNC, 1), "seccomp_attr_set")
-        _check(lib.seccomp_load(ctx), "seccomp_load")
-    finally:
-        lib.seccomp_release(ctx)
-
-
 def bpf(names: Iterable[str], mode: str = "kill", families: tuple[int, ...] = (AF_UNIX,)
         ) -> list[tuple[int, int, int, int]]:
-    """The program `build_and_load` would load, as (code, jt, jf, k) instructions."""
+    """The program that allows `names` (plus ioctl, checked), as (code, jt, jf, k)
+    instructions."""
+    return list(struct.iter_unpack("<HBBI", _export(names, mode, families)))
+
+
+def _export(names: Iterable[str], mode: str, families: tuple[int, ...]) -> bytes:
+    """The allow-list of `names` compiled: struct sock_filter instructions, 8 bytes each."""
     lib = _seccomp()
     ctx = _compile(names, mode, families)
     r, w = os.pipe()
@@ -240,7 +237,67 @@ def bpf(names: Iterable[str], mode: str = "kill", families: tuple[int, ...] = (A
     finally:
         os.close(r)
         lib.seccomp_release(ctx)
-    return list(struct.iter_unpack("<HBBI", data))
+    return data
+
+
+_programs: dict[str, dict[str, bytes]] = {}
+
+
+def programs(mode: str) -> dict[str, bytes]:
+    """`PROGRAMS` compiled for `mode`: from the cache when this file has not changed
+    since they were compiled (the lists and the rules are all in it), else compiled
+    now with libseccomp and kept there for the next start. Read once a process (a
+    jailed kvmpy has them read before it enters the jail, where the cache is not)."""
+    if mode not in _programs:
+        _programs[mode] = _cached_programs(mode)
+    return _programs[mode]
+
+
+def _cached_programs(mode: str) -> dict[str, bytes]:
+    here = Path(__file__)
+    path = (cache_dir() / "seccomp"
+            / f"{zlib.crc32(here.read_bytes()):08x}-{os.uname().machine}-{mode}.bpf")
+    try:
+        cached = marshal.loads(path.read_bytes())
+        if (isinstance(cached, dict) and cached.keys() == PROGRAMS.keys()
+                and all(isinstance(p, bytes) and p and len(p) % 8 == 0
+                        for p in cached.values())):
+            return cached
+    except (OSError, EOFError, ValueError, TypeError):
+        pass
+    compiled = {key: _export(names, mode, families)
+                for key, (names, families) in PROGRAMS.items()}
+    try:  # (a read-only cache, or none: compiled again at the next start)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        tmp.write_bytes(marshal.dumps(compiled))
+        os.replace(tmp, path)
+    except OSError:
+        pass
+    return compiled
+
+
+class _SockFprog(ctypes.Structure):  # <linux/filter.h>
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_char_p)]
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+
+
+def load(program: bytes, *, all_threads: bool) -> None:
+    """Hand the kernel a compiled filter for this thread, or with `all_threads` for
+    every thread of the process (TSYNC), as seccomp_load would: no_new_privs first
+    (required without CAP_SYS_ADMIN, and no exec could gain privileges anyway)."""
+    if _libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS)")
+    prog = _SockFprog(len(program) // 8, program)
+    flags = _FILTER_FLAG_TSYNC if all_threads else 0
+    r = _libc.syscall(_SYS_SECCOMP, _SET_MODE_FILTER, flags, ctypes.byref(prog))
+    if r < 0:
+        raise OSError(ctypes.get_errno(), "seccomp(SECCOMP_SET_MODE_FILTER)")
+    if r > 0:  # TSYNC: the thread that could not take it (one with its own filter)
+        raise OSError(errno.ESRCH, f"seccomp: thread {r} cannot take the filter")
 
 
 def _check(r: int, what: str) -> None:
@@ -248,21 +305,10 @@ def _check(r: int, what: str) -> None:
         raise OSError(-r, f"{what}: {errno.errorcode.get(-r, -r)}")
 
 
-# The SIGSYS report's table (csrc/sigsys.h), kept alive for as long as the process runs
-_keep: list[Any] = []
-_MAX_SYSCALL = 512
-
-
 def _install_report() -> None:
-    from kvmpy.kvm.ioctl import ffi, lib
+    from kvmpy.kvm.ioctl import lib
 
-    if _keep:
-        return
-    names = [ffi.new("char[]", (syscall_name(nr) or f"syscall {nr}").encode())
-             for nr in range(_MAX_SYSCALL)]
-    table = ffi.new("const char *[]", names)
-    _keep.extend((names, table))
-    if lib.kvmpy_sigsys_install(table, _MAX_SYSCALL) < 0:
+    if lib.kvmpy_sigsys_install() < 0:
         raise OSError(ctypes.get_errno(), "sigaction(SIGSYS)")
 
 
@@ -277,8 +323,7 @@ def _name_thread(name: str) -> None:
     if name not in _roles:
         _roles[name] = ffi.new("char[]", name.encode())
     lib.kvmpy_sigsys_set_role(_roles[name])
-    comm = f"kvmpy-{name}"[:15].encode()
-    ctypes.CDLL(None).prctl(15, ctypes.c_char_p(comm), 0, 0, 0)  # PR_SET_NAME
+    _libc.prctl(_PR_SET_NAME, ctypes.c_char_p(f"kvmpy-{name}"[:15].encode()), 0, 0, 0)
 
 
 class Seccomp:
@@ -289,10 +334,11 @@ class Seccomp:
             raise ConfigError(f"--seccomp {mode}: one of {', '.join(MODES)}")
         self.mode = mode
         self.locked = False
-        if mode != "off":  # libseccomp loaded, and the report's names known, during
-            _seccomp()  # set-up: a Landlock domain would not let us read them later
-            if mode == "kill":
-                _install_report()
+        # the filters, and the report's handler, ready during set-up: neither the
+        # cache nor libseccomp may be reachable later (a jail, Landlock)
+        self.programs = programs(mode) if mode != "off" else {}
+        if mode == "kill":
+            _install_report()
 
     def lock_down(self, *, network: bool = False) -> None:
         """The union of the roles' lists on every thread of the process (main thread
@@ -305,8 +351,7 @@ class Seccomp:
             return
         assert threading.current_thread() is threading.main_thread()
         _name_thread("main")
-        families = (AF_UNIX, AF_INET, AF_INET6) if network else (AF_UNIX,)
-        build_and_load(MAIN, self.mode, all_threads=True, families=families)
+        load(self.programs["main+inet" if network else "main"], all_threads=True)
         self.locked = True
 
     def enter(self, role: str, name: str | None = None) -> None:
@@ -317,4 +362,4 @@ class Seccomp:
             return
         _name_thread(name or role)
         if self.locked and ROLES[role] is not MAIN:
-            build_and_load(ROLES[role], self.mode, all_threads=False)
+            load(self.programs[role], all_threads=False)
