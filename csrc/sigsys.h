@@ -1,5 +1,6 @@
 /*
- * The SIGSYS handler behind `--seccomp kill` (kvmpy/isolation/seccomp.py).
+ * seccomp's C side (kvmpy/isolation/seccomp.py): a compiled filter handed to the
+ * kernel, each thread's name, and the SIGSYS handler behind `--seccomp kill`.
  *
  * A call the filter denies traps (SECCOMP_RET_TRAP): the kernel skips it and sends
  * the calling thread SIGSYS with the call's number in si_syscall. No Python can run
@@ -11,8 +12,13 @@
  * the whole process as SECCOMP_RET_KILL_PROCESS would (status 128 + SIGSYS = 159 if
  * it cannot: PID 1 of a namespace ignores its own default-action signals).
  */
+#include <errno.h>
+#include <linux/filter.h>
+#include <linux/seccomp.h>
 #include <signal.h>
+#include <stdio.h>
 #include <string.h>
+#include <sys/prctl.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -70,8 +76,28 @@ static int kvmpy_sigsys_install(void)
     return sigaction(SIGSYS, &sa, NULL);
 }
 
-/* The calling thread's role, named in the report (a string that lives forever). */
-static void kvmpy_sigsys_set_role(const char *role)
+/* The calling thread's role, named in the report (a string that lives forever), and
+ * its name where the kernel shows it: "kvmpy-ROLE" (/proc/TID/comm, top -H, the
+ * audit lines of --seccomp log; 15 characters at most). */
+static void kvmpy_name_thread(const char *role)
 {
+    char comm[16];
     kvmpy_sigsys_role = role;
+    snprintf(comm, sizeof comm, "kvmpy-%s", role);
+    prctl(PR_SET_NAME, comm, 0, 0, 0);
+}
+
+/* Hand the kernel a compiled filter of `count` instructions for this thread, or with
+ * `all_threads` for every thread of the process (TSYNC), as libseccomp's seccomp_load
+ * would: no_new_privs first (required without CAP_SYS_ADMIN). 0; -errno; or the id of
+ * a thread that could not take it (TSYNC: one with a filter of its own). */
+static long kvmpy_seccomp_load(const void *filter, unsigned short count, int all_threads)
+{
+    struct sock_fprog prog = {count, (struct sock_filter *)filter};
+    long r;
+    if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0)
+        return -errno;
+    r = syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER,
+                all_threads ? SECCOMP_FILTER_FLAG_TSYNC : 0, &prog);
+    return r < 0 ? -errno : r;
 }

@@ -106,10 +106,6 @@ _ACT_LOG = 0x7FFC0000
 _ACT_ALLOW = 0x7FFF0000
 _ACT_ERRNO = 0x00050000
 _CMP_EQ, _CMP_MASKED_EQ = 4, 7
-# <linux/seccomp.h>, <linux/prctl.h>; the system call numbers are x86-64's
-_SYS_SECCOMP, _SET_MODE_FILTER, _FILTER_FLAG_TSYNC = 317, 1, 1
-_PR_SET_NAME, _PR_SET_NO_NEW_PRIVS = 15, 38
-
 # The programs a machine may load, by key: (allowed calls, socket address families)
 PROGRAMS = {"main": (MAIN, (AF_UNIX,)), "main+inet": (MAIN, (AF_UNIX, AF_INET, AF_INET6)),
             "io": (IO, (AF_UNIX,)), "vcpu": (VCPU, (AF_UNIX,))}
@@ -277,26 +273,15 @@ def _cached_programs(mode: str) -> dict[str, bytes]:
     return compiled
 
 
-class _SockFprog(ctypes.Structure):  # <linux/filter.h>
-    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_char_p)]
-
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.syscall.restype = ctypes.c_long
-
-
 def load(program: bytes, *, all_threads: bool) -> None:
     """Hand the kernel a compiled filter for this thread, or with `all_threads` for
-    every thread of the process (TSYNC), as seccomp_load would: no_new_privs first
-    (required without CAP_SYS_ADMIN, and no exec could gain privileges anyway)."""
-    if _libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0:
-        raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS)")
-    prog = _SockFprog(len(program) // 8, program)
-    flags = _FILTER_FLAG_TSYNC if all_threads else 0
-    r = _libc.syscall(_SYS_SECCOMP, _SET_MODE_FILTER, flags, ctypes.byref(prog))
+    every thread of the process (csrc/sigsys.h: as seccomp_load would)."""
+    from kvmpy.kvm.ioctl import lib
+
+    r = lib.kvmpy_seccomp_load(program, len(program) // 8, all_threads)
     if r < 0:
-        raise OSError(ctypes.get_errno(), "seccomp(SECCOMP_SET_MODE_FILTER)")
-    if r > 0:  # TSYNC: the thread that could not take it (one with its own filter)
+        raise OSError(-r, f"seccomp(SECCOMP_SET_MODE_FILTER): {os.strerror(-r)}")
+    if r > 0:
         raise OSError(errno.ESRCH, f"seccomp: thread {r} cannot take the filter")
 
 
@@ -306,13 +291,13 @@ def _check(r: int, what: str) -> None:
 
 
 def _install_report() -> None:
-    from kvmpy.kvm.ioctl import lib
+    from kvmpy.kvm.ioctl import ffi, lib
 
     if lib.kvmpy_sigsys_install() < 0:
-        raise OSError(ctypes.get_errno(), "sigaction(SIGSYS)")
+        raise OSError(ffi.errno, "sigaction(SIGSYS)")
 
 
-_roles: dict[str, Any] = {}
+_roles: dict[str, Any] = {}  # (C strings the report may name until the process ends)
 
 
 def _name_thread(name: str) -> None:
@@ -322,8 +307,7 @@ def _name_thread(name: str) -> None:
 
     if name not in _roles:
         _roles[name] = ffi.new("char[]", name.encode())
-    lib.kvmpy_sigsys_set_role(_roles[name])
-    _libc.prctl(_PR_SET_NAME, ctypes.c_char_p(f"kvmpy-{name}"[:15].encode()), 0, 0, 0)
+    lib.kvmpy_name_thread(_roles[name])
 
 
 class Seccomp:
