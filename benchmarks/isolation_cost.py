@@ -47,7 +47,7 @@ PASSES = 3  # virtio_blk's write-then-read, this many times a boot: the boot's m
 MODES = {"off": ["--seccomp", "off"], "kill": ["--seccomp", "kill"],
          "landlock": ["--seccomp", "kill", "--landlock", "on"]}
 # what to measure: Linux's boot and disk figures, the PIO exit loop's (KVMPY_ISOLATION=exits
-# for that alone)
+# for that alone; =boot for Linux's boots alone, a minute's rounds in a few seconds each)
 FIGURES = os.environ.get("KVMPY_ISOLATION", "linux exits").split()
 EXITS, EXIT_ROUNDS = 20_000, 10  # the PIO exit loop: ~100 us an exit in the lab
 
@@ -124,13 +124,13 @@ def measure() -> dict[str, object]:
         out["pio_exit_ns"] = {m: round(median(exits[m])) for m in MODES}
         out["pio_exit_ns_all"] = {m: [round(x) for x in exits[m]] for m in MODES}
         out["pio_exit"] = costs(exits, slower=True)
-    if "linux" in FIGURES:
-        out.update(_boots_and_disks())
+    if "linux" in FIGURES or "boot" in FIGURES:
+        out.update(_boots_and_disks(disks="linux" in FIGURES))
     out["target_cost_max"] = 0.03
     return out
 
 
-def _boots_and_disks() -> dict[str, object]:
+def _boots_and_disks(disks: bool = True) -> dict[str, object]:
     import linux_boot
     import virtio_blk
 
@@ -142,7 +142,7 @@ def _boots_and_disks() -> dict[str, object]:
     kvmpy = [str(Path(sys.executable).with_name("kvmpy")), "run", "--kernel", kernel,
              "--initrd", initrd, "--append", linux_boot.APPEND]
     boots: dict[str, list[float]] = {m: [] for m in MODES}
-    disks: dict[str, list[dict[str, float]]] = {m: [] for m in MODES}
+    blk: dict[str, list[dict[str, float]]] = {m: [] for m in MODES}
     where = "/dev/shm" if os.path.isdir("/dev/shm") else None
     with tempfile.TemporaryDirectory(dir=where) as tmp:
         blk_initrd = bench_initrd(Path(tmp) / "blkbench.cpio.gz", "blkbench.sh",
@@ -155,20 +155,21 @@ def _boots_and_disks() -> dict[str, object]:
             for m in order:
                 boots[m].append(linux_boot._time_to_marker(kvmpy + MODES[m],
                                                            INIT_MARKER.encode()))
-            for m in order:
+            for m in order if disks else ():
                 argv, _ = guest_argvs(kernel, blk_initrd, "quiet -- sh /blkbench.sh",
                                       ["--disk", str(image), *MODES[m]], [])
-                disks[m].append(_disk_passes(virtio_blk, f"kvmpy {m}", argv))
+                blk[m].append(_disk_passes(virtio_blk, f"kvmpy {m}", argv))
             print(f"isolation_cost round {i}: " + "; ".join(
-                f"{m}: boot {boots[m][-1]:.2f} s, write {disks[m][-1]['write_mb_s']:.1f}, "
-                f"read {disks[m][-1]['read_mb_s']:.1f} MB/s" for m in MODES),
-                file=sys.stderr, flush=True)
-    out: dict[str, object] = {"rounds": ROUNDS, "blk_passes_per_boot": PASSES}
+                f"{m}: boot {boots[m][-1]:.2f} s" + (
+                    f", write {blk[m][-1]['write_mb_s']:.1f}, "
+                    f"read {blk[m][-1]['read_mb_s']:.1f} MB/s" if disks else "")
+                for m in MODES), file=sys.stderr, flush=True)
+    out: dict[str, object] = {"rounds": ROUNDS, "blk_passes_per_boot": PASSES if disks else 0}
     out["boot_s"] = {m: round(median(boots[m]), 3) for m in MODES}
     out["boot_s_all"] = {m: [round(x, 3) for x in boots[m]] for m in MODES}
     out["boot"] = costs(boots, slower=True)
-    for key in ("write_mb_s", "read_mb_s"):
-        figures = {m: [r[key] for r in disks[m]] for m in MODES}
+    for key in ("write_mb_s", "read_mb_s") if disks else ():
+        figures = {m: [r[key] for r in blk[m]] for m in MODES}
         name = f"blk_{key.removesuffix('_mb_s')}"
         out[f"{name}_mb_s"] = {m: round(median(figures[m]), 1) for m in MODES}
         out[f"{name}_mb_s_all"] = {m: [round(x, 1) for x in figures[m]] for m in MODES}

@@ -268,6 +268,9 @@ def _cached_programs(mode: str) -> dict[str, bytes]:
         tmp = path.with_name(f".{path.name}.{os.getpid()}")
         tmp.write_bytes(marshal.dumps(compiled))
         os.replace(tmp, path)
+        for old in path.parent.glob(f"*-{os.uname().machine}-{mode}.bpf"):
+            if old != path:  # (compiled from an older seccomp.py)
+                old.unlink(missing_ok=True)
     except OSError:
         pass
     return compiled

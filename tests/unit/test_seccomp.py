@@ -3,6 +3,9 @@ runs: tests/kvm/test_isolation.py)."""
 
 from __future__ import annotations
 
+import struct
+from pathlib import Path
+
 import pytest
 
 from kvmpy.errors import ConfigError
@@ -19,6 +22,37 @@ def test_numbers_and_names_round_trip() -> None:
     assert seccomp.syscall_number("execve") == 59
     assert seccomp.syscall_name(59) == "execve"
     assert seccomp.syscall_name(100_000) is None
+    assert seccomp.syscall_name(-1) is None
+
+
+def test_the_reports_table_names_every_call_by_its_number() -> None:
+    """The SIGSYS report's table, built into the shim: each name is libseccomp's for
+    that number, and every call a list allows (or denies, for the report) has one."""
+    named = {nr: seccomp.syscall_name(nr) for nr in range(512)}
+    assert all(seccomp.syscall_number(name) == nr for nr, name in named.items() if name)
+    wanted = set().union(*seccomp.ROLES.values()) | {"execve", "ptrace", "socket", "fork"}
+    assert wanted <= set(named.values())
+
+
+def test_the_programs_are_compiled_once_and_kept(tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """`programs` compiles into the cache, and a later start reads them back (the same
+    bytes) instead of compiling; an entry that is not a set of programs is compiled
+    again."""
+    monkeypatch.setenv("KVMPY_CACHE", str(tmp_path))
+    monkeypatch.setattr(seccomp, "_programs", {})
+    compiled = seccomp.programs("kill")
+    assert compiled["vcpu"] == b"".join(
+        struct.pack("<HBBI", *i) for i in seccomp.bpf(seccomp.VCPU))
+    [kept] = (tmp_path / "seccomp").iterdir()
+    monkeypatch.setattr(seccomp, "_programs", {})
+    monkeypatch.setattr(seccomp, "_export", lambda *a: pytest.fail("compiled again"))
+    assert seccomp.programs("kill") == compiled
+    kept.write_bytes(b"\x00" * 9)
+    monkeypatch.undo()
+    monkeypatch.setenv("KVMPY_CACHE", str(tmp_path))
+    monkeypatch.setattr(seccomp, "_programs", {})
+    assert seccomp.programs("kill") == compiled
 
 
 def test_the_roles_narrow_the_union() -> None:
