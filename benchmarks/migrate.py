@@ -3,7 +3,8 @@
 One lab session (or here, where /dev/kvm boots Linux). kvmpy's minimal kernel and
 default initramfs, `quiet`, 256 MiB, one vCPU, no virtio device, for both VMMs
 (common.guest_argvs). In the guest's shell a workload copies a file of random bytes
-on a tmpfs over and over and prints `seq=<i>` after each copy, at two dirty rates:
+on a tmpfs over and over and prints `seq=<i> <t0> <t1>` after each copy (the guest's
+own clock, /proc/uptime, before and after the copy), at two dirty rates:
 
   low   1 MiB copied per tick, then `sleep 0.1`
   high  16 MiB copied per tick, then `sleep 0.05`
@@ -24,6 +25,10 @@ QEMU's bandwidth cap, 128 MiB/s by default, lifted, as kvmpy has none). Figures:
   guest_stall_ms    seen from the guest's own sequence numbers: the host-side gap between
                     the last `seq=` line the source printed and the first the destination
                     printed, less the workload's median tick period
+  guest_clock_ms    the same ticks by the guest's own clock (10 ms steps): a copy and
+                    the rest of a tick (echo, sleep, next t0), medians at the source;
+                    `gap` and `rest_across`, from the source's last line to the
+                    destination's first; the destination's first copies and rests
   total_s           from `migrate` to completion (kvmpy's line; QEMU's total-time)
   rounds            pre-copy rounds (kvmpy's; QEMU's dirty-sync-count)
   sequence_ok       the two consoles together count every tick once
@@ -53,10 +58,12 @@ RATES = {"low": (1, 0.1), "high": (16, 0.05)}  # MiB copied per tick, sleep afte
 ONLY_RATES = os.environ.get("KVMPY_BENCH_MIGRATE_RATES", ",".join(RATES)).split(",")
 ONLY_VMMS = os.environ.get("KVMPY_BENCH_MIGRATE_VMMS", "kvmpy,qemu").split(",")
 PROMPT = rb"/ # "
-SEQ = re.compile(rb"seq=(\d+)\r?\n")
+# each line: its number, then the guest's own clock (/proc/uptime) before and after the copy
+SEQ = re.compile(rb"seq=(\d+) ([\d.]+) ([\d.]+)\r?\n")
 WORKLOAD = ("mkdir -p /w && mount -t tmpfs -o size=96m none /w && dd if=/dev/urandom "
             "of=/w/src bs=64k count={blocks} 2>/dev/null && i=0 && while true; do "
-            "i=$((i+1)); cp /w/src /w/d$((i%2)); echo seq=$i; sleep {sleep}; done &\n")
+            "read t0 x </proc/uptime; i=$((i+1)); cp /w/src /w/d$((i%2)); "
+            "read t1 x </proc/uptime; echo seq=$i $t0 $t1; sleep {sleep}; done &\n")
 DOWNTIME_LIMIT_MS = 300
 KVMPY_LINE = re.compile(r"migrated to \S+ \((\d+) rounds, ([\d.]+) MiB in ([\d.]+) s, "
                         r"downtime (\d+) ms\)")
@@ -99,9 +106,14 @@ class Console:
             time.sleep(0.01)
 
     def seqs(self) -> list[tuple[float, int]]:
+        return [(t, n) for t, n, _, _ in self.ticks()]
+
+    def ticks(self) -> list[tuple[float, int, float, float]]:
+        """Each `seq=` line: when it arrived, its number, the guest's clock before and
+        after that tick's copy (s)."""
         with self._lock:
-            return [(t, int(m.group(1))) for t, line in self.lines
-                    if (m := SEQ.search(line))]
+            return [(t, int(m.group(1)), float(m.group(2)), float(m.group(3)))
+                    for t, line in self.lines if (m := SEQ.search(line))]
 
     def close(self) -> None:
         if self.proc.poll() is None:
@@ -125,7 +137,7 @@ def one_migration(vmm: str, argv: list[str], rate: str, work: Path) -> dict[str,
     try:
         src.wait_for(PROMPT)
         src.type(WORKLOAD.format(blocks=mib * 16, sleep=sleep).encode())
-        src.wait_for(rb"seq=10\r?\n", 120)
+        src.wait_for(rb"seq=10 [\d.]+ [\d.]+\r?\n", 120)
         dst = Console(dst_argv, work / f"{vmm}-dst.err")
         deadline = time.monotonic() + 60
         while not msock.exists():
@@ -146,7 +158,7 @@ def one_migration(vmm: str, argv: list[str], rate: str, work: Path) -> dict[str,
         except Exception:  # noqa: BLE001  (kvmpy's source has gone: its socket with it)
             pass
         last = src.seqs()[-1][1]
-        dst.wait_for(rf"seq={last + 10}\r?\n".encode(), 120)
+        dst.wait_for(rf"seq={last + 10} [\d.]+ [\d.]+\r?\n".encode(), 120)
         if vmm == "kvmpy":
             marks = _marks(src.err, dst.err)
             phases = result["pause_phases_ms"] = _since(marks, "pause")
@@ -157,7 +169,7 @@ def one_migration(vmm: str, argv: list[str], rate: str, work: Path) -> dict[str,
                     "pause_to_resumed": round(marks["dst-resumed"] - marks["pause"], 1),
                     "resumed_to_first_line": round(dst.seqs()[0][0] * 1000
                                                    - marks["dst-resumed"], 1)}
-        return result | _guest_view(src.seqs(), dst.seqs())
+        return result | _guest_view(src.ticks(), dst.ticks())
     finally:
         src.close()
         if dst is not None:
@@ -219,15 +231,27 @@ def _qemu_result(qmp: Any) -> dict[str, Any]:
             ram.get("dirty-pages-rate"), "mbytes": round(ram.get("transferred", 0) / 1e6, 1)}
 
 
-def _guest_view(before: list[tuple[float, int]], after: list[tuple[float, int]]
-                ) -> dict[str, Any]:
-    numbers = [n for _, n in before + after]
+def _guest_view(before: list[tuple[float, int, float, float]],
+                after: list[tuple[float, int, float, float]]) -> dict[str, Any]:
+    numbers = [n for _, n, _, _ in before + after]
     ok = numbers == list(range(numbers[0], numbers[0] + len(numbers)))
     period = median([b[0] - a[0] for a, b in zip(before, before[1:], strict=False)])
     gap = after[0][0] - before[-1][0]
+    # the guest's own clock: the copy (t1 - t0) and the rest of a tick (echo, sleep, next
+    # t0), steady (medians at the source) and across the switch
+    copy = median([t1 - t0 for _, _, t0, t1 in before])
+    rest = median([b[2] - a[3] for a, b in zip(before, before[1:], strict=False)])
     return {"sequence_ok": ok, "tick_period_ms": round(period * 1000, 1),
             "switch_gap_ms": round(gap * 1000, 1),
-            "guest_stall_ms": round(max(0.0, gap - period) * 1000, 1)}
+            "guest_stall_ms": round(max(0.0, gap - period) * 1000, 1),
+            "guest_clock_ms": {"copy": round(copy * 1000), "rest": round(rest * 1000),
+                               "gap": round((after[0][3] - before[-1][3]) * 1000),
+                               "rest_across": round((after[0][2] - before[-1][3]) * 1000),
+                               "first_copies": [round((t1 - t0) * 1000)
+                                                for _, _, t0, t1 in after[:3]],
+                               "first_rests": [round((b[2] - a[3]) * 1000)
+                                               for a, b in zip(after, after[1:3],
+                                                               strict=False)]}}
 
 
 def measure() -> dict[str, object]:
