@@ -346,6 +346,10 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(format_table(stats), file=sys.stderr)
             print(json.dumps(stats), file=sys.stderr)
     finally:
+        if machine.stopped is not None and machine.stopped.kind is StopKind.MIGRATED:
+            from kvmpy.migration.source import step_aside
+
+            step_aside()
         machine.close()
         if unpacking is not None:  # a run shorter than the unpacking: finish it once
             unpacking.join(UNPACK_WAIT_S)

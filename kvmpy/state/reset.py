@@ -128,12 +128,13 @@ def log_writes(machine: Machine, owner: object) -> None:
     machine.memory.track_writes(True)
 
 
-def stop_logging_writes(machine: Machine, owner: object) -> None:
-    """Stop the logs `log_writes` started, if `owner` still reads them."""
+def stop_logging_writes(machine: Machine, owner: object, kvm: bool = True) -> None:
+    """Stop the logs `log_writes` started, if `owner` still reads them (`kvm` False:
+    `owner` lets go of them, KVM's left on)."""
     if getattr(machine, "dirty_log_owner", None) is not owner:
         return
     machine.dirty_log_owner = None
-    if machine.vm.fd >= 0:
+    if kvm and machine.vm.fd >= 0:
         machine.vm.log_dirty_pages(False)
     machine.memory.track_writes(False)
 
