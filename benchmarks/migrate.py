@@ -79,17 +79,16 @@ class Console:
                                      stderr=err.open("wb"))
         self.seen = b""
         self.lines: list[tuple[float, bytes]] = []
+        self.partial = b""  # a line begun and not ended (a source's last, when the pause cut it)
         self._lock = threading.Lock()
         threading.Thread(target=self._read, daemon=True).start()
 
     def _read(self) -> None:
-        partial = b""
         while chunk := self.proc.stdout.read1(65536):  # type: ignore[union-attr]
             now = time.monotonic()
             with self._lock:
                 self.seen += chunk
-                partial += chunk
-                *complete, partial = partial.split(b"\n")
+                *complete, self.partial = (self.partial + chunk).split(b"\n")
                 self.lines += [(now, line + b"\n") for line in complete]
 
     def type(self, data: bytes) -> None:
@@ -108,12 +107,15 @@ class Console:
     def seqs(self) -> list[tuple[float, int]]:
         return [(t, n) for t, n, _, _ in self.ticks()]
 
-    def ticks(self) -> list[tuple[float, int, float, float]]:
+    def ticks(self, head: bytes = b"") -> list[tuple[float, int, float, float]]:
         """Each `seq=` line: when it arrived, its number, the guest's clock before and
-        after that tick's copy (s)."""
+        after that tick's copy (s). `head`: what came before the first line (a
+        destination's first line ends the one its source began)."""
         with self._lock:
-            return [(t, int(m.group(1)), float(m.group(2)), float(m.group(3)))
-                    for t, line in self.lines if (m := SEQ.search(line))]
+            lines = [(t, head + line if i == 0 else line) for i, (t, line)
+                     in enumerate(self.lines)]
+        return [(t, int(m.group(1)), float(m.group(2)), float(m.group(3)))
+                for t, line in lines if (m := SEQ.search(line))]
 
     def close(self) -> None:
         if self.proc.poll() is None:
@@ -167,9 +169,9 @@ def one_migration(vmm: str, argv: list[str], rate: str, work: Path) -> dict[str,
                 result["gap_split_ms"] = {  # (one clock: CLOCK_MONOTONIC, both ends)
                     "last_line_to_pause": round(marks["pause"] - src.seqs()[-1][0] * 1000, 1),
                     "pause_to_resumed": round(marks["dst-resumed"] - marks["pause"], 1),
-                    "resumed_to_first_line": round(dst.seqs()[0][0] * 1000
+                    "resumed_to_first_line": round(dst.ticks(src.partial)[0][0] * 1000
                                                    - marks["dst-resumed"], 1)}
-        return result | _guest_view(src.ticks(), dst.ticks())
+        return result | _guest_view(src.ticks(), dst.ticks(src.partial))
     finally:
         src.close()
         if dst is not None:
