@@ -33,6 +33,7 @@ business (kvmpy.migration.destination).
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
 import time
@@ -513,8 +514,6 @@ def step_aside() -> None:
     long instead of 55 (docs/migration.md, "Where the guest's stall goes"). This thread
     (the one that closes the machine) goes to SCHED_IDLE: it runs only on a CPU nothing
     else wants."""
-    import os
-
     try:
         os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
     except OSError as e:  # (a priority, never a failure)
