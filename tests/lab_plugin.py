@@ -17,12 +17,8 @@ machine reset), are the lab's failures: the tests it did not finish run in a new
 session, with one RETRY line saying so. A test that hangs inside a healthy lab is failed
 by pytest-timeout (TEST_TIMEOUT_S) and the session goes on.
 
-One more retry stays until the lab's guests stop dying (issue #23; docs/lab.md, "The
-soak"): under QEMU 7.2's TCG about one Linux guest in a hundred triple-faults during boot,
-QEMU microvm's guests as often as kvmpy's, so a full suite (some fifty boots) fails about
-one run in three for no reason of kvmpy's. Failed lab tests, if at most RERUN_MAX, run
-once more in a new session with a RERUN line; the terminal summary lists each that then
-passed with its first failure, so it is seen, never silent. One that fails again fails.
+Nothing else is retried: a test that failed, failed, whatever its cause (a guest that
+triple-faulted in the lab included; docs/lab.md, "The soak").
 
 Also registers `labhost`: tests that boot the lab themselves from the host (a few seconds
 each), skipped inside the lab and where the lab cannot start.
@@ -53,7 +49,6 @@ SESSION_TIMEOUT = float(os.environ.get("KVMPY_LAB_SESSION_TIMEOUT", "3600"))
 # stacks are printed, it fails, the next test runs)
 TEST_TIMEOUT_S = 600
 LAB_RETRIES = 2  # the tests a failed lab did not finish get a new session, twice at most
-RERUN_MAX = 3  # failed lab tests run once more, if there are this few (see above)
 _SESSION_KEY = pytest.StashKey["LabSession"]()
 
 
@@ -119,33 +114,6 @@ def _finished(records: list[dict[str, Any]]) -> bool:
                for r in records)
 
 
-def _failure(records: list[dict[str, Any]]) -> str | None:
-    """The inner failure text of a test that failed (an expected failure is not one)."""
-    for r in records:
-        if r["outcome"] == "failed" and "xfail" not in r:
-            return str(r["text"])
-    return None
-
-
-def pytest_terminal_summary(terminalreporter: Any) -> None:
-    """Lab tests that passed only when run again, with how they failed the first time."""
-    session: LabSession | None = terminalreporter.config.stash.get(_SESSION_KEY, None)
-    if session is None or session.results is None:
-        return
-    flaky = [n for n in session.first_failures if _failure(session.results.get(n, [])) is None
-             and _finished(session.results.get(n, []))]
-    if not flaky:
-        return
-    terminalreporter.section("lab tests that failed once and passed when run again")
-    for nodeid in flaky:
-        lines = session.first_failures[nodeid].strip().splitlines()
-        # pytest's "E" lines say what failed; without them, the end of the report
-        said = [line for line in lines if line.startswith("E ")][:60] or lines[-4:]
-        terminalreporter.write_line(nodeid)
-        for line in said:
-            terminalreporter.write_line(f"    {line[:1000]}")
-
-
 class LabTestFailed(Exception):
     """The inner test failed; the message is the inner pytest's failure text."""
 
@@ -157,7 +125,6 @@ class LabSession:
         self.config = config
         self.nodeids = nodeids
         self.results: dict[str, list[dict[str, Any]]] | None = None
-        self.first_failures: dict[str, str] = {}  # node id -> failure text of the first run
         self.error = ""
         self.output = ""
 
@@ -175,14 +142,6 @@ class LabSession:
             todo = [n for n in todo if not _finished(self.results.get(n, []))]
             if not broke or not todo:
                 break
-        failed = {n: text for n, r in self.results.items() if (text := _failure(r)) is not None}
-        if 0 < len(failed) <= RERUN_MAX:
-            self._say(f"lab: RERUN: {len(failed)} lab test(s) failed; they run once more in a "
-                      "new session (the lab's guest deaths: tests/lab_plugin.py)")
-            self.first_failures = failed
-            for nodeid in failed:
-                del self.results[nodeid]
-            self._session(list(failed))
         return self.results
 
     def _session(self, nodeids: list[str]) -> bool:
