@@ -1,11 +1,13 @@
-"""pytest plugin for the `lab` marker: Linux-booting tests run here or in ONE lab session.
+"""pytest plugin for the `lab` marker: Linux-booting tests run here or in lab sessions.
 
 - /dev/kvm can boot Linux here (real VT-x/AMD-V), or we are inside the lab already
   (`KVMPY_IN_LAB=1`): `lab` tests run in this process like any other test.
 - Otherwise, if the lab can start: every selected `lab` test is replaced by a proxy item
-  with the same node id. The first proxy to run starts one `kvmpy lab` session running
-  `pytest <all lab node ids>` inside, with a results file in a `--rw` share; each proxy
-  then reports its own test's outcome from that file (pass, the inner failure text, skip,
+  with the same node id. The first proxy to run starts the lab sessions: the lab tests,
+  split by module (module fixtures stay whole) into one share per lab that fits beside the
+  others (`parallel_labs`: a lab of one CPU per host core), each `kvmpy lab` running
+  `pytest <its node ids>` inside with a results file in a `--rw` share; each proxy then
+  reports its own test's outcome from that file (pass, the inner failure text, skip,
   xfail), so lab tests appear in this pytest's output like the others.
 - Neither: `lab` tests are skipped, with the reason.
 
@@ -35,12 +37,15 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pytest
 
 from kvmpy.lab import INSIDE_ENV, LabError, lab_status, linux_kvm_status, run_in_lab
+from kvmpy.lab.host import DEFAULT_CPUS, DEFAULT_MEM
 from kvmpy.lab.runner import LabBroke
 
 RESULTS_ENV = "KVMPY_LAB_RESULTS"  # inside the lab: where to write the JSON lines
@@ -49,6 +54,8 @@ SESSION_TIMEOUT = float(os.environ.get("KVMPY_LAB_SESSION_TIMEOUT", "3600"))
 # stacks are printed, it fails, the next test runs)
 TEST_TIMEOUT_S = 600
 LAB_RETRIES = 2  # the tests a failed lab did not finish get a new session, twice at most
+LABS_ENV = "KVMPY_LABS"  # how many lab sessions run side by side (default: parallel_labs())
+MAX_LABS = 4
 _SESSION_KEY = pytest.StashKey["LabSession"]()
 
 
@@ -118,15 +125,51 @@ class LabTestFailed(Exception):
     """The inner test failed; the message is the inner pytest's failure text."""
 
 
+def parallel_labs() -> int:
+    """Labs that fit side by side: each lab CPU is a TCG thread that keeps a host core busy."""
+    if os.environ.get(LABS_ENV):
+        return max(1, int(os.environ[LABS_ENV]))
+    try:
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        free = DEFAULT_MEM
+    by_mem = free // (DEFAULT_MEM + (DEFAULT_MEM >> 1))  # the lab's RAM and QEMU's own
+    return max(1, min(MAX_LABS, (os.cpu_count() or 1) // DEFAULT_CPUS, by_mem))
+
+
+def split_by_module(nodeids: list[str], shares: int) -> list[list[str]]:
+    """At most `shares` lists of node ids, each module in one (its fixtures are module-scoped).
+
+    Biggest module first onto the shortest list; each list keeps the collection order.
+    """
+    modules: dict[str, list[str]] = {}
+    for nodeid in nodeids:
+        modules.setdefault(nodeid.split("::")[0], []).append(nodeid)
+    lists: list[list[str]] = [[] for _ in range(max(1, min(shares, len(modules))))]
+    for tests in sorted(modules.values(), key=len, reverse=True):
+        min(lists, key=len).extend(tests)
+    order = {nodeid: i for i, nodeid in enumerate(nodeids)}
+    return [sorted(ids, key=order.__getitem__) for ids in lists if ids]
+
+
+class Ended(NamedTuple):
+    """How one lab session ended: `broke` if the lab stalled or died under it."""
+
+    broke: bool
+    error: str  # "" if the inner pytest ran to its end
+    output: str  # what the inner pytest printed
+
+
 class LabSession:
-    """One `kvmpy lab` run of all the selected lab tests; started by the first proxy."""
+    """The `kvmpy lab` runs of all the selected lab tests; started by the first proxy."""
 
     def __init__(self, config: pytest.Config, nodeids: list[str]) -> None:
         self.config = config
         self.nodeids = nodeids
+        self.labs = parallel_labs()
         self.results: dict[str, list[dict[str, Any]]] | None = None
-        self.error = ""
-        self.output = ""
+        self.ended: dict[str, Ended] = {}  # node id -> how the last session that ran it ended
+        self._lock = threading.Lock()
 
     def run(self) -> dict[str, list[dict[str, Any]]]:
         if self.results is not None:
@@ -134,19 +177,24 @@ class LabSession:
         self.results = {}
         todo = list(self.nodeids)
         for attempt in range(1 + LAB_RETRIES):
-            if attempt:
-                self._say(f"lab: RETRY: the lab failed ({self.error.split(';')[0]}); the "
-                          f"{len(todo)} lab test(s) it did not finish run again in a new lab "
-                          "(the one retry there is: tests/lab_plugin.py)")
-            broke = self._session(todo)
+            shares = split_by_module(todo, self.labs)
+            with ThreadPoolExecutor(len(shares)) as pool:
+                ends = list(pool.map(self._session, shares, range(1, len(shares) + 1)))
+            for share, end in zip(shares, ends, strict=True):
+                self.ended.update(dict.fromkeys(share, end))
             todo = [n for n in todo if not _finished(self.results.get(n, []))]
-            if not broke or not todo:
+            broken = [end.error.split(';')[0] for end in ends if end.broke]
+            if not broken or not todo or attempt == LAB_RETRIES:
                 break
+            self._say(f"lab: RETRY: the lab failed ({'; '.join(broken)}); the {len(todo)} "
+                      "lab test(s) it did not finish run again in a new lab "
+                      "(the one retry there is: tests/lab_plugin.py)")
         return self.results
 
-    def _session(self, nodeids: list[str]) -> bool:
-        """Run `nodeids` in one lab session into self.results; True if the lab broke."""
+    def _session(self, nodeids: list[str], number: int = 1) -> Ended:
+        """Run `nodeids` in one lab session into self.results."""
         assert self.results is not None
+        name = "lab" if self.labs == 1 else f"lab {number}"
         share = Path(tempfile.mkdtemp(prefix="kvmpy-labtests-"))
         results = share / "results.jsonl"
         out = share / "output.txt"
@@ -158,31 +206,34 @@ class LabSession:
                 "--color=no", "-o", f"timeout={TEST_TIMEOUT_S}", "-o", "timeout_method=signal",
                 *nodeids]
         self.config.add_cleanup(lambda: shutil.rmtree(share, ignore_errors=True))
-        self._say(f"lab: running {len(nodeids)} lab test(s) in one lab session")
-        broke = False
+        self._say(f"{name}: running {len(nodeids)} lab test(s) in one lab session")
+        broke, error = False, ""
         try:
             with open(out, "wb") as sink:
                 status = run_in_lab(argv, rw=[share], cwd=self.config.rootpath, env=env,
                                     stdout=sink, stderr=sink, timeout=SESSION_TIMEOUT)
-            self.error = "" if status in (0, 1) else f"inner pytest exited with status {status}"
+            error = "" if status in (0, 1) else f"inner pytest exited with status {status}"
         except LabBroke as e:  # stalled or died: the lab's failure, not a test's
-            self.error, broke = str(e), True
+            error, broke = str(e), True
         except LabError as e:
-            self.error = f"the lab failed: {e}"
-        self.output = out.read_text(errors="replace") if out.exists() else ""
+            error = f"the lab failed: {e}"
+        output = out.read_text(errors="replace") if out.exists() else ""
         if results.exists():
             session: dict[str, list[dict[str, Any]]] = {}
             for line in results.read_text().splitlines():
                 record = json.loads(line)
                 session.setdefault(record["nodeid"], []).append(record)
             # a test cut short by a broken lab is run again, not half-reported
-            self.results.update((n, r) for n, r in session.items() if _finished(r) or not broke)
-        lines = self.output.strip().splitlines()
-        self._say(f"lab: session done: {self.error or (lines or ['(no output)'])[-1]}")
-        if self.error:  # the inner run's last words (a hung test's thread stacks among them)
-            for line in lines[-60:]:
-                self._say(f"lab: | {line}")
-        return broke
+            with self._lock:
+                self.results.update((n, r) for n, r in session.items()
+                                    if _finished(r) or not broke)
+        lines = output.strip().splitlines()
+        said = [f"{name}: session done: {error or (lines or ['(no output)'])[-1]}"]
+        if error:  # the inner run's last words (a hung test's thread stacks among them)
+            said += [f"{name}: | {line}" for line in lines[-60:]]
+        for line in said:
+            self._say(line)
+        return Ended(broke, error, output)
 
     def _say(self, line: str) -> None:
         """A line on the terminal, past the capture of the test that is running."""
@@ -190,7 +241,8 @@ class LabSession:
         capture = self.config.pluginmanager.get_plugin("capturemanager")
         if reporter is None:
             return
-        with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
+        with self._lock, (capture.global_and_fixture_disabled() if capture
+                          else contextlib.nullcontext()):
             reporter.ensure_newline()
             reporter.write_line(line)
 
@@ -219,8 +271,9 @@ class LabProxy(pytest.Item):
     def runtest(self) -> None:
         records = self.lab_session.run().get(self.nodeid, [])
         if not _finished(records):
-            why = self.lab_session.error or "the inner pytest did not report it"
-            tail = "\n".join(self.lab_session.output.splitlines()[-30:])
+            ended = self.lab_session.ended.get(self.nodeid, Ended(False, "", ""))
+            why = ended.error or "the inner pytest did not report it"
+            tail = "\n".join(ended.output.splitlines()[-30:])
             raise LabTestFailed(f"{why}\n--- end of the lab session's output ---\n{tail}")
         # every phase that failed: a test whose call failed may also have failed its
         # teardown (the kernel-log check of tests/lab/conftest.py), which says why

@@ -14,7 +14,10 @@ from kvmpy.kvm.detect import can_boot_linux, linux_kvm_status
 
 QEMU = "qemu-system-x86_64"
 DEFAULT_MEM = 2048 << 20  # the lab VM's RAM, which also bounds its writable overlay
-DEFAULT_CPUS = 2
+# One CPU: TCG's multi-threaded emulation of SVM kills about one nested guest in 100-250
+# with two lab CPUs and none in the soak with one (docs/lab.md, "The soak"); a host with
+# more cores runs more labs side by side instead (tests/lab_plugin.py).
+DEFAULT_CPUS = 1
 
 
 def lab_status() -> tuple[bool, str]:

@@ -6,15 +6,20 @@ session's inner pytest recorded and whether its lab stalled.
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import pytest
 
 from tests.lab_plugin import (
     LAB_RETRIES,
+    LABS_ENV,
+    Ended,
     LabProxy,
     LabSession,
     LabTestFailed,
+    parallel_labs,
+    split_by_module,
 )
 
 
@@ -39,19 +44,23 @@ Script = list[tuple[dict[str, str], bool]]  # per session: node id -> outcome, s
 
 
 def _run(nodeids: list[str], sessions: Script, monkeypatch: pytest.MonkeyPatch,
-         said: list[str] | None = None) -> tuple[LabSession, list[list[str]]]:
+         said: list[str] | None = None, labs: int = 1) -> tuple[LabSession, list[list[str]]]:
     """Run a LabSession whose n-th session reports sessions[n]; the node ids it asked for."""
+    monkeypatch.setenv(LABS_ENV, str(labs))
     lab = LabSession(_Config(), nodeids)  # type: ignore[arg-type]
     asked: list[list[str]] = []
+    lock = threading.Lock()
 
-    def session(todo: list[str]) -> bool:
-        asked.append(list(todo))
-        outcomes, stalled = sessions[len(asked) - 1]
+    def session(todo: list[str], number: int = 1) -> Ended:
+        with lock:
+            asked.append(list(todo))
+            outcomes, stalled = sessions[len(asked) - 1]
+            n_session = len(asked)
         assert lab.results is not None
-        lab.results.update((n, _records(n, outcomes[n], f"{n} failed in session {len(asked)}"))
+        lab.results.update((n, _records(n, outcomes[n], f"{n} failed in session {n_session}"))
                            for n in todo if n in outcomes and outcomes[n] != "cut short")
-        lab.error = "the lab stalled: lab CPU 1 sent no heartbeat for 20 s" if stalled else ""
-        return stalled
+        error = "the lab stalled: lab CPU 1 sent no heartbeat for 20 s" if stalled else ""
+        return Ended(stalled, error, "")
 
     monkeypatch.setattr(lab, "_session", session)
     monkeypatch.setattr(lab, "_say", (said if said is not None else []).append)
@@ -122,3 +131,55 @@ def test_a_failed_call_reports_its_failed_teardown_too() -> None:
         {"nodeid": "a", "when": "teardown", "outcome": "failed", "text": "NETDEV WATCHDOG"}]}
     assert _outcome("a", lab) == ("failed: inside the lab:\nTimeoutError\n\n"
                                   "inside the lab (in teardown):\nNETDEV WATCHDOG")
+
+
+def test_modules_stay_whole_and_the_biggest_go_to_the_emptiest_lab() -> None:
+    ids = ["m1.py::a", "m2.py::a", "m1.py::b", "m3.py::a", "m1.py::c", "m2.py::b"]
+    assert split_by_module(ids, 2) == [["m1.py::a", "m1.py::b", "m1.py::c"],
+                                       ["m2.py::a", "m3.py::a", "m2.py::b"]]
+    assert split_by_module(ids, 1) == [ids]
+    assert split_by_module(ids, 8) == [["m1.py::a", "m1.py::b", "m1.py::c"],
+                                       ["m2.py::a", "m2.py::b"], ["m3.py::a"]]
+
+
+def test_two_labs_run_at_once_and_only_the_stalled_ones_tests_run_again(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # each session's script, by the first node id it is given; x's lab stalls in b
+    scripts = {"x.py::a": ({"x.py::a": "passed", "x.py::b": "cut short"}, True),
+               "y.py::a": ({"y.py::a": "failed"}, False),
+               "x.py::b": ({"x.py::b": "passed"}, False)}
+    both = threading.Barrier(2, timeout=10)  # broken unless the first two sessions overlap
+    asked: list[list[str]] = []
+    said: list[str] = []
+    monkeypatch.setenv(LABS_ENV, "2")
+    lab = LabSession(_Config(), ["x.py::a", "y.py::a", "x.py::b"])  # type: ignore[arg-type]
+
+    def session(todo: list[str], number: int = 1) -> Ended:
+        asked.append(todo)
+        if len(asked) <= 2:
+            both.wait()
+        outcomes, stalled = scripts[todo[0]]
+        assert lab.results is not None
+        lab.results.update((n, _records(n, outcomes[n], f"{n} failed"))
+                           for n in todo if outcomes[n] != "cut short")
+        return Ended(stalled, "the lab stalled" if stalled else "", "")
+
+    monkeypatch.setattr(lab, "_session", session)
+    monkeypatch.setattr(lab, "_say", said.append)
+    lab.run()
+    assert sorted(asked) == [["x.py::a", "x.py::b"], ["x.py::b"], ["y.py::a"]]
+    assert _outcome("x.py::a", lab) == _outcome("x.py::b", lab) == "passed"
+    assert _outcome("y.py::a", lab) == "failed: inside the lab:\ny.py::a failed"
+    retries = [line for line in said if "RETRY" in line]
+    assert len(retries) == 1 and "the 1 lab test(s) it did not finish" in retries[0]
+
+
+def test_one_lab_per_core_for_a_one_cpu_lab_unless_told(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(LABS_ENV, raising=False)
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    monkeypatch.setattr("tests.lab_plugin.DEFAULT_CPUS", 1)
+    assert parallel_labs() == 2
+    monkeypatch.setattr("tests.lab_plugin.DEFAULT_CPUS", 2)
+    assert parallel_labs() == 1
+    monkeypatch.setenv(LABS_ENV, "3")
+    assert parallel_labs() == 3
