@@ -70,7 +70,8 @@ seccomp-filters: venv
 include mk/*.mk
 
 # Lint first (seconds), then unit, kvm and lab tests in one pytest run; lab tests go
-# to one lab session when this machine's /dev/kvm cannot boot Linux (tests/lab_plugin.py).
+# to lab sessions, one per host core, when this machine's /dev/kvm cannot boot Linux
+# (tests/lab_plugin.py).
 test: deps build guests tutorial-guests lab-assets lint
 	$(PY) -m pytest tests
 
