@@ -71,7 +71,8 @@ def test_a_lab_whose_heartbeat_stops_is_a_stall_noticed_in_seconds() -> None:
                       "&& kill -STOP ${p#/proc/}; done; echo stopped; sleep 600")
     stats = LabStats()
     with pytest.raises(LabStalled) as e:
-        run_in_lab(["sh", "-c", stop_heartbeat], heartbeat_timeout=5, timeout=300,
+        # two lab CPUs (the default is one): the report names each
+        run_in_lab(["sh", "-c", stop_heartbeat], cpus=2, heartbeat_timeout=5, timeout=300,
                    stats=stats)
     message = str(e.value)
     assert re.match(r"the lab stalled: lab CPU [01] sent no heartbeat for [56] s; "
