@@ -91,7 +91,6 @@ MAIN = VCPU | IO | {
     "clone", "clone3", "set_tid_address", "wait4", "kill", "sched_setaffinity",
     "getrlimit", "prlimit64", "uname", "memfd_create", "umask",
     "seccomp",  # a thread narrowing itself to its role (`enter`): filters only narrow
-    "sched_setscheduler",  # (itself, to SCHED_IDLE only: a migrated guest's teardown)
 }
 ROLES = {"main": MAIN, "io": IO, "vcpu": VCPU}
 
@@ -99,7 +98,6 @@ ROLES = {"main": MAIN, "io": IO, "vcpu": VCPU}
 CLONE_THREAD = 0x10000
 AF_UNIX, AF_INET, AF_INET6 = 1, 2, 10
 IOCTL_FAMILIES = (0xAE, ord("T"))  # KVM's ioctls; terminal and tun ('T' in <asm/ioctls.h>)
-SCHED_IDLE = 5  # <sched.h>
 FICLONE = 0x40049409  # and this one: a snapshot's reflinked disk copy (kvmpy.state.disks)
 
 # <seccomp.h>
@@ -173,8 +171,6 @@ def _rules(names: Iterable[str], families: tuple[int, ...] = (AF_UNIX,)
             rules.append((nr, [(0, _CMP_MASKED_EQ, CLONE_THREAD, CLONE_THREAD)]))
         elif name == "socket":  # unix sockets (and TCP for a migration's main thread)
             rules += [(nr, [(0, _CMP_EQ, family, 0)]) for family in families]
-        elif name == "sched_setscheduler":  # this thread, to SCHED_IDLE: lower, never higher
-            rules.append((nr, [(0, _CMP_EQ, 0, 0), (1, _CMP_EQ, SCHED_IDLE, 0)]))
         elif name == "ioctl":
             rules += [(nr, [(1, _CMP_MASKED_EQ, 0xFF00, family << 8)])
                       for family in IOCTL_FAMILIES]

@@ -33,7 +33,6 @@ business (kvmpy.migration.destination).
 
 from __future__ import annotations
 
-import os
 import socket
 import threading
 import time
@@ -61,6 +60,7 @@ CONNECT_TIMEOUT_S = 10.0
 SILENCE_TIMEOUT_S = 60.0  # a destination that says nothing this long is gone
 MIN_RATE_SAMPLE = 256  # pages: a round this small measures overhead, not the link
 SMALL_REST = 256  # pages (1 MiB): a rest this small goes in the pause, however it shrinks
+STEP_ASIDE_S = 1.5  # a migrated source's wait before its teardown (step_aside)
 QUIET_WAIT_S = 0.5  # once the rest fits, how long rounds go on looking for a small one:
 QUIET_REST = 64  # pages (256 KiB) or fewer (a few ms of the pause, even in the lab)
 BATCH_BUFFERS = 512  # buffers in one sendmsg (headers and runs; the kernel takes 1024)
@@ -509,12 +509,10 @@ def _line(text: object) -> str:
 
 def step_aside() -> None:
     """The guest runs on at the destination: what is left to do here, closing the VM and
-    freeing its RAM, must not take CPU time from it. On one host (a local migration, the
-    lab) that teardown, run at once, cost the guest's first 200 ms there a copy 270 ms
-    long instead of 55 (docs/migration.md, "Where the guest's stall goes"). This thread
-    (the one that closes the machine) goes to SCHED_IDLE: it runs only on a CPU nothing
-    else wants."""
-    try:
-        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-    except OSError as e:  # (a priority, never a failure)
-        log.info("migration: the teardown stays at its priority: %s", e.strerror or e)
+    freeing its RAM, must not take CPU time from its first moments there. On one host (a
+    local migration, the lab) that teardown, run at once, made the guest's first copy
+    there 270 ms long instead of 55 (docs/migration.md, "Where the guest's stall goes").
+    So the source waits STEP_ASIDE_S, then tears down at its own priority. A lower one
+    (SCHED_IDLE, tried) starves the teardown for minutes wherever the destination's vCPUs
+    keep every CPU busy, as in a lab of one CPU, and the source must exit."""
+    time.sleep(STEP_ASIDE_S)

@@ -125,15 +125,3 @@ def test_the_compiled_filters_allow_kvm_run_at_once_and_stop_escapes() -> None:
         assert run_bpf(program, socket, (seccomp.AF_INET,))[0] == seccomp._ACT_TRAP
         assert run_bpf(program, execve)[0] == seccomp._ACT_TRAP
     assert run_bpf(seccomp.bpf(seccomp.VCPU, "log"), execve)[0] == seccomp._ACT_LOG
-
-
-def test_the_main_thread_may_lower_itself_to_sched_idle_and_nothing_more() -> None:
-    """A migrated source's teardown steps aside (kvmpy.migration.source.step_aside):
-    this thread, to SCHED_IDLE; another thread or process, or a real-time policy, trap."""
-    nr = seccomp.syscall_number("sched_setscheduler")
-    program = seccomp.bpf(seccomp.MAIN)
-    assert run_bpf(program, nr, (0, seccomp.SCHED_IDLE))[0] == seccomp._ACT_ALLOW
-    for args in ((0, 1), (0, 2), (0, 0), (1234, seccomp.SCHED_IDLE)):  # FIFO, RR, OTHER
-        assert run_bpf(program, nr, args)[0] == seccomp._ACT_TRAP, args
-    assert run_bpf(seccomp.bpf(seccomp.VCPU), nr, (0, seccomp.SCHED_IDLE))[0] == \
-        seccomp._ACT_TRAP
