@@ -130,8 +130,9 @@ def parallel_labs() -> int:
     if os.environ.get(LABS_ENV):
         return max(1, int(os.environ[LABS_ENV]))
     try:
-        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError):
+        meminfo = Path("/proc/meminfo").read_text()
+        free = int(meminfo.split("MemAvailable:")[1].split()[0]) << 10
+    except (OSError, IndexError, ValueError):
         free = DEFAULT_MEM
     by_mem = free // (DEFAULT_MEM + (DEFAULT_MEM >> 1))  # the lab's RAM and QEMU's own
     return max(1, min(MAX_LABS, (os.cpu_count() or 1) // DEFAULT_CPUS, by_mem))
@@ -228,15 +229,13 @@ class LabSession:
                 self.results.update((n, r) for n, r in session.items()
                                     if _finished(r) or not broke)
         lines = output.strip().splitlines()
-        said = [f"{name}: session done: {error or (lines or ['(no output)'])[-1]}"]
-        if error:  # the inner run's last words (a hung test's thread stacks among them)
-            said += [f"{name}: | {line}" for line in lines[-60:]]
-        for line in said:
-            self._say(line)
+        # the inner run's last words if it failed (a hung test's thread stacks among them)
+        self._say(f"{name}: session done: {error or (lines or ['(no output)'])[-1]}",
+                  *[f"{name}: | {line}" for line in (lines[-60:] if error else [])])
         return Ended(broke, error, output)
 
-    def _say(self, line: str) -> None:
-        """A line on the terminal, past the capture of the test that is running."""
+    def _say(self, *lines: str) -> None:
+        """Lines on the terminal, past the capture of the test that is running, together."""
         reporter = self.config.pluginmanager.get_plugin("terminalreporter")
         capture = self.config.pluginmanager.get_plugin("capturemanager")
         if reporter is None:
@@ -244,7 +243,8 @@ class LabSession:
         with self._lock, (capture.global_and_fixture_disabled() if capture
                           else contextlib.nullcontext()):
             reporter.ensure_newline()
-            reporter.write_line(line)
+            for line in lines:
+                reporter.write_line(line)
 
 
 class LabProxy(pytest.Item):

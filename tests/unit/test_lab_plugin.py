@@ -63,7 +63,8 @@ def _run(nodeids: list[str], sessions: Script, monkeypatch: pytest.MonkeyPatch,
         return Ended(stalled, error, "")
 
     monkeypatch.setattr(lab, "_session", session)
-    monkeypatch.setattr(lab, "_say", (said if said is not None else []).append)
+    lines_said = said if said is not None else []
+    monkeypatch.setattr(lab, "_say", lambda *lines: lines_said.extend(lines))
     lab.run()
     return lab, asked
 
@@ -165,7 +166,7 @@ def test_two_labs_run_at_once_and_only_the_stalled_ones_tests_run_again(
         return Ended(stalled, "the lab stalled" if stalled else "", "")
 
     monkeypatch.setattr(lab, "_session", session)
-    monkeypatch.setattr(lab, "_say", said.append)
+    monkeypatch.setattr(lab, "_say", lambda *lines: said.extend(lines))
     lab.run()
     assert sorted(asked) == [["x.py::a", "x.py::b"], ["x.py::b"], ["y.py::a"]]
     assert _outcome("x.py::a", lab) == _outcome("x.py::b", lab) == "passed"
