@@ -315,7 +315,9 @@ class Migration:
             self.error = f"internal error: {e!r}"
         finally:
             self.total_s = time.monotonic() - self._started
-            if self._log is not None:  # (logging left on for a guest gone: see step_aside)
+            # a guest gone leaves the logs on: turning KVM's off makes it rebuild the huge
+            # mappings of a VM about to close (docs/migration.md, the guest's stall)
+            if self._log is not None:
                 self._log.close(stop_logging=outcome != "completed")
             if self._sock is not None:
                 self._sock.close()

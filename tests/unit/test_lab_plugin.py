@@ -44,20 +44,17 @@ Script = list[tuple[dict[str, str], bool]]  # per session: node id -> outcome, s
 
 
 def _run(nodeids: list[str], sessions: Script, monkeypatch: pytest.MonkeyPatch,
-         said: list[str] | None = None, labs: int = 1) -> tuple[LabSession, list[list[str]]]:
+         said: list[str] | None = None) -> tuple[LabSession, list[list[str]]]:
     """Run a LabSession whose n-th session reports sessions[n]; the node ids it asked for."""
-    monkeypatch.setenv(LABS_ENV, str(labs))
+    monkeypatch.setenv(LABS_ENV, "1")  # one session at a time, in order
     lab = LabSession(_Config(), nodeids)  # type: ignore[arg-type]
     asked: list[list[str]] = []
-    lock = threading.Lock()
 
     def session(todo: list[str], number: int = 1) -> Ended:
-        with lock:
-            asked.append(list(todo))
-            outcomes, stalled = sessions[len(asked) - 1]
-            n_session = len(asked)
+        asked.append(list(todo))
+        outcomes, stalled = sessions[len(asked) - 1]
         assert lab.results is not None
-        lab.results.update((n, _records(n, outcomes[n], f"{n} failed in session {n_session}"))
+        lab.results.update((n, _records(n, outcomes[n], f"{n} failed in session {len(asked)}"))
                            for n in todo if n in outcomes and outcomes[n] != "cut short")
         error = "the lab stalled: lab CPU 1 sent no heartbeat for 20 s" if stalled else ""
         return Ended(stalled, error, "")
