@@ -23,7 +23,9 @@ Output comes back on two virtio-serial ports named `kvmpy.stdout`/`kvmpy.stderr`
 third, `kvmpy.heartbeat`, carries a line a second from each lab CPU ("CPU UPTIME", a
 shell loop pinned to that CPU, started as soon as the port exists): the host takes a
 CPU whose line stops coming for a lab that stopped making progress
-(`kvmpy.lab.runner`).
+(`kvmpy.lab.runner`). A fourth, `kvmpy.kick`, goes the other way: a byte a second from
+the host, which the lab reads and drops; its interrupt wakes a lab CPU that QEMU let
+miss one (`kvmpy.lab.runner`, `_Kick`).
 The kernel is booted as its uncompressed ELF `vmlinux` through its PVH entry point
 when it has one (Debian's has): under TCG, the bzImage's own XZ decompressor takes ~4 s
 of the boot, Python's lzma takes ~1 s once at build time.
@@ -63,6 +65,7 @@ PORT_STDOUT = "kvmpy.stdout"
 PORT_STDERR = "kvmpy.stderr"
 PORT_STDIN = "kvmpy.stdin"  # only with `kvmpy lab --interactive`
 PORT_HEARTBEAT = "kvmpy.heartbeat"
+PORT_KICK = "kvmpy.kick"
 ERROR_PREFIX = "kvmpy-lab-error:"
 # Space the first build needs in the cache: the kernel .deb (~100 MB) unpacked (~450 MB).
 BUILD_SPACE = 700 << 20
@@ -89,6 +92,7 @@ out=
 err=
 in=/dev/null
 beat=
+kick=
 i=0
 while [ $i -lt 100 ]; do
   for p in /sys/class/virtio-ports/*; do
@@ -98,14 +102,18 @@ while [ $i -lt 100 ]; do
       {PORT_STDERR}) err="/dev/${{p##*/}}" ;;
       {PORT_STDIN}) in="/dev/${{p##*/}}" ;;
       {PORT_HEARTBEAT}) beat="/dev/${{p##*/}}" ;;
+      {PORT_KICK}) kick="/dev/${{p##*/}}" ;;
     esac
   done
-  [ -c "$out" ] && [ -c "$err" ] && [ -c "$beat" ] && break
+  [ -c "$out" ] && [ -c "$err" ] && [ -c "$beat" ] && [ -c "$kick" ] && break
   i=$((i + 1))
   sleep 0.05
 done
 [ -n "$out" ] || out=/dev/console
 [ -n "$err" ] || err=/dev/console
+# The kick: a byte a second from the host, read and dropped; its interrupt is the point
+# (kvmpy.lab.runner, `_Kick`).
+[ -c "$kick" ] && cat "$kick" > /dev/null 2>&1 &
 # The heartbeat: "CPU UPTIME" once a second from a loop pinned to each CPU. The port is
 # opened once, for all of them (a virtio-serial port has one opener at a time); `read -t`
 # on a FIFO nobody writes is the shell's own sleep, so a beat forks nothing.
@@ -158,8 +166,8 @@ poweroff -f
 sleep 10
 """
 
-_RECIPE_VERSION = b"kvmpy-lab-5"  # 2: PVH vmlinux; 3: optional stdin port; 4: loopback;
-# 5: heartbeat, modules, kallsyms
+_RECIPE_VERSION = b"kvmpy-lab-6"  # 2: PVH vmlinux; 3: optional stdin port; 4: loopback;
+# 5: heartbeat, modules, kallsyms; 6: the kick port
 
 
 @dataclass(frozen=True)

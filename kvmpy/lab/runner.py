@@ -41,6 +41,7 @@ from kvmpy.lab.image import (
     ERROR_PREFIX,
     JOB_TAG,
     PORT_HEARTBEAT,
+    PORT_KICK,
     PORT_STDERR,
     PORT_STDIN,
     PORT_STDOUT,
@@ -73,6 +74,8 @@ ZERO_FREED_PAGES = "init_on_free=1"
 # QEMU's human monitor, for looking into a lab that stopped making progress:
 # connect any Unix-socket client (socat) to /tmp/kvmpy-lab-*/monitor.sock, `info registers -a`.
 MONITOR_SOCKET = "monitor.sock"
+KICK_FIFO = "kick"  # in the job directory: the kick port's bytes (`_Kick`)
+KICK_INTERVAL = 1.0  # seconds between two kicks
 
 Output = int | BinaryIO
 
@@ -101,7 +104,9 @@ def qemu_argv(image: LabImage, job: Path, rw: Sequence[Path], mem: int, cpus: in
              "-device", "virtio-serial-pci,id=vser",
              "-device", f"virtserialport,bus=vser.0,chardev=out,name={PORT_STDOUT}",
              "-device", f"virtserialport,bus=vser.0,chardev=err,name={PORT_STDERR}",
-             "-device", f"virtserialport,bus=vser.0,chardev=beat,name={PORT_HEARTBEAT}"]
+             "-device", f"virtserialport,bus=vser.0,chardev=beat,name={PORT_HEARTBEAT}",
+             "-chardev", f"pipe,id=kick,path={job / KICK_FIFO}",
+             "-device", f"virtserialport,bus=vser.0,chardev=kick,name={PORT_KICK}"]
     if interactive:
         # our stdin becomes the command's: QEMU puts a terminal in raw mode (and restores
         # it), signal=off so Ctrl-C reaches the command instead of killing the lab
@@ -173,6 +178,40 @@ class _Heartbeat(threading.Thread):
             now = time.monotonic()
             return max(((cpu, now - self.last.get(cpu, self.first)) for cpu in range(self.cpus)),
                        key=lambda quiet: quiet[1])
+
+
+class _Kick:
+    """A byte a second into the lab's kick port, for the interrupt it raises there.
+
+    Why: QEMU's TCG can lose a lab CPU's request to look at its APIC. `helper_vmrun`
+    (entering a nested guest) sets CPU_INTERRUPT_VIRQ in the CPU's `interrupt_request`
+    with a plain read-modify-write, outside the lock under which QEMU's main loop sets
+    CPU_INTERRUPT_POLL for the APIC's timer and devices (QEMU 7.2 and master; docs/lab.md,
+    "Stalls"). A request lost there leaves the lab CPU's timer vector pending in its APIC
+    with nothing to ask for it. If that CPU is inside a nested guest that does not exit
+    (a guest vCPU spinning, interrupts off, on a lock another vCPU holds, which the lab's
+    scheduler now never runs), the lab stops for good: "running, the RIP in the guest's
+    queued_spin_lock_slowpath, if=0, the timer's vector in IRR". Any interrupt the main
+    loop delivers to the CPU sets the request again, and the CPU then takes whatever its
+    APIC holds: the byte's virtio-serial interrupt is one, a second at most after the loss.
+    """
+
+    def __init__(self, fifo: Path) -> None:
+        # read-write: opening never waits for QEMU, and a write never fails for want of
+        # a reader (the bytes wait in the FIFO until QEMU takes them)
+        self.fd = os.open(fifo, os.O_RDWR | os.O_NONBLOCK)
+        self.last = 0.0
+
+    def __call__(self, now: float) -> None:
+        if now - self.last >= KICK_INTERVAL:
+            self.last = now
+            try:
+                os.write(self.fd, b"\n")
+            except BlockingIOError:
+                pass  # 64 KiB unread: the lab reads none, and has no use for more
+
+    def close(self) -> None:
+        os.close(self.fd)
 
 
 @dataclass
@@ -259,12 +298,15 @@ def run_in_lab(argv: Sequence[str], *, rw: Sequence[str | os.PathLike[str]] = ()
     proc: subprocess.Popen[bytes] | None = None
     started = time.monotonic()
     heartbeat: _Heartbeat | None = None
+    kick: _Kick | None = None
     try:
         try:
             (job / "cmd.sh").write_text(script)
             (job / "rw").write_text("".join(f"kvmpyrw{i} {p}\n" for i, p in enumerate(rw_dirs)))
             if not image.kallsyms.exists():
                 (job / "want-kallsyms").touch()
+            os.mkfifo(job / KICK_FIFO)
+            kick = _Kick(job / KICK_FIFO)
         except OSError as e:
             raise LabError(f"cannot write the lab's job files in {job}: {e.strerror}") from None
         writers: dict[str, int] = {}
@@ -293,7 +335,7 @@ def run_in_lab(argv: Sequence[str], *, rw: Sequence[str | os.PathLike[str]] = ()
         # relays[0] is the console; after it, the command's stdout and stderr
         try:
             _wait(proc, job, _Limits(timeout, boot_timeout, quiet_timeout, heartbeat_timeout),
-                  heartbeat, lambda: max(relay.last_output for relay in relays[1:]))
+                  heartbeat, lambda: max(relay.last_output for relay in relays[1:]), kick)
         except LabStalled as e:
             save_kallsyms(job, image.kallsyms)  # if this is the run that read them
             e.cpus = cpu_states(job / MONITOR_SOCKET, cpus,
@@ -318,6 +360,8 @@ def run_in_lab(argv: Sequence[str], *, rw: Sequence[str | os.PathLike[str]] = ()
             stats.longest_heartbeat_gap_s = heartbeat.longest_gap
         for r in readers.values():
             os.close(r)
+        if kick is not None:
+            kick.close()
         save_kallsyms(job, image.kallsyms)
         shutil.rmtree(job, ignore_errors=True)
 
@@ -354,16 +398,19 @@ class _Limits(NamedTuple):
 
 
 def _wait(proc: subprocess.Popen[bytes], job: Path, limits: _Limits, heartbeat: _Heartbeat,
-          last_output: Callable[[], float] = time.monotonic) -> None:
+          last_output: Callable[[], float] = time.monotonic,
+          kick: Callable[[float], None] = lambda now: None) -> None:
     """Wait for QEMU to exit; raise (QEMU is killed by the caller) if the lab does not
     boot, stalls, times out, or the command goes quiet.
 
-    `last_output()`: when the command last printed (time.monotonic)."""
+    `last_output()`: when the command last printed (time.monotonic); `kick(now)` is
+    called as this waits (`_Kick`)."""
     started = time.monotonic()
     ready_at: float | None = None  # when the lab started the command
     try:
         while proc.poll() is None:
             now = time.monotonic()
+            kick(now)
             if ready_at is None and (job / "ready").exists():
                 ready_at = now
             silent = heartbeat.silent()
