@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -59,5 +60,17 @@ def guest_dir() -> Path:
     if any(not (out / f"{s.stem}.bin").exists() for s in sources):
         subprocess.run(["make", "-s", "guests"], cwd=ROOT, check=True)
     return out
+
+@pytest.fixture
+def temp_in_tmp_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The test's temporary files (this process's and its children's) in its tmp_path.
+
+    A restore without --disk runs on copies it makes in a new temporary directory and
+    keeps after exit (they are the guest's disks now): a test that restores so leaves
+    them in pytest's tmp_path, which pytest prunes, and not in /tmp."""
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    return tmp_path
+
 
 pytest_plugins = ["tests.lab_plugin"]  # the `lab` marker: tests/lab_plugin.py

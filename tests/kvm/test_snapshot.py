@@ -25,7 +25,7 @@ from kvmpy.stop import StopKind
 from tests.qmp_kit import close, connect
 from tests.unit.hostile import resign
 
-pytestmark = pytest.mark.kvm
+pytestmark = [pytest.mark.kvm, pytest.mark.usefixtures("temp_in_tmp_path")]
 
 KVMPY = [sys.executable, "-m", "kvmpy"]
 LIMIT = 0x60

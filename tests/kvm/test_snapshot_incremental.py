@@ -16,7 +16,7 @@ from kvmpy.errors import SnapshotError
 from tests.kvm.test_snapshot import assert_counts, count_line, counter
 from tests.qmp_kit import close, connect
 
-pytestmark = pytest.mark.kvm
+pytestmark = [pytest.mark.kvm, pytest.mark.usefixtures("temp_in_tmp_path")]
 
 KVMPY = [sys.executable, "-m", "kvmpy"]
 
