@@ -21,6 +21,7 @@ from __future__ import annotations
 import re
 import socket
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -46,14 +47,39 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def listening(uri: str) -> bool:
+    """Whether a destination listens at `uri` yet (asked without connecting: a
+    destination takes one connection, the migration's)."""
+    kind, _, where = uri.partition(":")
+    if kind == "unix":
+        return Path(where).exists()
+    port = f":{int(where.rsplit(':', 1)[1]):04X}"
+    return any(fields[1].endswith(port) and fields[3] == "0A"  # TCP_LISTEN
+               for fields in (line.split() for line in
+                              Path("/proc/net/tcp").read_text().splitlines()[1:]))
+
+
 def migrate(source: KvmpyProcess, qmp_sock: Path, uri: str, args: list[str]) -> KvmpyProcess:
-    """Start a destination with `args` at `uri`, migrate `source` there over QMP; the
-    source must exit with the migrated status; returns the destination."""
+    """Start a destination with `args` at `uri`, migrate `source` there over QMP once it
+    listens; the source must exit with the migrated status; returns the destination.
+
+    The wait is the caller's, as with QEMU's -incoming: a source gives a destination
+    10 s to listen (kvmpy.migration.source.CONNECT_TIMEOUT_S), and one starting in a
+    lab of one CPU beside a busy guest, on a loaded host, has taken longer."""
     dest = KvmpyProcess([*args, "--incoming", uri], typing=True)
+    deadline = time.monotonic() + 240
+    while not listening(uri):
+        if time.monotonic() > deadline or dest.proc.poll() is not None:
+            raise dest.give_up(f"the destination did not listen at {uri}")
+        time.sleep(0.05)
     qmp = connect(qmp_sock)
     try:
         assert qmp.cmd("migrate", uri=uri) == {}
-        status, err = source.wait(300)
+        try:
+            status, err = source.wait(300)
+        except AssertionError as e:  # the source's state, and the destination's
+            raise AssertionError(f"the source: {e}\nthe destination: "
+                                 f"{dest.give_up('killed with its source')}") from None
     finally:
         close(qmp)
     assert status == StopKind.MIGRATED.value, err

@@ -86,20 +86,23 @@ class KvmpyProcess:
         found = self.console.wait_for(pattern, timeout, self._mark,
                                       alive=lambda: self.proc.poll() is None)
         if found is None:
-            if self.proc.poll() is None:  # kvmpy prints its threads and vCPUs on SIGUSR2
-                self.proc.send_signal(signal.SIGUSR2)
-                time.sleep(5)
-                self.proc.kill()
-                state = f"no match in {timeout} s"
-            else:
-                state = f"kvmpy exited {self.proc.returncode}"
-            assert self.proc.stderr is not None
-            err = self.proc.stderr.read().decode(errors="replace")
-            state += f", stderr {err[-6000:]!r}"
-            raise AssertionError(f"waiting for {pattern!r}: {state}; output ends with "
-                                 f"{self.output[-1500:]!r}")
+            state = (f"no match in {timeout} s" if self.proc.poll() is None
+                     else f"kvmpy exited {self.proc.returncode}")
+            raise self.give_up(f"waiting for {pattern!r}: {state}")
         self._mark = found.end()
         return found
+
+    def give_up(self, why: str) -> AssertionError:
+        """Kill kvmpy (asking it first for its threads' and vCPUs' state, which it prints
+        on SIGUSR2) and say `why`, with its stderr and the console's tail."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGUSR2)
+            time.sleep(5)
+            self.proc.kill()
+        assert self.proc.stderr is not None
+        err = self.proc.stderr.read().decode(errors="replace")
+        return AssertionError(f"{why}, stderr {err[-6000:]!r}; output ends with "
+                              f"{self.output[-1500:]!r}")
 
     def send(self, text: str) -> None:
         """Type `text` at the guest's console (needs `typing=True`)."""
@@ -115,7 +118,10 @@ class KvmpyProcess:
         """The exit status and stderr, once kvmpy has exited. (Not `communicate`, which
         would take the stdout the pump has not read yet away from the transcript.)"""
         assert self.proc.stderr is not None
-        self.proc.wait(timeout=timeout)
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise self.give_up(f"kvmpy had not exited {timeout} s later") from None
         self._pump.join(10)
         return self.proc.returncode, self.proc.stderr.read().decode(errors="replace")
 
