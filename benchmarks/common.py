@@ -102,12 +102,14 @@ def run_until(name: str, argv: list[str], pattern: re.Pattern[bytes],
 
 
 def in_linux_capable_place(script: str, measure: Callable[[], dict[str, object]],
-                           lab_kernel_args: Sequence[str] = ()) -> dict[str, object]:
+                           lab_kernel_args: Sequence[str] = (),
+                           instruction_clock: bool = False) -> dict[str, object]:
     """Run `measure` here if /dev/kvm boots Linux, else run `script RESULT` in one lab session.
 
     The script, run with a path, calls `measure()` and writes its JSON there (see
     `write_result`); the lab shares the result's directory back. `lab_kernel_args` go on
-    the lab kernel's command line (`kvmpy.lab.run_in_lab`).
+    the lab kernel's command line (`kvmpy.lab.run_in_lab`); `instruction_clock`: a lab of
+    one CPU whose clock counts instructions, so the figures are work, not the host's speed.
     """
     from kvmpy.lab import LabError, can_boot_linux
     from kvmpy.lab.runner import LabBroke
@@ -115,21 +117,21 @@ def in_linux_capable_place(script: str, measure: Callable[[], dict[str, object]]
     if can_boot_linux():
         return measure()
     try:
-        return _in_lab(script, lab_kernel_args)
+        return _in_lab(script, lab_kernel_args, instruction_clock)
     except LabBroke as e:  # the lab stalled or died (kvmpy/lab/runner.py): once more
         stalled = str(e)
         print(f"bench: RETRY: the lab failed ({e}); measuring in a new lab", file=sys.stderr,
               flush=True)
     try:
-        data = _in_lab(script, lab_kernel_args)
+        data = _in_lab(script, lab_kernel_args, instruction_clock)
     except LabError as e:
         return {"error": str(e), "stalled_before": stalled}
     data["stalled_before"] = stalled  # the figures are from a second lab session
     return data
 
 
-def linux_guest_benchmark(script: str, measure: Callable[[], dict[str, object]]
-                          ) -> dict[str, object]:
+def linux_guest_benchmark(script: str, measure: Callable[[], dict[str, object]],
+                          instruction_clock: bool = False) -> dict[str, object]:
     """`in_linux_capable_place` for a benchmark of kvmpy's minimal kernel: its bzImage is
     unpacked into the cache first (the lab's view of the cache is read-only), and the lab
     zeroes freed pages (without it a second of TCG's, now and then, lands on either VMM;
@@ -140,7 +142,7 @@ def linux_guest_benchmark(script: str, measure: Callable[[], dict[str, object]]
 
     if unpack_file(assets.kernel_path().bzimage) is None:
         raise RuntimeError("cannot unpack kvmpy's minimal kernel into its cache")
-    return in_linux_capable_place(script, measure, lab_kernel_args=[ZERO_FREED_PAGES])
+    return in_linux_capable_place(script, measure, [ZERO_FREED_PAGES], instruction_clock)
 
 
 # The benchmarks' figures (README, docs/) were measured in a lab of two CPUs, where a
@@ -148,7 +150,8 @@ def linux_guest_benchmark(script: str, measure: Callable[[], dict[str, object]]
 BENCH_LAB_CPUS = 2
 
 
-def _in_lab(script: str, kernel_args: Sequence[str]) -> dict[str, object]:
+def _in_lab(script: str, kernel_args: Sequence[str], instruction_clock: bool = False
+            ) -> dict[str, object]:
     """`script RESULT` in one lab session; its JSON, or {"error"}; raises LabBroke."""
     from kvmpy.lab import LabError, run_in_lab
     from kvmpy.lab.runner import LabBroke
@@ -157,7 +160,8 @@ def _in_lab(script: str, kernel_args: Sequence[str]) -> dict[str, object]:
         result = Path(out) / "result.json"
         try:
             status = run_in_lab([sys.executable, os.path.abspath(script), str(result)], rw=[out],
-                                cpus=BENCH_LAB_CPUS, kernel_args=kernel_args)
+                                cpus=1 if instruction_clock else BENCH_LAB_CPUS,
+                                kernel_args=kernel_args, instruction_clock=instruction_clock)
         except LabBroke:
             raise
         except LabError as e:
@@ -166,7 +170,10 @@ def _in_lab(script: str, kernel_args: Sequence[str]) -> dict[str, object]:
             return {"error": f"lab run failed with status {status}"}
         data: dict[str, object] = json.loads(result.read_text())
         if "error" not in data:
-            data["where"] = "lab (nested KVM under QEMU TCG); compare as a ratio"
+            data["where"] = ("lab (nested KVM under QEMU TCG); compare as a ratio"
+                             + ("; its clock counts instructions, one a nanosecond "
+                                "(kvmpy.lab.runner.ICOUNT_INSTRUCTIONS)"
+                                if instruction_clock else ""))
         return data
 
 

@@ -62,6 +62,14 @@ DEFAULT_BOOT_TIMEOUT = float(os.environ.get("KVMPY_LAB_BOOT_TIMEOUT", "120"))
 HEARTBEAT_TIMEOUT = float(os.environ.get("KVMPY_LAB_HEARTBEAT_TIMEOUT", "20"))
 DEFAULT_ACCEL = "tcg,thread=multi"
 DEFAULT_CPU_MODEL = "max"  # emulates AMD SVM, so the lab's kvm_amd loads
+# The instruction clock, for figures that must not move with the host's load (`make bench`'s
+# isolation_cost): QEMU's -icount makes the lab's clock count the instructions the lab runs,
+# the nested guest's included (shift=0: one a nanosecond), and never advance on its own
+# (sleep=off); it needs a single TCG thread. The lab's kernel must not idle (idle=poll):
+# an idle lab's clock jumps to its next timer, however far off, while it waits for the
+# host. What is left to vary is how long the lab spins waiting for the host's I/O.
+# `run_in_lab(..., instruction_clock=True)`.
+ICOUNT_INSTRUCTIONS = "shift=0,align=off,sleep=off"
 INSIDE_ENV = "KVMPY_IN_LAB"  # set to 1 in every command the lab runs
 KERNEL_CMDLINE = "console=ttyS0 panic=-1 quiet mitigations=off"
 # For timing VM start-up (`run_in_lab(..., kernel_args=[ZERO_FREED_PAGES])`): the lab kernel
@@ -83,7 +91,7 @@ Output = int | BinaryIO
 def qemu_argv(image: LabImage, job: Path, rw: Sequence[Path], mem: int, cpus: int,
               fds: Mapping[str, int], interactive: bool = False,
               kernel_args: Sequence[str] = (), accel: str = DEFAULT_ACCEL,
-              cpu_model: str = DEFAULT_CPU_MODEL) -> list[str]:
+              cpu_model: str = DEFAULT_CPU_MODEL, icount: str | None = None) -> list[str]:
     """The QEMU command line of one lab run (`fds`: chardev id -> fd QEMU inherits)."""
     argv = [
         QEMU, "-accel", accel, "-cpu", cpu_model, "-smp", str(cpus),
@@ -91,6 +99,7 @@ def qemu_argv(image: LabImage, job: Path, rw: Sequence[Path], mem: int, cpus: in
         "-append", " ".join([KERNEL_CMDLINE, *kernel_args]),
         "-display", "none", "-monitor", f"unix:{job / MONITOR_SOCKET},server=on,wait=off",
         "-nodefaults", "-no-user-config", "-no-reboot",
+        *(["-icount", icount] if icount else []),
         "-virtfs", f"local,path=/,mount_tag={ROOT_TAG},security_model=none,readonly=on,"
                    "multidevs=remap",
         "-virtfs", f"local,path={job},mount_tag={JOB_TAG},security_model=none,multidevs=remap",
@@ -256,7 +265,7 @@ def run_in_lab(argv: Sequence[str], *, rw: Sequence[str | os.PathLike[str]] = ()
                boot_timeout: float = DEFAULT_BOOT_TIMEOUT, verbose: bool = False,
                interactive: bool = False, quiet_timeout: float | None = None,
                kernel_args: Sequence[str] = (), accel: str = DEFAULT_ACCEL,
-               cpu_model: str = DEFAULT_CPU_MODEL,
+               cpu_model: str = DEFAULT_CPU_MODEL, instruction_clock: bool = False,
                heartbeat_timeout: float = HEARTBEAT_TIMEOUT,
                stats: LabStats | None = None) -> int:
     """Run `argv` in the lab and return its exit status; raise LabError if the lab fails.
@@ -270,6 +279,8 @@ def run_in_lab(argv: Sequence[str], *, rw: Sequence[str | os.PathLike[str]] = ()
     once started, is killed (LabError).
     The lab VM: `cpus`, `mem`, `accel` and `cpu_model` (QEMU's -accel and -cpu), and
     `kernel_args` added to the lab kernel's command line (e.g. `ZERO_FREED_PAGES`).
+    `instruction_clock`: the lab's clock counts its instructions (ICOUNT_INSTRUCTIONS;
+    `accel` is then QEMU's single TCG thread).
     `stats`, if given, is filled in with what the run measured of the lab.
     """
     ok, why = lab_status()
@@ -280,6 +291,10 @@ def run_in_lab(argv: Sequence[str], *, rw: Sequence[str | os.PathLike[str]] = ()
     if cpus < 1:
         raise LabError("--cpus must be at least 1")
     rw_dirs = _check_dirs(rw)
+    icount = None
+    if instruction_clock:
+        icount, accel, kernel_args = ICOUNT_INSTRUCTIONS, "tcg,thread=single", [
+            *kernel_args, "idle=poll"]
     workdir = str(Path(cwd if cwd is not None else os.getcwd()).resolve())
     environ = dict(os.environ if env is None else env)
     environ[INSIDE_ENV] = "1"
@@ -316,7 +331,7 @@ def run_in_lab(argv: Sequence[str], *, rw: Sequence[str | os.PathLike[str]] = ()
             with open(job / "qemu.log", "wb") as qemu_log:
                 proc = subprocess.Popen(
                     qemu_argv(image, job, rw_dirs, mem, cpus, writers, interactive,
-                              kernel_args, accel, cpu_model),
+                              kernel_args, accel, cpu_model, icount),
                     stdin=None if interactive else subprocess.DEVNULL,
                     stdout=qemu_log, stderr=qemu_log,
                     pass_fds=list(writers.values()), preexec_fn=_die_with_parent)

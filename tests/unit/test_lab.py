@@ -13,6 +13,7 @@ from kvmpy.lab.errors import LabError
 from kvmpy.lab.image import LabImage
 from kvmpy.lab.monitor import describe
 from kvmpy.lab.runner import (
+    ICOUNT_INSTRUCTIONS,
     KERNEL_CMDLINE,
     ZERO_FREED_PAGES,
     LabBroke,
@@ -35,7 +36,10 @@ def test_qemu_argv_shares_root_read_only_and_rw_dirs_read_write(tmp_path: Path) 
     assert "file,id=out,path=/proc/self/fd/8,append=on" in joined
     assert "virtserialport,bus=vser.0,chardev=err,name=kvmpy.stderr" in joined
     assert "virtserialport,bus=vser.0,chardev=beat,name=kvmpy.heartbeat" in joined
+    assert f"pipe,id=kick,path={tmp_path / 'job' / 'kick'}" in joined  # runner._Kick
+    assert "virtserialport,bus=vser.0,chardev=kick,name=kvmpy.kick" in joined
     assert argv[argv.index("-append") + 1] == KERNEL_CMDLINE
+    assert "-icount" not in argv
 
 
 def test_qemu_argv_adds_kernel_args_to_the_labs_command_line(tmp_path: Path) -> None:
@@ -54,6 +58,13 @@ def test_qemu_argv_takes_the_accelerator_and_cpu_model(tmp_path: Path) -> None:
     assert argv[argv.index("-accel") + 1] == "tcg,thread=single"
     assert argv[argv.index("-cpu") + 1] == "max,-x2apic"
     assert argv[argv.index("-smp") + 1] == "1"
+
+
+def test_qemu_argv_puts_the_lab_on_the_instruction_clock(tmp_path: Path) -> None:
+    image = LabImage(tmp_path, tmp_path / "vmlinux", tmp_path / "initrd", "6.1",
+                     tmp_path / "kallsyms")
+    argv = qemu_argv(image, tmp_path / "job", [], 1 << 30, 1, {}, icount=ICOUNT_INSTRUCTIONS)
+    assert argv[argv.index("-icount") + 1] == "shift=0,align=off,sleep=off"
 
 
 def test_failure_reason_prefers_the_labs_own_words(tmp_path: Path) -> None:
