@@ -171,7 +171,7 @@ def _in_lab(script: str, kernel_args: Sequence[str], instruction_clock: bool = F
         data: dict[str, object] = json.loads(result.read_text())
         if "error" not in data:
             data["where"] = ("lab (nested KVM under QEMU TCG); compare as a ratio"
-                             + ("; its clock counts instructions, one a nanosecond "
+                             + ("; its clock counts instructions, 4 ns each "
                                 "(kvmpy.lab.runner.ICOUNT_INSTRUCTIONS)"
                                 if instruction_clock else ""))
         return data

@@ -9,7 +9,7 @@ what the filters add to each of the vCPU's and the I/O thread's system calls (a 
 program run per call; Landlock checks only opens, and there are none after set-up).
 By the lab's wall clock both move by 10-20% from boot to boot, with the host's load, so
 the lab runs on its instruction clock (`run_in_lab(instruction_clock=True)`: time is the
-instructions the lab ran, the guest's included, one a nanosecond), where a boot varies by
+instructions the lab ran, the guest's included, 4 ns each), where a boot varies by
 about 1%. A third figure measures the filters where nothing else varies: the PIO exit
 loop of benchmarks/exit_latency.py (one KVM_RUN per exit, the call a filter is run for at
 every call), in a process per run.

@@ -64,12 +64,15 @@ DEFAULT_ACCEL = "tcg,thread=multi"
 DEFAULT_CPU_MODEL = "max"  # emulates AMD SVM, so the lab's kvm_amd loads
 # The instruction clock, for figures that must not move with the host's load (`make bench`'s
 # isolation_cost): QEMU's -icount makes the lab's clock count the instructions the lab runs,
-# the nested guest's included (shift=0: one a nanosecond), and never advance on its own
+# the nested guest's included (shift=2: 4 ns each, near TCG's own pace here, so a lab
+# second, and a heartbeat, still takes a few host seconds), and never advance on its own
 # (sleep=off); it needs a single TCG thread. The lab's kernel must not idle (idle=poll):
 # an idle lab's clock jumps to its next timer, however far off, while it waits for the
 # host. What is left to vary is how long the lab spins waiting for the host's I/O.
-# `run_in_lab(..., instruction_clock=True)`.
-ICOUNT_INSTRUCTIONS = "shift=0,align=off,sleep=off"
+# `run_in_lab(..., instruction_clock=True)`; its heartbeats come per lab second, so a
+# loaded host spaces them further apart: INSTRUCTION_CLOCK_HEARTBEAT_TIMEOUT.
+ICOUNT_INSTRUCTIONS = "shift=2,align=off,sleep=off"
+INSTRUCTION_CLOCK_HEARTBEAT_TIMEOUT = 120.0
 INSIDE_ENV = "KVMPY_IN_LAB"  # set to 1 in every command the lab runs
 KERNEL_CMDLINE = "console=ttyS0 panic=-1 quiet mitigations=off"
 # For timing VM start-up (`run_in_lab(..., kernel_args=[ZERO_FREED_PAGES])`): the lab kernel
@@ -295,6 +298,7 @@ def run_in_lab(argv: Sequence[str], *, rw: Sequence[str | os.PathLike[str]] = ()
     if instruction_clock:
         icount, accel, kernel_args = ICOUNT_INSTRUCTIONS, "tcg,thread=single", [
             *kernel_args, "idle=poll"]
+        heartbeat_timeout = max(heartbeat_timeout, INSTRUCTION_CLOCK_HEARTBEAT_TIMEOUT)
     workdir = str(Path(cwd if cwd is not None else os.getcwd()).resolve())
     environ = dict(os.environ if env is None else env)
     environ[INSIDE_ENV] = "1"

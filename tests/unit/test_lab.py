@@ -64,7 +64,7 @@ def test_qemu_argv_puts_the_lab_on_the_instruction_clock(tmp_path: Path) -> None
     image = LabImage(tmp_path, tmp_path / "vmlinux", tmp_path / "initrd", "6.1",
                      tmp_path / "kallsyms")
     argv = qemu_argv(image, tmp_path / "job", [], 1 << 30, 1, {}, icount=ICOUNT_INSTRUCTIONS)
-    assert argv[argv.index("-icount") + 1] == "shift=0,align=off,sleep=off"
+    assert argv[argv.index("-icount") + 1] == "shift=2,align=off,sleep=off"
 
 
 def test_failure_reason_prefers_the_labs_own_words(tmp_path: Path) -> None:
