@@ -72,6 +72,7 @@ DEFAULT_CPU_MODEL = "max"  # emulates AMD SVM, so the lab's kvm_amd loads
 # `run_in_lab(..., instruction_clock=True)`; its heartbeats come per lab second, so a
 # loaded host spaces them further apart: INSTRUCTION_CLOCK_HEARTBEAT_TIMEOUT.
 ICOUNT_INSTRUCTIONS = "shift=2,align=off,sleep=off"
+ICOUNT_ACCEL = "tcg,thread=single"
 INSTRUCTION_CLOCK_HEARTBEAT_TIMEOUT = 120.0
 INSIDE_ENV = "KVMPY_IN_LAB"  # set to 1 in every command the lab runs
 KERNEL_CMDLINE = "console=ttyS0 panic=-1 quiet mitigations=off"
@@ -267,7 +268,7 @@ def run_in_lab(argv: Sequence[str], *, rw: Sequence[str | os.PathLike[str]] = ()
                stdout: Output = 1, stderr: Output = 2, timeout: float | None = None,
                boot_timeout: float = DEFAULT_BOOT_TIMEOUT, verbose: bool = False,
                interactive: bool = False, quiet_timeout: float | None = None,
-               kernel_args: Sequence[str] = (), accel: str = DEFAULT_ACCEL,
+               kernel_args: Sequence[str] = (), accel: str | None = None,
                cpu_model: str = DEFAULT_CPU_MODEL, instruction_clock: bool = False,
                heartbeat_timeout: float = HEARTBEAT_TIMEOUT,
                stats: LabStats | None = None) -> int:
@@ -280,12 +281,15 @@ def run_in_lab(argv: Sequence[str], *, rw: Sequence[str | os.PathLike[str]] = ()
     sends none within `boot_timeout`, has stopped making progress: LabStalled, with
     where its CPUs were. `quiet_timeout`: a command that prints nothing for this long,
     once started, is killed (LabError).
-    The lab VM: `cpus`, `mem`, `accel` and `cpu_model` (QEMU's -accel and -cpu), and
-    `kernel_args` added to the lab kernel's command line (e.g. `ZERO_FREED_PAGES`).
+    The lab VM: `cpus`, `mem`, `accel` (default DEFAULT_ACCEL) and `cpu_model` (QEMU's
+    -accel and -cpu), and `kernel_args` added to the lab kernel's command line (e.g.
+    `ZERO_FREED_PAGES`).
     `instruction_clock`: the lab's clock counts its instructions (ICOUNT_INSTRUCTIONS;
-    `accel` is then QEMU's single TCG thread).
+    it needs QEMU's single TCG thread, so another `accel` is refused).
     `stats`, if given, is filled in with what the run measured of the lab.
     """
+    if instruction_clock and accel not in (None, ICOUNT_ACCEL):
+        raise LabError(f"the lab's instruction clock needs -accel {ICOUNT_ACCEL}, not {accel}")
     ok, why = lab_status()
     if not ok:
         raise LabError(why)
@@ -296,9 +300,10 @@ def run_in_lab(argv: Sequence[str], *, rw: Sequence[str | os.PathLike[str]] = ()
     rw_dirs = _check_dirs(rw)
     icount = None
     if instruction_clock:
-        icount, accel, kernel_args = ICOUNT_INSTRUCTIONS, "tcg,thread=single", [
+        icount, accel, kernel_args = ICOUNT_INSTRUCTIONS, ICOUNT_ACCEL, [
             *kernel_args, "idle=poll"]
         heartbeat_timeout = max(heartbeat_timeout, INSTRUCTION_CLOCK_HEARTBEAT_TIMEOUT)
+    accel = accel or DEFAULT_ACCEL
     workdir = str(Path(cwd if cwd is not None else os.getcwd()).resolve())
     environ = dict(os.environ if env is None else env)
     environ[INSIDE_ENV] = "1"

@@ -101,7 +101,9 @@ class KvmpyProcess:
             self.proc.kill()
         assert self.proc.stderr is not None
         err = self.proc.stderr.read().decode(errors="replace")
-        return AssertionError(f"{why}, stderr {err[-6000:]!r}; output ends with "
+        if len(err) > 8000:  # the first error and the SIGUSR2 dump at the end both matter
+            err = f"{err[:2000]}\n[... {len(err) - 8000} characters ...]\n{err[-6000:]}"
+        return AssertionError(f"{why}, stderr {err!r}; output ends with "
                               f"{self.output[-1500:]!r}")
 
     def send(self, text: str) -> None:

@@ -21,6 +21,7 @@ from kvmpy.lab.runner import (
     _failure_reason,
     _lab_failure,
     qemu_argv,
+    run_in_lab,
 )
 
 
@@ -67,6 +68,13 @@ def test_qemu_argv_puts_the_lab_on_the_instruction_clock(tmp_path: Path) -> None
     assert argv[argv.index("-icount") + 1] == "shift=2,align=off,sleep=off"
 
 
+def test_the_instruction_clock_refuses_another_accelerator() -> None:
+    # checked before anything else: this machine may have no lab at all
+    with pytest.raises(LabError, match="instruction clock needs -accel tcg,thread=single, "
+                                       "not tcg,thread=multi"):
+        run_in_lab(["true"], instruction_clock=True, accel="tcg,thread=multi")
+
+
 def test_failure_reason_prefers_the_labs_own_words(tmp_path: Path) -> None:
     console = ["[    1.0] something", "kvmpy-lab-error: cannot mount the host root", ""]
     assert _failure_reason(tmp_path, 0, console) == (
@@ -108,8 +116,6 @@ def test_cli_reports_a_lab_that_cannot_start_in_one_line(
 
 
 def test_rw_must_be_a_directory(tmp_path: Path) -> None:
-    from kvmpy.lab.runner import run_in_lab
-
     if shutil.which("qemu-system-x86_64") is None:
         pytest.skip("qemu-system-x86 not installed")
     with pytest.raises(LabError, match="not a directory"):
