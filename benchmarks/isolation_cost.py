@@ -1,7 +1,8 @@
 """What confinement costs (docs/isolation.md): kvmpy's minimal guest booted to its /init,
 and virtio-blk throughput, with no confinement (`--seccomp off`) beside the default
 (`--seccomp kill`, each thread on its allow-list) and the default with Landlock
-(`--landlock on`), in one lab session. Target: at most 3%.
+(`--landlock on`), side by side in one run (two lab sessions, below). Target: at
+most 3%.
 
 The boot figure is what lock_down adds on the way (libseccomp loaded, the filters
 compiled and loaded, the Landlock rules, the I/O thread restarted); the disk figure is
@@ -11,17 +12,23 @@ By the lab's wall clock both move by 10-20% from boot to boot, with the host's l
 the boots run in a lab on its instruction clock (`run_in_lab(instruction_clock=True)`:
 time is the instructions the lab ran, the guest's included, 4 ns each), where a boot
 varies by under 1%. The disk figure stays on the wall clock, in a second lab session:
-on the instruction clock its guest hung in both sessions that tried (docs/isolation.md).
+on the instruction clock about one disk boot in four deadlocks in the guest, and a
+guest spinning stops that lab's clock (docs/lab.md); the guest times each transfer in
+ns (benchmarks/virtio_blk.py).
 A third figure measures the filters where nothing else varies: the PIO exit loop of
 benchmarks/exit_latency.py (one KVM_RUN per exit, the call a filter is run for at every
 call), in a process per run, beside the disk.
 
 The lab's timings drift within a session as well as between sessions, so the modes run
-in rounds, each mode once a round, in an order that turns around every round (off, kill,
-landlock; landlock, kill, off; ...). Each disk figure is the median of PASSES transfers
-in one boot. Each cost is the median over the rounds of the round's ratio to `off` in
-that round, with the quartiles of those ratios beside it: a cost inside its quartiles'
-spread is noise, not a cost.
+in rounds, each mode once a round, in an order that rotates every round (off, kill,
+landlock; kill, landlock, off; landlock, off, kill; ...): over three rounds each mode
+runs once in each place, and never twice in a row. (An order that turned around every
+round put Landlock first in every odd round and `off` first in every even one; in one
+session the first run of a round was the slower by 1-5% on average, so Landlock's cost
+came out high in odd rounds and low in even ones.) Each disk figure is the median of
+PASSES transfers in one boot. Each cost is the median over the rounds of the round's
+ratio to `off` in that round, with the quartiles of those ratios beside it: a cost
+inside its quartiles' spread is noise, not a cost.
 """
 
 from __future__ import annotations
@@ -48,7 +55,7 @@ from common import (  # noqa: E402
     write_result,
 )
 
-ROUNDS = int(os.environ.get("KVMPY_BENCH_ROUNDS", "8"))
+ROUNDS = int(os.environ.get("KVMPY_BENCH_ROUNDS", "9"))  # a multiple of 3: see rotation()
 PASSES = 3  # virtio_blk's write-then-read, this many times a boot: the boot's median
 MODES = {"off": ["--seccomp", "off"], "kill": ["--seccomp", "kill"],
          "landlock": ["--seccomp", "kill", "--landlock", "on"]}
@@ -56,6 +63,12 @@ MODES = {"off": ["--seccomp", "off"], "kill": ["--seccomp", "kill"],
 # `exits` (on the wall clock); `linux` is `boot disk`
 FIGURE_NAMES = ("boot", "disk", "exits")
 EXITS, EXIT_ROUNDS = 20_000, 10  # the PIO exit loop: ~100 us an exit in the lab
+
+
+def rotation(i: int) -> list[str]:
+    """Round `i`'s order of the modes: the modes rotated by `i`."""
+    modes = list(MODES)
+    return modes[i % len(modes):] + modes[:i % len(modes)]
 
 
 def quartiles(values: list[float]) -> list[float]:
@@ -66,7 +79,7 @@ def quartiles(values: list[float]) -> list[float]:
 def costs(figures: dict[str, list[float]], slower: bool) -> dict[str, object]:
     """Each confined mode against `off`, round by round: its median cost (a fraction;
     `slower`: the figure is a time, so more is worse; else a rate) and the quartiles of
-    the rounds' costs."""
+    the rounds' costs; and the cost of its median against `off`'s."""
     out: dict[str, object] = {}
     for mode in MODES:
         if mode == "off":
@@ -75,20 +88,18 @@ def costs(figures: dict[str, list[float]], slower: bool) -> dict[str, object]:
                   for x, o in zip(figures[mode], figures["off"], strict=True)]
         out[f"cost_{mode}"] = round(median(rounds), 4)
         out[f"cost_{mode}_quartiles"] = [round(c, 4) for c in quartiles(rounds)]
+        # the same from each mode's median over the session (rotation() spreads the
+        # drift evenly over the modes): less noisy than a ratio of two single runs
+        ratio = median(figures[mode]) / median(figures["off"])
+        out[f"cost_{mode}_of_medians"] = round((ratio - 1) if slower else (1 - ratio), 4)
     return out
 
 
 def _disk_passes(virtio_blk: Any, name: str, argv: list[str]) -> dict[str, float]:
     """One boot running virtio_blk's script PASSES times: the median MB/s each way."""
     seen = run_until(name, argv, re.compile(rb"(?s)(blkbench write.*?end.*?){%d}" % PASSES))
-    passes = [m.groups() for m in virtio_blk.RESULT.finditer(seen)]
-    if any(int(w) or int(r) for w, _, _, r, _, _ in passes):
-        raise RuntimeError(f"{name}: dd failed in the guest: {seen[-1500:]!r}")
-    size = virtio_blk.IMAGE_MIB << 20
-    return {"write_mb_s": median([size / (float(t1) - float(t0)) / 1e6
-                                  for _, t0, t1, _, _, _ in passes]),
-            "read_mb_s": median([size / (float(t3) - float(t2)) / 1e6
-                                 for _, _, _, _, t2, t3 in passes])}
+    passes = [virtio_blk.rates(m, name) for m in virtio_blk.RESULT.finditer(seen)]
+    return {key: median([p[key] for p in passes]) for key in ("write_mb_s", "read_mb_s")}
 
 
 def exit_ns(mode: str) -> float:
@@ -135,7 +146,7 @@ def measure(figures: list[str] | None = None) -> dict[str, object]:
         # Python runs: the most the filters can cost anything else per exit
         exits: dict[str, list[float]] = {m: [] for m in MODES}
         for i in range(EXIT_ROUNDS):
-            for m in list(MODES) if i % 2 == 0 else list(MODES)[::-1]:
+            for m in rotation(i):
                 exits[m].append(_exits(m))
         out["exit_rounds"], out["exits_per_run"] = EXIT_ROUNDS, EXITS
         out["pio_exit_ns"] = {m: round(median(exits[m])) for m in MODES}
@@ -168,7 +179,7 @@ def _boots_and_disks(boots: bool, disks: bool) -> dict[str, object]:
         with open(image, "wb") as f:
             f.truncate(virtio_blk.IMAGE_MIB << 20)
         for i in range(ROUNDS):
-            order = list(MODES) if i % 2 == 0 else list(MODES)[::-1]
+            order = rotation(i)
             for m in order if boots else ():
                 boot_s[m].append(linux_boot._time_to_marker(kvmpy + MODES[m],
                                                             INIT_MARKER.encode()))

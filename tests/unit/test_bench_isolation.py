@@ -1,0 +1,70 @@
+"""What confinement costs is measured fairly: every mode in every place of a round, never
+twice in a row, and each transfer timed by the guest's clock in ns."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+def bench_module(name: str) -> ModuleType:
+    if str(BENCH) not in sys.path:
+        sys.path.insert(0, str(BENCH))  # the benchmarks import their `common`
+    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_order_rotates_so_each_mode_runs_once_in_each_place() -> None:
+    cost = bench_module("isolation_cost")
+    modes = list(cost.MODES)
+    for first in range(0, 9, len(modes)):
+        rounds = [cost.rotation(i) for i in range(first, first + len(modes))]
+        for place in range(len(modes)):
+            assert sorted(r[place] for r in rounds) == sorted(modes)
+    runs = [m for i in range(9) for m in cost.rotation(i)]
+    assert all(a != b for a, b in zip(runs, runs[1:], strict=False))
+
+
+def test_costs_per_round_and_of_the_medians() -> None:
+    cost = bench_module("isolation_cost")
+    rates = {"off": [100.0, 90.0, 110.0], "kill": [99.0, 89.1, 108.9],
+             "landlock": [90.0, 81.0, 99.0]}
+    out = cost.costs(rates, slower=False)
+    assert out["cost_kill"] == pytest.approx(0.01)
+    assert out["cost_landlock"] == pytest.approx(0.1)
+    assert out["cost_kill_of_medians"] == pytest.approx(0.01)
+    times = {"off": [2.0, 2.0], "kill": [2.02, 2.02], "landlock": [2.0, 2.0]}
+    assert cost.costs(times, slower=True)["cost_kill_of_medians"] == pytest.approx(0.01)
+
+
+def test_a_transfer_is_timed_in_ns_by_the_guests_clock(tmp_path: Path) -> None:
+    blk = bench_module("virtio_blk")
+    now = blk.BENCH_SCRIPT.splitlines()[0]
+    assert now.startswith("now() {") and "/proc/timer_list" in now
+    timer_list = tmp_path / "timer_list"
+    timer_list.write_text("Timer List Version: v0.9\nHRTIMER_MAX_CLOCK_BASES: 8\n"
+                          "now at 2866436346897 nsecs\n\ncpu: 0\n")
+    script = now.replace("/proc/timer_list", str(timer_list)) + "\nnow\n"
+    assert subprocess.run(["sh", "-c", script], capture_output=True, text=True,
+                          check=True).stdout == "2866436346897\n"
+    # 128 MiB written in 1 s and read in 0.5 s
+    line = b"blkbench write 0 1000000000 2000000000 read 0 3000000000 3500000000 end"
+    found = blk.RESULT.search(line)
+    assert found is not None
+    size = blk.IMAGE_MIB << 20
+    assert blk.rates(found, "kvmpy") == pytest.approx(
+        {"write_mb_s": size / 1e6, "read_mb_s": 2 * size / 1e6})
+    failed = blk.RESULT.search(line.replace(b"write 0", b"write 1"))
+    assert failed is not None
+    with pytest.raises(RuntimeError, match="dd failed"):
+        blk.rates(failed, "kvmpy")
