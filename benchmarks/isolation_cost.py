@@ -12,7 +12,7 @@ By the lab's wall clock both move by 10-20% from boot to boot, with the host's l
 the boots run in a lab on its instruction clock (`run_in_lab(instruction_clock=True)`:
 time is the instructions the lab ran, the guest's included, 4 ns each), where a boot
 varies by under 1%. The disk figure stays on the wall clock, in a second lab session:
-on the instruction clock about one disk boot in four deadlocks in the guest, and a
+on the instruction clock the disk guest deadlocked 4 times in at most 11 boots, and a
 guest spinning stops that lab's clock (docs/lab.md); the guest times each transfer in
 ns (benchmarks/virtio_blk.py).
 A third figure measures the filters where nothing else varies: the PIO exit loop of
