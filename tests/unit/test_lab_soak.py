@@ -2,19 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-from types import ModuleType
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def soak_module() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("lab_soak", ROOT / "benchmarks" / "lab_soak.py")
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.bench_kit import bench_module
 
 
 def boot(vmm: str, ok: bool, s: float = 5.0) -> dict:
@@ -25,7 +13,7 @@ def boot(vmm: str, ok: bool, s: float = 5.0) -> dict:
 
 
 def test_guest_deaths_lab_deaths_and_stalls_are_counted_apart() -> None:
-    soak = soak_module()
+    soak = bench_module("lab_soak")
     args = soak.parse(["--boots", "3", "--label", "t"])
     records = [boot("kvmpy", True), boot("qemu", True), boot("kvmpy", False),
                boot("qemu", False), boot("kvmpy", True, 7.0), boot("qemu", False)]
