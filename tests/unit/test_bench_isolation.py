@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -55,3 +56,60 @@ def test_a_transfer_is_timed_in_ns_by_the_guests_clock(tmp_path: Path) -> None:
     assert failed is not None
     with pytest.raises(RuntimeError, match="dd failed"):
         blk.rates(failed, "kvmpy")
+
+
+def test_a_boots_first_transfers_are_not_counted(monkeypatch: pytest.MonkeyPatch) -> None:
+    cost = bench_module("isolation_cost")
+    blk = bench_module("virtio_blk")
+    size = blk.IMAGE_MIB << 20
+
+    def line(write_s: float, read_s: float) -> bytes:  # a pass, timed in ns
+        return (f"blkbench write 0 0 {int(write_s * 1e9)} read 0 0 {int(read_s * 1e9)} "
+                "end\n").encode()
+
+    # the warm-up far slower than the counted passes, which differ among themselves
+    output = line(4.0, 4.0) + b"".join(line(1.0 + i / 10, 0.5) for i in range(cost.PASSES))
+
+    def run_until(name: str, argv: list[str], pattern: Any) -> bytes:
+        short = output.rsplit(b"blkbench", 1)[0]
+        assert pattern.search(short) is None, "stops before the last pass"
+        assert pattern.search(output) is not None
+        return output
+
+    monkeypatch.setattr(cost, "run_until", run_until)
+    assert cost.WARMUP_PASSES == 1
+    got = cost._disk_passes(blk, "kvmpy", [])
+    counted = sorted(size / 1e6 / (1.0 + i / 10) for i in range(cost.PASSES))
+    assert got["write_mb_s"] == pytest.approx(cost.median(counted))
+    assert got["read_mb_s"] == pytest.approx(2 * size / 1e6)
+
+
+def test_a_quiet_instruction_clock_lab_is_measured_again_in_a_new_one(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """Where a nested guest deadlocks (docs/lab.md), the lab's clock crawls and the bench
+    prints nothing: that session is given up and the figures measured in a new lab."""
+    import kvmpy.lab
+    from kvmpy.lab.runner import CommandQuiet
+
+    common = bench_module("common")
+    runs: list[dict[str, Any]] = []
+
+    def run_in_lab(argv: list[str], **kwargs: Any) -> int:
+        runs.append(kwargs)
+        if len(runs) == 1:
+            raise CommandQuiet("the command printed nothing for 600 s")
+        Path(argv[-1]).write_text('{"boot_s": 1.0}')
+        return 0
+
+    monkeypatch.setattr(kvmpy.lab, "can_boot_linux", lambda: False)
+    monkeypatch.setattr(kvmpy.lab, "run_in_lab", run_in_lab)
+    data = common.in_linux_capable_place("bench.py", dict, instruction_clock=True)
+    assert data["boot_s"] == 1.0 and "printed nothing" in data["stalled_before"]
+    assert "RETRY" in capsys.readouterr().err
+    assert [r["quiet_timeout"] for r in runs] == [common.INSTRUCTION_CLOCK_QUIET_S] * 2
+    assert all(r["instruction_clock"] and r["cpus"] == 1 for r in runs)
+    # on the wall clock a quiet command is the command's own failure, not the lab's
+    runs.clear()
+    monkeypatch.setattr(kvmpy.lab, "run_in_lab", lambda argv, **kw: runs.append(kw) or 0)
+    assert "error" in common.in_linux_capable_place("bench.py", dict)
+    assert runs[0]["quiet_timeout"] is None and runs[0]["cpus"] == common.BENCH_LAB_CPUS
