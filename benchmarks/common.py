@@ -103,16 +103,13 @@ def run_until(name: str, argv: list[str], pattern: re.Pattern[bytes],
 
 def in_linux_capable_place(script: str, measure: Callable[[], dict[str, object]],
                            lab_kernel_args: Sequence[str] = (),
-                           instruction_clock: bool = False,
-                           lab_cpus: int | None = None) -> dict[str, object]:
+                           lab_cpus: int = 0) -> dict[str, object]:
     """Run `measure` here if /dev/kvm boots Linux, else run `script RESULT` in one lab session.
 
     The script, run with a path, calls `measure()` and writes its JSON there (see
     `write_result`); the lab shares the result's directory back. `lab_kernel_args` go on
-    the lab kernel's command line (`kvmpy.lab.run_in_lab`); `instruction_clock`: a lab of
-    one CPU whose clock counts instructions, so the figures are work, not the host's speed;
-    `lab_cpus`: the lab's CPUs (else one on the instruction clock, BENCH_LAB_CPUS on the
-    wall clock).
+    the lab kernel's command line (`kvmpy.lab.run_in_lab`); `lab_cpus`: the lab's CPUs
+    (else BENCH_LAB_CPUS).
     """
     from kvmpy.lab import LabError, can_boot_linux
     from kvmpy.lab.runner import LabBroke
@@ -120,13 +117,13 @@ def in_linux_capable_place(script: str, measure: Callable[[], dict[str, object]]
     if can_boot_linux():
         return measure()
     try:
-        return _in_lab(script, lab_kernel_args, instruction_clock, lab_cpus)
+        return _in_lab(script, lab_kernel_args, lab_cpus)
     except LabBroke as e:  # the lab stalled or died (kvmpy/lab/runner.py): once more
         stalled = str(e)
         print(f"bench: RETRY: the lab failed ({e}); measuring in a new lab", file=sys.stderr,
               flush=True)
     try:
-        data = _in_lab(script, lab_kernel_args, instruction_clock, lab_cpus)
+        data = _in_lab(script, lab_kernel_args, lab_cpus)
     except LabError as e:
         return {"error": str(e), "stalled_before": stalled}
     data["stalled_before"] = stalled  # the figures are from a second lab session
@@ -134,8 +131,7 @@ def in_linux_capable_place(script: str, measure: Callable[[], dict[str, object]]
 
 
 def linux_guest_benchmark(script: str, measure: Callable[[], dict[str, object]],
-                          instruction_clock: bool = False, lab_cpus: int | None = None
-                          ) -> dict[str, object]:
+                          lab_cpus: int = 0) -> dict[str, object]:
     """`in_linux_capable_place` for a benchmark of kvmpy's minimal kernel: its bzImage is
     unpacked into the cache first (the lab's view of the cache is read-only), and the lab
     zeroes freed pages (without it a second of TCG's, now and then, lands on either VMM;
@@ -146,49 +142,33 @@ def linux_guest_benchmark(script: str, measure: Callable[[], dict[str, object]],
 
     if unpack_file(assets.kernel_path().bzimage) is None:
         raise RuntimeError("cannot unpack kvmpy's minimal kernel into its cache")
-    return in_linux_capable_place(script, measure, [ZERO_FREED_PAGES], instruction_clock,
-                                  lab_cpus)
+    return in_linux_capable_place(script, measure, [ZERO_FREED_PAGES], lab_cpus)
 
 
 # The benchmarks' figures (README, docs/) were measured in a lab of two CPUs, where a
 # two-vCPU guest's vCPUs run at once; a lab guest's death there costs a round, not a run.
 BENCH_LAB_CPUS = 2
-# A nested guest that deadlocks spinning on a lock in a lab on its instruction clock
-# crawls that lab's clock (docs/lab.md), and its heartbeat has not always stopped with
-# it: a bench there that prints nothing for this long (they print a line a round, every
-# minute or two) has met that deadlock, and is measured again in a new lab.
-INSTRUCTION_CLOCK_QUIET_S = 600.0
 
 
-def _in_lab(script: str, kernel_args: Sequence[str], instruction_clock: bool = False,
-            cpus: int | None = None) -> dict[str, object]:
+def _in_lab(script: str, kernel_args: Sequence[str], cpus: int = 0) -> dict[str, object]:
     """`script RESULT` in one lab session; its JSON, or {"error"}; raises LabBroke."""
     from kvmpy.lab import LabError, run_in_lab
-    from kvmpy.lab.runner import CommandQuiet, LabBroke
+    from kvmpy.lab.runner import LabBroke
 
     with tempfile.TemporaryDirectory() as out:
         result = Path(out) / "result.json"
         try:
             status = run_in_lab([sys.executable, os.path.abspath(script), str(result)], rw=[out],
-                                cpus=cpus or (1 if instruction_clock else BENCH_LAB_CPUS),
-                                kernel_args=kernel_args, instruction_clock=instruction_clock,
-                                quiet_timeout=INSTRUCTION_CLOCK_QUIET_S if instruction_clock
-                                else None)
+                                cpus=cpus or BENCH_LAB_CPUS, kernel_args=kernel_args)
         except LabBroke:
             raise
-        except CommandQuiet as e:  # (only on the instruction clock)
-            raise LabBroke(f"{e}: the nested guest's deadlock on the lab's instruction "
-                           "clock (docs/lab.md)") from None
         except LabError as e:
             return {"error": str(e)}
         if not result.exists():
             return {"error": f"lab run failed with status {status}"}
         data: dict[str, object] = json.loads(result.read_text())
         if "error" not in data:
-            data["where"] = ("lab (nested KVM under QEMU TCG); compare as a ratio"
-                             + ("; its clock counts instructions, 4 ns each "
-                                "(kvmpy.lab.runner.ICOUNT_INSTRUCTIONS)"
-                                if instruction_clock else ""))
+            data["where"] = "lab (nested KVM under QEMU TCG); compare as a ratio"
         return data
 
 

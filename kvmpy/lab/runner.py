@@ -409,10 +409,6 @@ class LabStalled(LabBroke):
     cpus = ""
 
 
-class CommandQuiet(LabError):
-    """The command printed nothing for `quiet_timeout` seconds, and was ended."""
-
-
 class LabDied(LabBroke):
     """The lab went down under the command: its kernel panicked, or QEMU ended (a reset
     of the emulated machine, with -no-reboot) with no word from the lab."""
@@ -450,7 +446,7 @@ def _wait(proc: subprocess.Popen[bytes], job: Path, limits: _Limits, heartbeat: 
                                  f"for {silent[1]:.0f} s")
             if (ready_at is not None and limits.quiet is not None
                     and now - max(last_output(), ready_at) > limits.quiet):
-                raise CommandQuiet(f"the command printed nothing for {limits.quiet:.0f} s")
+                raise LabError(f"the command printed nothing for {limits.quiet:.0f} s")
             if limits.timeout is not None and now - started > limits.timeout:
                 raise LabError(f"the command did not finish in the lab within "
                                f"{limits.timeout:.0f} s")
