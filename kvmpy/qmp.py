@@ -126,9 +126,12 @@ class QmpServer:
         old = os.umask(0o077)  # only this user may connect
         try:
             self._sock.bind(str(self.path))
+            self._sock.listen(MAX_CLIENTS)
+        except OSError as e:  # (a file system without sockets, a path too long...)
+            self._sock.close()
+            raise ConfigError(f"--qmp unix:{self.path}: {e.strerror or e}") from None
         finally:
             os.umask(old)
-        self._sock.listen(MAX_CLIENTS)
         self._thread = threading.Thread(target=self._accept, name="qmp", daemon=True)
         self._commands: dict[str, Callable[[dict[str, Any]], Any]] = {
             "qmp_capabilities": lambda _: {},

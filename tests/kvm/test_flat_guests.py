@@ -87,11 +87,13 @@ def test_stats_json_counts_exits_by_port(guest_dir: Path) -> None:
     (["--flat", "x.bin", "--mem", "12Q"], "bad size"),
     (["--flat", "x.bin", "--mem", "1000"], "multiple of 4 KiB"),
     (["--flat", "{small}", "--mode", "real", "--cpl", "3"], "--cpl 3 needs --mode long"),
+    (["--flat", "{small}", "--qmp", "unix:{long}"], "AF_UNIX path too long"),
 ])
 def test_bad_input_is_one_line(args: list[str], message: str, tmp_path: Path) -> None:
     (tmp_path / "big").write_bytes(bytes(1 << 20))
     (tmp_path / "small").write_bytes(b"\xf4")
-    args = [a.format(big=tmp_path / "big", small=tmp_path / "small") for a in args]
+    args = [a.format(big=tmp_path / "big", small=tmp_path / "small",
+                     long=tmp_path / ("q" * 120)) for a in args]
     r = kvmpy("run", *args)
     assert r.returncode != 0
     assert message in r.stderr
