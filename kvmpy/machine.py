@@ -330,6 +330,7 @@ class Machine:
         self._running = threading.Event()  # clear while paused: console input waits
         self._running.set()
         self._clock: dict[str, Any] | None = None  # kvmclock to put back before vCPUs run
+        self._clock_goes_on = False  # ... moved on by the host time since it was read
         self._restored = not booting  # (see _before_run)
         # 6. boot, or every part back as the snapshot has it
         self.linux_boot: LinuxBoot | None = None
@@ -486,18 +487,23 @@ class Machine:
             owners[f"virtio{i}"] = transport
         return owners
 
-    def capture_state(self, compact: bool = False) -> dict[str, Any]:
+    def capture_state(self, compact: bool = False, live: bool = False) -> dict[str, Any]:
         """The saved state of every part, a section each (kvmpy.state.stream): the VM,
         each vCPU, each device. Paused machines only (`pause`), or machines not started
         yet. (kvmpy.state.snapshot adds the configuration, from `as_built`.) `compact`:
-        the vCPUs' register structs as bytes (a migration's: `capture_vcpu`)."""
-        from kvmpy.kvm.state import capture_vcpu, capture_vm
+        the vCPUs' register structs as bytes (a migration's: `capture_vcpu`). kvmclock
+        is as it was when the guest stopped; `live` (a live migration's): as it is now,
+        read after the vCPUs' TSCs, for a destination that moves both on by the host
+        time since (`restorer(live=True)`)."""
+        from kvmpy.kvm.state import capture_clock, capture_vcpu, capture_vm
 
         sections = {"vm": capture_vm(self.vm)}
-        if self._clock is not None:  # the clock as it was when the guest stopped
+        if self._clock is not None:
             sections["vm"]["clock"] = self._clock
         for vcpu in self.vcpus:
             sections[f"vcpu{vcpu.index}"] = capture_vcpu(vcpu, compact)
+        if live:
+            sections["vm"]["clock"] = capture_clock(self.vm)
         for name, owner in self.stateful().items():
             sections[name] = owner.state()
         return sections
@@ -514,18 +520,21 @@ class Machine:
                 for net, dev in zip(self.config.nets, devices, strict=True)]
         return self.config._replace(nets=nets)
 
-    def restore_state(self, sections: dict[str, Any]) -> None:
+    def restore_state(self, sections: dict[str, Any], live: bool = False) -> None:
         """Give every part the state `capture_state` gave (see `restorer`)."""
-        self.restorer(sections)()
+        self.restorer(sections, live)()
 
-    def restorer(self, sections: dict[str, Any]) -> Callable[[], None]:
+    def restorer(self, sections: dict[str, Any], live: bool = False) -> Callable[[], None]:
         """Check `sections` (as `capture_state` gives them) against this machine; returns
         what gives every part its state, as often as asked (kvmpy.state.reset), in the
         order that keeps each consistent: devices first (their interrupt lines driven to
         their saved levels), then the irqchip and PIT over whatever those lines did,
         then the vCPUs (LAPICs last of all interrupt state); kvmclock just before the
         vCPUs run (`_before_run`). vCPUs must be out of KVM_RUN with nothing pending
-        (`settle`)."""
+        (`settle`). The guest sees no time pass since the capture, unless `live` (a live
+        migration's): then kvmclock and each vCPU's TSC go on by the host time since the
+        capture (its clock's `realtime`), so its timers keep to the host's time and
+        a pause does not lengthen a sleep."""
         from kvmpy.errors import SnapshotError
         from kvmpy.kvm.state import prepare_vcpu, restore_vm
         from kvmpy.state.values import restorer
@@ -547,9 +556,11 @@ class Machine:
             for put in devices:
                 put()
             self._clock = restore_vm(self.vm, sections["vm"])
+            self._clock_goes_on = live
+            since = self._clock["realtime"] if live else None
             if not vcpus:  # checked on the first restore, after the devices and VM were
-                vcpus.extend(prepare_vcpu(v, sections[f"vcpu{v.index}"], f"vcpu{v.index}")
-                             for v in self.vcpus)
+                vcpus.extend(prepare_vcpu(v, sections[f"vcpu{v.index}"], f"vcpu{v.index}",
+                                          since) for v in self.vcpus)
             for put in vcpus:
                 put()
 
@@ -584,8 +595,8 @@ class Machine:
         from kvmpy.kvm.state import restore_clock
 
         if self._clock is not None:
-            restore_clock(self.vm, self._clock)
-            self._clock = None
+            restore_clock(self.vm, self._clock, advance=self._clock_goes_on)
+            self._clock, self._clock_goes_on = None, False
             for vcpu in self.vcpus:
                 try:
                     vcpu.kvmclock_ctrl()

@@ -35,6 +35,7 @@ What it is not: guest RAM (kvmpy.state.ram) or device state (each device's own
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -201,11 +202,15 @@ def restore_vcpu(vcpu: Vcpu, state: object, where: str) -> None:
     prepare_vcpu(vcpu, state, where)()
 
 
-def prepare_vcpu(vcpu: Vcpu, state: object, where: str) -> Callable[[], None]:
+def prepare_vcpu(vcpu: Vcpu, state: object, where: str,
+                 since: int | None = None) -> Callable[[], None]:
     """Check a captured state and build the structs KVM takes; returns what puts them
     into `vcpu`, as often as asked (a fast reset, kvmpy.state.reset, puts the same
     state back many times: the checks and the MSRs KVM refuses are found once, and
-    later puts set the MSRs in one ioctl)."""
+    later puts set the MSRs in one ioctl). `since` (a live migration's): when the
+    state was captured, the host's CLOCK_REALTIME in ns; the first put moves the
+    guest's TSC on by the host time since then, as `restore_clock(advance=True)` moves
+    kvmclock, so that the guest's timers keep to the host's time."""
     vm = vcpu.vm
     r = StateReader(state, where)
     # set when the vCPU was created; read here only to be checked: at once when they
@@ -264,12 +269,24 @@ def prepare_vcpu(vcpu: Vcpu, state: object, where: str) -> Callable[[], None]:
         if set_accepted is None:
             if tsc_khz is not None:
                 _match_tsc_khz(vcpu, tsc_khz, where)
-            set_accepted = vcpu.msrs_setter(_set_msrs(vcpu, msrs, where))
+            khz = tsc_khz or _tsc_khz(vcpu)
+            if since is not None and khz is not None:
+                set_accepted = vcpu.msrs_setter(_set_msrs(vcpu, _tsc_moved_on(
+                    msrs, khz, since), where))
+            else:
+                set_accepted = vcpu.msrs_setter(_set_msrs(vcpu, msrs, where))
         else:
             _put(where, "msrs", set_accepted)
         _put(where, "events", vcpu.set_vcpu_events, events)
 
     return put
+
+
+def _tsc_moved_on(msrs: list[tuple[int, ...]], khz: int, since: int) -> list[tuple[int, ...]]:
+    """`msrs` with IA32_TSC on by the cycles of the host time since `since` (ns)."""
+    cycles = max(0, time.clock_gettime_ns(time.CLOCK_REALTIME) - since) * khz // 1_000_000
+    return [(index, (value + cycles) & U64) if index == MSR_IA32_TSC else (index, value)
+            for index, value in msrs]
 
 
 def _set_msrs(vcpu: Vcpu, msrs: list[tuple[int, ...]], where: str) -> list[tuple[int, int]]:
@@ -322,13 +339,15 @@ def _match_tsc_khz(vcpu: Vcpu, saved: int, where: str) -> None:
 
 # -- the VM ---------------------------------------------------------------------------------------
 def capture_clock(vm: Vm) -> dict[str, Any]:
-    """kvmclock now: its nanoseconds, and the host's CLOCK_REALTIME with them where KVM
-    says it (KVM_CLOCK_REALTIME). TSC_STABLE and HOST_TSC describe this host's clock
-    and are not kept; SET_CLOCK takes only REALTIME, which a restore uses or not as it
+    """kvmclock now: its nanoseconds, and the host's CLOCK_REALTIME with them: KVM's,
+    where it says it (KVM_CLOCK_REALTIME, read with the clock in one step), else read
+    here just after. TSC_STABLE and HOST_TSC describe this host's clock and are not
+    kept; a restore moves the clock on by the time since `realtime` or not, as it
     chooses (`restore_clock`)."""
     clock = vm.get_clock()
-    return {"ns": int(clock.clock),
-            "realtime": int(clock.realtime) if clock.flags & lib.KVM_CLOCK_REALTIME else None}
+    realtime = (int(clock.realtime) if clock.flags & lib.KVM_CLOCK_REALTIME else
+                time.clock_gettime_ns(time.CLOCK_REALTIME))
+    return {"ns": int(clock.clock), "realtime": realtime}
 
 
 def capture_vm(vm: Vm) -> dict[str, Any]:
@@ -376,10 +395,12 @@ def restore_vm(vm: Vm, state: object, where: str = "vm") -> dict[str, Any]:
 
 def restore_clock(vm: Vm, clock: dict[str, Any], *, advance: bool = False) -> None:
     """kvmclock back to its saved value, so guest time goes on from where it stopped.
-    `advance` (a live migration) adds the host time that passed since it was read,
-    where the saved clock carries it and KVM takes KVM_CLOCK_REALTIME."""
-    flags, realtime = 0, 0
-    supported = vm.kvm.check_extension("KVM_CAP_ADJUST_CLOCK")
-    if advance and clock["realtime"] is not None and supported & lib.KVM_CLOCK_REALTIME:
-        flags, realtime = lib.KVM_CLOCK_REALTIME, clock["realtime"]
-    _put("vm", "clock", vm.set_clock, clock["ns"], flags, realtime)
+    `advance` (a live migration) adds the host time that passed since it was read
+    (KVM adds it, with KVM_CLOCK_REALTIME, where it can)."""
+    ns, flags, realtime = clock["ns"], 0, 0
+    if advance and clock["realtime"] is not None:
+        if vm.kvm.check_extension("KVM_CAP_ADJUST_CLOCK") & lib.KVM_CLOCK_REALTIME:
+            flags, realtime = lib.KVM_CLOCK_REALTIME, clock["realtime"]  # (KVM adds it)
+        else:
+            ns += max(0, time.clock_gettime_ns(time.CLOCK_REALTIME) - clock["realtime"])
+    _put("vm", "clock", vm.set_clock, ns & U64, flags, realtime)

@@ -77,7 +77,7 @@ def receive(machine: Machine, address: wire.Address, on_listening: Any = None,
             if on_agreed is not None:
                 on_agreed()
             sections = _records(conn, machine, incoming)
-            machine.restore_state(sections)
+            machine.restore_state(sections, live=True)
             incoming.phases.mark("restored")
         except KvmpyError as e:
             error = str(e)

@@ -394,7 +394,7 @@ class Migration:
         self._send_runs(sock, _runs(memory, last))
         self.remaining = 0
         self.phases.mark("pages-sent")
-        sections = self.machine.capture_state(compact=True)
+        sections = self.machine.capture_state(compact=True, live=True)
         self.phases.mark("captured")
         state = stream.encode(sections)
         self.phases.mark("encoded")

@@ -12,6 +12,7 @@ checksum of a file held in guest RAM), typed input reaches each destination's sh
 each source exits with the migrated status and says so, and after the guest
 unmounts and powers off, `e2fsck -fn` finds the disk clean and its file counts
 without a gap. The kernel logs no distress in any of the three (the autouse check).
+Then a flat guest's time across a migration, where the lab's KVM takes a TSC written.
 
 Marked `lab`: runs where /dev/kvm boots Linux, else inside the one lab session.
 """
@@ -131,3 +132,13 @@ def test_linux_guest_migrates_twice_while_it_writes_memory(tmp_path: Path) -> No
     stored = subprocess.run(["debugfs", "-R", "cat /seq", str(disk)], capture_output=True,
                             text=True, check=True).stdout.split()
     assert stored == [str(i) for i in range(1, len(stored) + 1)] and len(stored) >= 8, stored
+
+
+def test_a_migrated_guest_keeps_to_the_host_time_tsc_too(guest_dir: Path, tmp_path: Path
+                                                         ) -> None:
+    """tests/kvm/test_migrate.py's check of guest time across a migration where KVM takes
+    a vCPU's TSC written, as the lab's does (this machine's PVM does not): kvmclock and
+    the TSC both go on by the host time between the capture and the run."""
+    from tests.kvm.test_migrate import check_guest_time_across_migration
+
+    check_guest_time_across_migration(guest_dir, tmp_path, tsc_required=True)
