@@ -38,7 +38,8 @@ QEMU's bandwidth cap, 128 MiB/s by default, lifted, as kvmpy has none). Figures:
   total_s           from `migrate` to completion (kvmpy's line; QEMU's total-time)
   rounds            pre-copy rounds (kvmpy's; QEMU's dirty-sync-count)
   sequence_ok       the two consoles together count every tick once
-  guest_deaths      rounds run again because the guest died (the lab's triple faults)
+  lost_rounds       rounds run again because the lab lost the guest: it died, or went
+                    quiet before its migration began (docs/lab.md, "Known failure modes")
 
 Medians of ROUNDS rounds per VMM and rate, alternating VMMs. Target: at the low rate,
 kvmpy's downtime <= 1.0 x QEMU's and <= 300 ms (downtime_ms, and the guest's stall).
@@ -75,14 +76,14 @@ DOWNTIME_LIMIT_MS = 300
 KVMPY_LINE = re.compile(r"migrated to \S+ \((\d+) rounds, ([\d.]+) MiB in ([\d.]+) s, "
                         r"downtime (\d+) ms\)")
 MARK = re.compile(r"([\w-]+) at ([\d.]+)")
-# a guest that dies in the lab (a triple fault: kvmpy exits 4, QEMU with -no-reboot 0;
-# docs/lab.md, "Known failure modes") costs its round, which runs again, up to this often
-# per rate; each is in the figures (`guest_deaths`)
+# a guest lost in the lab (docs/lab.md, "Known failure modes") costs its round, which
+# runs again, up to this often per rate; each is in the figures (`lost_rounds`)
 RETRIES = 2
 
 
-class GuestDied(RuntimeError):
-    """The guest's VMM exited with a dead guest's status before the round was over."""
+class GuestLost(RuntimeError):
+    """The guest died (the lab's triple fault: kvmpy exits 4, QEMU with -no-reboot 0),
+    or went quiet before its migration began."""
 
 
 class Console:
@@ -116,7 +117,7 @@ class Console:
         while not re.search(marker, self.seen):
             if time.monotonic() > deadline or self.proc.poll() is not None:
                 died = self.proc.returncode in (0, 4)
-                raise (GuestDied if died else RuntimeError)(
+                raise (GuestLost if died else RuntimeError)(
                     f"no {marker!r} (status {self.proc.returncode}): {self.seen[-300:]!r} "
                     f"{self.err.read_text()[-300:]}")
             time.sleep(0.01)
@@ -156,9 +157,12 @@ def one_migration(vmm: str, argv: list[str], rate: str, work: Path) -> dict[str,
     src = Console(src_argv, work / f"{vmm}-src.err")
     dst = None
     try:
-        src.wait_for(PROMPT)
-        src.type(WORKLOAD.format(blocks=mib * 16, sleep=sleep).encode())
-        src.wait_for(rb"seq=10 [\d.]+ [\d.]+\r?\n", 120)
+        try:
+            src.wait_for(PROMPT)
+            src.type(WORKLOAD.format(blocks=mib * 16, sleep=sleep).encode())
+            src.wait_for(rb"seq=10 [\d.]+ [\d.]+\r?\n", 120)
+        except RuntimeError as e:  # (nothing migrated yet: the lab lost the guest)
+            raise GuestLost(f"before the migration: {e}") from None
         dst = Console(dst_argv, work / f"{vmm}-dst.err")
         deadline = time.monotonic() + 60
         while not msock.exists():
@@ -222,7 +226,7 @@ def _kvmpy_result(src: Console, qmp: Any) -> dict[str, Any]:
                            ) from None
     line = KVMPY_LINE.search(src.err.read_text())
     if src.proc.returncode != 7 or line is None:
-        raise (GuestDied if src.proc.returncode == 4 else RuntimeError)(
+        raise (GuestLost if src.proc.returncode == 4 else RuntimeError)(
             f"kvmpy's source: status {src.proc.returncode}, {src.err.read_text()[-500:]}")
     rounds, _, total, downtime = line.groups()
     return {"reported_downtime_ms": float(downtime), "total_s": float(total),
@@ -321,22 +325,22 @@ def measure() -> dict[str, object]:
         for rate in [r for r in RATES if r in ONLY_RATES]:
             runs: dict[str, list[dict[str, Any]]] = {v: [] for v in ("kvmpy", "qemu")
                                                      if v in ONLY_VMMS}
-            deaths: list[str] = []
+            lost: list[str] = []
             for i in range(ROUNDS):
                 for vmm in runs:
                     while True:
                         try:
                             runs[vmm].append(one_migration(vmm, argvs[vmm], rate, work))
                             break
-                        except GuestDied as e:
-                            deaths.append(f"{vmm} round {i}: {str(e).splitlines()[0]}")
-                            print(f"migrate {rate} round {i} {vmm}: the guest died, once "
-                                  f"more: {e}", file=sys.stderr, flush=True)
-                            if len(deaths) > RETRIES:
+                        except GuestLost as e:
+                            lost.append(f"{vmm} round {i}: {str(e)[:300]}")
+                            print(f"migrate {rate} round {i} {vmm}: the guest was lost, "
+                                  f"once more: {e}", file=sys.stderr, flush=True)
+                            if len(lost) > RETRIES:
                                 raise
                     print(f"migrate {rate} round {i} {vmm}: {runs[vmm][-1]}", file=sys.stderr,
                           flush=True)
-            figures: dict[str, Any] = {"guest_deaths": deaths}
+            figures: dict[str, Any] = {"lost_rounds": lost}
             for vmm, results in runs.items():
                 for key in ("downtime_ms", "reported_downtime_ms", "sent_ms",
                             "guest_stall_ms", "total_s"):
