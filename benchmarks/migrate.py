@@ -82,8 +82,8 @@ RETRIES = 2
 
 
 class GuestLost(RuntimeError):
-    """The guest died (the lab's triple fault: kvmpy exits 4, QEMU with -no-reboot 0),
-    or went quiet before its migration began."""
+    """The guest died, at either end (the lab's triple fault: kvmpy exits 4, QEMU with
+    -no-reboot 0), or went quiet before its migration began."""
 
 
 class Console:

@@ -498,12 +498,12 @@ class Machine:
         from kvmpy.kvm.state import capture_clock, capture_vcpu, capture_vm
 
         sections = {"vm": capture_vm(self.vm)}
-        if self._clock is not None:
-            sections["vm"]["clock"] = self._clock
         for vcpu in self.vcpus:
             sections[f"vcpu{vcpu.index}"] = capture_vcpu(vcpu, compact)
         if live:
             sections["vm"]["clock"] = capture_clock(self.vm)
+        elif self._clock is not None:
+            sections["vm"]["clock"] = self._clock
         for name, owner in self.stateful().items():
             sections[name] = owner.state()
         return sections

@@ -269,12 +269,9 @@ def prepare_vcpu(vcpu: Vcpu, state: object, where: str,
         if set_accepted is None:
             if tsc_khz is not None:
                 _match_tsc_khz(vcpu, tsc_khz, where)
-            khz = tsc_khz or _tsc_khz(vcpu)
-            if since is not None and khz is not None:
-                set_accepted = vcpu.msrs_setter(_set_msrs(vcpu, _tsc_moved_on(
-                    msrs, khz, since), where))
-            else:
-                set_accepted = vcpu.msrs_setter(_set_msrs(vcpu, msrs, where))
+            khz = None if since is None else tsc_khz or _tsc_khz(vcpu)
+            first = msrs if since is None or khz is None else _tsc_moved_on(msrs, khz, since)
+            set_accepted = vcpu.msrs_setter(_set_msrs(vcpu, first, where))
         else:
             _put(where, "msrs", set_accepted)
         _put(where, "events", vcpu.set_vcpu_events, events)
