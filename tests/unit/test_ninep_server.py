@@ -10,8 +10,10 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import shutil
 import stat
 import struct
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -567,11 +569,11 @@ TYPES = sorted({*range(6, 128, 2)} | {wire.TVERSION, wire.TATTACH})
 def test_any_message_gets_a_well_formed_reply_and_never_an_exception(
         tmp_path_factory: pytest.TempPathFactory, mtype: int, tag: int, body: bytes,
         size_delta: int, room: int) -> None:
-    share = tmp_path_factory.getbasetemp() / "fuzzshare"
-    if not share.exists():
-        (share / "sub").mkdir(parents=True)
-        (share / "hello.txt").write_text("hi")
-        (share / "abs").symlink_to("/etc")
+    # a share of its own each time: a message before may have removed or renamed "sub"
+    share = Path(tempfile.mkdtemp(dir=tmp_path_factory.getbasetemp(), prefix="fuzzshare"))
+    (share / "sub").mkdir()
+    (share / "hello.txt").write_text("hi")
+    (share / "abs").symlink_to("/etc")
     server = NinePServer(str(share))
     trap = _ErrorLog()
     logger = logging.getLogger("kvmpy.ninep")
@@ -595,3 +597,4 @@ def test_any_message_gets_a_well_formed_reply_and_never_an_exception(
     finally:
         logger.removeHandler(trap)
         server.close()
+        shutil.rmtree(share, ignore_errors=True)
