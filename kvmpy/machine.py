@@ -497,13 +497,9 @@ class Machine:
         time since (`restorer(live=True)`)."""
         from kvmpy.kvm.state import capture_clock, capture_vcpu, capture_vm
 
-        sections = {"vm": capture_vm(self.vm)}
-        for vcpu in self.vcpus:
-            sections[f"vcpu{vcpu.index}"] = capture_vcpu(vcpu, compact)
-        if live:
-            sections["vm"]["clock"] = capture_clock(self.vm)
-        elif self._clock is not None:
-            sections["vm"]["clock"] = self._clock
+        vcpus = {f"vcpu{vcpu.index}": capture_vcpu(vcpu, compact) for vcpu in self.vcpus}
+        clock = self._clock if self._clock is not None and not live else capture_clock(self.vm)
+        sections = {"vm": capture_vm(self.vm, clock), **vcpus}
         for name, owner in self.stateful().items():
             sections[name] = owner.state()
         return sections

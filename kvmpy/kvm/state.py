@@ -347,10 +347,11 @@ def capture_clock(vm: Vm) -> dict[str, Any]:
     return {"ns": int(clock.clock), "realtime": realtime}
 
 
-def capture_vm(vm: Vm) -> dict[str, Any]:
-    """The VM-wide state KVM holds: kvmclock, and the in-kernel irqchip and PIT if any."""
+def capture_vm(vm: Vm, clock: dict[str, Any]) -> dict[str, Any]:
+    """The VM-wide state KVM holds: kvmclock (`clock`, as `capture_clock` read it when the
+    caller wants it read), and the in-kernel irqchip and PIT if any."""
     return {
-        "clock": capture_clock(vm),
+        "clock": clock,
         "irqchip": {name: b64(vm.get_irqchip(getattr(lib, chip)))
                     for name, chip in IRQCHIPS.items()} if vm.irqchip else None,
         "pit": b64(vm.get_pit2()) if vm.pit else None,
