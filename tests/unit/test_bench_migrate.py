@@ -37,7 +37,7 @@ def test_an_events_time_is_its_qemu_timestamp_past_other_events() -> None:
 
 
 @pytest.fixture
-def bench(monkeypatch: pytest.MonkeyPatch) -> Any:
+def migrate(monkeypatch: pytest.MonkeyPatch) -> Any:
     """The bench module, its guest files and command lines stood in for, low rate only,
     kvmpy only."""
     import kvmpy.assets
@@ -52,8 +52,7 @@ def bench(monkeypatch: pytest.MonkeyPatch) -> Any:
 
 
 def test_a_guest_lost_before_its_migration_costs_a_round_not_the_run(
-        bench: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    migrate = bench
+        migrate: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     results = iter([migrate.GuestLost("before the migration: no prompt"),
                     *[{"downtime_ms": 30.0, "reported_downtime_ms": 33.0, "sent_ms": 20.0,
                        "guest_stall_ms": 100.0, "total_s": 0.5, "sequence_ok": True}] * 2])
@@ -71,10 +70,8 @@ def test_a_guest_lost_before_its_migration_costs_a_round_not_the_run(
     assert len(low["kvmpy_all"]) == 2 and low["kvmpy_downtime_ms"] == 30.0
 
 
-def test_a_guest_lost_too_often_ends_the_run(bench: Any,
+def test_a_guest_lost_too_often_ends_the_run(migrate: Any,
                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    migrate = bench
-
     def one(vmm: str, argv: list[str], rate: str, work: Any) -> dict[str, Any]:
         raise migrate.GuestLost("died")
 
