@@ -1,7 +1,8 @@
 """Snapshots of flat guests on this machine's /dev/kvm: paused mid-run, saved, let run on,
 restored in new processes (the command line and QMP too): the guest's own counter
 goes on exactly where it was saved. Also the KVM state round trip and the refusals
-only a KVM can make (CPUID, device set, values KVM rejects)."""
+only a KVM can make (CPUID, device set, values KVM rejects), and any one change to a
+re-signed snapshot refused in one line or run."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from kvmpy.api import Guest
 from kvmpy.cpu.modes import Mode
@@ -23,7 +26,7 @@ from kvmpy.machine import DiskConfig, FlatConfig, Machine, MachineConfig
 from kvmpy.state.snapshot import open_snapshot
 from kvmpy.stop import StopKind
 from tests.qmp_kit import close, connect
-from tests.unit.hostile import resign
+from tests.unit.hostile import mutate, resign
 
 pytestmark = [pytest.mark.kvm, pytest.mark.usefixtures("temp_in_tmp_path")]
 
@@ -273,3 +276,35 @@ def test_a_network_device_keeps_its_mac_and_finds_its_tap_by_name(guest_dir: Pat
         with Guest.restore(snap, nets=["tap=kvmpysnap1"]) as g:  # or another tap
             net = g.machine.virtio[0][0].device
             assert (net.backend.name, net.mac.hex(":")) == ("kvmpysnap1", mac)
+
+
+# -- any hostile snapshot ------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def pristine(guest_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any]:
+    snap = saved_real_counter(guest_dir, tmp_path_factory.mktemp("pristine"))
+    return snap, open_snapshot(snap).sections
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=list(HealthCheck))
+@given(data=st.data())
+def test_any_one_change_to_a_resigned_snapshot(pristine: tuple[Path, Any],
+                                                tmp_path_factory: pytest.TempPathFactory,
+                                                data: st.DataObject) -> None:
+    """An attacker who re-signs what they edit: one value anywhere in the state (the
+    machine, a vCPU's registers, a device's) replaced, dropped or added. The restore
+    either runs (the guest may die of what it was given) or is refused in one line and
+    keeps no copy of the disk; never a traceback."""
+    snap, sections = pristine
+    name = data.draw(st.sampled_from(sorted(sections)))  # (not by leaf: CPUID has hundreds)
+    resign(snap, sections=sections | {name: mutate(data, sections[name])})
+    tmp = tmp_path_factory.mktemp("restore")
+    try:
+        run = subprocess.run([*KVMPY, "run", "--restore", str(snap)], capture_output=True,
+                             timeout=20, env=os.environ | {"TMPDIR": str(tmp)})
+        rc, err = run.returncode, run.stderr.decode(errors="replace")
+    except subprocess.TimeoutExpired:  # it took the change and the guest runs on
+        return
+    assert "Traceback" not in err, err
+    if rc in (1, 2, 3):  # refused: one line, and the disk copy it made removed
+        assert err.startswith("kvmpy: ") and err.count("\n") == 1, err
+        assert list(tmp.iterdir()) == [], err
