@@ -6,6 +6,10 @@ about 0.1 s of a three-second boot under the lab's emulation, for a run that usu
 nothing. A `Logger` here holds a name; the first record that would be shown imports
 `logging` and goes through `logging.getLogger(name)`, so an application that scripts
 kvmpy through its Python API configures kvmpy's messages as it would any library's.
+On the command line, a record is its "kvmpy: message" line written directly while
+nothing in the process has imported `logging` (so nothing could handle it otherwise):
+a restore's one warning costs no import either. `kvmpy fuzz`'s watch on kvmpy's
+records (kvmpy.fuzz.oracles) imports it, and gets every record.
 
 What it is not: a logging framework. Levels are the standard numbers; records dropped
 by the command line's level (`kvmpy run` without -v shows warnings) import nothing.
@@ -13,6 +17,8 @@ by the command line's level (`kvmpy run` without -v shows warnings) import nothi
 
 from __future__ import annotations
 
+import sys
+import threading
 from typing import Any
 
 INFO = 20  # logging.INFO
@@ -27,6 +33,15 @@ def configure_cli(verbose: bool) -> None:
     _cli_level = INFO if verbose else WARNING
     if verbose:
         _standard_logging()
+
+
+_cli_lock = threading.Lock()  # (a line at a time from any thread, as logging's handler)
+
+
+def _cli_write(line: str) -> None:
+    with _cli_lock:
+        sys.stderr.write(line)
+        sys.stderr.flush()
 
 
 def _standard_logging() -> Any:
@@ -44,8 +59,12 @@ class Logger:
         self.name = name
 
     def log(self, level: int, msg: str, *args: object) -> None:
-        if _cli_level is not None and level < _cli_level:
-            return
+        if _cli_level is not None:
+            if level < _cli_level:
+                return
+            if "logging" not in sys.modules:  # no handler anywhere: the line it would print
+                _cli_write(f"kvmpy: {msg % args if args else msg}\n")
+                return
         _standard_logging().getLogger(self.name).log(level, msg, *args)
 
     def info(self, msg: str, *args: object) -> None:

@@ -21,7 +21,6 @@ Landlock the open fails with EACCES.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 from collections.abc import Callable
@@ -46,6 +45,8 @@ def _socket() -> None:
 
 
 def _ptrace() -> None:
+    import ctypes  # (already imported by from_environment, at set-up)
+
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.ptrace(PTRACE_ATTACH, _NO_SUCH_PID, None, None) < 0:
         e = ctypes.get_errno()
@@ -78,6 +79,8 @@ def from_environment() -> Callable[[], bytes] | None:
         from kvmpy.errors import ConfigError
 
         raise ConfigError(f"{ENV}: {unknown[0]}: one of {', '.join(ATTEMPTS)}")
+    if "ptrace" in names:  # ctypes now: it is not imported at every start (it costs start-up),
+        import ctypes  # noqa: F401  # and the attempt comes when the machine is locked down
     return lambda: attempt(names)
 
 

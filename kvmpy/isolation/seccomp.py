@@ -41,7 +41,6 @@ programs of a mode are kept in `$KVMPY_CACHE/seccomp/` under a checksum of this 
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import marshal
 import os
@@ -111,12 +110,16 @@ PROGRAMS = {"main": (MAIN, (AF_UNIX,)), "main+inet": (MAIN, (AF_UNIX, AF_INET, A
             "io": (IO, (AF_UNIX,)), "vcpu": (VCPU, (AF_UNIX,))}
 
 
-class _ArgCmp(ctypes.Structure):
-    _fields_ = [("arg", ctypes.c_uint), ("op", ctypes.c_int),
-                ("datum_a", ctypes.c_uint64), ("datum_b", ctypes.c_uint64)]
+def _library() -> tuple[Any, Any]:
+    """libseccomp through ctypes, and its struct scmp_arg_cmp. Only a compile needs them,
+    so ctypes is imported here: at every start it would cost 40 ms under the lab's
+    emulation (docs/snapshots.md)."""
+    import ctypes
 
+    class ArgCmp(ctypes.Structure):
+        _fields_ = [("arg", ctypes.c_uint), ("op", ctypes.c_int),
+                    ("datum_a", ctypes.c_uint64), ("datum_b", ctypes.c_uint64)]
 
-def _library() -> Any:
     try:  # (by soname: ctypes.util.find_library would run ldconfig at every start)
         lib = ctypes.CDLL("libseccomp.so.2", use_errno=True)
     except OSError:
@@ -125,18 +128,18 @@ def _library() -> Any:
     lib.seccomp_init.restype = ctypes.c_void_p
     lib.seccomp_init.argtypes = [ctypes.c_uint32]
     lib.seccomp_rule_add_array.argtypes = [ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int,
-                                           ctypes.c_uint, ctypes.POINTER(_ArgCmp)]
+                                           ctypes.c_uint, ctypes.POINTER(ArgCmp)]
     lib.seccomp_release.argtypes = [ctypes.c_void_p]
     lib.seccomp_export_bpf.argtypes = [ctypes.c_void_p, ctypes.c_int]
     lib.seccomp_syscall_priority.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_uint8]
     lib.seccomp_syscall_resolve_name.argtypes = [ctypes.c_char_p]
-    return lib
+    return lib, ArgCmp
 
 
-_lib: Any = None
+_lib: tuple[Any, Any] | None = None
 
 
-def _seccomp() -> Any:
+def _seccomp() -> tuple[Any, Any]:
     global _lib
     if _lib is None:
         _lib = _library()
@@ -145,7 +148,7 @@ def _seccomp() -> Any:
 
 def syscall_number(name: str) -> int:
     """This architecture's number for system call `name`; -1 if it has none."""
-    return int(_seccomp().seccomp_syscall_resolve_name(name.encode()))
+    return int(_seccomp()[0].seccomp_syscall_resolve_name(name.encode()))
 
 
 def syscall_name(number: int) -> str | None:
@@ -183,13 +186,13 @@ def _rules(names: Iterable[str], families: tuple[int, ...] = (AF_UNIX,)
 def _compile(names: Iterable[str], mode: str, families: tuple[int, ...]) -> Any:
     """A libseccomp context holding the allow-list of `names` (plus ioctl, checked);
     the caller releases it."""
-    lib = _seccomp()
+    lib, arg_cmp = _seccomp()
     ctx = lib.seccomp_init(_ACT_TRAP if mode == "kill" else _ACT_LOG)
     if not ctx:
         raise OSError(errno.ENOMEM, "seccomp_init failed")
     try:
         for nr, checks in _rules({*names, "ioctl"}, families):
-            args = (_ArgCmp * max(1, len(checks)))(*[_ArgCmp(*c) for c in checks])
+            args = (arg_cmp * max(1, len(checks)))(*[arg_cmp(*c) for c in checks])
             _check(lib.seccomp_rule_add_array(ctx, _ACT_ALLOW, nr, len(checks), args),
                    "seccomp_rule_add")
         if "clone3" in names:
@@ -219,7 +222,7 @@ def bpf(names: Iterable[str], mode: str = "kill", families: tuple[int, ...] = (A
 
 def _export(names: Iterable[str], mode: str, families: tuple[int, ...]) -> bytes:
     """The allow-list of `names` compiled: struct sock_filter instructions, 8 bytes each."""
-    lib = _seccomp()
+    lib = _seccomp()[0]
     ctx = _compile(names, mode, families)
     r, w = os.pipe()
     try:
