@@ -73,29 +73,28 @@ class Guest:
 
     @classmethod
     def restore(cls, path: str | Path, *, disks: Sequence[str | Path] = (),
-                nets: Sequence[str] = (), echo: bool = False, trace: Any = None,
+                nets: Sequence[str] = (), shares: Sequence[str] = (),
+                vsock: str | None = None, echo: bool = False, trace: Any = None,
                 gdb: Any = None, stats: bool = False, verify_ram: bool = False,
-                cpus: int | None = None, mem: int | str | None = None,
-                vsock: str | None = None) -> Guest:
+                cpus: int | None = None, mem: int | str | None = None) -> Guest:
         """The guest saved in snapshot `path`, running again. Each writable disk runs on a
-        new copy of the snapshot's, at `disks[i]` or in a new temporary directory;
-        `nets` (tap=NAME) puts the network devices on other taps; `vsock` ("CID,uds=PATH",
-        the guest's CID) its vsock's host socket elsewhere; `cpus` and `mem`, if given,
-        must be the snapshot's. `verify_ram` also checks guest RAM's digest."""
-        from kvmpy.options import net_config, size
-        from kvmpy.state.config import moved_vsock, refuse_mismatch
+        new copy of the snapshot's, at `disks[i]` or in a new temporary directory; a
+        read-only disk must be named at its place in `disks`. The host ends of its other
+        devices are the caller's, as on the command line: `nets` (tap=NAME) one per
+        network device, `shares` (DIR,tag=TAG[,ro]) one per saved tag, `vsock`
+        ("CID,uds=PATH", the guest's CID). `cpus` and `mem`, if given, must be the
+        snapshot's. `verify_ram` also checks guest RAM's digest."""
+        from kvmpy.options import disk_config, net_config, share_config, size, vsock_config
+        from kvmpy.state.config import refuse_mismatch
         from kvmpy.state.snapshot import open_snapshot
 
         snapshot = open_snapshot(path, verify_ram=verify_ram)
         refuse_mismatch(snapshot.machine, snapshot.what(), cpus=cpus,
-                        mem_size=None if mem is None else size(mem),
-                        nets=len(nets) or None)
-        moved = moved_vsock(snapshot.machine, snapshot.what(), vsock).vsock
-        config, copies = snapshot.working_config([Path(d) for d in disks])
-        config = config._replace(vsock=moved)
-        if nets:
-            config = config._replace(nets=[saved._replace(tap=net_config(n).tap)
-                                           for saved, n in zip(config.nets, nets, strict=True)])
+                        mem_size=None if mem is None else size(mem))
+        config, copies = snapshot.working_config(
+            [disk_config(d).path for d in disks], nets=[net_config(n) for n in nets],
+            shares=[share_config(s) for s in shares],
+            vsock=None if vsock is None else vsock_config(vsock))
         guest = cls.__new__(cls)
         try:
             guest._start(config._replace(trace=trace, gdb=gdb, stats=stats), echo, snapshot)

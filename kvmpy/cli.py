@@ -207,30 +207,25 @@ def restore_config(args: argparse.Namespace
     """The machine in snapshot `args.restore`, checked against the options given with it,
     and the disk copies it runs on."""
     from kvmpy import options
-    from kvmpy.state.config import moved_vsock, refuse_mismatch
+    from kvmpy.state.config import refuse_mismatch
     from kvmpy.state.snapshot import open_snapshot
 
     wrong = _given(args, BOOT_ONLY)
     if wrong:
         raise ConfigError(f"{wrong[0]}: a restored guest is already running; --restore takes "
                           "its machine from the snapshot")
-    if args.share:
-        raise ConfigError("--share: a restored guest has the snapshot's shares, at the "
-                          "paths it saw")
     snapshot = open_snapshot(args.restore)
     refuse_mismatch(
         snapshot.machine, snapshot.what(), cpus=args.cpus,
         mem_size=None if args.mem is None else options.size(args.mem),
         rng=None if args.rng is None else args.rng == "on",
         virtio_console=None if args.console is None else options.virtio_console(args.console),
-        disks=len(args.disk) or None, nets=len(args.net) or None)
-    nets = [options.net_config(n) for n in args.net]
-    vsock = moved_vsock(snapshot.machine, snapshot.what(), args.vsock).vsock
-    config, copies = snapshot.working_config([options.disk_config(d).path for d in args.disk])
-    config = config._replace(vsock=vsock)
-    if nets:  # the same devices, on these taps
-        config = config._replace(nets=[saved._replace(tap=net.tap) for saved, net in
-                                       zip(config.nets, nets, strict=True)])
+        disks=len(args.disk) or None)
+    config, copies = snapshot.working_config(
+        [options.disk_config(d).path for d in args.disk],
+        nets=[options.net_config(n) for n in args.net],
+        shares=[options.share_config(s) for s in args.share],
+        vsock=options.vsock_config(args.vsock) if args.vsock else None)
     return config._replace(stats=args.stats), snapshot, copies
 
 

@@ -24,7 +24,9 @@ from kvmpy.errors import SnapshotError
 from kvmpy.state.values import U64, StateReader
 
 if TYPE_CHECKING:
-    from kvmpy.machine import MachineConfig
+    from collections.abc import Sequence
+
+    from kvmpy.machine import MachineConfig, NetConfig, ShareConfig, VsockConfig
 
 MAX_DEVICES = 64
 
@@ -124,13 +126,12 @@ def machine_config(value: object, where: str = "machine") -> MachineConfig:
 
 def refuse_mismatch(saved: MachineConfig, what: str, **asked: object) -> None:
     """One line for the first option asked for that is not what the snapshot holds:
-    `asked` is cpus=, mem_size=, rng=, virtio_console=, disks= or nets= (a count);
-    None means not asked."""
+    `asked` is cpus=, mem_size=, rng=, virtio_console= or disks= (a count); None
+    means not asked."""
     have = {"cpus": saved.cpus, "mem_size": saved.mem_size, "rng": saved.rng,
-            "virtio_console": saved.virtio_console, "disks": len(saved.disks),
-            "nets": len(saved.nets)}
+            "virtio_console": saved.virtio_console, "disks": len(saved.disks)}
     options = {"cpus": "--cpus", "mem_size": "--mem", "rng": "--rng", "virtio_console":
-               "--console", "disks": "--disk", "nets": "--net"}
+               "--console", "disks": "--disk"}
     for key, value in asked.items():
         if value is not None and value != have[key]:
             raise SnapshotError(f"{options[key]}: {what} has {_say(key, have[key])}, not "
@@ -150,18 +151,41 @@ def _say(key: str, value: object) -> str:
                                                                             else "")
 
 
-def moved_vsock(saved: MachineConfig, what: str, spec: str | None) -> MachineConfig:
-    """The machine with its vsock's host socket at the one `--vsock CID,uds=PATH` names
-    (the CID must be the guest's: it has it): a second restore of a snapshot cannot
-    listen where the first one does. None leaves it where it was."""
-    if spec is None:
-        return saved
-    from kvmpy.options import vsock_config
-
-    asked = vsock_config(spec)
-    if saved.vsock is None:
-        raise SnapshotError(f"--vsock: {what} has no vsock device")
-    if asked.cid != saved.vsock.cid:
-        raise SnapshotError(f"--vsock: {what} has guest CID {saved.vsock.cid}, not "
-                            f"{asked.cid}")
-    return saved._replace(vsock=asked)
+def on_this_host(saved: MachineConfig, what: str, *, nets: Sequence[NetConfig] = (),
+                 shares: Sequence[ShareConfig] = (), vsock: VsockConfig | None = None
+                 ) -> MachineConfig:
+    """The saved machine on the taps, shared directories and vsock socket the user
+    names. A snapshot is untrusted input: one that chose these itself would hand its
+    guest a host directory to write in, a host network or a socket path, all from a
+    file someone sent. So, as a QEMU migration's destination names its own backends, a
+    restore takes the devices from the snapshot and their host ends from its caller
+    (`--net`, `--share`, `--vsock`); the refusal says what to add. What the guest
+    holds stays the saved: its MAC, its CID, its shares' tags."""
+    if len(nets) != len(saved.nets):
+        hint = " ".join(f"--net tap={n.tap}" for n in saved.nets)
+        raise SnapshotError(f"--net: {what} has {_say('nets', len(saved.nets))}"
+                            + (f": a restore attaches each to the tap it is given (saved "
+                               f"on: {hint})" if saved.nets else f", not {len(nets)}"))
+    given = sorted(s.tag for s in shares)
+    if given != sorted(s.tag for s in saved.shares):
+        hint = " ".join(f"--share {s.path},tag={s.tag}" + (",ro" if s.read_only else "")
+                        for s in saved.shares)
+        raise SnapshotError(f"--share: {what} has "
+                            + (f"shares, and a restore gives its guest only the directories "
+                               f"it is given (saved with: {hint})" if saved.shares
+                               else "no shares"))
+    by_tag = {s.tag: s for s in shares}
+    if saved.vsock is not None and vsock is None:
+        raise SnapshotError(f"--vsock: {what} has a vsock device, whose socket a restore "
+                            f"puts only where it is told (saved with: --vsock "
+                            f"{saved.vsock.cid},uds={saved.vsock.uds})")
+    if vsock is not None:
+        if saved.vsock is None:
+            raise SnapshotError(f"--vsock: {what} has no vsock device")
+        if vsock.cid != saved.vsock.cid:
+            raise SnapshotError(f"--vsock: {what} has guest CID {saved.vsock.cid}, not "
+                                f"{vsock.cid}")
+    return saved._replace(
+        nets=[old._replace(tap=new.tap, limits=new.limits)
+              for old, new in zip(saved.nets, nets, strict=True)],
+        shares=[by_tag[s.tag] for s in saved.shares], vsock=vsock)

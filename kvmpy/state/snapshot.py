@@ -22,7 +22,9 @@ kvmpy.state.ram; `verify_ram=True` checks it).
 
 `Snapshot.working_config` is the machine a restore builds: the saved one, with each
 writable disk a fresh copy of the snapshot's (at a path the caller names, or in a
-new temporary directory), so two restores of one snapshot never share a disk.
+new temporary directory), so two restores of one snapshot never share a disk, and
+every host end that is not in the snapshot (a read-only disk, a tap, a shared
+directory, a vsock socket) the one its caller names.
 docs/snapshots.md describes the format field by field.
 """
 
@@ -47,7 +49,14 @@ from kvmpy.state.disks import copy_image
 from kvmpy.state.values import U64, StateReader
 
 if TYPE_CHECKING:
-    from kvmpy.machine import DiskConfig, Machine, MachineConfig
+    from kvmpy.machine import (
+        DiskConfig,
+        Machine,
+        MachineConfig,
+        NetConfig,
+        ShareConfig,
+        VsockConfig,
+    )
 
 log = get_logger(__name__)
 
@@ -223,18 +232,24 @@ class Snapshot(NamedTuple):
                                     f"gives (leaf {function:#x}.{index} first): taken on "
                                     "another CPU or KVM")
 
-    def working_config(self, disks: Sequence[Path | None] = ()
-                       ) -> tuple[MachineConfig, WorkingCopies]:
-        """The machine to restore: each writable disk copied from the snapshot to
-        `disks[i]` (a new file) or, when none is given, into a new temporary directory;
-        read-only disks are used where they are. The copies are the caller's: to keep
-        (`WorkingCopies.keep`, which says where they are) or to remove if the restore
-        fails (`discard`)."""
+    def working_config(self, disks: Sequence[Path | None] = (), *,
+                       nets: Sequence[NetConfig] = (), shares: Sequence[ShareConfig] = (),
+                       vsock: VsockConfig | None = None) -> tuple[MachineConfig, WorkingCopies]:
+        """The machine to restore, on this host: each writable disk copied from the
+        snapshot to `disks[i]` (a new file) or, when none is given, into a new temporary
+        directory; a read-only disk used where it is, which `disks[i]` must name; the
+        taps, shares and vsock socket the caller gives (kvmpy.state.config.on_this_host:
+        a snapshot names no host file, directory, tap or socket that its restore uses
+        unasked). The copies are the caller's: to keep (`WorkingCopies.keep`, which says
+        where they are) or to remove if the restore fails (`discard`)."""
         from kvmpy.machine import DiskConfig
+        from kvmpy.state.config import on_this_host
 
         if len(disks) > len(self.disks):
             raise SnapshotError(f"--disk: {self.what()} has {len(self.disks)} disks, "
                                 f"{len(disks)} given")
+        machine = on_this_host(self.machine, self.what(), nets=nets, shares=shares,
+                               vsock=vsock)
         out: list[DiskConfig] = []
         made: list[Path] = []
         temp: Path | None = None
@@ -242,9 +257,11 @@ class Snapshot(NamedTuple):
             for i, part in enumerate(self.disks):
                 wanted = disks[i] if i < len(disks) else None
                 if part.read_only:
-                    if wanted is not None and Path(wanted).resolve() != part.path:
-                        raise SnapshotError(f"--disk {wanted}: disk {i} of {self.what()} is "
-                                            f"read-only {part.path}, used where it is")
+                    if wanted is None or Path(wanted).resolve() != part.path:
+                        raise SnapshotError(f"--disk{f' {wanted}' if wanted else ''}: disk "
+                                            f"{i} of {self.what()} is read-only {part.path}, "
+                                            f"used where it is when named: --disk number "
+                                            f"{i + 1} must be {part.path},ro")
                     out.append(DiskConfig(part.path, read_only=True))
                     continue
                 if wanted is None:
@@ -267,7 +284,7 @@ class Snapshot(NamedTuple):
         except BaseException:
             WorkingCopies(self, made, temp).discard()
             raise
-        return self.machine._replace(disks=out), WorkingCopies(self, made, temp)
+        return machine._replace(disks=out), WorkingCopies(self, made, temp)
 
 
 class WorkingCopies(NamedTuple):

@@ -54,10 +54,12 @@ def test_share_session_and_vsock_come_back(guest_dir: Path, tmp_path: Path) -> N
         g.snapshot(snap)
         saved = g.output  # its last line may be cut short: the restored guest ends it
         last = int(saved.split("\n")[-2].split()[-1], 16)  # the last whole count
-        # the first VMM still listens at v.sock: a second one must listen elsewhere
+        # the host ends are the restore's to give; the first VMM still listens at
+        # v.sock, so a second one must listen elsewhere
+        shares = [f"{share},tag=data"]
         with pytest.raises(ConfigError, match="another process listens there"):
-            Guest.restore(snap)
-        with Guest.restore(snap, vsock=f"3,uds={tmp_path / 'v2.sock'}") as r:
+            Guest.restore(snap, shares=shares, vsock=f"3,uds={tmp_path / 'v.sock'}")
+        with Guest.restore(snap, shares=shares, vsock=f"3,uds={tmp_path / 'v2.sock'}") as r:
             r.expect(count_line("cpl3", last + 2) + "\n", 60)  # it counts on from there
             assert (saved + r.output).split("\n")[:last + 3] == \
                 [count_line("cpl3", n) for n in range(last + 3)]
@@ -82,7 +84,8 @@ def test_share_session_and_vsock_come_back(guest_dir: Path, tmp_path: Path) -> N
     assert (share / "sub" / "notes.txt").read_text() == "host line\nguest line\nafter restore\n"
 
     (share / "sub" / "notes.txt").rename(share / "sub" / "moved.txt")
-    run = subprocess.run([*KVMPY, "run", "--restore", str(snap)], capture_output=True,
+    run = subprocess.run([*KVMPY, "run", "--restore", str(snap), "--share", shares[0],
+                          "--vsock", f"3,uds={tmp_path / 'v3.sock'}"], capture_output=True,
                          timeout=60)
     err = run.stderr.decode()
     assert run.returncode == 2 and run.stdout == b"", err

@@ -46,7 +46,7 @@ def test_a_mounted_share_goes_on_after_a_restore(tmp_path: Path) -> None:
     saved = [int(n) for n in (share / "log").read_text().split()]
     assert saved == list(range(1, len(saved) + 1)) and len(saved) >= 4, saved
 
-    second = KvmpyProcess(["--restore", str(snap)], typing=True)
+    second = KvmpyProcess(["--restore", str(snap), "--share", f"{share},tag=data"], typing=True)
     try:
         second.expect(rf"n={saved[-1] + 3}\r?\n", 120)  # the counter writes through fd 3
         # the counter's lines land anywhere in what a command prints: the listing is
@@ -67,8 +67,8 @@ def test_a_mounted_share_goes_on_after_a_restore(tmp_path: Path) -> None:
     assert (share / "new.txt").read_text() == "made\n"
 
     (share / "log").unlink()  # the file the guest holds open is gone: no restore
-    run = subprocess.run([sys.executable, "-m", "kvmpy", "run", "--restore", str(snap)],
-                         capture_output=True, timeout=120)
+    run = subprocess.run([sys.executable, "-m", "kvmpy", "run", "--restore", str(snap),
+                          "--share", f"{share},tag=data"], capture_output=True, timeout=120)
     err = run.stderr.decode()
     assert run.returncode == 2 and err.count("\n") == 1, err
     assert "log: No such file or directory: the shared directory changed since the " \

@@ -12,7 +12,14 @@ import pytest
 
 from kvmpy.cli import build_parser, restore_config
 from kvmpy.errors import ConfigError, SnapshotError
-from kvmpy.machine import DiskConfig, FlatConfig, MachineConfig, ShareConfig, VsockConfig
+from kvmpy.machine import (
+    DiskConfig,
+    FlatConfig,
+    MachineConfig,
+    NetConfig,
+    ShareConfig,
+    VsockConfig,
+)
 from kvmpy.memory import GuestMemory
 from kvmpy.state import ram
 from kvmpy.state.config import describe, machine_config
@@ -237,8 +244,8 @@ def test_writable_disks_are_copied_in_and_out(tmp_path: Path) -> None:
     s = open_snapshot(tmp_path / "snap")
     copy = s.disks[0].path
     assert copy.parent == tmp_path / "snap" and os.stat(copy).st_blocks * 512 < 8 << 20
-    one, _ = s.working_config([tmp_path / "run1.img"])
-    two, copies = s.working_config()  # a temporary copy, for a second restore at once
+    one, _ = s.working_config([tmp_path / "run1.img", ro])
+    two, copies = s.working_config([None, ro])  # a temporary copy, for a second restore at once
     for config in (one, two):
         with open(config.disks[0].path, "rb") as f:
             f.seek(5 << 20)
@@ -246,9 +253,12 @@ def test_writable_disks_are_copied_in_and_out(tmp_path: Path) -> None:
         assert config.disks[1] == DiskConfig(ro.resolve(), read_only=True)
     assert one.disks[0].path != two.disks[0].path
     with pytest.raises(SnapshotError, match="already exists"):
-        s.working_config([tmp_path / "run1.img"])
-    with pytest.raises(SnapshotError, match="is read-only .*ro.img, used where it is"):
-        s.working_config([tmp_path / "run2.img", tmp_path / "elsewhere.img"])
+        s.working_config([tmp_path / "run1.img", ro])
+    for other in ([tmp_path / "run2.img", tmp_path / "elsewhere.img"], [tmp_path / "run2.img"]):
+        with pytest.raises(SnapshotError, match=r"is read-only .*ro.img, used where it is when "
+                           r"named: --disk number 2 must be .*ro.img,ro$"):
+            s.working_config(other)
+        assert not (tmp_path / "run2.img").exists()  # (the copy of disk 0 it made, removed)
     copies.discard()
     assert not copies.files[0].exists() and copies.temp is not None and not copies.temp.exists()
     os.utime(ro, ns=(0, 0))  # the read-only disk changed since
@@ -273,24 +283,47 @@ def test_options_with_restore_must_match_the_snapshot(snap: Path) -> None:
         restore_config(cli("--restore", str(snap), "--kernel", "bzImage"))
     config, _, _ = restore_config(cli("--restore", str(snap), "--cpus", "1", "--mem", "2M"))
     assert config.cpus == 1 and config.flat is not None
-    with pytest.raises(ConfigError, match="--share: a restored guest has the snapshot's"):
+    with pytest.raises(SnapshotError, match="--share: snapshot .* has no shares"):
         restore_config(cli("--restore", str(snap), "--share", "/tmp,tag=t"))
+    with pytest.raises(SnapshotError, match="--net: snapshot .* has 0 network devices, not 1"):
+        restore_config(cli("--restore", str(snap), "--net", "tap=t0"))
     with pytest.raises(SnapshotError, match="--vsock: snapshot .* has no vsock device"):
         restore_config(cli("--restore", str(snap), "--vsock", "3,uds=/tmp/v.sock"))
 
 
-def test_shares_and_vsock_are_in_the_machine_and_vsock_can_move(tmp_path: Path) -> None:
+def test_host_ends_are_the_callers_never_the_snapshots(tmp_path: Path) -> None:
+    """A snapshot is untrusted: the directory a share reached, the tap a network device
+    was on and the vsock's socket path are saved, but a restore uses only the ones it is
+    given (the refusal says what to give); what the guest holds (tag, MAC, CID) stays."""
     machine = FakeMachine()
     machine.config = machine.config._replace(
         shares=[ShareConfig(tmp_path, "data", read_only=True)],
+        nets=[NetConfig("tap7", "52:54:00:00:00:07")],
         vsock=VsockConfig(7, tmp_path / "v.sock"))
     save_snapshot(machine, tmp_path / "snap")  # type: ignore[arg-type]
     saved = open_snapshot(tmp_path / "snap").machine
-    assert (saved.shares, saved.vsock) == (machine.config.shares, machine.config.vsock)
-    with pytest.raises(SnapshotError, match="--vsock: .* has guest CID 7, not 3"):
-        restore_config(cli("--restore", str(tmp_path / "snap"), "--vsock", "3,uds=/x.sock"))
-    config, _, _ = restore_config(cli("--restore", str(tmp_path / "snap"), "--vsock",
-                                      f"7,uds={tmp_path / 'w.sock'}"))
+    assert (saved.shares, saved.nets, saved.vsock) == (
+        machine.config.shares, machine.config.nets, machine.config.vsock)
+    snap = str(tmp_path / "snap")
+    given = {"--share": [f"{tmp_path / 'other'},tag=data"], "--net": ["tap=mytap"],
+             "--vsock": [f"7,uds={tmp_path / 'w.sock'}"]}
+
+    def restore(options: dict[str, list[str]]) -> Any:
+        return restore_config(cli("--restore", snap, *[x for option, values in options.items()
+                                                       for v in values for x in (option, v)]))
+
+    for option, values, match in [
+            ("--share", [], f"--share: snapshot .*saved with: --share {tmp_path},tag=data,ro"),
+            ("--net", [], "--net: snapshot .*saved on: --net tap=tap7"),
+            ("--vsock", [], f"--vsock: snapshot .*saved with: --vsock 7,uds={tmp_path}/v.sock"),
+            ("--share", [f"{tmp_path},tag=other"], "--share: .*saved with"),
+            ("--vsock", ["3,uds=/x.sock"], "--vsock: .* has guest CID 7, not 3"),
+            ("--net", ["tap=a", "tap=b"], "--net: .*saved on")]:
+        with pytest.raises(SnapshotError, match=f"^{match}"):
+            restore(given | {option: values})
+    config, _, _ = restore(given)
+    assert config.shares == [ShareConfig(tmp_path / "other", "data")]
+    assert config.nets == [NetConfig("mytap", "52:54:00:00:00:07")]
     assert config.vsock == VsockConfig(7, tmp_path / "w.sock")
     # a machine without them is described as before they could be saved
     assert "shares" not in describe(FakeMachine().config) and "vsock" not in describe(
