@@ -92,7 +92,7 @@ class Guest:
         refuse_mismatch(snapshot.machine, snapshot.what(), cpus=cpus,
                         mem_size=None if mem is None else size(mem))
         config, copies = snapshot.working_config(
-            [disk_config(d).path for d in disks], nets=[net_config(n) for n in nets],
+            [disk_config(d) for d in disks], nets=[net_config(n) for n in nets],
             shares=[share_config(s) for s in shares],
             vsock=None if vsock is None else vsock_config(vsock))
         guest = cls.__new__(cls)

@@ -120,7 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--restore", type=Path, metavar="DIR",
                      help="resume the guest saved in snapshot DIR (x-kvmpy-snapshot-save): "
                           "its machine, RAM, devices; each writable disk runs on a new copy, "
-                          "at the --disk given for it or in a new temporary directory")
+                          "at the --disk given for it or in a new temporary directory; a "
+                          "read-only disk, tap, share or vsock socket must be given again "
+                          "(--disk, --net, --share, --vsock): a snapshot's own are refused")
     run.add_argument("--incoming", metavar="unix:PATH|tcp:HOST:PORT",
                      help="build the machine the other options describe and wait there for "
                           "a live migration (QMP migrate on the source, docs/migration.md); "
@@ -222,7 +224,7 @@ def restore_config(args: argparse.Namespace
         virtio_console=None if args.console is None else options.virtio_console(args.console),
         disks=len(args.disk) or None)
     config, copies = snapshot.working_config(
-        [options.disk_config(d).path for d in args.disk],
+        [options.disk_config(d) for d in args.disk],
         nets=[options.net_config(n) for n in args.net],
         shares=[options.share_config(s) for s in args.share],
         vsock=options.vsock_config(args.vsock) if args.vsock else None)
@@ -285,7 +287,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                              landlock=_landlock_rules(args, qmp_path))
     if args.jail is not None:
         config = config._replace(jail=_jail(args))
-        status = _enter_jail(config, args, qmp_path)
+        status = _enter_jail(config, args, qmp_path, snapshot)
         if status is not None:  # the parent, outside: the jailed kvmpy has ended
             return status
     elif args.uid is not None or args.gid is not None:
@@ -396,21 +398,23 @@ def _jail(args: argparse.Namespace) -> Jail:
 
 
 def _enter_jail(config: MachineConfig, args: argparse.Namespace,
-                qmp_path: Path | None) -> int | None:
+                qmp_path: Path | None, snapshot: Snapshot | None) -> int | None:
     """Into the jail with the files the machine is given; the parent's status, or None
-    in the jailed child (kvmpy.isolation.jail)."""
+    in the jailed child (kvmpy.isolation.jail). A restore is given its snapshot's
+    directories (its chain's too), and not the boot files the snapshot names: it never
+    opens them, and a snapshot is untrusted."""
     from kvmpy.isolation import jail, seccomp
 
     if config.seccomp in seccomp.MODES[1:]:  # (read where the cache is, not in the jail)
         seccomp.programs(config.seccomp)
     read: list[Path] = [d.path for d in config.disks if d.read_only]
     read += [s.path for s in config.shares if s.read_only]
-    if config.flat is not None:
+    if snapshot is not None:
+        read += snapshot.directories()
+    elif config.flat is not None:
         read.append(config.flat.path)
-    if config.linux is not None:
+    elif config.linux is not None:
         read += [p for p in (config.linux.kernel, config.linux.initrd) if p is not None]
-    if args.restore is not None:
-        read.append(args.restore)
     write: list[Path] = [d.path for d in config.disks if not d.read_only]
     write += [s.path for s in config.shares if not s.read_only]
     write += [p.parent for p in (qmp_path, config.vsock and config.vsock.uds) if p]

@@ -38,10 +38,14 @@ def configure_cli(verbose: bool) -> None:
 _cli_lock = threading.Lock()  # (a line at a time from any thread, as logging's handler)
 
 
-def _cli_write(line: str) -> None:
-    with _cli_lock:
-        sys.stderr.write(line)
-        sys.stderr.flush()
+def _cli_write(msg: str, args: tuple[object, ...]) -> None:
+    try:
+        line = f"kvmpy: {msg % args if args else msg}\n"
+        with _cli_lock:
+            sys.stderr.write(line)
+            sys.stderr.flush()
+    except Exception:  # as a logging handler does: a record never raises into
+        pass  # its caller (a closed stderr, a broken pipe, bad arguments)
 
 
 def _standard_logging() -> Any:
@@ -63,7 +67,7 @@ class Logger:
             if level < _cli_level:
                 return
             if "logging" not in sys.modules:  # no handler anywhere: the line it would print
-                _cli_write(f"kvmpy: {msg % args if args else msg}\n")
+                _cli_write(msg, args)
                 return
         _standard_logging().getLogger(self.name).log(level, msg, *args)
 

@@ -45,7 +45,7 @@ def _socket() -> None:
 
 
 def _ptrace() -> None:
-    import ctypes  # (already imported by from_environment, at set-up)
+    import ctypes  # (imported already by from_environment, at set-up)
 
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.ptrace(PTRACE_ATTACH, _NO_SUCH_PID, None, None) < 0:
@@ -79,8 +79,12 @@ def from_environment() -> Callable[[], bytes] | None:
         from kvmpy.errors import ConfigError
 
         raise ConfigError(f"{ENV}: {unknown[0]}: one of {', '.join(ATTEMPTS)}")
-    if "ptrace" in names:  # ctypes now: it is not imported at every start (it costs start-up),
-        import ctypes  # noqa: F401  # and the attempt comes when the machine is locked down
+    # what the attempts import, imported now: at every start they would cost start-up,
+    # and the attempts come when the machine is locked down (in a jail, beneath Landlock)
+    if "ptrace" in names:
+        import ctypes  # noqa: F401
+    if "look" in names:
+        import kvmpy.isolation.jail  # noqa: F401
     return lambda: attempt(names)
 
 

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from kvmpy import layout
 from kvmpy.errors import SnapshotError
-from kvmpy.state.values import U64, StateReader
+from kvmpy.state.values import U64, StateReader, shown
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -159,26 +159,38 @@ def on_this_host(saved: MachineConfig, what: str, *, nets: Sequence[NetConfig] =
     guest a host directory to write in, a host network or a socket path, all from a
     file someone sent. So, as a QEMU migration's destination names its own backends, a
     restore takes the devices from the snapshot and their host ends from its caller
-    (`--net`, `--share`, `--vsock`); the refusal says what to add. What the guest
-    holds stays the saved: its MAC, its CID, its shares' tags."""
+    (`--net`, `--share`, `--vsock`); the refusal says what the snapshot was saved with.
+    What the guest holds stays the saved: its MAC, its CID, its shares (a 9P session's
+    files are checked to be the same ones, so a share is the same directory, as it was
+    shared)."""
     if len(nets) != len(saved.nets):
-        hint = " ".join(f"--net tap={n.tap}" for n in saved.nets)
+        hint = " ".join(f"--net tap={shown(n.tap)}" for n in saved.nets)
         raise SnapshotError(f"--net: {what} has {_say('nets', len(saved.nets))}"
                             + (f": a restore attaches each to the tap it is given (saved "
                                f"on: {hint})" if saved.nets else f", not {len(nets)}"))
+    for net, asked in zip(saved.nets, nets, strict=True):
+        if asked.mac is not None and asked.mac.lower() != (net.mac or "").lower():
+            raise SnapshotError(f"--net mac={asked.mac}: the guest of {what} has MAC "
+                                f"{shown(net.mac or '')}")
     given = sorted(s.tag for s in shares)
-    if given != sorted(s.tag for s in saved.shares):
-        hint = " ".join(f"--share {s.path},tag={s.tag}" + (",ro" if s.read_only else "")
-                        for s in saved.shares)
+    if given != sorted(s.tag for s in saved.shares) or len(set(given)) != len(given):
+        hint = " ".join(f"--share {_share_option(s)}" for s in saved.shares)
         raise SnapshotError(f"--share: {what} has "
                             + (f"shares, and a restore gives its guest only the directories "
                                f"it is given (saved with: {hint})" if saved.shares
                                else "no shares"))
     by_tag = {s.tag: s for s in shares}
+    for share in saved.shares:
+        mine = by_tag[share.tag]
+        if (Path(mine.path).resolve(), mine.read_only) != (Path(share.path).resolve(),
+                                                            share.read_only):
+            raise SnapshotError(f"--share {_share_option(mine)}: {what} was saved with "
+                                f"--share {_share_option(share)}; a restored share is that "
+                                "directory, as it was shared")
     if saved.vsock is not None and vsock is None:
         raise SnapshotError(f"--vsock: {what} has a vsock device, whose socket a restore "
                             f"puts only where it is told (saved with: --vsock "
-                            f"{saved.vsock.cid},uds={saved.vsock.uds})")
+                            f"{saved.vsock.cid},uds={shown(str(saved.vsock.uds))})")
     if vsock is not None:
         if saved.vsock is None:
             raise SnapshotError(f"--vsock: {what} has no vsock device")
@@ -187,5 +199,10 @@ def on_this_host(saved: MachineConfig, what: str, *, nets: Sequence[NetConfig] =
                                 f"{vsock.cid}")
     return saved._replace(
         nets=[old._replace(tap=new.tap, limits=new.limits)
-              for old, new in zip(saved.nets, nets, strict=True)],
-        shares=[by_tag[s.tag] for s in saved.shares], vsock=vsock)
+              for old, new in zip(saved.nets, nets, strict=True)], vsock=vsock)
+
+
+def _share_option(share: ShareConfig) -> str:
+    return f"{shown(str(share.path))},tag={shown(share.tag)}" + (",ro" if share.read_only
+                                                                  else "")
+

@@ -30,6 +30,7 @@ docs/snapshots.md describes the format field by field.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import stat
@@ -46,7 +47,7 @@ from kvmpy.state import config as machine_state
 from kvmpy.state import ram, stream
 from kvmpy.state.digest import sha256
 from kvmpy.state.disks import copy_image
-from kvmpy.state.values import U64, StateReader
+from kvmpy.state.values import U64, StateReader, shown
 
 if TYPE_CHECKING:
     from kvmpy.machine import (
@@ -204,8 +205,18 @@ class Snapshot(NamedTuple):
     def what(self) -> str:
         return f"snapshot {self.path}"
 
+    def directories(self) -> list[Path]:
+        """Where a restore reads: this snapshot and, for an incremental one, each before
+        it in its chain."""
+        rams = [self.base_ram, *(layer.ram for layer in self.layers)]
+        return [self.path, *sorted({p.parent for p in rams if p is not None} - {self.path})]
+
     def map_ram(self) -> GuestMemory:
-        memory = ram.map_ram(self.base_ram or self.path / RAM, self.regions)
+        path = self.base_ram or self.path / RAM
+        try:
+            memory = ram.map_ram(path, self.regions)
+        except OSError as e:  # (gone since it was opened, or not in a jail's view)
+            raise SnapshotError(f"{self.what()}: {path}: {e.strerror}") from None
         if self.layers:
             from kvmpy.state.diff import apply_layer
 
@@ -232,55 +243,61 @@ class Snapshot(NamedTuple):
                                     f"gives (leaf {function:#x}.{index} first): taken on "
                                     "another CPU or KVM")
 
-    def working_config(self, disks: Sequence[Path | None] = (), *,
+    def working_config(self, disks: Sequence[DiskConfig | Path | None] = (), *,
                        nets: Sequence[NetConfig] = (), shares: Sequence[ShareConfig] = (),
                        vsock: VsockConfig | None = None) -> tuple[MachineConfig, WorkingCopies]:
         """The machine to restore, on this host: each writable disk copied from the
-        snapshot to `disks[i]` (a new file) or, when none is given, into a new temporary
-        directory; a read-only disk used where it is, which `disks[i]` must name; the
-        taps, shares and vsock socket the caller gives (kvmpy.state.config.on_this_host:
-        a snapshot names no host file, directory, tap or socket that its restore uses
-        unasked). The copies are the caller's: to keep (`WorkingCopies.keep`, which says
+        snapshot to `disks[i]` (a new file, with the limits given for it) or, when none
+        is given, into a new temporary directory; a read-only disk used where it is,
+        which `disks[i]` must name; the taps, shares and vsock socket the caller gives
+        (kvmpy.state.config.on_this_host: a snapshot names no host file, directory, tap
+        or socket that its restore uses unasked). Everything is checked before the first
+        copy. The copies are the caller's: to keep (`WorkingCopies.keep`, which says
         where they are) or to remove if the restore fails (`discard`)."""
         from kvmpy.machine import DiskConfig
         from kvmpy.state.config import on_this_host
 
-        if len(disks) > len(self.disks):
-            raise SnapshotError(f"--disk: {self.what()} has {len(self.disks)} disks, "
-                                f"{len(disks)} given")
+        n = len(self.disks)
+        if len(disks) > n:
+            raise SnapshotError(f"--disk: {self.what()} has {n} disks, {len(disks)} given")
+        given = [None if d is None else d if isinstance(d, DiskConfig) else DiskConfig(d)
+                 for d in [*disks, *[None] * (n - len(disks))]]
+        for i, (part, wanted) in enumerate(zip(self.disks, given, strict=True)):
+            if part.read_only and (wanted is None or wanted.path.resolve() != part.path):
+                raise SnapshotError(f"--disk: disk {i + 1} of the {n} of {self.what()} is "
+                                    f"read-only {shown(str(part.path))}, used only when "
+                                    f"named: give --disk for each, with that file as "
+                                    f"number {i + 1}")
+            if not part.read_only and wanted is not None and wanted.read_only:
+                raise SnapshotError(f"--disk {wanted.path},ro: disk {i + 1} of {self.what()} "
+                                    "is a writable one (its guest has it so)")
         machine = on_this_host(self.machine, self.what(), nets=nets, shares=shares,
                                vsock=vsock)
         out: list[DiskConfig] = []
         made: list[Path] = []
         temp: Path | None = None
         try:
-            for i, part in enumerate(self.disks):
-                wanted = disks[i] if i < len(disks) else None
+            for i, (part, wanted) in enumerate(zip(self.disks, given, strict=True)):
                 if part.read_only:
-                    if wanted is None or Path(wanted).resolve() != part.path:
-                        raise SnapshotError(f"--disk{f' {wanted}' if wanted else ''}: disk "
-                                            f"{i} of {self.what()} is read-only {part.path}, "
-                                            f"used where it is when named: --disk number "
-                                            f"{i + 1} must be {part.path},ro")
-                    out.append(DiskConfig(part.path, read_only=True))
+                    assert wanted is not None
+                    out.append(DiskConfig(part.path, read_only=True, limits=wanted.limits))
                     continue
                 if wanted is None:
                     import tempfile
 
                     temp = temp or Path(tempfile.mkdtemp(prefix="kvmpy-restore-"))
-                    wanted = temp / disk_file(i)
-                wanted = Path(wanted)
-                if wanted.exists():
-                    raise SnapshotError(f"--disk {wanted}: already exists; a restored disk "
-                                        "is a new copy of the snapshot's (kvmpy never "
+                    wanted = DiskConfig(temp / disk_file(i))
+                if wanted.path.exists():
+                    raise SnapshotError(f"--disk {wanted.path}: already exists; a restored "
+                                        "disk is a new copy of the snapshot's (kvmpy never "
                                         "overwrites a file)")
                 try:
-                    copy_image(part.path, wanted)
+                    copy_image(part.path, wanted.path)
                 except OSError as e:
-                    raise SnapshotError(f"--disk {wanted}: cannot copy disk {i} of "
+                    raise SnapshotError(f"--disk {wanted.path}: cannot copy disk {i + 1} of "
                                         f"{self.what()} there: {e.strerror}") from None
-                made.append(wanted)
-                out.append(DiskConfig(wanted))
+                made.append(wanted.path)
+                out.append(wanted)
         except BaseException:
             WorkingCopies(self, made, temp).discard()
             raise
@@ -300,8 +317,11 @@ class WorkingCopies(NamedTuple):
             log.warning("%s: a disk of %s runs on %s", path.name, self.snapshot.what(), path)
 
     def discard(self) -> None:
+        """(Best effort, on the way out of a failure whose own error is the one to
+        report: in a jail a copy is a mount point, which cannot be removed there.)"""
         for path in self.files:
-            path.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                path.unlink(missing_ok=True)
         if self.temp is not None:
             import shutil
 
@@ -445,7 +465,8 @@ def _open_disk(path: Path, index: int, r: StateReader, what: str) -> DiskPart:
 
 def _json_file(path: Path, what: str) -> Any:
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        # (O_NONBLOCK: a FIFO put in its place must not hold the restore forever)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError as e:
         raise SnapshotError(f"{what}: {path.name}: {e.strerror}") from None
     with os.fdopen(fd, "rb") as f:

@@ -39,6 +39,13 @@ U32 = 0xFFFF_FFFF
 U64 = 0xFFFF_FFFF_FFFF_FFFF
 
 
+def shown(text: str) -> str:
+    """A name from a snapshot as a message shows it: quoted unless it is plain printable
+    text (a newline in it would make a one-line refusal two, an escape sequence would
+    reach the terminal)."""
+    return text if text and text.isprintable() and text.strip() == text else repr(text)
+
+
 def b64(data: bytes | bytearray | memoryview) -> str:
     """Bytes as a state value."""
     return base64.b64encode(bytes(data)).decode("ascii")

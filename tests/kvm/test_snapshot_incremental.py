@@ -5,6 +5,7 @@ was taken, and a chain whose parent is gone is refused in one line."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -21,9 +22,9 @@ pytestmark = [pytest.mark.kvm, pytest.mark.usefixtures("temp_in_tmp_path")]
 KVMPY = [sys.executable, "-m", "kvmpy"]
 
 
-def restored_output(snap: Path) -> str:
-    run = subprocess.run([*KVMPY, "run", "--restore", str(snap)], capture_output=True,
-                         timeout=120)
+def restored_output(snap: Path, *options: str) -> str:
+    run = subprocess.run([*KVMPY, "run", "--restore", str(snap), *options],
+                         capture_output=True, timeout=120)
     assert run.returncode == 0, run.stderr
     return run.stdout.decode()
 
@@ -50,6 +51,9 @@ def test_a_chain_of_incremental_snapshots_restores_each_link(guest_dir: Path, tm
         assert_counts(kind, g.output)
     for path, before in zip((full, diff1, diff2), outputs, strict=True):
         assert_counts(kind, before + restored_output(path))
+    if os.geteuid() == 0:  # in a jail too, which holds the chain's directories
+        jail = ["--jail", str(tmp_path / "jail"), "--uid", "65534", "--gid", "65534"]
+        assert_counts(kind, outputs[2] + restored_output(diff2, *jail))
     full.rename(tmp_path / "elsewhere")
     run = subprocess.run([*KVMPY, "run", "--restore", str(diff2)], capture_output=True,
                          timeout=60)

@@ -26,6 +26,17 @@ def test_a_dropped_record_or_a_warning_imports_nothing_and_a_warning_is_one_line
     assert done.stderr == "kvmpy: rtc: odd\nkvmpy: rtc: again\n"  # (the second via logging)
 
 
+def test_a_line_that_cannot_be_written_or_formatted_is_dropped_not_raised():
+    done = _run("import sys\n"
+                "from kvmpy import log\n"
+                "log.configure_cli(verbose=False)\n"
+                "log.get_logger('kvmpy.x').warning('%d', 'not a number')\n"
+                "sys.stderr.close()\n"
+                "log.get_logger('kvmpy.x').warning('gone')\n"
+                "print('still here')\n")
+    assert done.stdout == "still here\n" and done.stderr == ""
+
+
 def test_verbose_shows_info():
     done = _run("from kvmpy import log\n"
                 "log.configure_cli(verbose=True)\n"

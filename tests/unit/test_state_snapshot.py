@@ -21,6 +21,7 @@ from kvmpy.machine import (
     VsockConfig,
 )
 from kvmpy.memory import GuestMemory
+from kvmpy.ratelimit import Limits
 from kvmpy.state import ram
 from kvmpy.state.config import describe, machine_config
 from kvmpy.state.snapshot import METADATA, RAM, STATE, open_snapshot, save_snapshot
@@ -206,6 +207,12 @@ def test_missing_or_strange_files(snap: Path, tmp_path: Path) -> None:
     refused(snap, "ram.bin: No such file or directory")
     os.mkfifo(snap / RAM)
     refused(snap, "ram.bin is not a regular file")
+    original = (snap / METADATA).read_bytes()
+    (snap / METADATA).unlink()
+    os.mkfifo(snap / METADATA)  # (opened, it would wait for a writer forever)
+    refused(snap, "snapshot.json is not a regular file")
+    (snap / METADATA).unlink()
+    (snap / METADATA).write_bytes(original)
     (snap / METADATA).unlink()
     (snap / METADATA).symlink_to("/etc/passwd")
     refused(snap, "snapshot.json: Too many levels of symbolic links")
@@ -255,10 +262,16 @@ def test_writable_disks_are_copied_in_and_out(tmp_path: Path) -> None:
     with pytest.raises(SnapshotError, match="already exists"):
         s.working_config([tmp_path / "run1.img", ro])
     for other in ([tmp_path / "run2.img", tmp_path / "elsewhere.img"], [tmp_path / "run2.img"]):
-        with pytest.raises(SnapshotError, match=r"is read-only .*ro.img, used where it is when "
-                           r"named: --disk number 2 must be .*ro.img,ro$"):
+        with pytest.raises(SnapshotError, match=r"^--disk: disk 2 of the 2 of snapshot .* is "
+                           r"read-only .*ro.img, used only when named: give --disk for each, "
+                           r"with that file as number 2$"):
             s.working_config(other)
-        assert not (tmp_path / "run2.img").exists()  # (the copy of disk 0 it made, removed)
+        assert not (tmp_path / "run2.img").exists()  # (refused before any copy)
+    with pytest.raises(SnapshotError, match=r"run2.img,ro: disk 1 of .* is a writable one"):
+        s.working_config([DiskConfig(tmp_path / "run2.img", read_only=True), ro])
+    limited = DiskConfig(tmp_path / "run3.img", limits=Limits(bw=1 << 20))
+    three, _ = s.working_config([limited, DiskConfig(ro, limits=Limits(ops=50))])
+    assert three.disks == [limited, DiskConfig(ro.resolve(), True, Limits(ops=50))]
     copies.discard()
     assert not copies.files[0].exists() and copies.temp is not None and not copies.temp.exists()
     os.utime(ro, ns=(0, 0))  # the read-only disk changed since
@@ -305,7 +318,7 @@ def test_host_ends_are_the_callers_never_the_snapshots(tmp_path: Path) -> None:
     assert (saved.shares, saved.nets, saved.vsock) == (
         machine.config.shares, machine.config.nets, machine.config.vsock)
     snap = str(tmp_path / "snap")
-    given = {"--share": [f"{tmp_path / 'other'},tag=data"], "--net": ["tap=mytap"],
+    given = {"--share": [f"{tmp_path},tag=data,ro"], "--net": ["tap=mytap"],
              "--vsock": [f"7,uds={tmp_path / 'w.sock'}"]}
 
     def restore(options: dict[str, list[str]]) -> Any:
@@ -317,14 +330,28 @@ def test_host_ends_are_the_callers_never_the_snapshots(tmp_path: Path) -> None:
             ("--net", [], "--net: snapshot .*saved on: --net tap=tap7"),
             ("--vsock", [], f"--vsock: snapshot .*saved with: --vsock 7,uds={tmp_path}/v.sock"),
             ("--share", [f"{tmp_path},tag=other"], "--share: .*saved with"),
+            ("--share", [f"{tmp_path},tag=data", f"{tmp_path},tag=data"], "--share: .*saved"),
+            ("--share", [f"{tmp_path / 'other'},tag=data,ro"],
+             f"--share {tmp_path}/other,tag=data,ro: snapshot .* was saved with --share "
+             f"{tmp_path},tag=data,ro; a restored share is that directory, as it was shared"),
+            ("--share", [f"{tmp_path},tag=data"], "--share .*tag=data: .* was saved with"),
+            ("--net", ["tap=mytap,mac=52:54:00:00:00:08"],
+             "--net mac=52:54:00:00:00:08: the guest of snapshot .* has MAC 52:54:00:00:00:07"),
             ("--vsock", ["3,uds=/x.sock"], "--vsock: .* has guest CID 7, not 3"),
             ("--net", ["tap=a", "tap=b"], "--net: .*saved on")]:
         with pytest.raises(SnapshotError, match=f"^{match}"):
             restore(given | {option: values})
     config, _, _ = restore(given)
-    assert config.shares == [ShareConfig(tmp_path / "other", "data")]
+    assert config.shares == [ShareConfig(tmp_path, "data", read_only=True)]
     assert config.nets == [NetConfig("mytap", "52:54:00:00:00:07")]
     assert config.vsock == VsockConfig(7, tmp_path / "w.sock")
+    # names a snapshot makes up are shown quoted: the refusal stays one line
+    sections = open_snapshot(tmp_path / "snap").sections
+    sections["machine"]["nets"][0]["tap"] = "t\n\x1b[2J"
+    resign(tmp_path / "snap", sections=sections)
+    with pytest.raises(SnapshotError) as e:
+        restore_config(cli("--restore", snap))
+    assert str(e.value).endswith("(saved on: --net tap='t\\n\\x1b[2J')"), str(e.value)
     # a machine without them is described as before they could be saved
     assert "shares" not in describe(FakeMachine().config) and "vsock" not in describe(
         FakeMachine().config)
