@@ -19,7 +19,8 @@ answered `echo ready$((6*7))` with `ready42`:
 A restored guest prints no prompt (it printed it before it was saved), so the command
 is typed at once and again every quarter second until the answer comes (QEMU drops
 serial input that arrives while it is still loading the stream).
-Targets: kvmpy_restore <= 0.25 x kvmpy_cold, and <= 1.0 x qemu_restore.
+Targets: kvmpy_restore <= 0.25 x kvmpy_cold, and <= 1.0 x qemu_restore. QEMU's own
+restore-to-cold-boot ratio is reported beside kvmpy's, as what the place allows.
 """
 
 from __future__ import annotations
@@ -176,6 +177,9 @@ def measure() -> dict[str, object]:
             "ratio_restore_to_cold_boot": round(restore[mid] / cold[mid], 3),
             "target_ratio_restore_to_cold_boot_max": 0.25,
             "ratio_restore_to_qemu_restore": round(restore[mid] / qrestore[mid], 3),
+            # the same ratio for QEMU itself: what the place allows a VMM (in the lab, a C
+            # VMM's start-up and the guest's answer are emulated too)
+            "qemu_ratio_restore_to_cold_boot": round(qrestore[mid] / qcold[mid], 3),
             "target_ratio_restore_to_qemu_restore_max": 1.0,
             "kvmpy_restore_all_s": [round(x, 3) for x in restore],
             "qemu_restore_all_s": [round(x, 3) for x in qrestore],
