@@ -337,7 +337,8 @@ def open_snapshot(path: Path | str, *, verify_ram: bool = False, _chain: int = 0
     path = Path(path)
     what = f"snapshot {path}"
     if not path.is_dir():
-        raise SnapshotError(f"{what}: no such directory")
+        raise SnapshotError(f"{what}: "
+                            + ("not a directory" if path.exists() else "no such directory"))
     meta = _json_file(path / METADATA, what)
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise SnapshotError(f"{what}: {METADATA} is not a kvmpy snapshot's")

@@ -203,6 +203,7 @@ def test_other_memory_size(snap: Path) -> None:
 
 def test_missing_or_strange_files(snap: Path, tmp_path: Path) -> None:
     refused(tmp_path / "nothing", "no such directory")
+    refused(snap / RAM, "ram.bin: not a directory")
     (snap / RAM).unlink()
     refused(snap, "ram.bin: No such file or directory")
     os.mkfifo(snap / RAM)
