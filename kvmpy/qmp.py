@@ -18,7 +18,9 @@ Commands: qmp_capabilities, query-status, query-version, query-commands, stop,
 cont, system_powerdown, quit, live migration as QEMU names it (migrate {"uri"},
 query-migrate, migrate_cancel, migrate-set-parameters, query-migrate-parameters:
 kvmpy.migration), and kvmpy's own, named as QMP names extensions:
-x-kvmpy-snapshot-save {"path": DIR, "incremental": bool} and x-kvmpy-stats. Events:
+x-kvmpy-snapshot-save {"path": DIR, "incremental": bool} and x-kvmpy-stats. An
+argument a command does not take is refused as QEMU refuses it ("Parameter 'x' is
+unexpected"), never ignored. Events:
 STOP, RESUME, POWERDOWN, SHUTDOWN {"guest": bool, "reason": ...}, MIGRATION
 {"status": ...}, with QEMU's names and reasons.
 
@@ -89,6 +91,13 @@ class QmpError(Exception):
     def __init__(self, desc: str, error_class: str = "GenericError") -> None:
         super().__init__(desc)
         self.error_class = error_class
+
+
+def _string(arguments: dict[str, Any], name: str) -> str:
+    value = arguments.get(name)
+    if not isinstance(value, str) or not value or "\0" in value:
+        raise QmpError(f"Parameter '{name}' is missing or not a string (without NUL bytes)")
+    return value
 
 
 def parse_address(spec: str) -> Path:
@@ -186,6 +195,10 @@ class QmpServer:
         command = self._commands.get(name)
         if command is None:
             raise QmpError(f"The command {name} has not been found", "CommandNotFound")
+        if name != "migrate-set-parameters":  # (which checks its own: kvmpy.migration)
+            unexpected = sorted(set(arguments) - PARAMETERS.get(name, set()))
+            if unexpected:  # (QEMU's answer: a misspelt option is not silently ignored)
+                raise QmpError(f"Parameter '{unexpected[0]}' is unexpected")
         result = command(arguments)
         return {} if result is None else result
 
@@ -194,9 +207,7 @@ class QmpServer:
         return {"status": status, "running": status == "running", "singlestep": False}
 
     def _snapshot_save(self, arguments: dict[str, Any]) -> dict[str, Any]:
-        path = arguments.get("path")
-        if not isinstance(path, str) or not path:
-            raise QmpError("Parameter 'path' is missing or not a string")
+        path = _string(arguments, "path")
         incremental = arguments.get("incremental", False)
         if not isinstance(incremental, bool):
             raise QmpError("Parameter 'incremental' is not a boolean")
@@ -204,10 +215,7 @@ class QmpServer:
         return {"path": path, "seconds": meta["seconds"], "ram_bytes": meta["ram"]["data_bytes"]}
 
     def _migrate(self, arguments: dict[str, Any]) -> None:
-        uri = arguments.get("uri")
-        if not isinstance(uri, str) or not uri:
-            raise QmpError("Parameter 'uri' is missing or not a string")
-        self.target.migrate(uri)
+        self.target.migrate(_string(arguments, "uri"))
 
     # -- connections ------------------------------------------------------------------------
     def _accept(self) -> None:
@@ -231,6 +239,9 @@ class QmpServer:
 
 
 VERSION = {"qemu": {"major": 0, "minor": 1, "micro": 0}, "package": f"kvmpy {__version__}"}
+# The arguments each command takes (none where it is not named here).
+PARAMETERS = {"qmp_capabilities": {"enable"}, "x-kvmpy-snapshot-save": {"path", "incremental"},
+              "migrate": {"uri"}}
 
 
 class _Client:

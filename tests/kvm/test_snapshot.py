@@ -98,6 +98,12 @@ def test_qmp_stop_snapshot_cont_quit_and_restore_with_qmp(guest_dir: Path, tmp_p
     assert qmp.cmd("query-status")["status"] == "paused"
     reply = qmp.cmd("x-kvmpy-snapshot-save", path=str(snap))
     assert reply["path"] == str(snap) and reply["ram_bytes"] > 0
+    for bad, desc in [({"path": str(tmp_path / "s2"), "base": "x"}, "Parameter 'base' is "
+                       "unexpected"), ({"path": "a\0b"}, "Parameter 'path' is missing or not "
+                                       "a string"), ({"path": str(snap)}, f"snapshot {snap}: "
+                                                     "already exists")]:
+        assert qmp.cmd_raw("x-kvmpy-snapshot-save", bad)["error"]["desc"].startswith(desc)
+    assert "Parameter 'now' is unexpected" in str(qmp.cmd_raw("cont", {"now": True}))
     assert qmp.get_events(wait=False) == []  # paused already: no STOP/RESUME around it
     qmp.cmd("cont")
     assert [e["event"] for e in qmp.get_events(wait=True)] == ["RESUME"]
