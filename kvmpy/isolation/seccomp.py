@@ -86,7 +86,7 @@ IO = PYTHON | {
 # The main thread, and the threads it started before `lock_down` (QMP, gdb stub, stdin
 # pump): all of the above, serving sockets, snapshots and the end of the run.
 MAIN = VCPU | IO | {
-    "accept", "accept4", "bind", "listen", "pipe2", "mkdir", "unlink", "rename",
+    "accept", "accept4", "bind", "listen", "pipe2", "mkdir", "rmdir", "unlink", "rename",
     "clone", "clone3", "set_tid_address", "wait4", "kill", "sched_setaffinity",
     "getrlimit", "prlimit64", "uname", "memfd_create", "umask",
     "seccomp",  # a thread narrowing itself to its role (`enter`): filters only narrow

@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from kvmpy import __version__, layout
-from kvmpy.errors import SnapshotError
+from kvmpy.errors import KvmpyError, SnapshotError
 from kvmpy.log import get_logger
 from kvmpy.memory import GuestMemory, ram_spans
 from kvmpy.state import config as machine_state
@@ -83,8 +83,6 @@ def take_snapshot(machine: Machine, path: str | Path, *, incremental: bool = Fal
     a running guest is paused for it and resumed after. Returns its metadata.
     `incremental` (or a `base`, which must be the machine's last snapshot) writes only
     the RAM written since that snapshot (kvmpy.state.diff)."""
-    from kvmpy.errors import KvmpyError
-
     if machine.stopped is not None:
         raise KvmpyError(f"no snapshot of a stopped guest ({machine.stopped.reason})")
     was_running = not machine.paused
@@ -113,7 +111,10 @@ def save_snapshot(machine: Machine, path: Path, *, incremental: bool = False,
     tracker = diff.tracker_for(machine, base) if incremental or base else None
     started = time.perf_counter()
     work = path.parent / f".{path.name}.partial-{os.getpid()}"
-    work.mkdir()
+    try:
+        work.mkdir()
+    except OSError as e:
+        raise SnapshotError(f"snapshot {path}: {e.strerror}") from None
     try:
         sections = {"machine": machine_state.describe(machine.as_built()),
                     **machine.capture_state()}
@@ -140,12 +141,14 @@ def save_snapshot(machine: Machine, path: Path, *, incremental: bool = False,
         meta["seconds"] = round(time.perf_counter() - started, 6)
         meta["sha256"] = write_metadata(work, meta)
         os.rename(work, path)
-    except BaseException:
+    except BaseException as e:
         import shutil  # (not on a restore's path: imported when needed, like tempfile)
 
         if tracker is not None:  # (its pages would be missing from the next one)
             tracker.close()
         shutil.rmtree(work, ignore_errors=True)
+        if isinstance(e, OSError) and not isinstance(e, KvmpyError):  # (a full disk...)
+            raise SnapshotError(f"snapshot {path}: {e.strerror or e}") from None
         raise
     diff.track(machine, diff.Parent(path.resolve(), meta["sha256"]))
     return meta

@@ -135,6 +135,30 @@ def test_qmp_stop_snapshot_cont_quit_and_restore_with_qmp(guest_dir: Path, tmp_p
     assert first.startswith(whole[: len(whole) - len(text)])
 
 
+def test_a_save_that_fails_leaves_nothing_and_the_guest_runs_on(guest_dir: Path,
+                                                                tmp_path: Path) -> None:
+    """A file system that cannot hold the snapshot (here, a file-size limit: EFBIG, as a
+    full disk gives ENOSPC): an error reply, no partial directory, and the guest (under
+    the default seccomp filter, which the clean-up must fit) counts on to its end."""
+    import resource
+
+    sock, limit = tmp_path / "qmp.sock", 64 << 10
+    guest = ["--flat", str(guest_dir / "counter_cpl3.bin"), "--mode", "long", "--cpl", "3"]
+    run = subprocess.Popen([*KVMPY, "run", *guest, "--qmp", f"unix:{sock}"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE,
+                                                                 (limit, limit)))
+    qmp = connect(sock)
+    reply = qmp.cmd_raw("x-kvmpy-snapshot-save", {"path": str(tmp_path / "snap")})
+    assert reply["error"]["desc"] == f"snapshot {tmp_path / 'snap'}: File too large", reply
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["qmp.sock"]
+    assert qmp.cmd("query-status")["status"] == "running"
+    out, err = run.communicate(timeout=60)
+    close(qmp)
+    assert run.returncode == 0, err
+    assert out.decode() == "".join(count_line("cpl3", n) + "\n" for n in range(0x801))
+
+
 # -- KVM state -------------------------------------------------------------------------------------
 COMPARED = ("regs", "sregs2", "xsave", "xcrs", "debugregs", "lapic", "events", "mp_state")
 
