@@ -86,7 +86,7 @@ def test_a_failed_incremental_save_ends_the_chain(tmp_path: Path,
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(diff, "save_diff_ram", disk_full)
-    with pytest.raises(OSError):
+    with pytest.raises(SnapshotError, match="b: No space left on device$"):
         save_snapshot(m, tmp_path / "b", incremental=True)  # type: ignore[arg-type]
     monkeypatch.undo()
     assert not (tmp_path / "b").exists() and m.dirty_log_owner is None and not m.vm.logging
