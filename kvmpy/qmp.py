@@ -371,7 +371,7 @@ class _Framer:
                     self._escaped = True
                 elif c == 0x22:  # quote
                     self._in_string = False
-            elif c == 0x22:
+            elif c == 0x22 and self._depth > 0:
                 self._in_string = True
             elif c in b"{[":
                 self._depth += 1
@@ -382,7 +382,8 @@ class _Framer:
                     del buf[: i + 1]
                     self._depth, i = 0, -1
             elif self._depth == 0 and c not in b" \t\r\n":
-                # a value that is not an object or array: one error, skipped to the next
+                # a value that is not an object or array (a number, a string, junk): one
+                # error, skipped to the next
                 ends = [j for j in (buf.find(b"{", i), buf.find(b"[", i)) if j >= 0]
                 out.append(None)
                 del buf[: min(ends, default=len(buf))]
