@@ -281,9 +281,15 @@ def prepare_vcpu(vcpu: Vcpu, state: object, where: str,
 
 def _tsc_moved_on(msrs: list[tuple[int, ...]], khz: int, since: int) -> list[tuple[int, ...]]:
     """`msrs` with IA32_TSC on by the cycles of the host time since `since` (ns)."""
-    cycles = max(0, time.clock_gettime_ns(time.CLOCK_REALTIME) - since) * khz // 1_000_000
+    cycles = _ns_since(since) * khz // 1_000_000
     return [(index, (value + cycles) & U64) if index == MSR_IA32_TSC else (index, value)
             for index, value in msrs]
+
+
+def _ns_since(realtime: int) -> int:
+    """The host time since `realtime` (CLOCK_REALTIME, ns); never negative, should the
+    host's clock have been set back."""
+    return max(0, time.clock_gettime_ns(time.CLOCK_REALTIME) - realtime)
 
 
 def _set_msrs(vcpu: Vcpu, msrs: list[tuple[int, ...]], where: str) -> list[tuple[int, int]]:
@@ -400,5 +406,5 @@ def restore_clock(vm: Vm, clock: dict[str, Any], *, advance: bool = False) -> No
         if vm.kvm.check_extension("KVM_CAP_ADJUST_CLOCK") & lib.KVM_CLOCK_REALTIME:
             flags, realtime = lib.KVM_CLOCK_REALTIME, clock["realtime"]  # (KVM adds it)
         else:
-            ns += max(0, time.clock_gettime_ns(time.CLOCK_REALTIME) - clock["realtime"])
+            ns += _ns_since(clock["realtime"])
     _put("vm", "clock", vm.set_clock, ns & U64, flags, realtime)

@@ -258,12 +258,13 @@ class Snapshot(NamedTuple):
         copy. The copies are the caller's: to keep (`WorkingCopies.keep`, which says
         where they are) or to remove if the restore fails (`discard`)."""
         from kvmpy.machine import DiskConfig
+        from kvmpy.options import disk_config
         from kvmpy.state.config import on_this_host
 
         n = len(self.disks)
         if len(disks) > n:
             raise SnapshotError(f"--disk: {self.what()} has {n} disks, {len(disks)} given")
-        given = [None if d is None else d if isinstance(d, DiskConfig) else DiskConfig(d)
+        given = [None if d is None else disk_config(d)
                  for d in [*disks, *[None] * (n - len(disks))]]
         for i, (part, wanted) in enumerate(zip(self.disks, given, strict=True)):
             if part.read_only and (wanted is None or wanted.path.resolve() != part.path):
