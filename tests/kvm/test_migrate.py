@@ -168,38 +168,39 @@ def check_guest_time_across_migration(guest_dir: Path, tmp_path: Path,
     requires it); this machine's PVM keeps every vCPU's TSC at the host's own."""
     from kvmpy.kvm.state import MSR_IA32_TSC
 
-    config = counter(guest_dir, "real", tmp_path)._replace(console=open(os.devnull, "wb"))
-    with Guest.from_config(config) as g:
-        g.expect("count 0002\n", 60)
-        g.pause()
-        up = g.machine.vcpus[0].get_tsc_khz() * 1000 * 1000  # a guest up 1000 s: KVM
-        # takes a TSC written within a second of its own count as one to match, not set
-        for vcpu in g.machine.vcpus:
-            vcpu.set_msrs_upto([(MSR_IA32_TSC, up)])
-        tsc_taken = g.machine.vcpus[0].get_msrs([MSR_IA32_TSC])[MSR_IA32_TSC] - up < up // 1000
-        sections = g.machine.capture_state(live=True)
-        captured = time.monotonic()
-    assert tsc_taken or not tsc_required, "this KVM did not take a vCPU's TSC written"
-    saved_ns = sections["vm"]["clock"]["ns"]
-    saved_tsc = [dict(map(tuple, sections[f"vcpu{i}"]["msrs"]))[MSR_IA32_TSC]
-                 for i in range(config.cpus)]
-    time.sleep(0.5)
-    for live in (True, False):
-        dest = Machine(config, incoming=True)
-        try:
-            dest.restore_state(sections, live=live)
-            dest._before_run()  # (kvmclock: just before the vCPUs run)
-            elapsed = (time.monotonic() - captured) * 1e9
-            ns = dest.vm.get_clock().clock - saved_ns
-            khz = dest.vcpus[0].get_tsc_khz()
-            tsc_ns = [(v.get_msrs([MSR_IA32_TSC])[MSR_IA32_TSC] - saved) * 1_000_000 // khz
-                      for v, saved in zip(dest.vcpus, saved_tsc, strict=True)]
-        finally:
-            dest.close()
-        on = (0.5e9, elapsed + 0.1e9) if live else (0, 0.3e9)  # (the time between, or none)
-        assert on[0] <= ns <= on[1], (live, ns, elapsed)
-        if tsc_taken:
-            assert all(on[0] <= t <= on[1] for t in tsc_ns), (live, tsc_ns, elapsed)
+    with open(os.devnull, "wb") as sink:
+        config = counter(guest_dir, "real", tmp_path)._replace(console=sink)
+        with Guest.from_config(config) as g:
+            g.expect("count 0002\n", 60)
+            g.pause()
+            up = g.machine.vcpus[0].get_tsc_khz() * 1000 * 1000  # a guest up 1000 s: KVM
+            # takes a TSC written within a second of its own count as one to match, not set
+            for vcpu in g.machine.vcpus:
+                vcpu.set_msrs_upto([(MSR_IA32_TSC, up)])
+            tsc_taken = g.machine.vcpus[0].get_msrs([MSR_IA32_TSC])[MSR_IA32_TSC] - up < up // 1000
+            sections = g.machine.capture_state(live=True)
+            captured = time.monotonic()
+        assert tsc_taken or not tsc_required, "this KVM did not take a vCPU's TSC written"
+        saved_ns = sections["vm"]["clock"]["ns"]
+        saved_tsc = [dict(map(tuple, sections[f"vcpu{i}"]["msrs"]))[MSR_IA32_TSC]
+                     for i in range(config.cpus)]
+        time.sleep(0.5)
+        for live in (True, False):
+            dest = Machine(config, incoming=True)
+            try:
+                dest.restore_state(sections, live=live)
+                dest._before_run()  # (kvmclock: just before the vCPUs run)
+                elapsed = (time.monotonic() - captured) * 1e9
+                ns = dest.vm.get_clock().clock - saved_ns
+                khz = dest.vcpus[0].get_tsc_khz()
+                tsc_ns = [(v.get_msrs([MSR_IA32_TSC])[MSR_IA32_TSC] - saved) * 1_000_000 // khz
+                          for v, saved in zip(dest.vcpus, saved_tsc, strict=True)]
+            finally:
+                dest.close()
+            on = (0.5e9, elapsed + 0.1e9) if live else (0, 0.3e9)  # (the time between, or none)
+            assert on[0] <= ns <= on[1], (live, ns, elapsed)
+            if tsc_taken:
+                assert all(on[0] <= t <= on[1] for t in tsc_ns), (live, tsc_ns, elapsed)
 
 
 # -- failures -------------------------------------------------------------------------------
